@@ -1,0 +1,1 @@
+"""Producers: CLI and Python client. Sends tasks by name; never imports torch."""

@@ -1,0 +1,24 @@
+"""Shared test fixtures: where ../shared is, and skipping cleanly where it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CANCELABLE_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"shared data not found at {SHARED} (set CANCELABLE_SHARED_DIR); real-face tests need it")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smoke_faces(shared_dir: Path) -> dict[str, Path]:
+    d = shared_dir / "data" / "faces-smoke" / "obama-biden"
+    return {p.stem: p for p in sorted(d.glob("*.jpg"))}

@@ -1,0 +1,1 @@
+"""Cancelable face biometrics backend (FaceAnonyMixer): engine, storage, keys and Celery tasks."""
