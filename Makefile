@@ -1,0 +1,27 @@
+# The two commands a new user runs (see README.md):
+#   make demo   -- the main job end to end on the embedded lite bundle (starts venv, Redis, SeaweedFS, a worker)
+#   make test   -- the test suite
+.PHONY: demo test venv lint stack-up stack-down bench
+
+venv:
+	@scripts/bootstrap.sh
+
+demo: venv
+	infra/stack.sh up --worker
+	.venv/bin/python scripts/demo.py
+
+test: venv
+	.venv/bin/python -m pytest -q -ra tests
+
+lint: venv
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+stack-up: venv
+	infra/stack.sh up --worker
+
+stack-down:
+	infra/stack.sh down
+
+bench: venv
+	.venv/bin/python scripts/bench_engine.py

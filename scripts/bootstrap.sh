@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its dev extra. Idempotent: reinstalls only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  # torch is pinned in pyproject.toml (2.13.0 CPU build); an unpinned torch would pull a multi-GB CUDA build.
+  .venv/bin/pip install -q -e '.[dev]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
