@@ -1,0 +1,303 @@
+"""``Client``: queue jobs by task NAME, wait for their results, read fan-out progress. Never imports torch.
+
+Jobs are validated with the contracts before anything is queued (unknown fields, malformed refs and bad IDs raise
+``MalformedJobError``). Results are read from the workers' Redis result records (``{p}:result:{job_id}``), which
+every terminal job writes, fan-out parents included (the Celery result of a revoke or bulk task only says
+``running``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from worker.contracts import (
+    BulkJob,
+    BulkManifest,
+    EnrollJob,
+    JobStatus,
+    RevokeJob,
+    VerifyJob,
+    job_from_wire,
+    result_from_wire,
+    to_wire,
+)
+from worker.errors import MalformedJobError
+from worker.tasks.config import (
+    CONTROL_QUEUE,
+    ENGINE_QUEUE,
+    TASK_BULK,
+    TASK_ENGINE_PING,
+    TASK_ENROLL,
+    TASK_PING,
+    TASK_REVOKE,
+    TASK_VERIFY,
+    make_celery,
+)
+from worker.tasks.progress import JobBook, JobProgress
+
+TASK_FOR_KIND = {
+    "enroll": (TASK_ENROLL, ENGINE_QUEUE),
+    "verify": (TASK_VERIFY, ENGINE_QUEUE),
+    "revoke": (TASK_REVOKE, CONTROL_QUEUE),
+    "bulk": (TASK_BULK, CONTROL_QUEUE),
+}
+
+
+class JobTimeout(TimeoutError):
+    """The job did not reach a terminal state in time (it may still finish; ask ``status``)."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Client:
+    """Producer side of the queue. ``settings`` defaults to ``worker.settings.get_settings()``."""
+
+    def __init__(self, settings: Any = None) -> None:
+        if settings is None:
+            from worker.settings import get_settings
+
+            settings = get_settings()
+        self.settings = settings
+        self.app = make_celery(settings, name="cancelable-producer")
+        self._redis: Any = None
+        self._store: Any = None
+
+    # --- resources ---------------------------------------------------------------------------------------------
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self.settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0
+            )
+        return self._redis
+
+    @property
+    def book(self) -> JobBook:
+        return JobBook(self.redis)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from worker.storage.client import ObjectStore  # boto3 only when a producer touches S3
+
+            self._store = ObjectStore.from_settings(self.settings.s3)
+        return self._store
+
+    # --- building jobs -----------------------------------------------------------------------------------------
+    @staticmethod
+    def validate(job: Any) -> Any:
+        """A job model or its wire dict -> validated job model (``MalformedJobError`` otherwise)."""
+        if isinstance(job, EnrollJob | VerifyJob | RevokeJob | BulkJob):
+            return job_from_wire(to_wire(job))
+        if isinstance(job, dict):
+            return job_from_wire(job)
+        raise MalformedJobError(f"malformed job: expected a job model or dict, got {type(job).__name__}")
+
+    def enroll_job(self, tenant: str, subject: str, images: Iterable[str], key_id: str, job_id: str | None = None):
+        return self.validate(
+            {
+                "kind": "enroll",
+                "job_id": job_id or new_job_id(),
+                "tenant": tenant,
+                "subject": subject,
+                "images": list(images),
+                "key_id": key_id,
+            }
+        )
+
+    def verify_job(
+        self, tenant: str, subject: str, probe: str, threshold: float | None = None, job_id: str | None = None
+    ):
+        d: dict[str, Any] = {
+            "kind": "verify",
+            "job_id": job_id or new_job_id(),
+            "tenant": tenant,
+            "subject": subject,
+            "probe": probe,
+        }
+        if threshold is not None:
+            d["threshold"] = threshold
+        return self.validate(d)
+
+    def revoke_job(
+        self,
+        tenant: str,
+        reason: str,
+        *,
+        subject: str | None = None,
+        key_id: str | None = None,
+        new_key_id: str | None = None,
+        purge_old_images: bool = False,
+        job_id: str | None = None,
+    ):
+        return self.validate(
+            {
+                "kind": "revoke",
+                "job_id": job_id or new_job_id(),
+                "tenant": tenant,
+                "subject": subject,
+                "key_id": key_id,
+                "reason": reason,
+                "new_key_id": new_key_id,
+                "purge_old_images": purge_old_images,
+            }
+        )
+
+    def bulk_job(
+        self,
+        tenant: str,
+        key_id: str,
+        manifest: str,
+        fmt: str | None = None,
+        naming_rule: str | None = None,
+        chunk_size: int | None = None,
+        job_id: str | None = None,
+    ):
+        """``manifest``: ``s3://...`` (CSV/JSONL object or, with fmt=prefix, a prefix) or a local CSV/JSONL file,
+        which is uploaded to ``s3://{bucket}/{prefix}/manifests/{job_id}.{ext}`` first (validated by parsing it
+        here as well, so a broken file fails before anything is queued)."""
+        job_id = job_id or new_job_id()
+        fmt = fmt or _guess_format(manifest)
+        m: dict[str, Any] = {"format": fmt, "uri": manifest}
+        if naming_rule is not None:
+            m["naming_rule"] = naming_rule
+        try:
+            BulkManifest.model_validate(m)
+        except ValueError as e:  # pydantic ValidationError is a ValueError
+            raise MalformedJobError(_one_line(e)) from None
+        if not manifest.startswith("s3://"):
+            m["uri"] = self._upload_manifest(Path(manifest), fmt, job_id)
+        d: dict[str, Any] = {"kind": "bulk", "job_id": job_id, "tenant": tenant, "key_id": key_id, "manifest": m}
+        if chunk_size is not None:
+            d["chunk_size"] = chunk_size
+        return self.validate(d)
+
+    def _upload_manifest(self, path: Path, fmt: str, job_id: str) -> str:
+        from worker.contracts import iter_csv, iter_jsonl
+
+        if fmt not in ("csv", "jsonl"):
+            raise MalformedJobError("a local manifest must be csv or jsonl")
+        if not path.is_file():
+            raise MalformedJobError(f"manifest file not found: {path}")
+        with path.open(encoding="utf-8") as f:  # a full validating pass, streaming
+            try:
+                for _ in (iter_csv if fmt == "csv" else iter_jsonl)(f):
+                    pass
+            except ValueError as e:
+                raise MalformedJobError(f"{path}: {e}") from None
+        key = f"manifests/{job_id}.{fmt}"
+        with path.open("rb") as f:
+            self.store.put(key, f.read(), content_type="text/csv" if fmt == "csv" else "application/x-ndjson")
+        return self.store.uri(key)
+
+    # --- sending -------------------------------------------------------------------------------------------------
+    def submit(self, job: Any) -> str:
+        """Validate and queue a job; returns its job ID (also the Celery task ID)."""
+        job = self.validate(job)
+        name, queue = TASK_FOR_KIND[job.kind]
+        self.app.send_task(name, args=[to_wire(job)], task_id=job.job_id, queue=queue)
+        return str(job.job_id)
+
+    def result(self, job_id: str) -> Any | None:
+        """The terminal result of ``job_id`` (a contracts result model), or None while it is not finished."""
+        raw = self.book.get_result(job_id)
+        if raw is None:
+            return None
+        try:
+            return result_from_wire(raw)
+        except MalformedJobError:
+            return raw  # a malformed-message result has no tenant/subject: the raw dict
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 600.0,
+        poll: float = 0.2,
+        on_progress: Callable[[JobProgress], None] | None = None,
+    ) -> Any:
+        """Block until ``job_id`` is terminal; returns its result. ``on_progress`` gets fan-out progress."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.result(job_id)
+            if res is not None:
+                if on_progress is not None and self.book.exists(job_id):
+                    on_progress(self.book.progress(job_id))
+                return res
+            if on_progress is not None and self.book.exists(job_id):
+                on_progress(self.book.progress(job_id))
+            if time.monotonic() > deadline:
+                raise JobTimeout(f"job {job_id} not finished after {timeout:.0f} s (it may still finish)")
+            time.sleep(poll)
+
+    def run(self, job: Any, timeout: float = 600.0, **kw: Any) -> Any:
+        """``submit`` then ``wait``."""
+        return self.wait(self.submit(job), timeout=timeout, **kw)
+
+    # --- status ----------------------------------------------------------------------------------------------------
+    def status(self, job_id: str) -> dict[str, Any]:
+        """What is known about ``job_id``: terminal result, fan-out counts by state, attempts, dead letter."""
+        out: dict[str, Any] = {"job_id": job_id}
+        book = self.book
+        res = book.get_result(job_id)
+        if book.exists(job_id):
+            out["progress"] = book.progress(job_id).as_dict()
+        out["attempts"] = book.attempts(job_id)
+        dl = book.get_dead_letter(job_id)
+        if dl is not None:
+            out["dead_letter"] = {k: dl.get(k) for k in ("error_code", "attempts", "s3_uri", "at")}
+        if res is not None:
+            out["state"] = res.get("status")
+            out["result"] = res
+        elif "progress" in out:
+            out["state"] = out["progress"]["state"]
+        else:
+            st = self.app.AsyncResult(job_id).state  # PENDING covers unknown and queued alike
+            out["state"] = {"PENDING": "queued_or_unknown", "STARTED": "running", "RETRY": "retrying"}.get(st, st)
+        return out
+
+    def ping(self, timeout: float = 30.0, engine: bool = False) -> dict[str, Any]:
+        """Round-trip a no-op through the control (or engine) queue."""
+        name, queue = (TASK_ENGINE_PING, ENGINE_QUEUE) if engine else (TASK_PING, CONTROL_QUEUE)
+        return self.app.send_task(name, queue=queue).get(timeout=timeout)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        self.app.close()
+
+
+def _one_line(e: Exception) -> str:
+    errs = getattr(e, "errors", None)
+    if callable(errs):
+        parts = [f"{'.'.join(map(str, x['loc'])) or 'manifest'}: {x['msg']}" for x in errs(include_input=False)]
+        return "malformed manifest: " + "; ".join(parts[:5])
+    return f"malformed manifest: {e}"
+
+
+def _guess_format(uri: str) -> str:
+    low = uri.lower()
+    if low.endswith(".csv"):
+        return "csv"
+    if low.endswith(".jsonl") or low.endswith(".ndjson"):
+        return "jsonl"
+    if low.endswith("/"):
+        return "prefix"
+    raise MalformedJobError("cannot tell the manifest format from its name; pass --format csv|jsonl|prefix")
+
+
+def is_terminal(result: Any) -> bool:
+    status = result.get("status") if isinstance(result, dict) else getattr(result, "status", None)
+    return status is not None and JobStatus(status).terminal
+
+
+def dumps(result: Any) -> str:
+    return json.dumps(result if isinstance(result, dict) else to_wire(result), indent=2, sort_keys=True, default=str)

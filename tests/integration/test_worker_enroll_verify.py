@@ -1,0 +1,78 @@
+"""Enrol -> committed version in S3; verify -> score + decision; with the trained lite bundle, a genuine probe is
+accepted and an impostor rejected. Real Redis + SeaweedFS + a celery worker subprocess (prefork, 1 child)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from worker_harness import LITE_MANIFEST, Deployment, deploy, deployment, job_id  # noqa: F401
+
+from worker.contracts import JobStatus
+
+pytestmark = pytest.mark.integration
+
+
+def _manifest(dep: Deployment, uri: str) -> dict:
+    bucket, key = uri[5:].split("/", 1)
+    return json.loads(dep.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_enroll_commits_a_version_and_verify_scores(deployment: Deployment) -> None:
+    dep = deployment
+    f = dep.faces
+    res = dep.client.run(dep.client.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=180)
+    assert res.status == JobStatus.SUCCEEDED, res
+    assert res.version == 1 and res.created is True and res.key_id == "k1" and res.key_version == 1
+    man = _manifest(dep, res.manifest_uri)
+    assert man["version"] == 1 and man["job_id"] == res.job_id and len(man["images"]) == 2
+    assert [s["uri"] for s in man["source_images"]] == [f["obama"], f["obama2"]]
+    # the pointer names the committed version, and every artefact it lists exists
+    cur = json.loads(dep.s3.get_object(Bucket=dep.bucket, Key="tenants/acme/subjects/obama/current.json")["Body"].read())
+    assert cur["version"] == 1
+    for a in [man["template"], *man["images"]]:
+        assert dep.s3.head_object(Bucket=dep.bucket, Key=a["key"])["ContentLength"] == a["size"]
+    tmpl = _manifest(dep, man["template"]["uri"])
+    assert tmpl["bundle_id"] == "lite-random-test" and tmpl["algorithm"]["steps"] == 5
+    assert "seed" not in json.dumps(tmpl).lower()
+
+    v = dep.client.run(dep.client.verify_job("acme", "obama", f["obama3"]), timeout=180)
+    assert v.status == JobStatus.SUCCEEDED, v
+    assert v.version == 1 and -1.0 <= v.score <= 1.0 and v.decision in ("accept", "reject")
+    assert v.threshold == dep.settings.engine.verify_threshold
+    assert v.decision == ("accept" if v.score >= v.threshold else "reject")
+
+
+def test_same_job_twice_gives_one_version(deployment: Deployment) -> None:
+    dep = deployment
+    job = dep.client.enroll_job("acme", "twice", [dep.faces["obama"]], "k1", job_id=job_id("dup"))
+    # two deliveries of one job queued back to back (a producer retry): both finish, one version exists
+    dep.client.submit(job)
+    dep.client.submit(job)
+    first = dep.client.wait(job.job_id, timeout=180)
+    assert first.status == JobStatus.SUCCEEDED and first.version == 1
+    again = dep.client.run(job, timeout=60)
+    assert again.version == 1
+    versions = dep.s3.list_objects_v2(Bucket=dep.bucket, Prefix="tenants/acme/subjects/twice/versions/")
+    assert [o["Key"].rsplit("/", 1)[-1] for o in versions["Contents"]] == ["0000000001.json"]
+
+
+@pytest.mark.skipif(not LITE_MANIFEST.is_file(), reason=f"trained lite bundle not present ({LITE_MANIFEST})")
+@pytest.mark.slow
+def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seaweed, tmp_path: Path) -> None:
+    dep = deploy(service_env, seaweed, tmp_path, bundle=LITE_MANIFEST.parent,
+                 CANCELABLE_ENGINE__STEPS="50", CANCELABLE_WORKER__TASK_TIME_LIMIT="500",
+                 CANCELABLE_WORKER__VISIBILITY_TIMEOUT="600")
+    try:
+        f = dep.faces
+        res = dep.client.run(dep.client.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=600)
+        assert res.status == JobStatus.SUCCEEDED, res
+        genuine = dep.client.run(dep.client.verify_job("acme", "obama", f["obama3"]), timeout=600)
+        impostor = dep.client.run(dep.client.verify_job("acme", "obama", f["biden"]), timeout=600)
+        assert genuine.decision == "accept", genuine
+        assert impostor.decision == "reject", impostor
+        assert genuine.score > impostor.score
+    finally:
+        dep.worker.stop()
+        dep.client.close()

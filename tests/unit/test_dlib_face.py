@@ -1,0 +1,150 @@
+"""Detection, landmarks and aligned crops with dlib (worker.models.dlib_face)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from worker.errors import InvalidImageError, InvalidTensorError, MultipleFacesError, NoFaceError
+from worker.models import alignment, dlib_face
+
+
+def _load(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def lfw(shared_dir: Path) -> list[np.ndarray]:
+    """First image of every 250th LFW-dev identity (21 images)."""
+    people = sorted(p for p in (shared_dir / "data" / "lfw-dev").iterdir() if p.is_dir())
+    return [_load(sorted(p.glob("*.jpg"))[0]) for p in people[::250]]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ([[0, 0, 0]], InvalidTensorError),
+        (np.zeros((64, 64, 3), np.float32), InvalidTensorError),
+        (np.zeros((64, 64), np.uint8), InvalidTensorError),
+        (np.zeros((64, 64, 4), np.uint8), InvalidTensorError),
+        (np.zeros((3, 64, 64), np.uint8), InvalidTensorError),
+        (np.zeros((8, 64, 3), np.uint8), InvalidImageError),
+    ],
+)
+def test_bad_arrays_are_rejected(bad, error):
+    with pytest.raises(error):
+        dlib_face.detect_faces(bad)
+    with pytest.raises(error):
+        dlib_face.prepare_face(bad, 112)
+
+
+def test_no_face():
+    blank = np.full((200, 300, 3), 127, np.uint8)
+    assert dlib_face.detect_faces(blank) == []
+    with pytest.raises(NoFaceError):
+        dlib_face.prepare_face(blank, 150)
+
+
+def test_unknown_convention_fails_before_detection():
+    with pytest.raises(ValueError, match="unknown alignment convention"):
+        dlib_face.prepare_face(np.zeros((64, 64, 3), np.uint8), 112, convention="vggface")
+
+
+def test_smoke_faces_detect_one_face_each_and_chip_is_dlibs(smoke_faces):
+    import dlib
+
+    detector = dlib.get_frontal_face_detector()
+    sp5 = dlib.shape_predictor(str(dlib_face._model_path("shape_predictor_5_face_landmarks.dat")))
+    for name, path in smoke_faces.items():
+        rgb = _load(path)
+        faces = dlib_face.detect_faces(rgb)
+        assert len(faces) == 1, name
+        face = faces[0]
+        left, top, right, bottom = face.box
+        assert face.score > 0 and right - left > 80
+        assert np.all((face.landmarks >= [left - 5, top - 5]) & (face.landmarks <= [right + 5, bottom + 5]))
+        chip = dlib_face.face_chip(rgb, face, size=150)
+        assert chip.shape == (150, 150, 3) and chip.dtype == np.uint8
+        # the same as plain dlib when dlib itself finds the face at full resolution
+        if max(rgb.shape[:2]) <= dlib_face.DETECT_MAX_SIDE:
+            rects = detector(rgb, 0 if max(rgb.shape[:2]) > dlib_face.UPSAMPLE_BELOW_SIDE else 1)
+            assert len(rects) == 1
+            ref = np.asarray(dlib.get_face_chip(rgb, sp5(rgb, rects[0]), size=150, padding=0.25))
+            np.testing.assert_array_equal(chip, ref)
+        out = dlib_face.prepare_face(rgb, 150)
+        np.testing.assert_array_equal(out, chip)
+
+
+def test_two_similar_faces_raise_and_a_small_background_face_is_ignored(lfw):
+    a, b = lfw[0], lfw[4]
+    with pytest.raises(MultipleFacesError):
+        dlib_face.prepare_face(np.concatenate([a, b], axis=1), 112, "arcface-112")
+    small = cv2.resize(b, None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
+    canvas = np.full((250, 250 + small.shape[1], 3), 128, np.uint8)
+    canvas[:, :250] = a
+    canvas[: small.shape[0], 250:] = small
+    faces = dlib_face.detect_faces(canvas)
+    assert len(faces) == 2 and faces[1].area < dlib_face.MULTIPLE_FACE_AREA_RATIO * faces[0].area
+    assert dlib_face.select_face(faces) is faces[0]
+    np.testing.assert_array_equal(dlib_face.prepare_face(canvas, 150), dlib_face.face_chip(canvas, faces[0]))
+
+
+@pytest.mark.parametrize(("convention", "size"), [("ffhq", 256), ("dlib-chip", 200), ("arcface-112", 224)])
+def test_aligned_crops_put_the_landmarks_on_the_template(lfw, convention, size):
+    """Re-detect the 68 landmarks inside each aligned crop: their common points sit on the convention's template.
+
+    Precisely: where the similarity from the dlib-chip template puts them (ArcFace's template has slightly different
+    proportions than dlib's landmarks, a least-squares residual of up to 0.018 unit; dlib-chip and ffhq: < 0.001).
+    """
+    m = alignment.convention_matrix("dlib-chip", convention, 1.0, 1.0)
+    expected = alignment.template("dlib-chip") @ m[:, :2].T + m[:, 2]
+    assert np.abs(expected - alignment.template(convention)).max() < 0.02
+    errors = []
+    for rgb in lfw[:12]:
+        crop = dlib_face.prepare_face(rgb, size, convention)
+        assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
+        found = dlib_face.detect_faces(crop)
+        if not found:  # tight crops (arcface) can cut the face below what HOG detects
+            continue
+        pts = dlib_face.points_from_68(dlib_face.landmarks_68(crop, found[0])) / size
+        errors.append(np.abs(pts - expected).max(axis=1).mean())
+    assert len(errors) >= 6
+    # a per-face spread of a few percent is expected (the template is a mean face)
+    assert np.median(errors) < 0.03
+
+
+def test_stored_templates_reproduce_from_measurement(shared_dir):
+    # every 50th identity, its last photo (another photo than the measurement used, where the person has several)
+    people = sorted(p for p in (shared_dir / "data" / "lfw-dev").iterdir() if p.is_dir())[::50]
+    images = [_load(sorted(p.glob("*.jpg"))[-1]) for p in people]
+    measured = dlib_face.measure_templates(images)
+    assert int(measured["n"]) >= 100
+    for name in ("dlib-chip", "ffhq"):
+        np.testing.assert_allclose(measured[name], alignment.template(name), atol=0.012)
+
+
+def test_large_images_are_detected_on_a_downscaled_copy(smoke_faces):
+    rgb = _load(smoke_faces["obama"])
+    big = cv2.resize(rgb, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_CUBIC)
+    assert max(big.shape[:2]) > dlib_face.DETECT_MAX_SIDE
+    (face,) = dlib_face.detect_faces(rgb)
+    (face_big,) = dlib_face.detect_faces(big)
+    # same face, landmarks refined at full resolution (within a few pixels of 2x the small image's)
+    assert np.abs(face_big.landmarks - 2 * face.landmarks).max() < 12
+
+
+def test_image_to_chip_matrix_is_dlibs_chip_geometry(lfw):
+    # warping with our matrix reproduces dlib's chip (LFW faces need no downscaling, so both are plain bilinear);
+    # what is left is rounding: dlib rounds its bilinear result differently from OpenCV's fixed-point sampler
+    for rgb in lfw[:5]:
+        face = dlib_face.detect_faces(rgb)[0]
+        m = dlib_face.image_to_chip_matrix(face, 150)
+        ours = cv2.warpAffine(rgb, m, (150, 150), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        ref = dlib_face.face_chip(rgb, face, 150)
+        diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))[10:-10, 10:-10]
+        assert diff.mean() < 0.7 and np.percentile(diff, 99) <= 1

@@ -1,0 +1,177 @@
+"""Engine API on tiny models: shapes, determinism, key dependence, what optimisation achieves, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import EMB_DIM, RES, person_faces, tiny_bundle
+
+from worker.algorithm.config import EngineConfig
+from worker.algorithm.keylatent import key_orthogonal, key_target
+from worker.algorithm.pipeline import KEY_TARGET_LABEL, Engine
+from worker.errors import InvalidTensorError, KeyError_, NoFaceError
+
+SEED_A = bytes([7]) * 32
+SEED_B = bytes([9]) * 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(tiny_bundle(), EngineConfig())
+
+
+def test_enroll_and_probe_shapes_ranges_and_template(engine: Engine) -> None:
+    faces = person_faces(3, 0)
+    res = engine.enroll(faces, SEED_A)
+    assert res.images.shape == (3, 3, RES, RES) and res.images.dtype == torch.float32
+    assert res.images.device.type == "cpu"
+    assert float(res.images.min()) >= -1.0 and float(res.images.max()) <= 1.0
+    assert res.embeddings.shape == (3, EMB_DIM) and res.template.shape == (EMB_DIM,)
+    torch.testing.assert_close(res.embeddings.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(res.template, F.normalize(res.embeddings.mean(0), dim=0))
+    probe = engine.probe(person_faces(1, 0, seed=5)[0], SEED_A)
+    assert probe.image.shape == (3, RES, RES) and probe.embedding.shape == (EMB_DIM,)
+    assert engine.score(probe.embedding, res.template) == pytest.approx(float(probe.embedding @ res.template), abs=1e-6)
+
+
+def test_same_input_same_key_is_deterministic_and_keys_matter(engine: Engine) -> None:
+    faces = person_faces(2, 1)
+    a1, a2 = engine.enroll(faces, SEED_A), engine.enroll(faces, SEED_A)
+    assert torch.equal(a1.images, a2.images) and torch.equal(a1.template, a2.template)
+    b = engine.enroll(faces, SEED_B)
+    assert (a1.images - b.images).abs().max() > 0.05
+
+
+def test_models_stay_frozen_and_get_no_gradients(engine: Engine) -> None:
+    engine.enroll(person_faces(2, 2), SEED_A)
+    for model in (engine.generator, engine.encoder, engine.identity, engine.attribute):
+        assert isinstance(model, torch.nn.Module) and not model.training
+        for p in model.parameters():
+            assert not p.requires_grad and p.grad is None
+
+
+def _mean_abs_cos_to_original(engine: Engine, steps: int) -> float:
+    eng = Engine(engine.bundle, EngineConfig(steps=steps))
+    cos = []
+    for person in range(3):
+        faces = person_faces(2, person)
+        res = eng.enroll(faces, bytes([person + 1]) * 32)
+        cos.append((res.embeddings * engine.identity.embed(faces, "dlib-chip")).sum(-1).abs())
+    return float(torch.cat(cos).mean())
+
+
+def test_optimisation_lowers_similarity_to_the_original(engine: Engine) -> None:
+    before, after = _mean_abs_cos_to_original(engine, 0), _mean_abs_cos_to_original(engine, 50)
+    assert after < before - 0.03
+
+
+def test_key_target_pulls_embeddings_toward_the_key_seeded_target() -> None:
+    bundle = tiny_bundle()
+    faces = person_faces(2, 3)
+    target = key_target(bundle.identity.embed(faces, "dlib-chip"), key_orthogonal(SEED_A, EMB_DIM, KEY_TARGET_LABEL))
+    off = Engine(bundle, EngineConfig(key_target=False)).enroll(faces, SEED_A)
+    on = Engine(bundle, EngineConfig(key_target=True, w_key=10.0)).enroll(faces, SEED_A)
+    cos_off = float((off.embeddings * target).sum(-1).mean())
+    cos_on = float((on.embeddings * target).sum(-1).mean())
+    assert cos_on > cos_off + 0.02
+
+
+def test_split_presets_change_the_result() -> None:
+    bundle = tiny_bundle()
+    faces = person_faces(1, 4)
+    code = Engine(bundle, EngineConfig(split="code")).enroll(faces, SEED_A)
+    readme = Engine(bundle, EngineConfig(split="readme")).enroll(faces, SEED_A)
+    assert (code.images - readme.images).abs().max() > 0.01
+
+
+def test_mixed_precision_flag_is_a_no_op_on_cpu() -> None:
+    bundle = tiny_bundle(with_attribute=False)
+    faces = person_faces(2, 5)
+    on = Engine(bundle, EngineConfig(mixed_precision=True, w_attr=0.0)).enroll(faces, SEED_A)
+    off = Engine(bundle, EngineConfig(mixed_precision=False, w_attr=0.0)).enroll(faces, SEED_A)
+    assert torch.equal(on.images, off.images)
+
+
+def test_enroll_many_keeps_order_and_handles_empty_input(engine: Engine) -> None:
+    subjects = [(person_faces(1, p), bytes([p + 1]) * 32) for p in range(3)]
+    many = engine.enroll_many(subjects)
+    assert len(many) == 3 and engine.enroll_many([]) == []
+    for (faces, seed), res in zip(subjects, many, strict=True):
+        torch.testing.assert_close(res.images, engine.enroll(faces, seed).images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "faces",
+    [
+        torch.zeros(2, 3, RES, RES, dtype=torch.uint8),  # integer pixels
+        torch.zeros(2, 3, RES, RES, dtype=torch.int64),
+        torch.zeros(3, RES, RES),  # missing batch dimension
+        torch.zeros(0, 3, RES, RES),  # no images
+        torch.zeros(2, 1, RES, RES),  # grey
+        torch.zeros(2, 3, RES + 1, RES + 1),  # wrong crop size
+        torch.full((1, 3, RES, RES), 255.0),  # 0-255 floats
+        torch.full((1, 3, RES, RES), float("nan")),
+        np.zeros((1, 3, RES, RES), dtype=np.float32),  # not a tensor
+    ],
+)
+def test_invalid_faces_raise_invalid_tensor(engine: Engine, faces: object) -> None:
+    with pytest.raises(InvalidTensorError):
+        engine.enroll(faces, SEED_A)  # type: ignore[arg-type]
+
+
+def test_inputs_just_outside_range_are_clamped_not_rejected(engine: Engine) -> None:
+    faces = person_faces(1, 0)
+    faces[0, 0, 0, 0] = 1.0005
+    engine.enroll(faces, SEED_A)
+
+
+@pytest.mark.parametrize("seed", [b"", b"\x01" * 31, "x" * 32, None])
+def test_bad_seed_raises_key_error_without_echoing_it(engine: Engine, seed: object) -> None:
+    with pytest.raises(KeyError_) as info:
+        engine.enroll(person_faces(1, 0), seed)  # type: ignore[arg-type]
+    assert "\\x01" not in str(info.value)
+
+
+def test_probe_and_score_validate(engine: Engine) -> None:
+    with pytest.raises(InvalidTensorError):
+        engine.probe(person_faces(2, 0), SEED_A)
+    with pytest.raises(InvalidTensorError):
+        engine.score(torch.zeros(EMB_DIM), torch.zeros(EMB_DIM + 1))
+    with pytest.raises(InvalidTensorError):
+        engine.score(torch.zeros(EMB_DIM, dtype=torch.long), torch.zeros(EMB_DIM, dtype=torch.long))
+    a = F.normalize(torch.randn(EMB_DIM), dim=0)
+    assert engine.score(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert engine.score(a, -a) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_fingerprint_tracks_result_settings_only() -> None:
+    bundle = tiny_bundle()
+    base = Engine(bundle, EngineConfig()).fingerprint
+    assert base.startswith("tiny-test:")
+    assert Engine(bundle, EngineConfig(mixed_precision=False, max_batch_images=4)).fingerprint == base
+    for other in (EngineConfig(split="readme"), EngineConfig(steps=49), EngineConfig(key_target=True)):
+        assert Engine(bundle, other).fingerprint != base
+
+
+def test_unknown_split_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        EngineConfig(split="other")
+
+
+def test_prepare_aligns_a_real_face(engine: Engine, smoke_faces: dict) -> None:
+    pytest.importorskip("dlib")
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(smoke_faces["biden"]).convert("RGB"))
+    face = engine.prepare(rgb)
+    assert face.shape == (3, RES, RES) and face.dtype == torch.float32
+    assert float(face.min()) >= -1.0 and float(face.max()) <= 1.0 and float(face.std()) > 0.05
+    with pytest.raises(NoFaceError):
+        engine.prepare(np.full((200, 200, 3), 128, dtype=np.uint8))

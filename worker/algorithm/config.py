@@ -1,0 +1,81 @@
+"""EngineConfig: every knob of the encode -> mix -> optimise -> decode engine, with the reference's defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from worker.algorithm.losses import LossWeights
+from worker.algorithm.mix import PRESETS, LayerSplit
+from worker.algorithm.optimise import AdamSchedule
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings. Defaults follow the reference (lr 0.01, 50 steps, x0.8 at 75 % and 90 %, 10/10/0.15).
+
+    split: "code" (released code), "readme" (authors' README / FALCO) or an explicit ``LayerSplit``.
+    key_target / w_key: the consistency-over-time term (docs/notes/engine.md); w_key is only used when on.
+    mixed_precision: bf16 autocast around the networks inside the optimisation loop, CUDA only; latents, Adam
+    state, losses, the encoder, the key mapping and the final decode + template always run in fp32.
+    max_batch_images: enroll_many packs whole subjects into optimisation batches of at most this many images
+    (a subject with more images than this runs alone in its own batch).
+    """
+
+    split: str | LayerSplit = "code"
+    steps: int = 50
+    lr: float = 0.01
+    lr_decay: float = 0.8
+    lr_milestones: tuple[float, ...] = (0.75, 0.9)
+    truncation_psi: float = 0.7
+    w_anon: float = 10.0
+    w_idp: float = 10.0
+    w_attr: float = 0.15
+    anon_margin: float = 0.0
+    anon_hinge: bool = False
+    key_target: bool = False
+    w_key: float = 10.0
+    mixed_precision: bool = True
+    max_batch_images: int = 32
+    input_tolerance: float = 1e-3  # how far outside [-1, 1] an input pixel may be (then clamped)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split, str) and self.split not in PRESETS:
+            raise ValueError(f"unknown split preset {self.split!r}; expected one of {PRESETS}")
+        if self.max_batch_images < 1:
+            raise ValueError("max_batch_images must be >= 1")
+        if not 0.0 <= self.truncation_psi <= 1.0:
+            raise ValueError("truncation_psi must be in [0, 1]")
+        if min(self.w_anon, self.w_idp, self.w_attr, self.w_key) < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.schedule()  # validates steps / lr / milestones
+
+    def result_fields(self) -> dict[str, object]:
+        """The settings that change results (everything except speed-only knobs), JSON-ready."""
+        out = asdict(self)
+        for speed_only in ("mixed_precision", "max_batch_images", "input_tolerance"):
+            out.pop(speed_only)
+        out["split"] = asdict(self.split) if isinstance(self.split, LayerSplit) else self.split
+        out["lr_milestones"] = list(self.lr_milestones)
+        if not self.key_target:
+            out.pop("w_key")
+        return out
+
+    def fingerprint(self) -> str:
+        """Short hex digest of ``result_fields``: store it with a template; probe only with the same one."""
+        text = json.dumps(self.result_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def schedule(self) -> AdamSchedule:
+        return AdamSchedule(steps=self.steps, lr=self.lr, decay=self.lr_decay, milestones=self.lr_milestones)
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(
+            anon=self.w_anon,
+            idp=self.w_idp,
+            attr=self.w_attr,
+            key=self.w_key if self.key_target else 0.0,
+            anon_margin=self.anon_margin,
+            anon_hinge=self.anon_hinge,
+        )

@@ -1,0 +1,105 @@
+"""Seed -> synthetic key latent, and seed -> key-derived random orthogonal matrix.
+
+Everything random is drawn on the CPU by ``torch.Generator`` objects seeded from the 32-byte seed, so the draw is
+bit-identical on every machine and device (for a given torch version; tests/unit/test_keylatent.py pins a
+regression vector so an upgrade that changes the CPU generator is caught before templates become unverifiable).
+
+A torch generator takes a 64-bit seed. To keep all 256 bits of the seed in play, every draw uses four generators
+(one per 64-bit word of a labelled SHA-256 of the seed) and combines them: ``z = (z_1 + z_2 + z_3 + z_4) / 2``
+is again exactly N(0, I) and depends on every bit of the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from worker.models.base import Generator
+
+SEED_BYTES = 32
+
+
+def _check_seed(seed: bytes) -> None:
+    if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
+        raise ValueError(f"seed must be {SEED_BYTES} bytes")
+
+
+def _generators(seed: bytes, label: str) -> list[torch.Generator]:
+    """Four CPU generators seeded from SHA-256(len(label) || label || seed): a separate stream per label."""
+    _check_seed(seed)
+    tag = label.encode()
+    digest = hashlib.sha256(len(tag).to_bytes(4, "big") + tag + bytes(seed)).digest()
+    gens = []
+    for i in range(4):
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int.from_bytes(digest[8 * i : 8 * i + 8], "big"))
+        gens.append(g)
+    return gens
+
+
+def seeded_normal(seed: bytes, shape: tuple[int, ...], label: str) -> torch.Tensor:
+    """N(0, 1) tensor of ``shape`` (float64, CPU), a pure function of (seed, label, shape)."""
+    total = torch.zeros(shape, dtype=torch.float64)
+    for g in _generators(seed, label):
+        total += torch.randn(shape, generator=g, dtype=torch.float64)
+    return total / 2.0
+
+
+def seed_to_z(seed: bytes, z_dim: int) -> torch.Tensor:
+    """32-byte seed -> z (z_dim,) float32 on the CPU, ~N(0, I)."""
+    return seeded_normal(seed, (z_dim,), "z").to(torch.float32)
+
+
+@torch.no_grad()
+def key_latent(generator: Generator, seed: bytes, psi: float = 0.7) -> torch.Tensor:
+    """Key's synthetic W+ code: z -> mapping -> truncation toward ``w_avg`` by ``psi`` -> repeated over layers.
+
+    Returns (n_latent, w_dim) float32 on the device of ``generator.w_avg``. The mapping runs in fp32, outside
+    any autocast region, so the same seed gives the same latent up to fp32 rounding on every device.
+    """
+    if not 0.0 <= psi <= 1.0:
+        raise ValueError("truncation psi must be in [0, 1]")
+    w_avg = generator.w_avg.detach().to(torch.float32)
+    z = seed_to_z(seed, generator.z_dim).to(w_avg.device)
+    with torch.autocast(device_type=w_avg.device.type, enabled=False):
+        w = generator.mapping(z[None]).to(torch.float32)[0]
+    w = w_avg + psi * (w - w_avg)
+    return w[None, :].expand(generator.n_latent, generator.w_dim).clone()
+
+
+def key_latents(generator: Generator, seeds: list[bytes], psi: float = 0.7) -> torch.Tensor:
+    """``key_latent`` for several seeds -> (S, n_latent, w_dim) float32.
+
+    Each seed is mapped on its own (the mapping is cheap next to the optimisation), so a subject's key latent is
+    bit-identical whatever other subjects share the batch.
+    """
+    return torch.stack([key_latent(generator, s, psi) for s in seeds])
+
+
+def key_orthogonal(seed: bytes, dim: int, label: str = "orthogonal") -> torch.Tensor:
+    """Key-derived Haar-random orthogonal matrix (dim, dim), float32 on the CPU.
+
+    QR of a seeded Gaussian matrix in float64, with the signs of R's diagonal folded into Q so the result is
+    uniformly distributed over O(dim) (and unique for the draw).
+    """
+    a = seeded_normal(seed, (dim, dim), label)
+    q, r = torch.linalg.qr(a)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return (q * signs[None, :]).to(torch.float32)
+
+
+def key_target(e_orig: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Key-seeded identity target t = normalise(R_key e_orig) for each row of ``e_orig`` (B, D) -> (B, D).
+
+    ``rotation`` is (D, D) or per-sample (B, D, D). A rotation keeps cosines, so images of one person (close
+    ``e_orig``) get close targets, other people stay apart, and different keys send one person to unrelated
+    targets. R_key is invertible: whoever holds the key can map a target back to ``e_orig`` (see docs/notes).
+    """
+    e = torch.nn.functional.normalize(e_orig.to(torch.float32), dim=-1)
+    if rotation.dim() == 2:
+        t = e @ rotation.T
+    else:
+        t = torch.bmm(rotation, e[:, :, None])[:, :, 0]
+    return torch.nn.functional.normalize(t, dim=-1)

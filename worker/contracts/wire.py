@@ -1,0 +1,61 @@
+"""JSON on the wire, nothing else. ``from_wire`` accepts the JSON text/bytes or the dict Celery's JSON serializer
+decoded; dicts are re-encoded so validation always runs in strict JSON mode (the same rules for both paths)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from worker.contracts.jobs import Job
+from worker.contracts.results import Result
+
+_JOB: TypeAdapter[Any] = TypeAdapter(Job)
+_RESULT: TypeAdapter[Any] = TypeAdapter(Result)
+MAX_WIRE_BYTES = 1_000_000
+
+
+def _text(data: str | bytes | dict[str, Any]) -> str | bytes:
+    if isinstance(data, dict):
+        return json.dumps(data)
+    if isinstance(data, str | bytes | bytearray):
+        if len(data) > MAX_WIRE_BYTES:
+            raise ValueError(f"message larger than {MAX_WIRE_BYTES} bytes")
+        return bytes(data) if isinstance(data, bytearray) else data
+    raise TypeError(f"wire data must be JSON text, bytes or a dict, not {type(data).__name__}")
+
+
+def to_wire(model: Any) -> dict[str, Any]:
+    """A job or result as a JSON-compatible dict (what Celery's JSON serializer sends)."""
+    return model.model_dump(mode="json")
+
+
+def to_json(model: Any) -> str:
+    return model.model_dump_json()
+
+
+def job_from_wire(data: str | bytes | dict[str, Any]) -> Any:
+    """Parse and validate a job message. Raises ``worker.errors.MalformedJobError`` (no input values echoed)."""
+    from worker.errors import MalformedJobError
+
+    try:
+        return _JOB.validate_json(_text(data))
+    except (ValidationError, ValueError, TypeError) as e:
+        raise MalformedJobError(_describe(e)) from None
+
+
+def result_from_wire(data: str | bytes | dict[str, Any]) -> Any:
+    from worker.errors import MalformedJobError
+
+    try:
+        return _RESULT.validate_json(_text(data))
+    except (ValidationError, ValueError, TypeError) as e:
+        raise MalformedJobError(_describe(e)) from None
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        parts = [f"{'.'.join(map(str, er['loc'])) or '<root>'}: {er['msg']}" for er in e.errors(include_input=False)]
+        return "malformed message: " + "; ".join(parts[:10])
+    return f"malformed message: {e}"

@@ -1,0 +1,1 @@
+"""Evaluation harness: independent judge, metrics, protocols and the report (``cancelable-eval``)."""

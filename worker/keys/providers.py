@@ -1,0 +1,396 @@
+"""Key providers: turn (key_id, tenant, subject, key_version) into the 32-byte seed, without key material ever
+leaving the provider object.
+
+- ``LocalKeyring``: a JSON keyring file (mode 0600) of key_id -> random key material; the seed is
+  ``worker.keys.derive.derive_seed``. For development, tests and the embedded default.
+- ``KmsHmacProvider``: AWS KMS HMAC keys (``KeySpec=HMAC_256``, ``KeyUsage=GENERATE_VERIFY_MAC``); the seed is
+  ``GenerateMac(KeyId, Message=derivation_message(...), MacAlgorithm=HMAC_SHA_256)``, the same function computed
+  inside KMS, so the key never leaves it.
+
+Key state and per-subject key versions live in S3 (``KeyRegistry``), shared by every worker; revoking a subject bumps
+its key version, revoking a key marks it revoked, both record reason, job and time. ``seed_for`` refuses unknown
+keys (``UnknownKeyError``) and revoked keys (``RevokedKeyError``).
+
+Nothing here logs, returns or raises with key material or seeds in it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.contracts.ids import check_key_id, check_name
+from worker.errors import (
+    KeyError_,
+    KeyProviderUnavailable,
+    ObjectNotFoundError,
+    RevokedKeyError,
+    UnknownKeyError,
+    VersionConflictError,
+)
+from worker.keys.derive import MIN_KEY_BYTES, SEED_BYTES, derivation_message, seed_from_mac
+from worker.storage import layout
+from worker.storage.records import KeyStateRecord, SubjectKeyRecord, utcnow
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+    from worker.storage.client import ObjectStore
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+CAS_TRIES = 20
+
+
+# --- key state and subject key versions (S3) -------------------------------------------------------------------------
+class KeyRegistry:
+    """Key states (``keys/{key_id}/state.json``) and subject key versions (``.../subjects/{s}/key.json``) in S3.
+
+    Updates are compare-and-set with conditional PutObject, so concurrent revocations of one subject bump the
+    version once per job, not once per writer.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    # key state
+    def key_state(self, key_id: str) -> KeyStateRecord | None:
+        """The recorded state of ``key_id``, or None when never revoked (keys are active unless recorded)."""
+        try:
+            data, _ = self.store.get_json(layout.key_state_key(key_id))
+        except ObjectNotFoundError:
+            return None
+        return KeyStateRecord.model_validate(data)
+
+    def is_revoked(self, key_id: str) -> bool:
+        st = self.key_state(key_id)
+        return st is not None and st.state == "revoked"
+
+    def revoke_key(self, key_id: str, *, reason: str, job_id: str) -> KeyStateRecord:
+        """Mark ``key_id`` revoked (write-once: a repeat returns the first record)."""
+        rec = KeyStateRecord(key_id=check_key_id(key_id), state="revoked", reason=reason, job_id=job_id)
+        try:
+            self.store.put_json(layout.key_state_key(key_id), rec, if_none_match=True)
+            return rec
+        except VersionConflictError:
+            st = self.key_state(key_id)
+            assert st is not None
+            return st
+
+    # subject key versions
+    def _subject(self, tenant: str, subject: str) -> tuple[SubjectKeyRecord, str] | None:
+        try:
+            data, etag = self.store.get_json(layout.subject_key_state(tenant, subject))
+        except ObjectNotFoundError:
+            return None
+        return SubjectKeyRecord.model_validate(data), etag
+
+    def subject_key(self, tenant: str, subject: str) -> SubjectKeyRecord | None:
+        """The subject's current key ID and version, or None for a subject never enrolled."""
+        r = self._subject(tenant, subject)
+        return None if r is None else r[0]
+
+    def ensure_subject_key(self, tenant: str, subject: str, key_id: str) -> SubjectKeyRecord:
+        """For enrolment: the subject's record, created at version 1 under ``key_id`` if missing.
+
+        Raises ``KeyError_`` when the subject is already under another key (change keys by revoking with
+        ``new_key_id``, which makes the new template unlinkable to the old one).
+        """
+        check_name(tenant, "tenant"), check_name(subject, "subject"), check_key_id(key_id)
+        for _ in range(CAS_TRIES):
+            cur = self._subject(tenant, subject)
+            if cur is not None:
+                if cur[0].key_id != key_id:
+                    raise KeyError_(
+                        f"subject {tenant}/{subject} is enrolled under another key; revoke with new_key_id to change"
+                    )
+                return cur[0]
+            rec = SubjectKeyRecord(tenant=tenant, subject=subject, key_id=key_id, key_version=1)
+            try:
+                self.store.put_json(layout.subject_key_state(tenant, subject), rec, if_none_match=True)
+                return rec
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(f"subject key record of {tenant}/{subject} kept changing")
+
+    def bump_subject_key(
+        self, tenant: str, subject: str, *, reason: str, job_id: str, new_key_id: str | None = None
+    ) -> SubjectKeyRecord:
+        """Revoke the subject's current key version: next version (under ``new_key_id`` if given, with version 1 of
+        that key if the subject never used it). Idempotent per ``job_id``: a repeat returns the record as bumped."""
+        for _ in range(CAS_TRIES):
+            cur = self._subject(tenant, subject)
+            if cur is None:
+                raise KeyError_(f"subject {tenant}/{subject} has no key record to revoke")
+            rec, etag = cur
+            if rec.history and rec.history[-1].get("job_id") == job_id:
+                return rec
+            target = new_key_id or rec.key_id
+            used = [h["key_version"] for h in rec.history if h.get("key_id") == target]
+            if target == rec.key_id:
+                used.append(rec.key_version)
+            new = SubjectKeyRecord(
+                tenant=tenant,
+                subject=subject,
+                key_id=check_key_id(target),
+                key_version=max(used, default=0) + 1,
+                history=[
+                    *rec.history,
+                    {
+                        "key_id": rec.key_id,
+                        "key_version": rec.key_version,
+                        "reason": reason,
+                        "job_id": job_id,
+                        "revoked_at": utcnow().isoformat(),
+                    },
+                ],
+            )
+            try:
+                self.store.put_json(layout.subject_key_state(tenant, subject), new, if_match=etag)
+                return new
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(f"subject key record of {tenant}/{subject} kept changing")
+
+
+# --- providers -----------------------------------------------------------------------------------------------------
+class KeyProvider(ABC):
+    """Seeds from keys. Subclasses implement ``has_key`` and ``_mac``; the key material stays inside them."""
+
+    name: str = "abstract"
+
+    def __init__(self, registry: KeyRegistry | None = None) -> None:
+        self.registry = registry
+
+    @abstractmethod
+    def has_key(self, key_id: str) -> bool:
+        """Whether the provider holds a usable key ``key_id`` (raises ``KeyProviderUnavailable`` when it cannot
+        tell)."""
+
+    @abstractmethod
+    def _mac(self, key_id: str, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under key ``key_id`` (32 bytes)."""
+
+    def check_usable(self, key_id: str) -> None:
+        """Raise ``UnknownKeyError`` / ``RevokedKeyError`` unless ``key_id`` can derive seeds."""
+        check_key_id(key_id)
+        if self.registry is not None and self.registry.is_revoked(key_id):
+            raise RevokedKeyError(f"key {key_id} is revoked")
+        if not self.has_key(key_id):
+            raise UnknownKeyError(f"key {key_id} is not known to the {self.name} provider")
+
+    def seed_for(self, key_id: str, tenant: str, subject: str, key_version: int) -> bytes:
+        """The 32-byte seed of (tenant, subject, key_version) under ``key_id``. Secret: never log it."""
+        self.check_usable(key_id)
+        seed = self._mac(key_id, derivation_message(tenant, subject, key_version))
+        if len(seed) != SEED_BYTES:
+            raise KeyProviderUnavailable(f"{self.name} provider returned a MAC of the wrong length")
+        return seed
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} holds key handles and must not be pickled")
+
+
+# --- local keyring -------------------------------------------------------------------------------------------------
+def _decode_material(entry: Any, key_id: str) -> bytes:
+    if isinstance(entry, dict):
+        if "b64" in entry:
+            raw = base64.b64decode(entry["b64"], validate=True)
+        elif "hex" in entry:
+            raw = bytes.fromhex(entry["hex"])
+        else:
+            raise KeyProviderUnavailable(f"keyring entry {key_id} has neither b64 nor hex")
+    else:
+        raise KeyProviderUnavailable(f"keyring entry {key_id} is not an object")
+    if len(raw) < MIN_KEY_BYTES:
+        raise KeyProviderUnavailable(f"keyring entry {key_id} is shorter than {MIN_KEY_BYTES} bytes")
+    return raw
+
+
+def write_keyring(path: Path, key_ids: list[str]) -> list[str]:
+    """Create ``path`` (mode 0600, exclusive) or add missing ``key_ids`` to it, with fresh random 32-byte keys.
+    Returns the key IDs added. Existing keys are never changed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"format": "cancelable-keyring/1", "keys": {}}
+    if path.exists():
+        data = json.loads(path.read_text())
+    added = []
+    for k in key_ids:
+        check_key_id(k)
+        if k not in data["keys"]:
+            data["keys"][k] = {"b64": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode(),
+                               "created_at": utcnow().isoformat()}
+            added.append(k)
+    if added or not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    return added
+
+
+class LocalKeyring(KeyProvider):
+    """Keys from a JSON file ``{"format": "cancelable-keyring/1", "keys": {key_id: {"b64"|"hex": ...}}}``.
+
+    The file must not be readable by group or others (``KeyProviderUnavailable`` otherwise). It is re-read when its
+    modification time changes, so keys added by ``write_keyring`` are seen by running workers.
+    """
+
+    name = "local"
+
+    def __init__(self, path: Path, registry: KeyRegistry | None = None) -> None:
+        super().__init__(registry)
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self.__material: dict[str, bytes] = {}
+
+    @classmethod
+    def create_if_missing(cls, path: Path, key_ids: list[str], registry: KeyRegistry | None = None) -> LocalKeyring:
+        """Dev stack helper: make sure ``path`` holds ``key_ids`` (adding random keys), then open it."""
+        write_keyring(path, key_ids)
+        return cls(path, registry)
+
+    def _load(self) -> dict[str, bytes]:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            raise KeyProviderUnavailable(f"keyring {self._path} does not exist") from None
+        if st.st_mode & 0o077:
+            raise KeyProviderUnavailable(f"keyring {self._path} is readable by others (chmod 600)")
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    data = json.loads(self._path.read_text())
+                    keys = data["keys"]
+                except (ValueError, KeyError, TypeError):
+                    raise KeyProviderUnavailable(f"keyring {self._path} is not a valid keyring file") from None
+                self.__material = {k: _decode_material(v, k) for k, v in keys.items()}
+                self._stamp = stamp
+            return self.__material
+
+    def key_ids(self) -> list[str]:
+        return sorted(self._load())
+
+    def has_key(self, key_id: str) -> bool:
+        return key_id in self._load()
+
+    def _mac(self, key_id: str, message: bytes) -> bytes:
+        material = self._load().get(key_id)
+        if material is None:
+            raise UnknownKeyError(f"key {key_id} is not in the keyring")
+        return seed_from_mac(material, message)
+
+
+# --- AWS KMS -------------------------------------------------------------------------------------------------------
+class KmsHmacProvider(KeyProvider):
+    """AWS KMS HMAC_256 keys; the seed is computed by KMS (``GenerateMac``), the key never leaves KMS."""
+
+    name = "kms"
+    MAC_ALGORITHM = "HMAC_SHA_256"
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        registry: KeyRegistry | None = None,
+    ) -> None:
+        super().__init__(registry)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            kw: dict[str, Any] = {
+                "region_name": region,
+                "config": Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=10),
+            }
+            if endpoint_url:
+                kw["endpoint_url"] = endpoint_url
+            if access_key_id and secret_access_key:
+                kw["aws_access_key_id"], kw["aws_secret_access_key"] = access_key_id, secret_access_key
+            client = boto3.session.Session().client("kms", **kw)
+        self._client = client
+        self._known: dict[str, bool] = {}
+
+    def _err(self, e: Exception, key_id: str) -> Exception:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NotFoundException",):
+                return UnknownKeyError(f"KMS key {key_id} not found")
+            if code in ("DisabledException", "KMSInvalidStateException"):
+                return RevokedKeyError(f"KMS key {key_id} is disabled or pending deletion")
+            if code in ("InvalidKeyUsageException", "InvalidArnException", "ValidationException"):
+                return UnknownKeyError(f"KMS key {key_id} is not an HMAC_256 GENERATE_VERIFY_MAC key ({code})")
+            return KeyProviderUnavailable(f"KMS {code or 'error'} for key {key_id}")
+        if isinstance(e, BotoCoreError):
+            return KeyProviderUnavailable(f"KMS unreachable ({type(e).__name__})")
+        return e
+
+    def has_key(self, key_id: str) -> bool:
+        if key_id in self._known:
+            return self._known[key_id]
+        try:
+            meta = self._client.describe_key(KeyId=key_id)["KeyMetadata"]
+        except Exception as e:  # noqa: BLE001
+            err = self._err(e, key_id)
+            if isinstance(err, UnknownKeyError):
+                self._known[key_id] = False
+                return False
+            raise err from None
+        if meta.get("KeyState") not in (None, "Enabled"):
+            raise RevokedKeyError(f"KMS key {key_id} is {meta.get('KeyState')}")
+        ok = meta.get("KeySpec") == "HMAC_256" and meta.get("KeyUsage") == "GENERATE_VERIFY_MAC"
+        self._known[key_id] = ok
+        return ok
+
+    def _mac(self, key_id: str, message: bytes) -> bytes:
+        try:
+            r = self._client.generate_mac(KeyId=key_id, Message=message, MacAlgorithm=self.MAC_ALGORITHM)
+        except Exception as e:  # noqa: BLE001
+            raise self._err(e, key_id) from None
+        return bytes(r["Mac"])
+
+    def create_key(self, description: str = "cancelable faces seed key", alias: str | None = None) -> str:
+        """Create an HMAC_256 key (dev and tests; production keys are provisioned by the security team).
+        Returns its KeyId (or the alias name ``alias/...`` if ``alias`` is given)."""
+        r = self._client.create_key(Description=description, KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")
+        key_id = r["KeyMetadata"]["KeyId"]
+        if alias:
+            name = alias if alias.startswith("alias/") else f"alias/{alias}"
+            self._client.create_alias(AliasName=name, TargetKeyId=key_id)
+            return name
+        return str(key_id)
+
+
+def make_key_provider(settings: Settings, store: ObjectStore | None = None) -> KeyProvider:
+    """The provider ``settings.keys.provider`` names, with a ``KeyRegistry`` on ``store`` if given."""
+    registry = KeyRegistry(store) if store is not None else None
+    k = settings.keys
+    if k.provider == "local":
+        return LocalKeyring(k.keyring_path, registry)
+    return KmsHmacProvider(
+        endpoint_url=k.kms_endpoint_url,
+        region=k.kms_region or settings.s3.region,
+        access_key_id=k.kms_access_key_id.get_secret_value() if k.kms_access_key_id else None,
+        secret_access_key=k.kms_secret_access_key.get_secret_value() if k.kms_secret_access_key else None,
+        registry=registry,
+    )

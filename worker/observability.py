@@ -1,0 +1,397 @@
+"""Sentry and logging for the worker, both behind one scrubber that keeps secrets out of every event and log line.
+
+``init_sentry(settings)`` is called by the worker at start (never at import); ``setup_logging(settings)`` installs a
+redacting root handler. The ``Scrubber`` removes, wherever they appear (exception messages, frame locals, extra,
+contexts, breadcrumbs, log messages):
+
+- values under sensitive names (key, seed, secret, embedding, latent, image, template, password, token, ...);
+- every secret from settings (``SecretStr`` fields, passwords in URLs) and secrets registered at run time;
+- S3 presigned URL query strings (``X-Amz-Signature`` / ``X-Amz-Credential`` / ``Signature=``);
+- ``bytes`` reprs (image bytes, raw keys), long hex (>= 40 chars) and high-entropy base64 tokens (keys, seeds, MACs);
+- numeric arrays (embeddings, latents, pixels) as lists or as ``tensor([...])`` / ``array([...])`` text.
+
+It keeps what an operator needs: the job ID and job type (tags from ``job_scope``) and the error code (tag added
+from the exception), exception types, file names and line numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import math
+import re
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+FILTERED = "[Filtered]"
+
+_DENY_TOKENS = frozenset(
+    {
+        "key",
+        "keys",
+        "material",
+        "seed",
+        "seeds",
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "token",
+        "credential",
+        "credentials",
+        "authorization",
+        "auth",
+        "cookie",
+        "signature",
+        "private",
+        "dsn",
+        "mac",
+        "hmac",
+        "embedding",
+        "embeddings",
+        "emb",
+        "latent",
+        "latents",
+        "vector",
+        "template",
+        "image",
+        "images",
+        "img",
+        "imgs",
+        "face",
+        "faces",
+        "pixels",
+        "rgb",
+        "blob",
+        "raw",
+        "buf",
+        "buffer",
+        "z",
+        "w",
+        "ws",
+    }
+)
+# A sensitive word followed by one of these names an identifier or a count, not the secret itself.
+_ALLOW_LAST = frozenset(
+    {"id", "ids", "version", "versions", "code", "count", "counts", "len", "shape", "dtype", "ref", "refs", "kind"}
+    | {"type", "name", "names", "path", "uri", "hash", "sha256", "prefix", "bucket", "provider", "size", "format"}
+)
+# Structural fields Sentry itself fills: never rewritten (event_id and trace_id are 32 hex chars).
+_KEEP_KEYS = frozenset(
+    {"event_id", "trace_id", "span_id", "parent_span_id", "timestamp", "start_timestamp", "platform", "level"}
+    | {"sdk", "modules", "debug_meta", "release", "environment", "server_name", "dist", "abs_path", "filename"}
+    | {"module", "function", "lineno", "colno", "in_app", "pre_context", "context_line", "post_context"}
+    | {"instruction_addr", "mechanism", "_meta", "type", "logger", "category", "thread_id"}
+)
+
+_PRESIGNED = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s#'\"]*(?:X-Amz-|Signature=|AWSAccessKeyId=)[^\s#'\"]*", re.I)
+_AMZ_PARAM = re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId)=[^&\s'\"]+", re.I)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s/]+)@", re.I)
+_BYTES_REPR = re.compile(r"(?:bytearray\()?b(['\"])(?:\\.|(?!\1).){8,}?\1\)?")
+_HEX = re.compile(r"\b[0-9a-fA-F]{40,}\b")
+_B64 = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")
+_NUMBER = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?|-?\d+(?:e[-+]?\d+)?", re.I)
+_FLOAT = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?", re.I)
+_NUM_LIST = re.compile(r"[\[(](?:\s*-?\d+(?:\.\d*)?(?:e[-+]?\d+)?\s*,){5,}[^\])]*[\])]?", re.I)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _entropy(s: str) -> float:
+    counts: dict[str, int] = {}
+    for ch in s:
+        counts[ch] = counts.get(ch, 0) + 1
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def sensitive_name(name: str) -> bool:
+    """True when a variable / field name says its value is secret (``seed``, ``image_bytes``, ``s3SecretKey``)."""
+    tokens = [t for t in re.split(r"[^a-z0-9]+", _CAMEL.sub("_", str(name)).lower()) if t]
+    if not tokens or tokens[-1] in _ALLOW_LAST:
+        return False
+    return any(t in _DENY_TOKENS for t in tokens)
+
+
+class Scrubber:
+    """Removes secrets from strings, nested event data and log records. Thread-safe; secrets can be added."""
+
+    def __init__(self, secrets: Iterable[str | bytes] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: list[str] = []
+        self.add_secrets(secrets)
+
+    def add_secrets(self, secrets: Iterable[str | bytes | None]) -> None:
+        """Register literal secrets; ``bytes`` are also matched as hex and base64 text."""
+        forms: set[str] = set()
+        for s in secrets:
+            if s is None:
+                continue
+            if isinstance(s, bytes | bytearray):
+                raw = bytes(s)
+                forms.update({raw.hex(), base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()})
+                forms.update(f.rstrip("=") for f in list(forms))
+                with contextlib.suppress(UnicodeDecodeError):
+                    forms.add(raw.decode())
+            else:
+                forms.add(str(s))
+        with self._lock:
+            self._secrets = sorted({*self._secrets, *(f for f in forms if len(f) >= 6)}, key=len, reverse=True)
+
+    # --- strings ------------------------------------------------------------------------------------------------
+    def scrub_text(self, text: str) -> str:
+        """One string with every secret pattern replaced by ``[Filtered]``."""
+        if not text:
+            return text
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, FILTERED)
+        text = _PRESIGNED.sub(lambda m: m.group(1) + "?" + FILTERED, text)
+        text = _AMZ_PARAM.sub(lambda m: m.group(1) + "=" + FILTERED, text)
+        text = _URL_PASSWORD.sub(lambda m: m.group(1) + ":" + FILTERED + "@", text)
+        text = _BYTES_REPR.sub(FILTERED, text)
+        text = _HEX.sub(FILTERED, text)
+        text = _B64.sub(lambda m: FILTERED if _looks_random(m.group(0)) else m.group(0), text)
+        text = _NUM_LIST.sub(FILTERED, text)
+        if len(_FLOAT.findall(text)) >= 6 or ("[" in text and len(_NUMBER.findall(text)) >= 16):
+            return FILTERED  # an embedding, latent or pixel array printed as text
+        return text
+
+    # --- nested data --------------------------------------------------------------------------------------------
+    def scrub(self, value: Any, name: str | None = None) -> Any:
+        """Scrub a JSON-like structure (what Sentry serialises) recursively; returns a new structure."""
+        if name is not None and name in _KEEP_KEYS:
+            return value
+        if isinstance(value, dict):
+            return {k: self.scrub(v, str(k)) for k, v in value.items()}
+        if name is not None and sensitive_name(name) and value not in (None, "", [], ()):
+            return FILTERED
+        if isinstance(value, bytes | bytearray | memoryview):
+            return FILTERED
+        if isinstance(value, str):
+            return self.scrub_text(value)
+        if isinstance(value, list | tuple):
+            if len(value) >= 6 and all(_numeric(v) for v in value):
+                return FILTERED
+            return [self.scrub(v) for v in value]
+        if isinstance(value, bool | int | float) or value is None:
+            return value
+        if type(value).__module__.split(".")[0] in ("numpy", "torch"):
+            return FILTERED
+        return self.scrub_text(repr(value))
+
+    def scrub_event(self, event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Sentry ``before_send``: scrub everything and tag the error code of the exception being reported."""
+        event = self.scrub(event)
+        exc_info = (hint or {}).get("exc_info")
+        if exc_info and exc_info[1] is not None:
+            tags = event.setdefault("tags", {})
+            if isinstance(tags, dict):
+                tags["error_code"] = _error_code(exc_info[1])
+        return event
+
+    def scrub_breadcrumb(self, crumb: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Sentry ``before_breadcrumb``."""
+        return self.scrub(crumb)
+
+
+def _numeric(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int | float):
+        return True
+    return isinstance(v, str) and _NUMBER.fullmatch(v.strip()) is not None
+
+
+def _looks_random(token: str) -> bool:
+    core = token.rstrip("=")
+    classes = sum(bool(re.search(p, core)) for p in ("[a-z]", "[A-Z]", "[0-9]"))
+    return classes >= 3 and _entropy(core) >= 4.2
+
+
+def _error_code(exc: BaseException) -> str:
+    from worker import errors
+
+    code = getattr(exc, "code", None) if isinstance(exc, errors.CancelableError) else None
+    return code if isinstance(code, str) else errors.CancelableError.code
+
+
+# --- settings -----------------------------------------------------------------------------------------------------
+def settings_secrets(settings: Any) -> list[str]:
+    """Every secret value in a pydantic settings tree: ``SecretStr``/``SecretBytes`` fields, string fields under a
+    sensitive name, and passwords inside URLs."""
+    from pydantic import BaseModel, SecretBytes, SecretStr
+
+    out: list[str] = []
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, BaseModel):
+            for field in type(obj).model_fields:
+                walk(getattr(obj, field, None), field)
+        elif isinstance(obj, SecretStr | SecretBytes):
+            v = obj.get_secret_value()
+            v = v.decode(errors="replace") if isinstance(v, bytes) else v
+            m = _URL_PASSWORD.search(v)
+            if m:
+                out.append(m.group(2))
+            if m or not re.match(r"[a-z][a-z0-9+.-]*://", v, re.I):  # a URL without a password is not secret
+                out.append(v)
+        elif isinstance(obj, str):
+            m = _URL_PASSWORD.search(obj)
+            if m:
+                out.append(m.group(2))
+            if sensitive_name(name):
+                out.append(obj)
+
+    walk(settings, "")
+    return [s for s in out if s]
+
+
+SCRUBBER = Scrubber()
+
+
+def register_secrets(*values: str | bytes | None) -> None:
+    """Add run-time secrets (e.g. a key provider's material) to the process scrubber."""
+    SCRUBBER.add_secrets(values)
+
+
+# --- Sentry -------------------------------------------------------------------------------------------------------
+def init_sentry(settings: Any, transport: Any = None, **options: Any) -> bool:
+    """Initialise Sentry from ``settings.sentry`` (dsn, environment, release, traces_sample_rate).
+
+    Returns False (and does nothing) without a DSN. ``transport`` replaces the HTTP transport (tests). Call it from
+    the worker's start hook (``worker_init`` / ``worker_process_init``), never at import.
+    """
+    conf = getattr(settings, "sentry", None)
+    dsn = getattr(conf, "dsn", None)
+    dsn = dsn.get_secret_value() if hasattr(dsn, "get_secret_value") else dsn
+    if not dsn:
+        return False
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
+    SCRUBBER.add_secrets(settings_secrets(settings))
+    release = getattr(conf, "release", None) or _package_version()
+    kwargs: dict[str, Any] = {
+        "dsn": dsn,
+        "environment": getattr(conf, "environment", None) or "development",
+        "release": release,
+        "traces_sample_rate": float(getattr(conf, "traces_sample_rate", 0.0) or 0.0),
+        "include_local_variables": True,
+        "max_request_body_size": "never",
+        "before_send": SCRUBBER.scrub_event,
+        "before_breadcrumb": SCRUBBER.scrub_breadcrumb,
+        "integrations": [
+            CeleryIntegration(monitor_beat_tasks=False, propagate_traces=False),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+        "default_integrations": True,
+    }
+    if transport is not None:
+        kwargs["transport"] = transport
+    kwargs.update(options)
+    sentry_sdk.init(**kwargs)
+    sentry_sdk.set_tag("service", "cancelable-worker")
+    return True
+
+
+def _package_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return f"cancelable-faces@{version('cancelable-faces')}"
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def job_scope(job_id: str, job_type: str) -> Iterator[None]:
+    """Tag every Sentry event raised inside with the job ID and type (isolated per task)."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if sentry_sdk is None:
+        yield
+        return
+    with sentry_sdk.isolation_scope() as scope:
+        scope.set_tag("job_id", str(job_id))
+        scope.set_tag("job_type", str(job_type))
+        yield
+
+
+# --- logging ------------------------------------------------------------------------------------------------------
+class RedactionFilter(logging.Filter):
+    """Formats each record's message (and traceback) once and scrubs it, so no handler can print a secret."""
+
+    def __init__(self, scrubber: Scrubber | None = None) -> None:
+        super().__init__()
+        self.scrubber = scrubber or SCRUBBER
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        record.msg = self.scrubber.scrub_text(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrubber.scrub_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrubber.scrub_text(record.stack_info)
+        return True
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
+
+
+def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any = None) -> logging.Handler:
+    """Replace the root handlers with one stream handler carrying the ``RedactionFilter``; returns the handler.
+
+    Secrets from ``settings`` are registered with the scrubber first.
+    """
+    if settings is not None:
+        SCRUBBER.add_secrets(settings_secrets(settings))
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RedactionFilter(SCRUBBER))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_cancelable", False):
+            root.removeHandler(h)
+    handler._cancelable = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+def install_redaction(logger: logging.Logger | None = None) -> None:
+    """Add the redaction filter to every handler of ``logger`` (default root), e.g. after Celery set up its own."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactionFilter) for f in h.filters):
+            h.addFilter(RedactionFilter(SCRUBBER))
+
+
+def install_celery_hooks(settings: Any) -> None:
+    """Connect Sentry and log redaction to Celery's start signals. Call once where the Celery app is built.
+
+    ``worker_init`` (main process, before the pool forks; children inherit the client, whose sender thread restarts
+    per pid) initialises Sentry; ``after_setup_logger`` / ``after_setup_task_logger`` add the redaction filter to
+    the handlers Celery installs.
+    """
+    from celery import signals
+
+    def _on_worker_init(**_: Any) -> None:
+        SCRUBBER.add_secrets(settings_secrets(settings))
+        init_sentry(settings)
+
+    def _on_logger(logger: logging.Logger | None = None, **_: Any) -> None:
+        SCRUBBER.add_secrets(settings_secrets(settings))
+        install_redaction(logger)
+        install_redaction(logging.getLogger())
+
+    signals.worker_init.connect(_on_worker_init, weak=False)
+    signals.after_setup_logger.connect(_on_logger, weak=False)
+    signals.after_setup_task_logger.connect(_on_logger, weak=False)

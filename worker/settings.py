@@ -1,0 +1,255 @@
+"""All runtime configuration, from the environment, with one prefix: ``CANCELABLE_``.
+
+Groups nest with ``__``: ``CANCELABLE_S3__ENDPOINT_URL``, ``CANCELABLE_WORKER__TASK_TIME_LIMIT``, ...
+Secrets come from files in either of two ways:
+
+- ``CANCELABLE_S3__SECRET_ACCESS_KEY_FILE=/run/secrets/s3_secret`` (any field; the file's content, stripped, is the
+  value; the plain variable wins if both are set);
+- a secrets directory (``CANCELABLE_SECRETS_DIR``, default ``/run/secrets`` when it exists) holding files named like the
+  variables without prefix, nested with ``__``: ``s3__secret_access_key``.
+
+``get_settings()`` validates once and caches; errors name the variable to fix and never echo secret values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NestedSecretsSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "CANCELABLE_"
+NESTED = "__"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RedisSettings(_Group):
+    """Broker, result backend, counters and locks."""
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """May carry a password, hence secret; ``url.get_secret_value()`` to use it."""
+
+
+class S3Settings(_Group):
+    endpoint_url: str | None = None
+    """``None`` means AWS; the local stack sets ``http://127.0.0.1:8333``."""
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    bucket: str = "cancelable"
+    """Bucket for templates, cancelable images, key state, revocations and dead letters."""
+    prefix: str = ""
+    """Optional key prefix inside the bucket (no leading or trailing slash)."""
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    sse_kms_key_id: str | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    max_attempts: int = Field(5, ge=1, le=20)
+    """botocore retry attempts (standard mode) for transient S3 faults."""
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError("s3.prefix must not start or end with '/' nor contain '//'")
+        return v
+
+    @model_validator(mode="after")
+    def _sse(self) -> S3Settings:
+        if self.sse == "aws:kms" and not self.sse_kms_key_id:
+            raise ValueError("s3.sse=aws:kms needs s3.sse_kms_key_id (CANCELABLE_S3__SSE_KMS_KEY_ID)")
+        if self.sse != "aws:kms" and self.sse_kms_key_id:
+            raise ValueError("s3.sse_kms_key_id is set but s3.sse is not aws:kms")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both s3.access_key_id and s3.secret_access_key, or neither (ambient credentials)")
+        return self
+
+
+class KeysSettings(_Group):
+    provider: Literal["local", "kms"] = "local"
+    keyring_path: Path = REPO / ".stack" / "keyring.json"
+    """Local provider only: JSON file key_id -> key material (mode 0600)."""
+    kms_endpoint_url: str | None = None
+    """KMS provider only: ``None`` means AWS; tests point it at moto's server."""
+    kms_region: str | None = None
+    """Defaults to ``s3.region``."""
+    kms_access_key_id: SecretStr | None = None
+    kms_secret_access_key: SecretStr | None = None
+
+
+class EngineSettings(_Group):
+    bundle: str = "lite"
+    """``lite`` (the embedded default), a local directory, or ``s3://bucket/prefix/`` (synced to ``bundle_cache_dir``)."""
+    bundle_cache_dir: Path = REPO / ".stack" / "bundles"
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    steps: int = Field(50, ge=1, le=10_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    mixed_precision: bool = False
+    verify_threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    """Cosine score at or above which a probe is accepted."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("engine.device must be auto, cpu, cuda or cuda:N")
+
+
+class WorkerSettings(_Group):
+    task_time_limit: int = Field(900, ge=1)
+    """Hard limit per task, seconds."""
+    task_soft_time_limit: int | None = None
+    """Defaults to 90 % of the hard limit."""
+    visibility_timeout: int = Field(3600, ge=1)
+    """Redis redelivers an unacked task after this many seconds: must exceed the task time limit."""
+    max_attempts: int = Field(3, ge=1, le=100)
+    """Deliveries before a job is dead-lettered (a job that kills its worker counts too)."""
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    """Largest accepted source image object."""
+    max_pixels: int = Field(40_000_000, ge=64 * 64)
+    """Largest accepted decoded image (width x height); guards against decompression bombs."""
+    max_images_per_subject: int = Field(32, ge=1, le=1024)
+    revoke_chunk_size: int = Field(50, ge=1, le=10_000)
+    bulk_chunk_size: int = Field(64, ge=1, le=10_000)
+    concurrency: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _limits(self) -> WorkerSettings:
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                f"worker.visibility_timeout ({self.visibility_timeout}s) must exceed worker.task_time_limit "
+                f"({self.task_time_limit}s), otherwise Redis redelivers running tasks and they run twice"
+            )
+        if self.task_soft_time_limit is not None and self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("worker.task_soft_time_limit must be below worker.task_time_limit")
+        return self
+
+    @property
+    def soft_time_limit(self) -> int:
+        return self.task_soft_time_limit or max(1, int(self.task_time_limit * 0.9))
+
+
+class MetricsSettings(_Group):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9808, ge=0, le=65535)
+    multiproc_dir: Path | None = None
+    """``PROMETHEUS_MULTIPROC_DIR`` for prefork workers; ``None`` lets the metrics module choose."""
+
+
+class SentrySettings(_Group):
+    dsn: SecretStr | None = None
+    environment: str = "development"
+    release: str | None = None
+    traces_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class _FileSuffixSource(PydanticBaseSettingsSource):
+    """Reads ``CANCELABLE_<GROUP>__<FIELD>_FILE=<path>`` into ``<group>.<field>`` (the file content, stripped)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, raw in os.environ.items():
+            up = name.upper()
+            if not (up.startswith(ENV_PREFIX) and up.endswith("_FILE")) or up == ENV_PREFIX + "SECRETS_DIR":
+                continue
+            path_parts = up[len(ENV_PREFIX) : -len("_FILE")].lower().split(NESTED)
+            if len(path_parts) != 2 or path_parts[0] not in self.settings_cls.model_fields:
+                raise ValueError(f"{name}: expected {ENV_PREFIX}<GROUP>{NESTED}<FIELD>_FILE")
+            p = Path(raw)
+            try:
+                value = p.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ValueError(f"{name}: cannot read secret file {p}: {e.strerror}") from None
+            out.setdefault(path_parts[0], {})[path_parts[1]] = value
+        return out
+
+
+def _secrets_dir() -> Path | None:
+    d = os.environ.get(ENV_PREFIX + "SECRETS_DIR")
+    if d:
+        return Path(d)
+    default = Path("/run/secrets")
+    return default if default.is_dir() else None
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with ``get_settings()`` (cached) or ``load_settings()`` (fresh)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED,
+        secrets_nested_delimiter=NESTED,
+        secrets_prefix="",
+        secrets_dir_missing="ok",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    redis: RedisSettings = RedisSettings()
+    s3: S3Settings = S3Settings()
+    keys: KeysSettings = KeysSettings()
+    engine: EngineSettings = EngineSettings()
+    worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    sentry: SentrySettings = SentrySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # priority: explicit init > env > *_FILE > secrets dir
+        return init_settings, env_settings, _FileSuffixSource(settings_cls), NestedSecretsSettingsSource(file_secret_settings)
+
+    def redacted(self) -> dict[str, Any]:
+        """A JSON-able dump for logs and ``status`` output: secrets shown as ``**********``."""
+        return self.model_dump(mode="json")
+
+
+class SettingsError(ValueError):
+    """Configuration invalid; the message lists every problem with the variable that sets it (never its value)."""
+
+
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors(include_input=False, include_url=False):
+        loc = [str(x) for x in err["loc"]]
+        var = ENV_PREFIX + NESTED.join(x.upper() for x in loc) if loc else ENV_PREFIX + "*"
+        lines.append(f"  {var}: {err['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate settings from the environment (plus keyword overrides, e.g. ``s3={"bucket": "x"}``).
+
+    Raises ``SettingsError`` with one line per problem.
+    """
+    try:
+        return Settings(_secrets_dir=_secrets_dir(), **overrides)  # type: ignore[call-arg]
+    except ValidationError as e:
+        raise SettingsError(_explain(e)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, validated on first use. ``get_settings.cache_clear()`` in tests."""
+    return load_settings()

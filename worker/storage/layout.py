@@ -1,0 +1,94 @@
+"""The S3 layout (docs/storage-layout.md). Pure functions from IDs to keys, relative to the store's prefix.
+
+    tenants/{tenant}/subjects/{subject}/
+        current.json                          pointer to the current version (moved with If-Match)
+        versions/{version:010d}.json          version manifest = commit record (written with If-None-Match: *)
+        jobs/{job_id}.json                    job -> version hint (idempotency; see templates.py)
+        staging/{job_id}/{attempt}/template.json
+        staging/{job_id}/{attempt}/images/{i:03d}.png      cancelable images
+        revocations/{version:010d}.json       revocation record of one version
+        key.json                              the subject's key ID and key version (+ history)
+    tenants/{tenant}/dead-letters/{job_id}.json
+    tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (bulk reports, revoke progress snapshots)
+    keys/{key_id_path}/state.json            key state (active / revoked + reason)
+
+Zero-padded versions keep listing order equal to version order.
+"""
+
+from __future__ import annotations
+
+from worker.contracts.ids import check_job_id, check_name, key_id_path
+
+VERSION_DIGITS = 10
+
+
+def _t(tenant: str) -> str:
+    return f"tenants/{check_name(tenant, 'tenant')}"
+
+
+def subject_prefix(tenant: str, subject: str) -> str:
+    return f"{_t(tenant)}/subjects/{check_name(subject, 'subject')}/"
+
+
+def subjects_prefix(tenant: str) -> str:
+    return f"{_t(tenant)}/subjects/"
+
+
+def current_key(tenant: str, subject: str) -> str:
+    return subject_prefix(tenant, subject) + "current.json"
+
+
+def versions_prefix(tenant: str, subject: str) -> str:
+    return subject_prefix(tenant, subject) + "versions/"
+
+
+def version_key(tenant: str, subject: str, version: int) -> str:
+    if version < 1:
+        raise ValueError("versions start at 1")
+    return f"{versions_prefix(tenant, subject)}{version:0{VERSION_DIGITS}d}.json"
+
+
+def version_from_key(key: str) -> int:
+    return int(key.rsplit("/", 1)[-1].split(".", 1)[0])
+
+
+def job_hint_key(tenant: str, subject: str, job_id: str) -> str:
+    return f"{subject_prefix(tenant, subject)}jobs/{check_job_id(job_id)}.json"
+
+
+def staging_prefix(tenant: str, subject: str, job_id: str, attempt: str) -> str:
+    if not attempt.isalnum():
+        raise ValueError("attempt token must be alphanumeric")
+    return f"{subject_prefix(tenant, subject)}staging/{check_job_id(job_id)}/{attempt}/"
+
+
+def template_key(staging: str) -> str:
+    return staging + "template.json"
+
+
+def image_key(staging: str, index: int, ext: str = "png") -> str:
+    return f"{staging}images/{index:03d}.{ext}"
+
+
+def revocation_key(tenant: str, subject: str, version: int) -> str:
+    return f"{subject_prefix(tenant, subject)}revocations/{version:0{VERSION_DIGITS}d}.json"
+
+
+def subject_key_state(tenant: str, subject: str) -> str:
+    return subject_prefix(tenant, subject) + "key.json"
+
+
+def dead_letters_prefix(tenant: str) -> str:
+    return f"{_t(tenant)}/dead-letters/"
+
+
+def dead_letter_key(tenant: str, job_id: str) -> str:
+    return f"{dead_letters_prefix(tenant)}{check_job_id(job_id)}.json"
+
+
+def job_prefix(tenant: str, job_id: str) -> str:
+    return f"{_t(tenant)}/jobs/{check_job_id(job_id)}/"
+
+
+def key_state_key(key_id: str) -> str:
+    return f"keys/{key_id_path(key_id)}/state.json"

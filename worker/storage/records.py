@@ -1,0 +1,173 @@
+"""JSON records stored in S3 (pydantic, no boto3). Embeddings are base64 of little-endian float32.
+
+None of these records holds key material or seeds; templates hold embeddings of *cancelable* faces only.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+RECORD_SCHEMA = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def encode_embedding(x: Any) -> str:
+    """(D,) or (N, D) array-like -> base64 of little-endian float32 (row-major)."""
+    a = np.ascontiguousarray(np.asarray(x, dtype="<f4"))
+    return base64.b64encode(a.tobytes()).decode("ascii")
+
+
+def decode_embedding(s: str, dim: int) -> np.ndarray:
+    """Inverse of ``encode_embedding``: returns (D,) when the data holds one vector, else (N, D) float32."""
+    a = np.frombuffer(base64.b64decode(s, validate=True), dtype="<f4").astype(np.float32)
+    if dim <= 0 or a.size % dim:
+        raise ValueError(f"embedding of {a.size} floats is not a multiple of dim {dim}")
+    return a if a.size == dim else a.reshape(-1, dim)
+
+
+class _Rec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = RECORD_SCHEMA
+
+
+class SourceImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    etag: str | None = None
+
+
+class Artefact(BaseModel):
+    """An object written under the staging path; ``key`` relative to the store prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    content_type: str
+
+
+class TemplateRecord(_Rec):
+    """The template of one version: the embedding (D,) of the cancelable face(s), how it was made, from what."""
+
+    kind: Literal["template"] = "template"
+    tenant: str
+    subject: str
+    job_id: str
+    key_id: str
+    key_version: int = Field(ge=1)
+    bundle_id: str
+    bundle_hashes: dict[str, str] = Field(default_factory=dict)
+    """component name -> sha256 of its checkpoint."""
+    algorithm: dict[str, Any] = Field(default_factory=dict)
+    """Algorithm parameters (steps, layer split, loss weights, truncation, ...)."""
+    embedding_dim: int = Field(ge=1)
+    embedding: str
+    """base64 float32 (D,): the template vector."""
+    image_embeddings: str | None = None
+    """base64 float32 (N, D): one embedding per cancelable image, in image order."""
+    source_images: list[SourceImage]
+    created_at: datetime = Field(default_factory=utcnow)
+
+    def vector(self) -> np.ndarray:
+        """(D,) float32."""
+        v = decode_embedding(self.embedding, self.embedding_dim)
+        if v.ndim != 1:
+            raise ValueError("template embedding must be one vector")
+        return v
+
+
+class VersionManifest(_Rec):
+    """The commit record of one version. A version exists iff its manifest exists; it lists every artefact."""
+
+    kind: Literal["version"] = "version"
+    tenant: str
+    subject: str
+    version: int = Field(ge=1)
+    job_id: str
+    key_id: str
+    key_version: int = Field(ge=1)
+    bundle_id: str
+    template: Artefact
+    images: list[Artefact]
+    source_images: list[SourceImage]
+    committed_at: datetime = Field(default_factory=utcnow)
+
+
+class CurrentPointer(_Rec):
+    kind: Literal["current"] = "current"
+    version: int = Field(ge=1)
+    manifest_key: str
+    job_id: str
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class JobHint(_Rec):
+    """``jobs/{job_id}.json``: the version slot a job last tried. Written before each manifest attempt."""
+
+    kind: Literal["job_hint"] = "job_hint"
+    job_id: str
+    version: int = Field(ge=1)
+
+
+class RevocationRecord(_Rec):
+    kind: Literal["revocation"] = "revocation"
+    tenant: str
+    subject: str
+    version: int = Field(ge=1)
+    key_id: str
+    key_version: int = Field(ge=1)
+    reason: str
+    job_id: str
+    revoked_at: datetime = Field(default_factory=utcnow)
+    replaced_by: int | None = None
+    images_purged: bool = False
+
+
+class DeadLetter(_Rec):
+    """A job that kept failing or killed its worker. ``job`` is the job's wire JSON (it holds no secrets)."""
+
+    kind: Literal["dead_letter"] = "dead_letter"
+    job_id: str
+    job_kind: str
+    tenant: str
+    attempts: int = Field(ge=0)
+    error_code: str
+    message: str = ""
+    job: dict[str, Any] = Field(default_factory=dict)
+    at: datetime = Field(default_factory=utcnow)
+
+
+class SubjectKeyRecord(_Rec):
+    """``key.json`` of a subject: which key and key version its current (and next) template uses."""
+
+    kind: Literal["subject_key"] = "subject_key"
+    tenant: str
+    subject: str
+    key_id: str
+    key_version: int = Field(ge=1)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    """Earlier (key_id, key_version, reason, job_id, at) entries, oldest first."""
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class KeyStateRecord(_Rec):
+    kind: Literal["key_state"] = "key_state"
+    key_id: str
+    state: Literal["active", "revoked"]
+    reason: str | None = None
+    job_id: str | None = None
+    changed_at: datetime = Field(default_factory=utcnow)

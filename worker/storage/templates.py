@@ -1,0 +1,304 @@
+"""Atomic, monotonic, idempotent template versions per (tenant, subject).
+
+Commit protocol (``TemplateStore.commit_version``):
+
+1. If the job already committed a version (found through its job hint, see below), roll the ``current`` pointer
+   forward to it if needed and return it (``created=False``): a retried or duplicated job never makes a second one.
+2. Write the artefacts (template JSON, cancelable images) under ``staging/{job_id}/{attempt}/`` - a path no reader
+   looks at until a manifest names it. ``attempt`` is a fresh token so that two live executions of one job never
+   overwrite each other's bytes under a committed manifest.
+3. Claim the next version slot: write the job hint (``jobs/{job_id}.json`` = slot), then the manifest
+   ``versions/{slot}.json`` with ``If-None-Match: *``. On 412 read that manifest: ours (a concurrent duplicate won)
+   -> done, else try the next slot. Slots are therefore dense (1, 2, 3 ...) and each belongs to exactly one job.
+4. Move ``current.json`` to the slot with ``If-Match: <etag>`` (``If-None-Match: *`` for the first version), never
+   backwards: if another writer already moved it past our slot, leave it.
+
+Readers go pointer -> manifest -> artefacts, so they only ever see committed versions with every artefact written.
+
+Why a job never gets two versions: slots are dense (a writer only moves to slot n+1 after slot n turned out to hold
+another job's manifest), the hint is written before each manifest attempt with the slot about to be tried, so a
+job's committed slot is never below its hint, and every attempt starts its walk at ``max(first free slot above the
+hint, pointer + 1)`` with the pointer read *before* the hint. If a twin execution committed slot V before our hint
+read, the walk from the hint finds it; if after, V is above the pointer we read, so our walk reaches V and the
+412 there shows our own job ID.
+(SeaweedFS 4.48 honours both conditions on PutObject; tests/integration/test_storage_versions.py checks it.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from worker.errors import HashMismatchError, NoTemplateError, ObjectNotFoundError, StorageError, VersionConflictError
+from worker.storage import layout
+from worker.storage.client import ObjectStore
+from worker.storage.records import (
+    Artefact,
+    CurrentPointer,
+    JobHint,
+    RevocationRecord,
+    TemplateRecord,
+    VersionManifest,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_SLOTS = 10_000
+POINTER_TRIES = 50
+
+
+@dataclass(frozen=True)
+class CommittedVersion:
+    """A committed version. ``created`` is False when an existing version was returned (retry or duplicate)."""
+
+    version: int
+    manifest: VersionManifest
+    manifest_uri: str
+    created: bool = False
+
+    @property
+    def template_uri(self) -> str:
+        return self.manifest.template.uri
+
+    @property
+    def image_uris(self) -> list[str]:
+        return [a.uri for a in self.manifest.images]
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+class TemplateStore:
+    """Template versions in one bucket. Thread-safe as far as the boto3 client is (one per process is fine)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    # --- reading --------------------------------------------------------------------------------------------------
+    def read_pointer(self, tenant: str, subject: str) -> tuple[CurrentPointer, str] | None:
+        """The ``current`` pointer and its ETag, or None when the subject has no committed version."""
+        try:
+            data, etag = self.store.get_json(layout.current_key(tenant, subject))
+        except ObjectNotFoundError:
+            return None
+        return CurrentPointer.model_validate(data), etag
+
+    def get_manifest(self, tenant: str, subject: str, version: int) -> VersionManifest:
+        """The manifest of ``version``; raises ``ObjectNotFoundError`` if that version was never committed."""
+        data, _ = self.store.get_json(layout.version_key(tenant, subject, version))
+        try:
+            return VersionManifest.model_validate(data)
+        except ValidationError:
+            raise StorageError(f"manifest {version} of {tenant}/{subject} does not validate") from None
+
+    def _committed(self, tenant: str, subject: str, m: VersionManifest, created: bool) -> CommittedVersion:
+        return CommittedVersion(m.version, m, self.store.uri(layout.version_key(tenant, subject, m.version)), created)
+
+    def current(self, tenant: str, subject: str) -> CommittedVersion:
+        """The current version; raises ``NoTemplateError`` when the subject has none."""
+        p = self.read_pointer(tenant, subject)
+        if p is None:
+            raise NoTemplateError(f"no committed template for {tenant}/{subject}")
+        return self._committed(tenant, subject, self.get_manifest(tenant, subject, p[0].version), False)
+
+    def list_versions(self, tenant: str, subject: str) -> list[int]:
+        """Every committed version number, ascending."""
+        return [layout.version_from_key(o.key) for o in self.store.list(layout.versions_prefix(tenant, subject))]
+
+    def iter_subjects(self, tenant: str) -> Iterator[str]:
+        """Subjects of ``tenant`` that have any object (listing order)."""
+        return self.store.list_dirs(layout.subjects_prefix(tenant))
+
+    def load_template(self, manifest: VersionManifest) -> TemplateRecord:
+        """The template record of a version, checked against the manifest's SHA-256."""
+        body = self._read_artefact(manifest.template)
+        return TemplateRecord.model_validate_json(body)
+
+    def load_image(self, artefact: Artefact) -> bytes:
+        return self._read_artefact(artefact)
+
+    def _read_artefact(self, a: Artefact) -> bytes:
+        body, _ = self.store.get(a.key)
+        if _sha(body) != a.sha256:
+            raise HashMismatchError(f"artefact {a.key} does not match its manifest hash")
+        return body
+
+    # --- idempotency ----------------------------------------------------------------------------------------------
+    def _hint(self, tenant: str, subject: str, job_id: str) -> int | None:
+        try:
+            data, _ = self.store.get_json(layout.job_hint_key(tenant, subject, job_id))
+        except ObjectNotFoundError:
+            return None
+        return JobHint.model_validate(data).version
+
+    def _scan(self, tenant: str, subject: str, job_id: str, start: int) -> tuple[VersionManifest | None, int]:
+        """Walk slots from ``start``: (our manifest, its slot) or (None, first free slot)."""
+        slot = start
+        for _ in range(MAX_SLOTS):
+            try:
+                m = self.get_manifest(tenant, subject, slot)
+            except ObjectNotFoundError:
+                return None, slot
+            if m.job_id == job_id:
+                return m, slot
+            slot += 1
+        raise StorageError(f"{tenant}/{subject}: more than {MAX_SLOTS} versions scanned")
+
+    def find_committed(self, tenant: str, subject: str, job_id: str) -> CommittedVersion | None:
+        """The version ``job_id`` committed, or None. Never writes."""
+        hint = self._hint(tenant, subject, job_id)
+        if hint is None:
+            return None
+        m, _ = self._scan(tenant, subject, job_id, hint)
+        return None if m is None else self._committed(tenant, subject, m, False)
+
+    # --- writing --------------------------------------------------------------------------------------------------
+    def commit_version(
+        self,
+        tenant: str,
+        subject: str,
+        job_id: str,
+        *,
+        template: TemplateRecord,
+        images: Sequence[bytes],
+        image_ext: str = "png",
+        image_content_type: str = "image/png",
+    ) -> CommittedVersion:
+        """Write artefacts, commit the next version, move ``current``. Idempotent per ``job_id`` (see module doc).
+
+        ``template`` must name the same tenant, subject and job; ``images`` are the encoded cancelable images in the
+        order of ``template.image_embeddings``.
+        """
+        if (template.tenant, template.subject, template.job_id) != (tenant, subject, job_id):
+            raise ValueError("template record does not belong to this tenant/subject/job")
+        layout.job_hint_key(tenant, subject, job_id)  # validates the IDs before any write
+
+        # The pointer must be read BEFORE the hint: a twin execution of this job that commits after our hint read
+        # commits a slot above this pointer value, so starting the slot walk at pointer+1 cannot skip past it.
+        p = self.read_pointer(tenant, subject)
+        hint = self._hint(tenant, subject, job_id)
+        first_free = 1
+        if hint is not None:
+            m, first_free = self._scan(tenant, subject, job_id, hint)
+            if m is not None:
+                self._advance_pointer(tenant, subject, m)
+                return self._committed(tenant, subject, m, False)
+
+        # 2. artefacts
+        staging = layout.staging_prefix(tenant, subject, job_id, uuid.uuid4().hex)
+        written: list[str] = []
+        arts: list[Artefact] = []
+        for i, img in enumerate(images):
+            k = layout.image_key(staging, i, image_ext)
+            self.store.put(k, img, content_type=image_content_type)
+            written.append(k)
+            arts.append(Artefact(key=k, uri=self.store.uri(k), sha256=_sha(img), size=len(img),
+                                 content_type=image_content_type))
+        tbody = template.model_dump_json().encode()
+        tk = layout.template_key(staging)
+        self.store.put(tk, tbody, content_type="application/json")
+        written.append(tk)
+        tart = Artefact(key=tk, uri=self.store.uri(tk), sha256=_sha(tbody), size=len(tbody),
+                        content_type="application/json")
+
+        # 3. claim a slot, walking up from where neither this job nor its twins can have committed below
+        slot = max(first_free, (p[0].version + 1) if p else 1)
+        for _ in range(MAX_SLOTS):
+            manifest = VersionManifest(
+                tenant=tenant, subject=subject, version=slot, job_id=job_id, key_id=template.key_id,
+                key_version=template.key_version, bundle_id=template.bundle_id, template=tart, images=arts,
+                source_images=template.source_images, committed_at=utcnow(),
+            )
+            self.store.put_json(layout.job_hint_key(tenant, subject, job_id), JobHint(job_id=job_id, version=slot))
+            try:
+                self.store.put_json(layout.version_key(tenant, subject, slot), manifest, if_none_match=True)
+            except VersionConflictError:
+                other = self.get_manifest(tenant, subject, slot)
+                if other.job_id != job_id:
+                    slot += 1
+                    continue
+                # a concurrent execution of the same job committed first: ours is an orphan
+                self._delete_quietly(written)
+                self._advance_pointer(tenant, subject, other)
+                return self._committed(tenant, subject, other, False)
+            self._advance_pointer(tenant, subject, manifest)
+            log.info("committed version", extra={"tenant": tenant, "subject": subject, "version": slot})
+            return self._committed(tenant, subject, manifest, True)
+        raise StorageError(f"{tenant}/{subject}: no free version slot after {MAX_SLOTS} tries")
+
+    def _advance_pointer(self, tenant: str, subject: str, m: VersionManifest) -> None:
+        """Move ``current`` to ``m.version`` unless it already points there or later (monotonic)."""
+        key = layout.current_key(tenant, subject)
+        new = CurrentPointer(version=m.version, manifest_key=layout.version_key(tenant, subject, m.version),
+                             job_id=m.job_id)
+        for _ in range(POINTER_TRIES):
+            p = self.read_pointer(tenant, subject)
+            if p is not None and p[0].version >= m.version:
+                return
+            try:
+                if p is None:
+                    self.store.put_json(key, new, if_none_match=True)
+                else:
+                    self.store.put_json(key, new, if_match=p[1])
+                return
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(f"{tenant}/{subject}: current pointer kept changing ({POINTER_TRIES} tries)")
+
+    def _delete_quietly(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            try:
+                self.store.delete(k)
+            except StorageError:
+                log.warning("could not delete orphan artefact", extra={"key": k})
+
+    # --- revocation -----------------------------------------------------------------------------------------------
+    def revocation(self, tenant: str, subject: str, version: int) -> RevocationRecord | None:
+        try:
+            data, _ = self.store.get_json(layout.revocation_key(tenant, subject, version))
+        except ObjectNotFoundError:
+            return None
+        return RevocationRecord.model_validate(data)
+
+    def is_revoked(self, tenant: str, subject: str, version: int) -> bool:
+        return self.store.exists(layout.revocation_key(tenant, subject, version))
+
+    def mark_revoked(
+        self, tenant: str, subject: str, version: int, *, reason: str, job_id: str, replaced_by: int | None = None
+    ) -> RevocationRecord:
+        """Record that ``version`` is revoked (write-once: a repeat returns the first record)."""
+        m = self.get_manifest(tenant, subject, version)
+        rec = RevocationRecord(
+            tenant=tenant, subject=subject, version=version, key_id=m.key_id, key_version=m.key_version,
+            reason=reason, job_id=job_id, replaced_by=replaced_by,
+        )
+        try:
+            self.store.put_json(layout.revocation_key(tenant, subject, version), rec, if_none_match=True)
+            return rec
+        except VersionConflictError:
+            existing = self.revocation(tenant, subject, version)
+            assert existing is not None
+            return existing
+
+    def purge_images(self, tenant: str, subject: str, version: int) -> int:
+        """Delete a *revoked* version's cancelable images (policy); the manifest and template stay as the audit
+        record. Returns the number of objects deleted. Refuses versions that are not revoked."""
+        rec = self.revocation(tenant, subject, version)
+        if rec is None:
+            raise VersionConflictError(f"{tenant}/{subject} version {version} is not revoked; refusing to purge")
+        m = self.get_manifest(tenant, subject, version)
+        n = 0
+        for a in m.images:
+            self.store.delete(a.key)
+            n += 1
+        if not rec.images_purged:
+            rec = rec.model_copy(update={"images_purged": True})
+            self.store.put_json(layout.revocation_key(tenant, subject, version), rec)
+        return n

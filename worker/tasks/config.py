@@ -1,0 +1,125 @@
+"""Celery configuration shared by workers and producers (imports neither torch nor boto3).
+
+Task names are the wire API: producers ``send_task`` by name and never import the task code. Routing is by name,
+so a producer that forgets ``queue=`` still lands on the right queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ENGINE_QUEUE = "engine"  # GPU work: enroll, verify, re-enrolment chunks
+CONTROL_QUEUE = "control"  # fan-out, bulk streaming, bookkeeping
+
+TASK_ENROLL = "cancelable.enroll"
+TASK_VERIFY = "cancelable.verify"
+TASK_REENROLL_CHUNK = "cancelable.reenroll_chunk"
+TASK_REVOKE = "cancelable.revoke"
+TASK_BULK = "cancelable.bulk"
+TASK_PING = "cancelable.ping"  # control queue liveness
+TASK_ENGINE_PING = "cancelable.engine_ping"  # engine queue liveness (reports whether the models are loaded)
+
+TASK_ROUTES: dict[str, dict[str, str]] = {
+    TASK_ENROLL: {"queue": ENGINE_QUEUE},
+    TASK_VERIFY: {"queue": ENGINE_QUEUE},
+    TASK_REENROLL_CHUNK: {"queue": ENGINE_QUEUE},
+    TASK_REVOKE: {"queue": CONTROL_QUEUE},
+    TASK_BULK: {"queue": CONTROL_QUEUE},
+    TASK_PING: {"queue": CONTROL_QUEUE},
+    TASK_ENGINE_PING: {"queue": ENGINE_QUEUE},
+}
+
+
+class ConfigError(ValueError):
+    """A Celery setting that would make the worker unsafe (e.g. tasks delivered twice)."""
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The knobs this module needs; filled from ``worker.settings`` by ``worker.tasks.app``."""
+
+    broker_url: str
+    result_backend: str
+    visibility_timeout_s: int
+    task_time_limit_s: int
+    task_soft_time_limit_s: int
+    result_expires_s: int = 7 * 24 * 3600
+    unacked_restore_interval_s: float = 10.0
+
+
+def check_queue_settings(q: QueueSettings) -> None:
+    """Refuse settings under which Redis would hand a still-running task to a second worker."""
+    if q.task_soft_time_limit_s >= q.task_time_limit_s:
+        raise ConfigError(
+            f"task soft time limit ({q.task_soft_time_limit_s} s) must be below the hard limit "
+            f"({q.task_time_limit_s} s)"
+        )
+    if q.visibility_timeout_s <= q.task_time_limit_s:
+        raise ConfigError(
+            f"broker visibility_timeout ({q.visibility_timeout_s} s) must exceed the task hard time limit "
+            f"({q.task_time_limit_s} s), otherwise Redis re-delivers tasks that are still running"
+        )
+
+
+def celery_config(q: QueueSettings) -> dict[str, Any]:
+    """The Celery settings dict (lower-case names) for workers and producers alike."""
+    check_queue_settings(q)
+    return {
+        "broker_url": q.broker_url,
+        "result_backend": q.result_backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": q.task_time_limit_s,
+        "task_soft_time_limit": q.task_soft_time_limit_s,
+        "broker_transport_options": {
+            "visibility_timeout": q.visibility_timeout_s,
+            "unacked_restore_interval": q.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
+        "result_backend_transport_options": {"visibility_timeout": q.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "result_expires": q.result_expires_s,
+        "result_extended": True,
+        "task_routes": TASK_ROUTES,
+        "task_default_queue": CONTROL_QUEUE,
+        "task_create_missing_queues": True,
+        "task_track_started": True,
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": False,
+        # loading a model bundle in a fresh child can take longer than Celery's default 4 s liveness wait
+        "worker_proc_alive_timeout": 300,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def queue_settings(settings: Any) -> QueueSettings:
+    """``worker.settings.Settings`` -> the queue knobs (one Redis URL serves as broker and result backend)."""
+    url = settings.redis.url.get_secret_value()
+    w = settings.worker
+    return QueueSettings(
+        broker_url=url,
+        result_backend=url,
+        visibility_timeout_s=int(w.visibility_timeout),
+        task_time_limit_s=int(w.task_time_limit),
+        task_soft_time_limit_s=int(w.soft_time_limit),
+        unacked_restore_interval_s=float(min(10.0, max(1.0, w.visibility_timeout / 10))),
+    )
+
+
+def make_celery(settings: Any, *, name: str = "cancelable", include: list[str] | None = None) -> Any:
+    """A configured Celery app. Workers pass ``include`` (their task modules); producers pass nothing and send
+    tasks by name only."""
+    from celery import Celery
+
+    app = Celery(name, include=include or [])
+    app.conf.update(celery_config(queue_settings(settings)))
+    return app

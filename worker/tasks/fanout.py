@@ -1,0 +1,162 @@
+"""Fan-out bookkeeping shared by the control tasks (revoke, bulk) and the engine tasks that finish their items.
+
+Progress is idempotent Redis counters (``worker.tasks.progress.JobBook``), never chords: each finished item is a set
+member, and whichever chunk (or the parent, when it learns the total last) sees done == total first wins a
+``SET NX`` and writes the job's terminal result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker import metrics
+from worker.contracts import (
+    BulkResult,
+    ErrorCode,
+    JobError,
+    JobStatus,
+    RevokeResult,
+    to_wire,
+)
+from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId
+from worker.tasks.common import now
+
+log = logging.getLogger(__name__)
+
+
+class ReenrollChunk(BaseModel):
+    """Internal message (control -> engine queue): re-enrol these subjects for revocation job ``parent_job_id``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    kind: Literal["reenroll_chunk"] = "reenroll_chunk"
+    job_id: JobId
+    parent_job_id: JobId
+    tenant: TenantId
+    subjects: list[SubjectId] = Field(min_length=1, max_length=10_000)
+    reason: str = Field(min_length=1, max_length=500)
+    new_key_id: KeyId | None = None
+    purge_old_images: bool = False
+
+
+class ChunkResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    kind: Literal["reenroll_chunk"] = "reenroll_chunk"
+    job_id: JobId
+    tenant: TenantId
+    parent_job_id: JobId | None = None
+    status: JobStatus
+    error: JobError | None = None
+    attempts: int = 1
+    started_at: Any = None
+    finished_at: Any = None
+    succeeded: int = 0
+    failed: int = 0
+
+
+# --- revoke ---------------------------------------------------------------------------------------------------------
+def maybe_finalize_revoke(rt: Any, parent_job_id: str) -> dict[str, Any] | None:
+    """Write the revoke job's terminal result if every subject is accounted for and nobody did it yet."""
+    book = rt.book
+    if not book.claim_finaliser(parent_job_id):
+        return None
+    f = book.get_fields(parent_job_id)
+    p = book.progress(parent_job_id)
+    infos = book.item_info(parent_job_id)
+    subject = f.get("subject") or None
+    res: dict[str, Any] = {
+        "job_id": parent_job_id,
+        "tenant": f["tenant"],
+        "subject": subject,
+        "key_id": f.get("key_id") or None,
+        "reason": f.get("reason"),
+        "subjects_total": p.total or 0,
+        "subjects_done": p.succeeded,
+        "subjects_failed": p.failed,
+        "attempts": int(f.get("attempts", "1")),
+        "finished_at": now(),
+    }
+    revoked: list[int] = []
+    uris: list[str] = []
+    for info in infos.values():
+        revoked.extend(info.get("revoked_versions", []))
+        uris.extend(info.get("revocation_uris", []))
+    res["revocation_uris"] = sorted(uris)
+    if subject is not None:
+        info = infos.get(subject, {})
+        res["revoked_versions"] = sorted(revoked)
+        res["new_version"] = info.get("new_version")
+        res["new_key_id"] = info.get("new_key_id")
+        res["new_key_version"] = info.get("new_key_version")
+        res["manifest_uri"] = info.get("manifest_uri")
+    else:
+        res["new_key_id"] = f.get("new_key_id") or None
+    if p.failed:
+        codes = Counter(p.failed_codes)
+        code = codes.most_common(1)[0][0]
+        res["status"] = JobStatus.FAILED
+        res["error"] = JobError(code=ErrorCode(code), message=f"{p.failed} of {p.total} subjects failed; first: {code}")
+    else:
+        res["status"] = JobStatus.SUCCEEDED
+    wire = to_wire(RevokeResult(**res))
+    book.save_result(parent_job_id, wire)
+    book.close_job(parent_job_id, wire["status"])
+    log.info("revoke job %s finished: %d done, %d failed", parent_job_id, p.succeeded, p.failed)
+    return wire
+
+
+# --- bulk -----------------------------------------------------------------------------------------------------------
+def report_bulk_child(rt: Any, parent_job_id: str, child_job_id: str, result: Any) -> None:
+    """An enrolment of bulk job ``parent_job_id`` reached a terminal state: count it, maybe finalise the bulk job."""
+    book = rt.book
+    status = JobStatus(result.status)
+    if status == JobStatus.SUCCEEDED:
+        if not book.is_item_done(parent_job_id, child_job_id):
+            metrics.fanout_items("bulk", 1, "succeeded")
+        book.mark_succeeded(parent_job_id, [child_job_id])
+    else:
+        code = result.error.code.value if result.error is not None else ErrorCode.INTERNAL_ERROR.value
+        if status == JobStatus.DEAD_LETTERED:
+            code = ErrorCode.DEAD_LETTERED.value
+        metrics.fanout_items("bulk", 1, "failed")
+        book.mark_failed(parent_job_id, {child_job_id: code})
+    maybe_finalize_bulk(rt, parent_job_id)
+
+
+def maybe_finalize_bulk(rt: Any, parent_job_id: str) -> dict[str, Any] | None:
+    book = rt.book
+    f = book.get_fields(parent_job_id)
+    if f.get("listing") != "done":
+        return None
+    if not book.claim_finaliser(parent_job_id):
+        return None
+    p = book.progress(parent_job_id)
+    codes = dict(p.failed_codes)
+    res = BulkResult(
+        job_id=parent_job_id,
+        tenant=f["tenant"],
+        status=JobStatus.SUCCEEDED if not p.failed else JobStatus.FAILED,
+        error=None
+        if not p.failed
+        else JobError(code=ErrorCode(Counter(codes).most_common(1)[0][0]), message=f"{p.failed} of {p.total} failed"),
+        total=p.total,
+        enqueued=int(f.get("enqueued", "0")),
+        succeeded=p.succeeded,
+        failed=p.failed,
+        dead_lettered=codes.get(ErrorCode.DEAD_LETTERED.value, 0),
+        errors_by_code={ErrorCode(k): v for k, v in codes.items()},
+        attempts=int(f.get("attempts", "1")),
+        finished_at=now(),
+    )
+    wire = to_wire(res)
+    book.save_result(parent_job_id, wire)
+    book.close_job(parent_job_id, wire["status"])
+    log.info("bulk job %s finished: %d succeeded, %d failed of %s", parent_job_id, p.succeeded, p.failed, p.total)
+    return wire

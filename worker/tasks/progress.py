@@ -1,0 +1,273 @@
+"""Job bookkeeping in Redis: attempt counters, fan-out progress, bulk cursors, finished results.
+
+Everything here is idempotent so a re-delivered task can run it again:
+- progress of a fan-out (revoke, bulk) is ``SADD`` of finished item IDs into per-state sets plus a ``total``; a
+  chunk that runs twice adds the same members again and the counts do not move (no chords, nothing is lost when a
+  callback would have been);
+- "I am the last one" is decided by ``SET NX`` on a finaliser flag once done + failed == total, so exactly one
+  chunk finalises even when two finish at the same moment;
+- the attempt counter is ``INCR`` at task START, so a task that kills its worker process is counted too.
+
+Only IDs, counts and error codes are stored: never seeds, embeddings, key material or image bytes.
+Key layout (``p`` = prefix from settings, default ``cf``)::
+
+    {p}:attempts:{job_id}            int, INCR per start of the job's task
+    {p}:result:{job_id}              JSON result of a finished job (idempotent replay)
+    {p}:job:{job_id}                 hash: kind, total, state, created, updated, (cursor for bulk), ...
+    {p}:job:{job_id}:succeeded       set of item IDs
+    {p}:job:{job_id}:failed          hash item ID -> error code
+    {p}:job:{job_id}:final           SET NX flag: who finalises
+    {p}:jobs:open                    set of open fan-out job IDs (for progress metrics)
+    {p}:deadletter                   list of dead-lettered job IDs (newest first)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+JOB_TTL_S = 30 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Counts of a fan-out job by state (what ``cancelable status`` prints)."""
+
+    job_id: str
+    kind: str
+    state: str
+    total: int | None
+    succeeded: int
+    failed: int
+    failed_codes: dict[str, int]
+    extra: dict[str, str]
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def pending(self) -> int | None:
+        return None if self.total is None else max(self.total - self.done, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "state": self.state,
+            "total": self.total,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "pending": self.pending,
+            "failed_codes": self.failed_codes,
+            **{k: v for k, v in self.extra.items() if k not in ("kind", "state", "total")},
+        }
+
+
+class JobBook:
+    """Redis bookkeeping for one deployment (``prefix`` separates deployments sharing a Redis)."""
+
+    def __init__(self, redis: Any, prefix: str = "cf", ttl_s: int = JOB_TTL_S) -> None:
+        self.r = redis
+        self.p = prefix
+        self.ttl = ttl_s
+
+    # --- keys --------------------------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.p, *parts))
+
+    # --- attempts ----------------------------------------------------------------------------------------------
+    def start_attempt(self, job_id: str) -> int:
+        """Count one more start of ``job_id``'s task; returns the attempt number (1 on first start)."""
+        key = self._k("attempts", job_id)
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, self.ttl)
+        n, _ = pipe.execute()
+        return int(n)
+
+    def attempts(self, job_id: str) -> int:
+        v = self.r.get(self._k("attempts", job_id))
+        return int(v) if v is not None else 0
+
+    # --- finished results --------------------------------------------------------------------------------------
+    def save_result(self, job_id: str, result: dict[str, Any]) -> None:
+        self.r.set(self._k("result", job_id), json.dumps(result, sort_keys=True), ex=self.ttl)
+
+    def get_result(self, job_id: str) -> dict[str, Any] | None:
+        v = self.r.get(self._k("result", job_id))
+        return json.loads(v) if v is not None else None
+
+    # --- fan-out progress --------------------------------------------------------------------------------------
+    def open_job(self, job_id: str, kind: str, **fields: str | int) -> None:
+        """Create the job record if absent (a re-delivered parent keeps the original ``created``)."""
+        key = self._k("job", job_id)
+        now = f"{time.time():.3f}"
+        pipe = self.r.pipeline()
+        pipe.hsetnx(key, "kind", kind)
+        pipe.hsetnx(key, "state", "running")
+        pipe.hsetnx(key, "created", now)
+        pipe.hset(key, "updated", now)
+        for k, v in fields.items():
+            pipe.hset(key, k, str(v))
+        pipe.expire(key, self.ttl)
+        pipe.sadd(self._k("jobs", "open"), job_id)
+        pipe.execute()
+
+    def close_job(self, job_id: str, state: str) -> None:
+        """Terminal state (succeeded / failed / dead_lettered); the job leaves the open set."""
+        self.set_fields(job_id, state=state)
+        self.r.srem(self._k("jobs", "open"), job_id)
+
+    def open_jobs(self, limit: int = 1000) -> list[str]:
+        return [_s(x) for x in self.r.srandmember(self._k("jobs", "open"), limit) or []]
+
+    def set_fields(self, job_id: str, **fields: str | int) -> None:
+        key = self._k("job", job_id)
+        self.r.hset(key, mapping={**{k: str(v) for k, v in fields.items()}, "updated": f"{time.time():.3f}"})
+        self.r.expire(key, self.ttl)
+
+    def get_fields(self, job_id: str) -> dict[str, str]:
+        raw = self.r.hgetall(self._k("job", job_id))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    def set_total(self, job_id: str, total: int) -> None:
+        self.set_fields(job_id, total=int(total))
+
+    def add_total(self, job_id: str, n: int) -> int:
+        """Grow the total as a streaming producer discovers items (bulk); returns the new total."""
+        key = self._k("job", job_id)
+        v = self.r.hincrby(key, "total", int(n))
+        self.r.expire(key, self.ttl)
+        return int(v)
+
+    def mark_succeeded(self, job_id: str, item_ids: list[str]) -> None:
+        if not item_ids:
+            return
+        pipe = self.r.pipeline()
+        pipe.sadd(self._k("job", job_id, "succeeded"), *item_ids)
+        pipe.hdel(self._k("job", job_id, "failed"), *item_ids)
+        pipe.expire(self._k("job", job_id, "succeeded"), self.ttl)
+        pipe.execute()
+
+    def mark_failed(self, job_id: str, failures: dict[str, str]) -> None:
+        """item ID -> error code. An item that already succeeded stays succeeded."""
+        if not failures:
+            return
+        ok = self.r.smismember(self._k("job", job_id, "succeeded"), list(failures))
+        todo = {k: v for (k, v), was_ok in zip(failures.items(), ok, strict=True) if not was_ok}
+        if todo:
+            self.r.hset(self._k("job", job_id, "failed"), mapping=todo)
+            self.r.expire(self._k("job", job_id, "failed"), self.ttl)
+
+    def set_item_info(self, job_id: str, item_id: str, info: dict[str, Any]) -> None:
+        """Per-item outcome details for the finaliser (IDs, versions and URIs only)."""
+        key = self._k("job", job_id, "items")
+        self.r.hset(key, item_id, json.dumps(info, sort_keys=True))
+        self.r.expire(key, self.ttl)
+
+    def item_info(self, job_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.r.hgetall(self._k("job", job_id, "items"))
+        return {_s(k): json.loads(v) for k, v in raw.items()}
+
+    def failures(self, job_id: str, limit: int = 1000) -> dict[str, str]:
+        """item ID -> error code (at most ``limit`` entries)."""
+        out: dict[str, str] = {}
+        for k, v in self.r.hscan_iter(self._k("job", job_id, "failed"), count=200):
+            out[_s(k)] = _s(v)
+            if len(out) >= limit:
+                break
+        return out
+
+    def push_chunk(self, job_id: str, index: int, payload: dict[str, Any]) -> None:
+        """Remember a fan-out chunk (so a re-delivered parent can re-send it without listing again)."""
+        key = self._k("job", job_id, "chunks")
+        self.r.hset(key, str(index), json.dumps(payload, sort_keys=True))
+        self.r.expire(key, self.ttl)
+
+    def chunks(self, job_id: str) -> list[dict[str, Any]]:
+        raw = self.r.hgetall(self._k("job", job_id, "chunks"))
+        return [json.loads(v) for _, v in sorted(((int(_s(k)), v) for k, v in raw.items()))]
+
+    def is_item_done(self, job_id: str, item_id: str) -> bool:
+        return bool(self.r.sismember(self._k("job", job_id, "succeeded"), item_id))
+
+    def claim_finaliser(self, job_id: str) -> bool:
+        """True for exactly one caller once every item is accounted for."""
+        p = self.progress(job_id)
+        if p.total is None or p.done < p.total:
+            return False
+        return bool(self.r.set(self._k("job", job_id, "final"), "1", nx=True, ex=self.ttl))
+
+    def progress(self, job_id: str) -> JobProgress:
+        fields = self.get_fields(job_id)
+        pipe = self.r.pipeline()
+        pipe.scard(self._k("job", job_id, "succeeded"))
+        pipe.hvals(self._k("job", job_id, "failed"))
+        succeeded, failed_vals = pipe.execute()
+        codes: dict[str, int] = {}
+        for c in failed_vals:
+            codes[_s(c)] = codes.get(_s(c), 0) + 1
+        total = fields.get("total")
+        return JobProgress(
+            job_id=job_id,
+            kind=fields.get("kind", "unknown" if not fields else "?"),
+            state=fields.get("state", "unknown"),
+            total=int(total) if total is not None else None,
+            succeeded=int(succeeded),
+            failed=len(failed_vals),
+            failed_codes=codes,
+            extra=fields,
+        )
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._k("job", job_id)))
+
+    # --- bulk cursor ---------------------------------------------------------------------------------------------
+    def get_cursor(self, job_id: str) -> int:
+        v = self.r.hget(self._k("job", job_id), "cursor")
+        return int(v) if v is not None else 0
+
+    def set_cursor(self, job_id: str, cursor: int) -> None:
+        """Only ever moves forward (a stale re-delivered bulk task cannot rewind another's progress)."""
+        key = self._k("job", job_id)
+        self.r.eval(
+            "local c = tonumber(redis.call('HGET', KEYS[1], 'cursor') or '-1') "
+            "if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'cursor', ARGV[1]) end return 1",
+            1,
+            key,
+            int(cursor),
+        )
+
+    # --- dead letters --------------------------------------------------------------------------------------------
+    def add_dead_letter(self, job_id: str, record: dict[str, Any]) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(self._k("deadletter", job_id), json.dumps(record, sort_keys=True), ex=self.ttl)
+        pipe.lrem(self._k("deadletter"), 0, job_id)
+        pipe.lpush(self._k("deadletter"), job_id)
+        pipe.execute()
+
+    def get_dead_letter(self, job_id: str) -> dict[str, Any] | None:
+        v = self.r.get(self._k("deadletter", job_id))
+        return json.loads(v) if v is not None else None
+
+    def dead_letters(self, limit: int = 100) -> list[str]:
+        return [_s(x) for x in self.r.lrange(self._k("deadletter"), 0, limit - 1)]
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def open_job_snapshots(book: JobBook) -> list[Any]:
+    """Progress of every open revoke/bulk job, for the metrics collector (counts only, no IDs leave)."""
+    from worker.metrics import ProgressSnapshot
+
+    out = []
+    for job_id in book.open_jobs():
+        p = book.progress(job_id)
+        if p.kind in ("revoke", "bulk"):
+            out.append(ProgressSnapshot(kind=p.kind, done=p.done, total=p.total or 0, failed=p.failed))
+    return out

@@ -1,0 +1,196 @@
+"""Per-process state of a worker: settings, Redis, S3, key provider and (engine workers only) the loaded models.
+
+Nothing is created at import. ``get_runtime()`` builds the state on first use in the CURRENT process and rebuilds it
+if it finds itself in a forked child (different pid), so sockets, boto3 clients and CUDA contexts are never shared
+across ``fork``. The Celery app calls ``load_engine()`` from ``worker_process_init`` in each pool child of an engine
+worker; a worker that only consumes the control queue never loads models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+LITE_BUNDLE_DIR = REPO / "worker" / "bundles" / "lite"
+
+
+@dataclass
+class LoadedEngine:
+    """The engine and what the template records need to say about it."""
+
+    engine: Any  # worker.algorithm.pipeline.Engine
+    bundle_id: str
+    bundle_hashes: dict[str, str]
+    algorithm: dict[str, Any]
+    device: str
+    load_seconds: float
+
+
+def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+    """``engine.bundle`` setting -> local bundle directory (``lite`` = the embedded default; ``s3://`` synced into
+    ``cache_dir`` through ``store``)."""
+    if spec == "lite":
+        return LITE_BUNDLE_DIR
+    if spec.startswith("s3://"):
+        from worker.storage.bundles import sync_bundle
+
+        if store is None or cache_dir is None:
+            raise BundleError("an s3:// bundle needs an S3 store and a cache directory")
+        return Path(sync_bundle(spec, cache_dir, store))
+    return Path(spec).expanduser()
+
+
+def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+    """Fail fast (in the worker's main process, before forking) when the bundle has no manifest."""
+    if spec.startswith("s3://") and store is None:
+        return Path(spec)
+    d = resolve_bundle_dir(spec, cache_dir, store)
+    if not (d / "manifest.json").is_file():
+        hint = (
+            " (the embedded lite bundle is not in this checkout; train it with scripts/train_lite.py or set "
+            "CANCELABLE_ENGINE__BUNDLE to a bundle directory)"
+            if spec == "lite"
+            else ""
+        )
+        raise BundleError(f"model bundle manifest not found: {d / 'manifest.json'}{hint}")
+    return d
+
+
+def pick_device(spec: str) -> Any:
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def engine_config_from(settings: Any, manifest: dict[str, Any]) -> Any:
+    """EngineConfig = the bundle's recommended engine section (if any) + the deployment's settings on top."""
+    import dataclasses
+
+    from worker.algorithm.config import EngineConfig
+
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    recommended = manifest.get("engine", {}) if isinstance(manifest.get("engine"), dict) else {}
+    kw: dict[str, Any] = {k: v for k, v in recommended.items() if k in known}
+    for k in ("lr_milestones",):
+        if k in kw and isinstance(kw[k], list):
+            kw[k] = tuple(kw[k])
+    kw["steps"] = settings.engine.steps
+    kw["mixed_precision"] = settings.engine.mixed_precision
+    kw["max_batch_images"] = settings.engine.batch_size
+    return EngineConfig(**kw)
+
+
+def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
+    """Load the bundle and build the engine (minutes for the production bundle, about a second for lite)."""
+    import json
+
+    import torch
+
+    from worker import metrics
+    from worker.algorithm.pipeline import Engine
+    from worker.models.bundle import load_bundle
+
+    torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
+    directory = check_bundle_present(settings.engine.bundle, settings.engine.bundle_cache_dir, store)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    device = pick_device(settings.engine.device)
+    start = time.perf_counter()
+    with metrics.model_load_timer(device.type if device.type in metrics.DEVICE_TYPES else "cpu"):
+        bundle = load_bundle(directory, device)
+        config = engine_config_from(settings, manifest)
+        engine = Engine(bundle, config, device)
+    seconds = time.perf_counter() - start
+    algorithm = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in __import__("dataclasses").asdict(config).items()
+        if isinstance(v, int | float | str | bool | tuple | type(None))
+    }
+    algorithm["split"] = str(config.split) if not isinstance(config.split, str) else config.split
+    log.info("engine loaded: bundle=%s device=%s in %.1f s", bundle.bundle_id, device, seconds)
+    return LoadedEngine(engine, bundle.bundle_id, dict(bundle.hashes), algorithm, str(device), seconds)
+
+
+class Runtime:
+    """Lazily created per-process resources."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._redis: Any = None
+        self._store: Any = None
+        self._keys: Any = None
+        self._engine: LoadedEngine | None = None
+
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self.settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0
+            )
+        return self._redis
+
+    @property
+    def book(self) -> Any:
+        from worker.tasks.progress import JobBook
+
+        return JobBook(self.redis)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from worker.storage.client import ObjectStore
+
+            self._store = ObjectStore.from_settings(self.settings.s3)
+        return self._store
+
+    @property
+    def keys(self) -> Any:
+        if self._keys is None:
+            from worker.keys.providers import make_key_provider
+
+            self._keys = make_key_provider(self.settings, self.store)
+        return self._keys
+
+    def engine(self) -> LoadedEngine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = load_engine_from_settings(self.settings, self.store)
+            return self._engine
+
+    @property
+    def engine_loaded(self) -> bool:
+        return self._engine is not None
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime (created on first use; a forked child gets a fresh one)."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        from worker.settings import get_settings
+
+        _runtime = Runtime(get_settings())
+    return _runtime
+
+
+def reset_runtime() -> None:
+    """Forget the runtime (tests, and a child right after fork)."""
+    global _runtime
+    _runtime = None
