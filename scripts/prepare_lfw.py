@@ -7,7 +7,8 @@ When several faces are found the largest detection is kept. Images with no detec
 Output in ``--out`` (default ``data-cache/``):
 - ``lfw_chips_<R>.npy``: uint8 (N, R, R, 3) RGB;
 - ``lfw_chips_<R>.tsv``: one line per row of the array: ``index<TAB>identity<TAB>relative path<TAB>split``
-  where split is ``train`` or ``val`` by ``worker.models.lite.is_validation_identity``.
+  where split is ``train``, ``val`` or ``holdout`` by ``worker.models.lite.lite_split`` (only ``train`` is
+  trained on).
 
 Run: ``.venv/bin/python scripts/prepare_lfw.py --size 64``
 """
@@ -25,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.models.lite import is_validation_identity  # noqa: E402
+from worker.models.lite import lite_split  # noqa: E402
 
 
 def load_dlib():
@@ -78,7 +79,7 @@ def main() -> None:
             missed += 1
             continue
         name = p.parent.name
-        split = "val" if is_validation_identity(name) else "train"
+        split = lite_split(name)
         rows.append(f"{len(chips)}\t{name}\t{p.relative_to(args.data)}\t{split}")
         chips.append(chip)
         if (i + 1) % 500 == 0:
@@ -89,8 +90,8 @@ def main() -> None:
     stem = args.out / f"lfw_chips_{args.size}"
     np.save(stem.with_suffix(".npy"), arr)
     stem.with_suffix(".tsv").write_text("\n".join(rows) + "\n")
-    n_val = sum(r.endswith("\tval") for r in rows)
-    print(f"wrote {arr.shape} to {stem}.npy; {n_val} validation rows, {len(rows) - n_val} train rows, {missed} missed, "
+    n_val = sum(not r.endswith("\ttrain") for r in rows)
+    print(f"wrote {arr.shape} to {stem}.npy; {n_val} val/holdout rows, {len(rows) - n_val} train rows, {missed} missed, "
           f"{time.time() - t0:.0f}s")
 
 

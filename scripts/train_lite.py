@@ -11,7 +11,9 @@ Losses (per real image x, reconstruction y = G(E(x) with latent noise)):
 - optional ``--id-weight``: 1 - cos of the dlib recogniser (``worker.models.dlib_resnet``) between y and x on the
   first ``--id-batch`` images of each batch.
 
-Deterministic from ``--seed`` (data order and noise are functions of seed and step); checkpoints atomically to
+The LR warms up over 200 steps, then decays linearly over the last 20 % of the run; with ``--stop-at`` the
+progress is the larger of step / steps and the elapsed share of the wall-clock budget (then the run is no longer
+bit-reproducible). Deterministic from ``--seed`` without ``--stop-at`` (data order and noise are functions of seed and step); checkpoints atomically to
 ``runs/<name>/ckpt.pt`` every ``--ckpt-minutes`` and resumes from it. Loss weights given on the command line
 override the checkpoint's (so a term can be switched on by resuming). At the end (``--steps`` reached or
 ``--stop-at`` wall clock) the EMA networks get the Gaussian mapping fitted and are written to the bundle.
@@ -45,6 +47,7 @@ from worker.models.lite import (  # noqa: E402
     LiteGenerator,
     fit_gaussian_mapping,
     full_config,
+    lite_split,
     n_latent_for,
 )
 
@@ -58,8 +61,8 @@ def load_chips(cache: Path, size: int) -> tuple[np.ndarray, list[tuple[str, str,
     arr = np.load(cache / f"lfw_chips_{size}.npy")
     rows = []
     for line in (cache / f"lfw_chips_{size}.tsv").read_text().splitlines():
-        _, name, rel, split = line.split("\t")
-        rows.append((name, rel, split))
+        _, name, rel, _ = line.split("\t")
+        rows.append((name, rel, lite_split(name)))  # recomputed: the split rule lives in lite.py
     assert len(rows) == len(arr)
     return arr, rows
 
@@ -103,7 +106,7 @@ class Discriminator(nn.Module):
         log = int(math.log2(resolution))
         ch = channels[: log - 1]
         self.from_rgb = nn.Conv2d(3, ch[0], 3, padding=1)
-        self.blocks = nn.Sequential(*[_ResDown(ch[i], ch[i + 1]) for i in range(len(ch) - 1)])
+        self.blocks = nn.Sequential(*[_ResDown(ch[i], ch[i + 1], light=i < 2) for i in range(len(ch) - 1)])
         self.conv = nn.Conv2d(ch[-1] + 1, ch[-1], 3, padding=1)
         self.fc = nn.Linear(ch[-1] * 16, ch[-1])
         self.out = nn.Linear(ch[-1], 1)
@@ -205,7 +208,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy shared CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--stop-at", default="", help="HH:MM (local time): stop, checkpoint and finalize then")
@@ -239,7 +242,7 @@ def main() -> None:
                 "r1": 1.0, "id_weight": 0.0, "id_batch": 8}
     chips, rows = load_chips(args.cache, args.resolution)
     train_idx = np.array([i for i, r in enumerate(rows) if r[2] == "train"])
-    n_val_ids = len({r[0] for r in rows if r[2] == "val"})
+    n_val_ids = len({r[0] for r in rows if r[2] != "train"})
     cfg = full_config({"resolution": args.resolution})
 
     torch.manual_seed(args.seed)
@@ -263,14 +266,15 @@ def main() -> None:
         opt_d.load_state_dict(st["opt_d"])
         code_mean, code_cov = st["code_mean"].to(device), st["code_cov"].to(device)
         step, elapsed_prev = st["step"], st["elapsed"]
+        st_wall_start = st.get("wall_start", time.time())
         weights.update(st["weights"])
         log(f"resumed from {ckpt_path} at step {step} ({elapsed_prev / 60:.1f} min trained)")
     for k in defaults:
         v = getattr(args, k)
         if v is not None:
             weights[k] = type(defaults[k])(v)
-    log(f"config {cfg}; weights {weights}; {len(train_idx)} train images, {len(rows) - len(train_idx)} val images "
-        f"({n_val_ids} val identities excluded); device {device}, threads {args.threads}")
+    log(f"config {cfg}; weights {weights}; {len(train_idx)} train images, {len(rows) - len(train_idx)} val/holdout images "
+        f"({n_val_ids} val + holdout identities excluded); device {device}, threads {args.threads}")
     log(f"params: G {sum(p.numel() for p in G.parameters())}, E {sum(p.numel() for p in E.parameters())}, "
         f"D {sum(p.numel() for p in D.parameters())}")
 
@@ -278,10 +282,11 @@ def main() -> None:
         return {"g": G.state_dict(), "e": E.state_dict(), "d": D.state_dict(), "g_ema": G_ema.state_dict(),
                 "e_ema": E_ema.state_dict(), "opt_ge": opt_ge.state_dict(), "opt_d": opt_d.state_dict(),
                 "code_mean": code_mean, "code_cov": code_cov, "step": step, "elapsed": elapsed_prev + (
-                    time.time() - t_start), "weights": weights, "config": cfg, "seed": args.seed}
+                    time.time() - t_start), "weights": weights, "config": cfg, "seed": args.seed,
+                "wall_start": wall_start}
 
     if args.finalize_only:
-        t_start = time.time()
+        t_start = wall_start = time.time()
         finalize(snapshot() if not ckpt_path.exists() else torch.load(ckpt_path, map_location="cpu",
                                                                      weights_only=False),
                  cfg, chips, train_idx, args.out, args, log)
@@ -303,6 +308,7 @@ def main() -> None:
         stop_at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
         if stop_at < now:
             stop_at += dt.timedelta(days=1)
+    wall_start = st_wall_start if ckpt_path.exists() else time.time()
     win = _gauss_window().to(device)
     n_lat = n_latent_for(args.resolution)
     per_epoch = len(train_idx) // args.batch
@@ -321,8 +327,10 @@ def main() -> None:
         x = to_tensor(chips[np.sort(idx)])
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x).to(device)
-        lr_scale = min(1.0, (step + 1) / 200) * (1.0 if step < 0.8 * args.steps else
-                                                  max(0.05, (args.steps - step) / (0.2 * args.steps)))
+        progress = step / args.steps
+        if stop_at is not None:  # wall-clock schedule: the LR decay must happen before the deadline
+            progress = max(progress, (time.time() - wall_start) / max(1.0, stop_at.timestamp() - wall_start))
+        lr_scale = min(1.0, (step + 1) / 200) * (1.0 if progress < 0.8 else max(0.05, (1 - progress) / 0.2))
         for opt in (opt_ge, opt_d):
             for grp in opt.param_groups:
                 grp["lr"] = args.lr * lr_scale

@@ -364,7 +364,30 @@ def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any =
     handler._cancelable = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    _connect_celery_logging()
     return handler
+
+
+_celery_logging_connected: list[bool] = []
+
+
+def _connect_celery_logging() -> None:
+    """Celery's worker replaces the root handlers AFTER ``worker_init`` (``worker_hijack_root_logger``): put the
+    redaction filter on the handlers it installs, for the root and the task loggers."""
+    if _celery_logging_connected:
+        return
+    try:
+        from celery import signals
+    except ImportError:  # pragma: no cover - producers without celery
+        return
+
+    def _on_logger(logger: logging.Logger | None = None, **_: Any) -> None:
+        install_redaction(logger)
+        install_redaction(logging.getLogger())
+
+    signals.after_setup_logger.connect(_on_logger, weak=False)
+    signals.after_setup_task_logger.connect(_on_logger, weak=False)
+    _celery_logging_connected.append(True)
 
 
 def install_redaction(logger: logging.Logger | None = None) -> None:
@@ -375,11 +398,12 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
 
 
 def install_celery_hooks(settings: Any) -> None:
-    """Connect Sentry and log redaction to Celery's start signals. Call once where the Celery app is built.
+    """Connect Sentry and log redaction to Celery's start signals (an alternative to calling ``setup_logging`` and
+    ``init_sentry`` from your own ``worker_init`` handler, which does the same).
 
     ``worker_init`` (main process, before the pool forks; children inherit the client, whose sender thread restarts
     per pid) initialises Sentry; ``after_setup_logger`` / ``after_setup_task_logger`` add the redaction filter to
-    the handlers Celery installs.
+    the handlers Celery installs when it takes over the root logger.
     """
     from celery import signals
 
@@ -387,11 +411,6 @@ def install_celery_hooks(settings: Any) -> None:
         SCRUBBER.add_secrets(settings_secrets(settings))
         init_sentry(settings)
 
-    def _on_logger(logger: logging.Logger | None = None, **_: Any) -> None:
-        SCRUBBER.add_secrets(settings_secrets(settings))
-        install_redaction(logger)
-        install_redaction(logging.getLogger())
-
+    SCRUBBER.add_secrets(settings_secrets(settings))
     signals.worker_init.connect(_on_worker_init, weak=False)
-    signals.after_setup_logger.connect(_on_logger, weak=False)
-    signals.after_setup_task_logger.connect(_on_logger, weak=False)
+    _connect_celery_logging()

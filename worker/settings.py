@@ -88,7 +88,7 @@ class KeysSettings(_Group):
 
 class EngineSettings(_Group):
     bundle: str = "lite"
-    """``lite`` (the embedded default), a local directory, or ``s3://bucket/prefix/`` (synced to ``bundle_cache_dir``)."""
+    """``lite`` (the embedded default), a local directory, or ``s3://bucket/prefix/`` (synced into the cache dir)."""
     bundle_cache_dir: Path = REPO / ".stack" / "bundles"
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -179,6 +179,36 @@ class _FileSuffixSource(PydanticBaseSettingsSource):
         return out
 
 
+class _EnvWithoutFileVars(PydanticBaseSettingsSource):
+    """The plain environment source minus ``*_FILE`` variables (``_FileSuffixSource`` reads those)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner()
+        for group, values in list(data.items()):
+            if isinstance(values, dict):
+                data[group] = {k: v for k, v in values.items() if not k.lower().endswith("_file")}
+        return data
+
+
+def _unknown_groups(settings_cls: type[BaseSettings]) -> list[str]:
+    """``CANCELABLE_<GROUP>__...`` variables whose group does not exist (a typo would otherwise be ignored)."""
+    bad = []
+    for name in os.environ:
+        up = name.upper()
+        if up.startswith(ENV_PREFIX) and NESTED in up:
+            group = up[len(ENV_PREFIX) :].split(NESTED, 1)[0].lower()
+            if group not in settings_cls.model_fields:
+                bad.append(name)
+    return sorted(bad)
+
+
 def _secrets_dir() -> Path | None:
     d = os.environ.get(ENV_PREFIX + "SECRETS_DIR")
     if d:
@@ -218,7 +248,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # priority: explicit init > env > *_FILE > secrets dir
-        return init_settings, env_settings, _FileSuffixSource(settings_cls), NestedSecretsSettingsSource(file_secret_settings)
+        return (
+            init_settings,
+            _EnvWithoutFileVars(settings_cls, env_settings),
+            _FileSuffixSource(settings_cls),
+            NestedSecretsSettingsSource(file_secret_settings),
+        )
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able dump for logs and ``status`` output: secrets shown as ``**********``."""
@@ -243,10 +278,18 @@ def load_settings(**overrides: Any) -> Settings:
 
     Raises ``SettingsError`` with one line per problem.
     """
+    unknown = _unknown_groups(Settings)
+    if unknown:
+        known = ", ".join(sorted(Settings.model_fields))
+        raise SettingsError(
+            "invalid configuration:\n" + "\n".join(f"  {n}: unknown group (known: {known})" for n in unknown)
+        )
     try:
         return Settings(_secrets_dir=_secrets_dir(), **overrides)  # type: ignore[call-arg]
     except ValidationError as e:
         raise SettingsError(_explain(e)) from None
+    except ValueError as e:  # raised by a settings source (unreadable secret file, bad *_FILE name)
+        raise SettingsError(f"invalid configuration:\n  {e}") from None
 
 
 @functools.lru_cache(maxsize=1)

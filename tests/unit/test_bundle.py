@@ -211,10 +211,18 @@ def test_sha256_reads_in_chunks(tmp_path):
     assert sha256_file(p) == hashlib.sha256(data).hexdigest()
 
 
-def test_lite_formats_are_registered_lazily():
+def test_other_formats_are_imported_lazily_by_name(monkeypatch):
     assert bundle_mod.FORMATS["lite-generator"] == "worker.models.lite:load_lite_generator"
+    assert bundle_mod.FORMATS["lite-encoder"] == "worker.models.lite:load_lite_encoder"
     assert bundle_mod.FORMATS["dlib-resnet"] == "worker.models.dlib_resnet:load_dlib_resnet"
-    assert "worker.models.lite" in sys.modules or callable(bundle_mod.loader_for("lite-generator"))
+    from worker.models import lite
+
+    assert bundle_mod.loader_for("lite-generator") is lite.load_lite_generator
+    monkeypatch.setitem(bundle_mod.FORMATS, "not-installed", "worker.models.no_such_module:load")
+    with pytest.raises(UnknownComponentError, match="not-installed"):
+        bundle_mod.loader_for("not-installed")
+    with pytest.raises(UnknownComponentError):
+        bundle_mod.loader_for("no-such-format")
 
 
 def test_production_manifest_template_is_valid_and_refuses_to_load(tmp_path):

@@ -104,8 +104,8 @@ def test_aligned_crops_put_the_landmarks_on_the_template(lfw, convention, size):
     m = alignment.convention_matrix("dlib-chip", convention, 1.0, 1.0)
     expected = alignment.template("dlib-chip") @ m[:, :2].T + m[:, 2]
     assert np.abs(expected - alignment.template(convention)).max() < 0.02
-    errors = []
-    for rgb in lfw[:12]:
+    errors, found_pts = [], []
+    for rgb in lfw:
         crop = dlib_face.prepare_face(rgb, size, convention)
         assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
         found = dlib_face.detect_faces(crop)
@@ -113,9 +113,13 @@ def test_aligned_crops_put_the_landmarks_on_the_template(lfw, convention, size):
             continue
         pts = dlib_face.points_from_68(dlib_face.landmarks_68(crop, found[0])) / size
         errors.append(np.abs(pts - expected).max(axis=1).mean())
-    assert len(errors) >= 6
-    # a per-face spread of a few percent is expected (the template is a mean face)
-    assert np.median(errors) < 0.03
+        found_pts.append(pts)
+    assert len(errors) >= 12
+    # a per-face spread of a few percent is expected (the template is a mean face: faces differ in proportions,
+    # and dlib aligns on eye corners and the nose base only) ...
+    assert np.median(errors) < 0.04
+    # ... but on average the points sit on the template
+    assert np.abs(np.mean(found_pts, axis=0) - expected).max() < 0.025  # nose x varies most (head yaw)
 
 
 def test_stored_templates_reproduce_from_measurement(shared_dir):

@@ -401,3 +401,31 @@ def test_every_metric_named_in_dashboards_and_alerts_exists():
         for name in re.findall(r"\bcancelable_[a-z_]+", expr):
             base = re.sub(r"_(bucket|sum|count|total)$", "", name)
             assert name in known or base in known, f"{where}: unknown metric {name}"
+
+
+def test_operations_doc_lists_every_panel_and_metric():
+    sys.path.insert(0, str(GRAFANA))
+    try:
+        import build_dashboards
+    finally:
+        sys.path.remove(str(GRAFANA))
+    doc = (REPO / "docs" / "operations.md").read_text()
+    assert doc == build_dashboards.render_docs(doc), (
+        "panel reference stale: run python infra/grafana/build_dashboards.py"
+    )
+    for d in build_dashboards.build().values():
+        for p in d["panels"]:
+            for t in p.get("targets", []):
+                assert t["expr"] in doc
+    from worker import metrics as m
+
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in m.REGISTRY.collect()}
+    names |= {f.name for f in m.ProgressCollector(lambda: []).collect()}
+    for name in sorted(names):
+        assert f"`{name}`" in doc, f"{name} is not documented in docs/operations.md"
+    # GitHub's heading anchors: lower case, punctuation other than '-' dropped, spaces -> '-'
+    slugs = {
+        re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", doc, re.M)
+    }
+    for anchor in re.findall(r"docs/operations.md#([a-z0-9-]+)", (PROM / "rules" / "alerts.yml").read_text()):
+        assert anchor in slugs, f"runbook anchor #{anchor} has no heading in docs/operations.md"

@@ -147,3 +147,13 @@ def test_golden_arcface_reference(tmp_path):
     with torch.no_grad():
         emb = model.embed(images, "ffhq")
     assert (emb - gold["embedding"]).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_full_size_model_ir_se50_layout(tmp_path):
+    """Production shapes: widths 64..512, Linear(512*7*7, 512), affine BatchNorm1d; 1024 px FFHQ input."""
+    model = load_arcface(_save(tmp_path, "model_ir_se50.pth", arcface_state((64, 128, 256, 512), 512)), {})
+    assert sum(p.numel() for p in model.parameters()) > 40_000_000
+    with torch.no_grad():
+        emb = model.embed(torch.zeros(1, 3, 1024, 1024), "ffhq")
+    assert emb.shape == (1, 512)

@@ -139,3 +139,17 @@ def test_golden_e4e_reference(tmp_path):
     with torch.no_grad():
         wplus = enc(images)
     assert (wplus - gold["wplus"]).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_full_size_e4e_ffhq_encode_layout(tmp_path):
+    """Production shapes: IR-SE-50 (64..512), 18 style blocks, latent_avg (18, 512), 256 px input."""
+    ckpt = {
+        "state_dict": e4e_encoder_state((64, 128, 256, 512), 18),
+        "latent_avg": torch.zeros(18, 512),
+        "opts": {"encoder_type": "Encoder4Editing", "stylegan_size": 1024, "start_from_latent_avg": True},
+    }
+    enc = load_e4e(_save(tmp_path, "e4e_ffhq_encode.pt", ckpt), {"n_latent": 18})
+    with torch.no_grad():
+        wplus = enc(torch.zeros(1, 3, 256, 256))
+    assert wplus.shape == (1, 18, 512) and torch.isfinite(wplus).all()

@@ -133,3 +133,12 @@ def test_golden_clip_reference(tmp_path):
         feature = model.visual(x)
     assert (tokens[:, ::7] - gold["tokens_every_7th"]).abs().max() < 1e-4
     assert (feature - gold["feature"]).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_full_size_farl_vitb16_layout(tmp_path):
+    """Production shapes: ViT-B/16, width 768, 12 layers, 12 heads, 512-D projection -> (B, 197, 768) tokens."""
+    model = load_farl(_save(tmp_path, "farl.pth", {"state_dict": clip_visual_state(768, 12, 16, 224, 512)}), {})
+    with torch.no_grad():
+        tokens = model.tokens(torch.zeros(1, 3, 1024, 1024), "ffhq")
+    assert tokens.shape == (1, 197, 768) and torch.isfinite(tokens).all()

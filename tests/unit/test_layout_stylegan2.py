@@ -298,3 +298,22 @@ def test_golden_genforce_reference(tmp_path):
     gen = load_genforce(_save(tmp_path, "gf.pth", {"generator_smooth": state}), {})
     assert torch.allclose(gen.mapping(gold["z"]), gold["w"], atol=1e-4, rtol=1e-4)
     assert (gen.synthesis(gold["wplus"]) - gold["image"]).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_full_size_ffhq1024_layouts(tmp_path):
+    """Production shapes: 1024 px, 512-D, 8 mapping layers, config-F widths, 18 W+ rows (about 30 s on one CPU)."""
+    from worker.models.stylegan2 import default_channels
+
+    chans = default_channels(1024)
+    gen = load_rosinality(
+        _save(tmp_path, "ffhq.pt", {"g_ema": rosinality_state(1024, 512, 8, chans), "latent_avg": torch.zeros(512)}),
+        {"resolution": 1024},
+    )
+    assert (gen.n_latent, gen.w_dim, gen.z_dim) == (18, 512, 512)
+    assert sum(p.numel() for p in gen.parameters()) > 30_000_000
+    with torch.no_grad():
+        img = gen.synthesis(gen.mapping(torch.randn(1, 512))[:, None].expand(-1, 18, -1))
+    assert img.shape == (1, 3, 1024, 1024) and torch.isfinite(img).all()
+    gf = load_genforce(_save(tmp_path, "gf.pth", {"generator_smooth": genforce_state(1024, 512, 512, 8, chans)}), {})
+    assert gf.n_latent == 18 and gf.resolution == 1024

@@ -362,3 +362,31 @@ def test_queue_collector_reports_broker_down():
     fams = {f.name: f for f in coll.collect()}
     assert fams["cancelable_redis_up"].samples[0].value == 0
     assert "cancelable_queue_length_messages" not in fams
+
+
+def test_update_gpu_metrics_reads_torch_cuda(monkeypatch):
+    """The sampling logic against a stand-in ``torch.cuda`` (no GPU on CI; the real CUDA path needs a device)."""
+    from types import SimpleNamespace
+
+    gib = 1 << 30
+    cuda = SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        device_count=lambda: 2,
+        memory_allocated=lambda i: (3 + i) * gib,
+        memory_reserved=lambda i: (5 + i) * gib,
+        get_device_properties=lambda i: SimpleNamespace(total_memory=80 * gib),
+        utilization=lambda i: 40 + 10 * i,
+    )
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    m.update_gpu_metrics()
+    assert value("cancelable_gpu_memory_allocated_bytes", gpu="1") == 4 * gib
+    assert value("cancelable_gpu_memory_reserved_bytes", gpu="0") == 5 * gib
+    assert value("cancelable_gpu_memory_total_bytes", gpu="1") == 80 * gib
+    assert value("cancelable_gpu_utilisation_ratio", gpu="1") == 0.5
+    cuda.is_initialized = lambda: False  # a process that never touched CUDA reports nothing new
+    cuda.memory_allocated = lambda i: 0
+    m.update_gpu_metrics()
+    assert value("cancelable_gpu_memory_allocated_bytes", gpu="1") == 4 * gib
+    for g in m.GPU_ALLOCATED, m.GPU_RESERVED, m.GPU_TOTAL, m.GPU_UTILISATION:
+        g.clear()

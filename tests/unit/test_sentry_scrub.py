@@ -236,3 +236,35 @@ def test_init_without_dsn_is_a_noop(monkeypatch):
             monkeypatch.delenv(k)
     assert init_sentry(load_settings()) is False
     assert observability.settings_secrets(load_settings()) == []
+
+
+def test_redaction_survives_celery_taking_over_the_root_logger(settings, tmp_path):
+    """Celery's worker clears the root handlers after ``worker_init`` and installs its own: the filter must follow."""
+    from celery import Celery
+    from celery.app import log as celery_log
+
+    setup_logging(settings, level="INFO", stream=io.StringIO())
+    logfile = tmp_path / "worker.log"
+    app = Celery("t")
+    app.conf.worker_hijack_root_logger = True
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    celery_log.Logging._setup = False
+    try:
+        app.log.setup_logging_subsystem(loglevel="INFO", logfile=str(logfile))
+        assert not any(getattr(h, "_cancelable", False) for h in root.handlers)  # ours was removed...
+        logging.getLogger("worker.tasks").warning("seed %s via %s", SEED.hex(), PRESIGNED)
+        for h in root.handlers:
+            h.flush()
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved:
+            root.addHandler(h)
+        celery_log.Logging._setup = False
+    out = logfile.read_text()
+    assert (
+        "seed [Filtered] via https://s3.example.com/cancelable/t1/s1/img.jpg?[Filtered]" in out
+    )  # ...the filter stayed
+    assert_clean(out)

@@ -54,13 +54,19 @@ def group_pairs(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ii[same].to(groups.device), jj[same].to(groups.device)
 
 
-def idp_loss(e_p: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+def idp_loss(
+    e_p: torch.Tensor,
+    groups: torch.Tensor,
+    n_groups: int,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Identity-preservation term per subject: mean pairwise L2 distance of its protected embeddings.
 
-    Acts only within a subject; a subject with one image gets 0. (B, D), (B,) -> (S,).
+    Acts only within a subject; a subject with one image gets 0. (B, D), (B,) -> (S,). ``pairs`` is
+    ``group_pairs(groups)``, precomputed by callers that evaluate the loss many times (saves a device sync).
     """
     e = e_p.float()
-    ii, jj = group_pairs(groups)
+    ii, jj = pairs if pairs is not None else group_pairs(groups)
     out = torch.zeros(n_groups, dtype=torch.float32, device=e.device)
     if len(ii) == 0:
         return out
@@ -102,10 +108,11 @@ def total_loss(
     tok_p: torch.Tensor | None = None,
     tok_r: torch.Tensor | None = None,
     key_target: torch.Tensor | None = None,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossTerms:
     """The objective of the module docstring: sum over subjects of each subject's weighted loss."""
     anon = group_mean(anon_loss(e_p, e_r, weights.anon_margin, weights.anon_hinge), groups, n_groups)
-    idp = idp_loss(e_p, groups, n_groups)
+    idp = idp_loss(e_p, groups, n_groups, pairs)
     per_subject = weights.anon * anon + weights.idp * idp
     attr = None
     if tok_p is not None and tok_r is not None and weights.attr != 0.0:

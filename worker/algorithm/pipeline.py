@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
 from worker.algorithm.keylatent import SEED_BYTES, key_latents, key_orthogonal, key_target
-from worker.algorithm.losses import total_loss
+from worker.algorithm.losses import group_pairs, total_loss
 from worker.algorithm.mix import LayerSplit, assemble, mix, resolve_split
 from worker.algorithm.optimise import adam_optimise
 from worker.errors import InvalidTensorError, KeyError_
@@ -165,7 +165,7 @@ class Engine:
         start = 0
         for n in counts:
             e = emb[start : start + n]
-            out.append(EnrollResult(images[start : start + n], e, F.normalize(e.mean(0), dim=0)))
+            out.append(EnrollResult(images[start : start + n].clone(), e.clone(), F.normalize(e.mean(0), dim=0)))
             start += n
         return out
 
@@ -184,6 +184,7 @@ class Engine:
                     idx = (groups == s).nonzero()[:, 0]
                     target[idx] = key_target(e_r[idx], rot)
         split, weights, attribute = self.split, self.weights, self.attribute
+        pairs = group_pairs(groups)
 
         def loss_fn(w_train: torch.Tensor) -> torch.Tensor:
             wplus = assemble(w_mixed, w_train, split)
@@ -191,7 +192,7 @@ class Engine:
                 img = self.generator.synthesis(wplus)
                 e_p = self.identity.embed(img, gen_align)
                 tok_p = attribute.tokens(img, gen_align) if attribute is not None else None
-            terms = total_loss(weights, groups, n_groups, e_p.float(), e_r, tok_p, tok_r, target)
+            terms = total_loss(weights, groups, n_groups, e_p.float(), e_r, tok_p, tok_r, target, pairs)
             return terms.total
 
         return loss_fn

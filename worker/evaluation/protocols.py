@@ -136,7 +136,7 @@ def synthetic_capture(rgb: np.ndarray, seed: int) -> np.ndarray:
     angle, scale = rng.uniform(-6, 6), rng.uniform(0.93, 1.07)
     m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
     m[:, 2] += rng.uniform(-0.04, 0.04, 2) * (w, h)
-    img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), borderMode=cv2.BORDER_REFLECT_101)
+    img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), borderMode=cv2.BORDER_REPLICATE)
     img = img.astype(np.float32) * rng.uniform(0.88, 1.12) + rng.uniform(-0.12, 0.12) * 255 * 0.25
     img = cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (3, 3), rng.uniform(0.3, 0.9))
     ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 70])
@@ -236,12 +236,23 @@ def _prepare_all(engine: Any, items: list[tuple[str, list[Path]]], state: ShardS
     prepared = []
     for name, photos in items:
         a_rgb = load_rgb(photos[0])
-        if len(photos) >= 2:
-            b_rgb, source = load_rgb(photos[1]), "second-photo"
-        else:
-            b_rgb, source = synthetic_capture(a_rgb, _name_seed(name)), "synthetic-capture"
         try:
-            a, b = engine.prepare(a_rgb), engine.prepare(b_rgb)
+            a = engine.prepare(a_rgb)
+            if len(photos) >= 2:
+                b_rgb, source = load_rgb(photos[1]), "second-photo"
+                b = engine.prepare(b_rgb)
+            else:
+                # a synthetic capture the detector rejects (a background face grown by the zoom, a dark frame) is
+                # retaken with the next seed, up to 3 times, as a user would retake a photo
+                source = "synthetic-capture"
+                for attempt in range(3):
+                    b_rgb = synthetic_capture(a_rgb, _name_seed(name) + attempt)
+                    try:
+                        b = engine.prepare(b_rgb)
+                        break
+                    except CancelableError:
+                        if attempt == 2:
+                            raise
         except CancelableError as exc:
             state.skipped[exc.code] = state.skipped.get(exc.code, 0) + 1
             continue

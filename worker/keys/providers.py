@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,8 +230,10 @@ def write_keyring(path: Path, key_ids: list[str]) -> list[str]:
     for k in key_ids:
         check_key_id(k)
         if k not in data["keys"]:
-            data["keys"][k] = {"b64": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode(),
-                               "created_at": utcnow().isoformat()}
+            data["keys"][k] = {
+                "b64": base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode(),
+                "created_at": utcnow().isoformat(),
+            }
             added.append(k)
     if added or not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -296,11 +299,35 @@ class LocalKeyring(KeyProvider):
 
 
 # --- AWS KMS -------------------------------------------------------------------------------------------------------
+class _RedactKmsSecrets(logging.Filter):
+    """botocore logs response bodies at DEBUG; a GenerateMac response body *is* the seed. Redact such records."""
+
+    MARKERS = ('"Mac"', '"Plaintext"')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
+            return True
+        if any(m in msg for m in self.MARKERS):
+            record.msg, record.args = "Response body: <redacted: KMS secret output>", ()
+        return True
+
+
+def _install_redaction() -> None:
+    for name in ("botocore.parsers", "botocore.endpoint", "botocore.hooks", "botocore.retryhandler"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _RedactKmsSecrets) for f in lg.filters):
+            lg.addFilter(_RedactKmsSecrets())
+
+
 class KmsHmacProvider(KeyProvider):
     """AWS KMS HMAC_256 keys; the seed is computed by KMS (``GenerateMac``), the key never leaves KMS."""
 
     name = "kms"
     MAC_ALGORITHM = "HMAC_SHA_256"
+    DESCRIBE_TTL_S = 60.0
+    """How long a DescribeKey answer is reused; a key disabled in KMS is refused by GenerateMac anyway."""
 
     def __init__(
         self,
@@ -313,6 +340,7 @@ class KmsHmacProvider(KeyProvider):
         registry: KeyRegistry | None = None,
     ) -> None:
         super().__init__(registry)
+        _install_redaction()
         if client is None:
             import boto3
             from botocore.config import Config
@@ -327,7 +355,7 @@ class KmsHmacProvider(KeyProvider):
                 kw["aws_access_key_id"], kw["aws_secret_access_key"] = access_key_id, secret_access_key
             client = boto3.session.Session().client("kms", **kw)
         self._client = client
-        self._known: dict[str, bool] = {}
+        self._known: dict[str, tuple[bool, float]] = {}
 
     def _err(self, e: Exception, key_id: str) -> Exception:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -346,20 +374,21 @@ class KmsHmacProvider(KeyProvider):
         return e
 
     def has_key(self, key_id: str) -> bool:
-        if key_id in self._known:
-            return self._known[key_id]
+        hit = self._known.get(key_id)
+        if hit is not None and time.monotonic() - hit[1] < self.DESCRIBE_TTL_S:
+            return hit[0]
         try:
             meta = self._client.describe_key(KeyId=key_id)["KeyMetadata"]
         except Exception as e:  # noqa: BLE001
             err = self._err(e, key_id)
             if isinstance(err, UnknownKeyError):
-                self._known[key_id] = False
+                self._known[key_id] = (False, time.monotonic())
                 return False
             raise err from None
         if meta.get("KeyState") not in (None, "Enabled"):
             raise RevokedKeyError(f"KMS key {key_id} is {meta.get('KeyState')}")
         ok = meta.get("KeySpec") == "HMAC_256" and meta.get("KeyUsage") == "GENERATE_VERIFY_MAC"
-        self._known[key_id] = ok
+        self._known[key_id] = (ok, time.monotonic())
         return ok
 
     def _mac(self, key_id: str, message: bytes) -> bytes:

@@ -199,22 +199,32 @@ class TemplateStore:
             k = layout.image_key(staging, i, image_ext)
             self.store.put(k, img, content_type=image_content_type)
             written.append(k)
-            arts.append(Artefact(key=k, uri=self.store.uri(k), sha256=_sha(img), size=len(img),
-                                 content_type=image_content_type))
+            arts.append(
+                Artefact(key=k, uri=self.store.uri(k), sha256=_sha(img), size=len(img), content_type=image_content_type)
+            )
         tbody = template.model_dump_json().encode()
         tk = layout.template_key(staging)
         self.store.put(tk, tbody, content_type="application/json")
         written.append(tk)
-        tart = Artefact(key=tk, uri=self.store.uri(tk), sha256=_sha(tbody), size=len(tbody),
-                        content_type="application/json")
+        tart = Artefact(
+            key=tk, uri=self.store.uri(tk), sha256=_sha(tbody), size=len(tbody), content_type="application/json"
+        )
 
         # 3. claim a slot, walking up from where neither this job nor its twins can have committed below
         slot = max(first_free, (p[0].version + 1) if p else 1)
         for _ in range(MAX_SLOTS):
             manifest = VersionManifest(
-                tenant=tenant, subject=subject, version=slot, job_id=job_id, key_id=template.key_id,
-                key_version=template.key_version, bundle_id=template.bundle_id, template=tart, images=arts,
-                source_images=template.source_images, committed_at=utcnow(),
+                tenant=tenant,
+                subject=subject,
+                version=slot,
+                job_id=job_id,
+                key_id=template.key_id,
+                key_version=template.key_version,
+                bundle_id=template.bundle_id,
+                template=tart,
+                images=arts,
+                source_images=template.source_images,
+                committed_at=utcnow(),
             )
             self.store.put_json(layout.job_hint_key(tenant, subject, job_id), JobHint(job_id=job_id, version=slot))
             try:
@@ -236,8 +246,9 @@ class TemplateStore:
     def _advance_pointer(self, tenant: str, subject: str, m: VersionManifest) -> None:
         """Move ``current`` to ``m.version`` unless it already points there or later (monotonic)."""
         key = layout.current_key(tenant, subject)
-        new = CurrentPointer(version=m.version, manifest_key=layout.version_key(tenant, subject, m.version),
-                             job_id=m.job_id)
+        new = CurrentPointer(
+            version=m.version, manifest_key=layout.version_key(tenant, subject, m.version), job_id=m.job_id
+        )
         for _ in range(POINTER_TRIES):
             p = self.read_pointer(tenant, subject)
             if p is not None and p[0].version >= m.version:
@@ -276,8 +287,14 @@ class TemplateStore:
         """Record that ``version`` is revoked (write-once: a repeat returns the first record)."""
         m = self.get_manifest(tenant, subject, version)
         rec = RevocationRecord(
-            tenant=tenant, subject=subject, version=version, key_id=m.key_id, key_version=m.key_version,
-            reason=reason, job_id=job_id, replaced_by=replaced_by,
+            tenant=tenant,
+            subject=subject,
+            version=version,
+            key_id=m.key_id,
+            key_version=m.key_version,
+            reason=reason,
+            job_id=job_id,
+            replaced_by=replaced_by,
         )
         try:
             self.store.put_json(layout.revocation_key(tenant, subject, version), rec, if_none_match=True)

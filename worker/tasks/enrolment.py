@@ -181,5 +181,6 @@ def verify_probe(rt: Any, loaded: Any, tenant: str, subject: str, probe: S3Ref) 
         res = loaded.engine.probe(prepared.faces[0], seed)
     metrics.optimisation_steps("verify", int(loaded.engine.config.steps))
     metrics.images_processed(1, "succeeded", "verify")
-    score = loaded.engine.score(res.embedding, torch.from_numpy(tmpl.vector()))
+    # cosine; fp32 rounding can step just outside [-1, 1]
+    score = min(1.0, max(-1.0, loaded.engine.score(res.embedding, torch.from_numpy(tmpl.vector()))))
     return {"version": cur.version, "key_id": m.key_id, "key_version": m.key_version, "score": score}
