@@ -510,7 +510,9 @@ class ProgressCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         open_jobs = GaugeMetricFamily(f"{PREFIX}_progress_open_jobs", "Open revocation / bulk jobs.", labels=["kind"])
         done = GaugeMetricFamily(
-            f"{PREFIX}_progress_done_items", "Items finished (succeeded or failed), summed over open jobs.", labels=["kind"]
+            f"{PREFIX}_progress_done_items",
+            "Items finished (succeeded or failed), summed over open jobs.",
+            labels=["kind"],
         )
         failed = GaugeMetricFamily(
             f"{PREFIX}_progress_failed_items", "Items failed (part of done), summed over open jobs.", labels=["kind"]

@@ -175,3 +175,39 @@ def test_prepare_aligns_a_real_face(engine: Engine, smoke_faces: dict) -> None:
     assert float(face.min()) >= -1.0 and float(face.max()) <= 1.0 and float(face.std()) > 0.05
     with pytest.raises(NoFaceError):
         engine.prepare(np.full((200, 200, 3), 128, dtype=np.uint8))
+
+
+def test_algorithm_package_imports_no_service_libraries() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, worker.algorithm.pipeline, worker.algorithm.config, worker.keys.derive\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('celery', 'boto3', 'botocore', 'redis')"
+        " or m == 'worker.settings']\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_lite_bundle_end_to_end_on_real_faces(smoke_faces: dict) -> None:
+    """The embedded lite bundle (when trained and present) through prepare -> enroll -> probe -> score."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    lite = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "lite"
+    if not (lite / "manifest.json").is_file():
+        pytest.skip("lite bundle not present (worker/bundles/lite/manifest.json)")
+    from worker.models.bundle import load_bundle
+
+    engine = Engine(load_bundle(lite, "cpu"), EngineConfig(steps=5))
+    faces = [engine.prepare(np.asarray(Image.open(smoke_faces[n]).convert("RGB"))) for n in sorted(smoke_faces)]
+    obama = [f for n, f in zip(sorted(smoke_faces), faces, strict=True) if n.startswith("obama")]
+    res = engine.enroll(torch.stack(obama[:2]), SEED_A)
+    probe = engine.probe(obama[2], SEED_A)
+    g = engine.output_size
+    assert res.images.shape == (2, 3, g, g) and probe.image.shape == (3, g, g)
+    assert -1.0 <= engine.score(probe.embedding, res.template) <= 1.0

@@ -11,13 +11,13 @@ preset     layers 0-2        layers 3-7            layers 8-17
 =========  ================  ====================  =====================
 
 Scaling to other depths. StyleGAN2-family generators (StyleGAN2 at any resolution, and the lite model, see
-worker/models/lite.py) index W+ by increasing resolution, two layers per octave (StyleGAN2: 0 = 4 px, 1-2 = 8 px,
-3-4 = 16 px, 5-6 = 32 px, ...; lite is shifted by one layer: 2-3 = 8 px, 4-5 = 16 px, ...). Absolute indices
-therefore keep (nearly) the same resolutions across depths, and the groups keep their absolute indices whenever
-``n_latent >= 9``: coarse 0-2, middle 3-7, fine 8..n-1 (lite at 64 px, n = 10: 0-2 / 3-7 / 8-9). Shallower codes
-(n < 9, e.g. the 8-layer test model) use the boundaries 3/18 and 8/18 as fractions of ``n_latent``, rounded half
-up (``b = floor(k n / 18 + 1/2)``) and clamped so each group keeps at least one layer (needs ``n_latent >= 3``);
-for n = 8 that is 0 / 1-3 / 4-7.
+worker/models/lite.py) index W+ the same way, by increasing resolution, two layers per octave: 0 = 4 px conv,
+1-2 = 8 px, 3-4 = 16 px, 5-6 = 32 px, 7-8 = 64 px, ... (each toRGB shares the next block's first index). So an
+absolute index drives the same resolution at any depth, and the groups keep their absolute indices whenever
+``n_latent >= 9``: coarse 0-2 (4-8 px), middle 3-7 (16-64 px), fine 8..n-1 (lite at 64 px, n = 10: 0-2 / 3-7 /
+8-9). Shallower codes (n < 9, e.g. the 8-layer test model) use the boundaries 3/18 and 8/18 as fractions of
+``n_latent``, rounded half up (``b = floor(k n / 18 + 1/2)``) and clamped so each group keeps at least one layer
+(needs ``n_latent >= 3``); for n = 8 that is 0 / 1-3 / 4-7.
 """
 
 from __future__ import annotations
