@@ -8,7 +8,7 @@ venv:
 
 demo: venv
 	infra/stack.sh up --worker
-	.venv/bin/python scripts/demo.py
+	set -a && . .stack/env && set +a && .venv/bin/python scripts/demo.py
 
 test: venv
 	.venv/bin/python -m pytest -q -ra tests

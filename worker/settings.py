@@ -51,10 +51,10 @@ class S3Settings(_Group):
     sse: Literal["none", "AES256", "aws:kms"] = "none"
     sse_kms_key_id: str | None = None
     addressing_style: Literal["path", "virtual", "auto"] = "path"
-    max_attempts: int = Field(5, ge=1, le=20)
+    max_attempts: int = Field(default=5, ge=1, le=20)
     """botocore retry attempts (standard mode) for transient S3 faults."""
-    connect_timeout: float = Field(5.0, gt=0)
-    read_timeout: float = Field(30.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=30.0, gt=0)
 
     @field_validator("prefix")
     @classmethod
@@ -92,10 +92,10 @@ class EngineSettings(_Group):
     bundle_cache_dir: Path = REPO / ".stack" / "bundles"
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    steps: int = Field(50, ge=1, le=10_000)
-    batch_size: int = Field(8, ge=1, le=1024)
+    steps: int = Field(default=50, ge=1, le=10_000)
+    batch_size: int = Field(default=8, ge=1, le=1024)
     mixed_precision: bool = False
-    verify_threshold: float = Field(0.5, ge=-1.0, le=1.0)
+    verify_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
     """Cosine score at or above which a probe is accepted."""
 
     @field_validator("device")
@@ -107,22 +107,22 @@ class EngineSettings(_Group):
 
 
 class WorkerSettings(_Group):
-    task_time_limit: int = Field(900, ge=1)
+    task_time_limit: int = Field(default=900, ge=1)
     """Hard limit per task, seconds."""
     task_soft_time_limit: int | None = None
     """Defaults to 90 % of the hard limit."""
-    visibility_timeout: int = Field(3600, ge=1)
+    visibility_timeout: int = Field(default=3600, ge=1)
     """Redis redelivers an unacked task after this many seconds: must exceed the task time limit."""
-    max_attempts: int = Field(3, ge=1, le=100)
+    max_attempts: int = Field(default=3, ge=1, le=100)
     """Deliveries before a job is dead-lettered (a job that kills its worker counts too)."""
-    max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     """Largest accepted source image object."""
-    max_pixels: int = Field(40_000_000, ge=64 * 64)
+    max_pixels: int = Field(default=40_000_000, ge=64 * 64)
     """Largest accepted decoded image (width x height); guards against decompression bombs."""
-    max_images_per_subject: int = Field(32, ge=1, le=1024)
-    revoke_chunk_size: int = Field(50, ge=1, le=10_000)
-    bulk_chunk_size: int = Field(64, ge=1, le=10_000)
-    concurrency: int = Field(1, ge=1, le=256)
+    max_images_per_subject: int = Field(default=32, ge=1, le=1024)
+    revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
+    bulk_chunk_size: int = Field(default=64, ge=1, le=10_000)
+    concurrency: int = Field(default=1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:
@@ -143,7 +143,7 @@ class WorkerSettings(_Group):
 class MetricsSettings(_Group):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(9808, ge=0, le=65535)
+    port: int = Field(default=9808, ge=0, le=65535)
     multiproc_dir: Path | None = None
     """``PROMETHEUS_MULTIPROC_DIR`` for prefork workers; ``None`` lets the metrics module choose."""
 
@@ -152,7 +152,7 @@ class SentrySettings(_Group):
     dsn: SecretStr | None = None
     environment: str = "development"
     release: str | None = None
-    traces_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    traces_sample_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class _FileSuffixSource(PydanticBaseSettingsSource):

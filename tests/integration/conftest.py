@@ -440,8 +440,9 @@ def secret_forms(secret: bytes) -> list[bytes]:
     return [f for f in forms if len(f) >= 8]
 
 
-def find_secrets(secrets_: list[bytes], *, texts: list[str | bytes] = (), s3: list[tuple[Any, str]] = (),
-                 redis_urls: list[str] = ()) -> list[str]:
+def find_secrets(
+    secrets_: list[bytes], *, texts: list[str | bytes] = (), s3: list[tuple[Any, str]] = (), redis_urls: list[str] = ()
+) -> list[str]:
     """Where any of ``secrets_`` (in any form of ``secret_forms``) appears: in ``texts`` (logs, exception strings),
     in every object of the given (boto3 client, bucket) pairs, in every Redis key and value (all types) of the
     given URLs. Returns descriptions of the hits (empty = clean)."""

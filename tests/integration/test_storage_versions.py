@@ -401,3 +401,33 @@ def test_bundle_sync_is_cached_and_atomic(make_settings, s3_bucket, tmp_path: Pa
 
     with pytest.raises(BundleError):
         sync_bundle(f"s3://{s3_bucket}/bundles/none/", tmp_path / "cache", store)
+
+
+def test_sweep_staging_removes_only_unreferenced_old_objects(make_settings, s3_bucket, monkeypatch):
+    store = _store(make_settings, s3_bucket)
+    ts = TemplateStore(store)
+    j = _job()
+    real_put_json = store.put_json
+
+    def fail_manifest(key, obj, **kw):
+        if "/versions/" in key:
+            raise StorageError("connection reset")
+        return real_put_json(key, obj, **kw)
+
+    monkeypatch.setattr(store, "put_json", fail_manifest)
+    with pytest.raises(StorageError):  # leaves 1 image + 1 template orphaned in staging
+        ts.commit_version("t", "kim", j, template=_template("t", "kim", j), images=[b"orphan"])
+    monkeypatch.undo()
+    c = ts.commit_version("t", "kim", j, template=_template("t", "kim", j), images=[b"kept"])
+    staged = [o.key for o in store.list("tenants/t/subjects/kim/staging/")]
+    assert len(staged) == 4
+    assert ts.sweep_staging("t", "kim", older_than_s=3600) == 0  # too young
+    import datetime as dt
+
+    import worker.storage.templates as tmod
+
+    monkeypatch.setattr(tmod, "utcnow", lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+    assert ts.sweep_staging("t", "kim", older_than_s=3600) == 2
+    left = sorted(o.key for o in store.list("tenants/t/subjects/kim/staging/"))
+    assert left == sorted([c.manifest.template.key, *[a.key for a in c.manifest.images]])
+    assert ts.load_image(ts.current("t", "kim").manifest.images[0]) == b"kept"

@@ -211,3 +211,31 @@ def test_lite_bundle_end_to_end_on_real_faces(smoke_faces: dict) -> None:
     g = engine.output_size
     assert res.images.shape == (2, 3, g, g) and probe.image.shape == (3, g, g)
     assert -1.0 <= engine.score(probe.embedding, res.template) <= 1.0
+
+
+def _enrol_then_probe(key_target: bool) -> tuple[float, float, float]:
+    """6 synthetic persons: enrol 2 images, later probe the 3rd alone (genuine) and every other person's 3rd image
+    under the victim's key (impostor holding the victim's key). In-loss recognizer = LinearIdentity.
+    -> (genuine mean, impostor mean, mean |cos(probe, its original)|)."""
+    bundle = tiny_bundle(with_attribute=False, linear_identity=True)
+    engine = Engine(bundle, EngineConfig(key_target=key_target, w_key=30.0, w_attr=0.0))
+    persons = [person_faces(3, p, jitter=0.3) for p in range(6)]
+    keys = [bytes([p + 1]) * 32 for p in range(6)]
+    templates = [r.template for r in engine.enroll_many([(f[:2], k) for f, k in zip(persons, keys, strict=True)])]
+    # each probe is its own subject, so one batched call == probing each alone (test_optimise_batching)
+    pairs = [(p, q) for p in range(6) for q in range(6)]
+    probes = engine.enroll_many([(persons[q][2:], keys[p]) for p, q in pairs])
+    genuine = [engine.score(r.embeddings[0], templates[p]) for (p, q), r in zip(pairs, probes, strict=True) if p == q]
+    impostor = [engine.score(r.embeddings[0], templates[p]) for (p, q), r in zip(pairs, probes, strict=True) if p != q]
+    originals = bundle.identity.embed(torch.stack([f[2] for f in persons]), "dlib-chip")
+    prot = [abs(float(r.embeddings[0] @ originals[q])) for (p, q), r in zip(pairs, probes, strict=True) if p == q]
+    return float(np.mean(genuine)), float(np.mean(impostor)), float(np.mean(prot))
+
+
+def test_key_target_keeps_impostors_with_the_victims_key_away_from_the_template() -> None:
+    gen_off, imp_off, prot_off = _enrol_then_probe(False)
+    gen_on, imp_on, prot_on = _enrol_then_probe(True)
+    assert imp_on < imp_off - 0.1  # the key alone no longer carries an impostor onto the template
+    assert gen_on > gen_off - 0.05  # genuine probes still land on it
+    assert gen_on - imp_on > gen_off - imp_off + 0.1
+    assert prot_on < 0.1 and prot_off < 0.1  # both stay unlike the original in the in-loss recognizer

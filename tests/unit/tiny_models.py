@@ -116,15 +116,18 @@ class TinyBundle:
 
     generator: TinyGenerator
     encoder: TinyEncoder
-    identity: TinyIdentity
+    identity: TinyIdentity | LinearIdentity
     attribute: TinyAttribute | None
     bundle_id: str = "tiny-test"
     hashes: dict[str, str] = field(default_factory=dict)
 
 
-def tiny_bundle(with_attribute: bool = True, dtype: torch.dtype = torch.float32) -> TinyBundle:
+def tiny_bundle(
+    with_attribute: bool = True, dtype: torch.dtype = torch.float32, linear_identity: bool = False
+) -> TinyBundle:
     gen = TinyGenerator()
-    bundle = TinyBundle(gen, TinyEncoder(gen.w_avg), TinyIdentity(), TinyAttribute() if with_attribute else None)
+    identity: TinyIdentity | LinearIdentity = LinearIdentity() if linear_identity else TinyIdentity()
+    bundle = TinyBundle(gen, TinyEncoder(gen.w_avg), identity, TinyAttribute() if with_attribute else None)
     for m in (bundle.generator, bundle.encoder, bundle.identity, bundle.attribute):
         if m is not None:
             m.to(dtype).eval().requires_grad_(False)
@@ -144,3 +147,23 @@ def person_faces(n: int, person: int, jitter: float = 0.15, seed: int = 0) -> to
     g = torch.Generator().manual_seed(seed * 7919 + person)
     noise = F.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=(RES, RES), mode="bilinear")
     return (base + jitter * noise).clamp(-1.0, 1.0)
+
+
+class LinearIdentity(nn.Module):
+    """A discriminative stand-in recognizer for ``person_faces``: normalise(W (x - mean(x))), W random (32, 768).
+
+    Different synthetic persons get near-orthogonal embeddings, images of one person close ones (TinyIdentity is
+    not discriminative enough to measure verification with).
+    """
+
+    embedding_dim = EMB_DIM
+
+    def __init__(self, seed: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(EMB_DIM, 3 * RES * RES, generator=g) / (3 * RES * RES) ** 0.5)
+
+    def embed(self, images: torch.Tensor, alignment: str) -> torch.Tensor:
+        x = images if images.shape[-1] == RES else F.interpolate(images, size=(RES, RES), mode="bilinear")
+        x = x.flatten(1)
+        return F.normalize((x - x.mean(1, keepdim=True)) @ self.weight.T, dim=-1)

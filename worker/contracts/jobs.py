@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId
 from worker.contracts.refs import S3Prefix, S3Ref
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_IMAGES_PER_JOB = 64
 
 DEFAULT_NAMING_RULE = r"^(?P<subject>[A-Za-z0-9][A-Za-z0-9._-]*)/[^/]+\.(?i:jpe?g|png|webp)$"

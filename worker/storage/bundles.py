@@ -38,12 +38,12 @@ def sync_bundle(uri: str, cache_dir: Path, store: ObjectStore) -> Path:
         raise BundleError(f"no objects under {ref.uri}")
     if sum(o.size for o in objs) > MAX_BUNDLE_BYTES:
         raise BundleError(f"bundle under {ref.uri} is larger than {MAX_BUNDLE_BYTES} bytes")
-    listing = sorted([o.key[len(ref.prefix) :], o.size, o.etag] for o in objs)
+    listing: list[tuple[str, int, str]] = sorted((o.key[len(ref.prefix) :], o.size, o.etag) for o in objs)
     dest = Path(cache_dir) / ref.bucket / ref.prefix.strip("/")
     marker = dest / LISTING
     if marker.is_file():
         try:
-            if json.loads(marker.read_text()) == listing:
+            if json.loads(marker.read_text()) == [list(x) for x in listing]:
                 return dest
         except ValueError:
             pass

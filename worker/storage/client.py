@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from worker.errors import ObjectNotFoundError, StorageError, VersionConflictError
@@ -49,7 +50,7 @@ def sse_params(s3: S3Settings) -> dict[str, str]:
     """Extra PutObject parameters for the configured server-side encryption (empty for ``none``)."""
     if s3.sse == "none":
         return {}
-    out = {"ServerSideEncryption": s3.sse}
+    out: dict[str, str] = {"ServerSideEncryption": str(s3.sse)}
     if s3.sse == "aws:kms" and s3.sse_kms_key_id:
         out["SSEKMSKeyId"] = s3.sse_kms_key_id
     return out
@@ -60,6 +61,7 @@ class ObjectInfo:
     key: str
     etag: str
     size: int
+    last_modified: datetime | None = None
 
 
 def _code(e: Exception) -> tuple[str, int]:
@@ -199,7 +201,12 @@ class ObjectStore:
             for page in pages:
                 for o in page.get("Contents", []) or []:
                     k = o["Key"]
-                    yield ObjectInfo(key=k[len(strip) :] if strip else k, etag=str(o.get("ETag", "")), size=o["Size"])
+                    yield ObjectInfo(
+                        key=k[len(strip) :] if strip else k,
+                        etag=str(o.get("ETag", "")),
+                        size=o["Size"],
+                        last_modified=o.get("LastModified"),
+                    )
         except Exception as e:  # noqa: BLE001
             self._raise(e, "list", b, full)
 

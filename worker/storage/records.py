@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA: Literal[1] = 1
 
 
 def utcnow() -> datetime:

@@ -270,6 +270,31 @@ class TemplateStore:
             except StorageError:
                 log.warning("could not delete orphan artefact", extra={"key": k})
 
+    # --- housekeeping ---------------------------------------------------------------------------------------------
+    def sweep_staging(self, tenant: str, subject: str, *, older_than_s: float) -> int:
+        """Delete staged objects that no manifest names and that are older than ``older_than_s`` seconds (left by a
+        crash between artefacts and manifest, or by the loser of a duplicate race). Returns the number deleted.
+
+        ``older_than_s`` must exceed the longest a commit can take (use the visibility timeout), so that artefacts of
+        a commit still in flight are never swept. Never touches anything a committed manifest points at.
+        """
+        if older_than_s <= 0:
+            raise ValueError("older_than_s must be positive")
+        named: set[str] = set()
+        for v in self.list_versions(tenant, subject):
+            m = self.get_manifest(tenant, subject, v)
+            named.update([m.template.key, *(a.key for a in m.images)])
+        now = utcnow()
+        n = 0
+        for o in self.store.list(layout.subject_prefix(tenant, subject) + "staging/"):
+            if o.key in named or o.last_modified is None:
+                continue
+            if (now - o.last_modified).total_seconds() < older_than_s:
+                continue
+            self.store.delete(o.key)
+            n += 1
+        return n
+
     # --- revocation -----------------------------------------------------------------------------------------------
     def revocation(self, tenant: str, subject: str, version: int) -> RevocationRecord | None:
         try:
