@@ -30,7 +30,7 @@ from worker.algorithm.keylatent import SEED_BYTES, key_latents, key_orthogonal, 
 from worker.algorithm.losses import group_pairs, total_loss
 from worker.algorithm.mix import LayerSplit, assemble, mix, resolve_split
 from worker.algorithm.optimise import adam_optimise
-from worker.errors import InvalidTensorError, KeyError_
+from worker.errors import BundleError, InvalidTensorError, KeyError_
 from worker.models.base import AttributeModel, Encoder, Generator, IdentityModel
 
 KEY_TARGET_LABEL = "identity-target"
@@ -65,14 +65,19 @@ class ProbeResult:
 class Engine:
     """FaceAnonyMixer on a model bundle. Not thread-safe (one engine per worker process)."""
 
-    def __init__(self, bundle: BundleLike, config: EngineConfig | None = None, device: torch.device | None = None):
+    def __init__(
+        self, bundle: BundleLike | Any, config: EngineConfig | None = None, device: torch.device | str | None = None
+    ):
+        for role in ("generator", "encoder", "identity"):
+            if getattr(bundle, role, None) is None:
+                raise BundleError(f"the engine needs a bundle with a {role}")
         self.bundle = bundle
         self.config = config or EngineConfig()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.generator = bundle.generator
-        self.encoder = bundle.encoder
-        self.identity = bundle.identity
-        self.attribute = bundle.attribute if self.config.w_attr > 0 else None
+        self.generator: Generator = bundle.generator
+        self.encoder: Encoder = bundle.encoder
+        self.identity: IdentityModel = bundle.identity
+        self.attribute: AttributeModel | None = bundle.attribute if self.config.w_attr > 0 else None
         for model in (self.generator, self.encoder, self.identity, bundle.attribute):
             if isinstance(model, torch.nn.Module):
                 model.to(self.device).eval().requires_grad_(False)
