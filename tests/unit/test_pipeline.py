@@ -239,3 +239,12 @@ def test_key_target_keeps_impostors_with_the_victims_key_away_from_the_template(
     assert gen_on > gen_off - 0.05  # genuine probes still land on it
     assert gen_on - imp_on > gen_off - imp_off + 0.1
     assert prot_on < 0.1 and prot_off < 0.1  # both stay unlike the original in the in-loss recognizer
+
+
+def test_a_bundle_without_a_required_model_is_rejected() -> None:
+    from worker.errors import BundleError
+
+    bundle = tiny_bundle()
+    bundle.encoder = None  # type: ignore[assignment]
+    with pytest.raises(BundleError):
+        Engine(bundle, EngineConfig())

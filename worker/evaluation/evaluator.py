@@ -134,14 +134,20 @@ class Evaluator:
             raise ValueError("could not fit a similarity transform to the landmarks")
         return cv2.warpAffine(image_rgb, matrix, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
-    def embed_aligned(self, crops: np.ndarray) -> np.ndarray:
-        """Aligned RGB uint8 (N, 112, 112, 3) -> L2-normalised embeddings (N, 128), image + flip summed."""
-        x = (crops.astype(np.float32) - 127.5) / 128.0
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        both = np.concatenate([x, x[:, :, :, ::-1]], axis=0)
-        out = self._session.run(None, {self._input: np.ascontiguousarray(both)})[0]
-        n = crops.shape[0]
-        emb = out[:n] + out[n:]
+    def embed_aligned(self, crops: np.ndarray, batch: int = 32) -> np.ndarray:
+        """Aligned RGB uint8 (N, 112, 112, 3) -> L2-normalised embeddings (N, 128), image + flip summed.
+
+        Runs ``batch`` crops at a time (activations of a few thousand crops at once would take many GB).
+        """
+        parts = []
+        for start in range(0, crops.shape[0], batch):
+            x = (crops[start : start + batch].astype(np.float32) - 127.5) / 128.0
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+            both = np.ascontiguousarray(np.concatenate([x, x[:, :, :, ::-1]], axis=0))
+            out = self._session.run(None, {self._input: both})[0]
+            n = x.shape[0]
+            parts.append(out[:n] + out[n:])
+        emb = np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def aligned_face(self, image_rgb: np.ndarray) -> np.ndarray | None:
@@ -171,7 +177,7 @@ class Evaluator:
                 index.append(i)
         for start in range(0, len(crops), batch):
             part = np.stack(crops[start : start + batch])
-            out[index[start : start + batch]] = self.embed_aligned(part)
+            out[index[start : start + batch]] = self.embed_aligned(part, batch)
         found[index] = True
         return out, found
 

@@ -1,0 +1,105 @@
+"""The Celery configuration: JSON only, late acks, reject on worker lost, prefetch 1, the visibility timeout checked
+against the hard time limit, routing by task name; importing the app loads no models (no torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.tasks.config import (
+    CONTROL_QUEUE,
+    ENGINE_QUEUE,
+    TASK_BULK,
+    TASK_ENROLL,
+    TASK_REENROLL_CHUNK,
+    TASK_REVOKE,
+    TASK_VERIFY,
+    ConfigError,
+    QueueSettings,
+    celery_config,
+    check_queue_settings,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _q(**kw: int) -> QueueSettings:
+    base = {"visibility_timeout_s": 3600, "task_time_limit_s": 900, "task_soft_time_limit_s": 810}
+    base.update(kw)
+    return QueueSettings(broker_url="redis://127.0.0.1:1/0", result_backend="redis://127.0.0.1:1/0", **base)
+
+
+def test_safe_defaults() -> None:
+    c = celery_config(_q())
+    assert c["task_serializer"] == "json" and c["result_serializer"] == "json"
+    assert c["accept_content"] == ["json"] and c["result_accept_content"] == ["json"]
+    assert c["task_acks_late"] is True and c["task_reject_on_worker_lost"] is True
+    assert c["worker_prefetch_multiplier"] == 1
+    assert c["broker_transport_options"]["visibility_timeout"] == 3600
+    assert c["task_time_limit"] == 900 and c["task_soft_time_limit"] == 810
+    assert c["worker_proc_alive_timeout"] >= 60  # a model load in worker_process_init is not a hung child
+
+
+def test_routes_by_name() -> None:
+    routes = celery_config(_q())["task_routes"]
+    assert {routes[t]["queue"] for t in (TASK_ENROLL, TASK_VERIFY, TASK_REENROLL_CHUNK)} == {ENGINE_QUEUE}
+    assert {routes[t]["queue"] for t in (TASK_REVOKE, TASK_BULK)} == {CONTROL_QUEUE}
+
+
+@pytest.mark.parametrize("vt", [900, 600, 1])
+def test_visibility_timeout_must_exceed_hard_limit(vt: int) -> None:
+    with pytest.raises(ConfigError, match="visibility_timeout .* must exceed the task hard time limit"):
+        check_queue_settings(_q(visibility_timeout_s=vt))
+
+
+def test_soft_limit_below_hard_limit() -> None:
+    with pytest.raises(ConfigError, match="soft time limit"):
+        check_queue_settings(_q(task_soft_time_limit_s=900))
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full = {k: v for k, v in os.environ.items() if not k.upper().startswith("CANCELABLE_")}
+    full.update(env)
+    full["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=REPO,
+                          timeout=120)
+
+
+def test_worker_app_import_is_light_and_configured() -> None:
+    code = (
+        "import sys, json\n"
+        "import worker.tasks.app as a\n"
+        "a.app.loader.import_default_modules()\n"
+        "c = a.app.conf\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'boto3': 'boto3' in sys.modules,"
+        " 'accept': list(c.accept_content), 'acks_late': c.task_acks_late, 'prefetch': c.worker_prefetch_multiplier,"
+        " 'vt': c.broker_transport_options['visibility_timeout'], 'limit': c.task_time_limit,"
+        " 'tasks': sorted(t for t in a.app.tasks if t.startswith('cancelable.'))}))\n"
+    )
+    r = _run(code, {"CANCELABLE_WORKER__TASK_TIME_LIMIT": "100", "CANCELABLE_WORKER__VISIBILITY_TIMEOUT": "130"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False  # models load after fork, never at import
+    assert out["accept"] == ["json"] and out["acks_late"] is True and out["prefetch"] == 1
+    assert (out["vt"], out["limit"]) == (130, 100)
+    assert {TASK_ENROLL, TASK_VERIFY, TASK_REVOKE, TASK_BULK, TASK_REENROLL_CHUNK} <= set(out["tasks"])
+
+
+def test_worker_refuses_visibility_timeout_below_time_limit() -> None:
+    r = _run("import worker.tasks.app", {"CANCELABLE_WORKER__TASK_TIME_LIMIT": "100",
+                                         "CANCELABLE_WORKER__VISIBILITY_TIMEOUT": "60"})
+    assert r.returncode == 2
+    assert "visibility_timeout" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 4
+
+
+def test_producer_import_is_light() -> None:
+    r = _run("import sys, producers.cli, producers.client; print('torch' in sys.modules, 'boto3' in sys.modules)", {})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
