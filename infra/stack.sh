@@ -9,7 +9,7 @@
 # `source .stack/env` gives every CANCELABLE_* variable the worker and producers need.
 #
 # Ports (override with the environment): STACK_REDIS_PORT=6379 STACK_S3_PORT=8333 STACK_MASTER_PORT=9333
-# STACK_VOLUME_PORT=9340 STACK_FILER_PORT=8888 STACK_ADMIN_PORT=23646 (SeaweedFS also uses each port + 10000 for gRPC).
+# STACK_VOLUME_PORT=9340 STACK_FILER_PORT=8888 STACK_ADMIN_PORT=23646 STACK_METRICS_PORT=9808 (worker metrics; SeaweedFS also uses each port + 10000 for gRPC).
 # STACK_WORKER_CMD overrides the worker command line.
 set -euo pipefail
 
@@ -24,6 +24,7 @@ MASTER_PORT="${STACK_MASTER_PORT:-9333}"
 VOLUME_PORT="${STACK_VOLUME_PORT:-9340}"
 FILER_PORT="${STACK_FILER_PORT:-8888}"
 ADMIN_PORT="${STACK_ADMIN_PORT:-23646}"
+METRICS_PORT="${STACK_METRICS_PORT:-9808}"
 BUCKET="${STACK_BUCKET:-cancelable}"
 INPUT_BUCKET="${STACK_INPUT_BUCKET:-cancelable-inputs}"
 DEV_KEY="${STACK_DEV_KEY:-dev-key-1}"
@@ -107,26 +108,28 @@ print(json.dumps({"identities": [{"name": "stack", "credentials": [{"accessKey":
 EOF
   )
   "$PY" -c "from worker.keys.providers import write_keyring; import sys; \
-added = write_keyring(sys.argv[1], [sys.argv[2]]); print('stack: created key ' + ', '.join(added) + ' in .stack/keyring.json') if added else None" \
+added = write_keyring(sys.argv[1], [sys.argv[2]]); print('stack: created key ' + ', '.join(added) + ' in ' + sys.argv[1]) if added else None" \
     "$STACK/keyring.json" "$DEV_KEY"
 }
 
 write_env() {
   umask 077
-  cat >"$STACK/env" <<EOF
-# written by infra/stack.sh up; source it: \`source .stack/env\`
-export CANCELABLE_REDIS__URL=redis://127.0.0.1:$REDIS_PORT/0
-export CANCELABLE_S3__ENDPOINT_URL=http://127.0.0.1:$S3_PORT
-export CANCELABLE_S3__REGION=us-east-1
-export CANCELABLE_S3__BUCKET=$BUCKET
-export CANCELABLE_S3__ACCESS_KEY_ID_FILE=$STACK/secrets/s3_access_key_id
-export CANCELABLE_S3__SECRET_ACCESS_KEY_FILE=$STACK/secrets/s3_secret_access_key
-export CANCELABLE_KEYS__PROVIDER=local
-export CANCELABLE_KEYS__KEYRING_PATH=$STACK/keyring.json
-export CANCELABLE_ENGINE__BUNDLE_CACHE_DIR=$STACK/bundles
-export CANCELABLE_STACK_INPUT_BUCKET=$INPUT_BUCKET
-export CANCELABLE_STACK_DEV_KEY=$DEV_KEY
-EOF
+  {
+    echo "# written by infra/stack.sh up; source it: \`source .stack/env\`"
+    printf 'export %s=%q\n' \
+      CANCELABLE_REDIS__URL "redis://127.0.0.1:$REDIS_PORT/0" \
+      CANCELABLE_S3__ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
+      CANCELABLE_S3__REGION us-east-1 \
+      CANCELABLE_S3__BUCKET "$BUCKET" \
+      CANCELABLE_S3__ACCESS_KEY_ID_FILE "$STACK/secrets/s3_access_key_id" \
+      CANCELABLE_S3__SECRET_ACCESS_KEY_FILE "$STACK/secrets/s3_secret_access_key" \
+      CANCELABLE_KEYS__PROVIDER local \
+      CANCELABLE_KEYS__KEYRING_PATH "$STACK/keyring.json" \
+      CANCELABLE_ENGINE__BUNDLE_CACHE_DIR "$STACK/bundles" \
+      CANCELABLE_METRICS__PORT "$METRICS_PORT" \
+      CANCELABLE_STACK_INPUT_BUCKET "$INPUT_BUCKET" \
+      CANCELABLE_STACK_DEV_KEY "$DEV_KEY"
+  } >"$STACK/env"
 }
 
 s3_check() {  # credentials work and the buckets exist

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -31,7 +31,7 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
         raise CliError(f"{self.prog}: {message}")
 
 
@@ -142,8 +142,10 @@ def _summary(res: Any) -> str:
     d = res if isinstance(res, dict) else res.model_dump(mode="json")
     kind, status = d.get("kind"), d.get("status")
     head = f"{kind} {d.get('job_id')}: {status}"
-    if d.get("error"):
+    if d.get("error") and kind not in ("bulk", "revoke"):
         return f"{head} ({d['error']['code']}: {d['error']['message']})"
+    if d.get("error"):
+        head += f" ({d['error']['code']}: {d['error']['message']})"
     if kind == "enroll":
         return (
             f"{head}; version {d['version']} of {d['tenant']}/{d['subject']} (key {d['key_id']} v{d['key_version']}"

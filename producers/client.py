@@ -204,7 +204,15 @@ class Client:
         """Validate and queue a job; returns its job ID (also the Celery task ID)."""
         job = self.validate(job)
         name, queue = TASK_FOR_KIND[job.kind]
-        self.app.send_task(name, args=[to_wire(job)], task_id=job.job_id, queue=queue)
+        # results are read from the workers' own Redis records (see ``result``), not Celery's result backend
+        self.app.send_task(
+            name,
+            args=[to_wire(job)],
+            task_id=job.job_id,
+            queue=queue,
+            ignore_result=True,
+            headers={"sent_at": time.time()},  # exact queue age in the metrics (worker.metrics.SENT_AT_HEADER)
+        )
         return str(job.job_id)
 
     def result(self, job_id: str) -> Any | None:

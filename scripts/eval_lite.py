@@ -65,7 +65,7 @@ class EmbedCache:
         self.store: dict[str, np.ndarray] = {}
         if path.is_file():
             z = np.load(path)
-            self.store = dict(zip(z["keys"].tolist(), z["emb"]))
+            self.store = dict(zip(z["keys"].tolist(), z["emb"], strict=True))
 
     def get(self, rels: list[str]) -> np.ndarray:
         """-> (N, 128) with NaN rows where YuNet finds no face."""
@@ -212,15 +212,16 @@ def main() -> None:
         if split != "train":
             by_id.setdefault(name, []).append(i)
     rec_pairs = []  # (row index of A, relpath of B)
-    for name, idx in sorted(by_id.items()):
+    for _name, idx in sorted(by_id.items()):
         if len(idx) < 2:
             continue
         for k in range(min(args.pairs_per_id, len(idx) - 1)):
             rec_pairs.append((idx[k], rows[idx[k + 1]][2]))
     a_idx = np.array([a for a, _ in rec_pairs])
     with torch.no_grad():
-        recon = np.concatenate([to_uint8(G.synthesis(E(to_tensor(chips[a_idx[i : i + 64]]))))
-                                for i in range(0, len(a_idx), 64)])
+        recon = np.concatenate(
+            [to_uint8(G.synthesis(E(to_tensor(chips[a_idx[i : i + 64]])))) for i in range(0, len(a_idx), 64)]
+        )
     log(f"reconstructing {len(rec_pairs)} holdout pairs, embedding")
     e_rec = embed_images(ev, recon)
     e_b = cache.get([b for _, b in rec_pairs])
@@ -285,8 +286,12 @@ def main() -> None:
             t1 = time.time()
             engine.enroll(x[:1], key_seed("timing", 0))
             t_one = time.time() - t1
-            results["engine"] = {"steps": args.engine_steps, "seconds_one_face_2_threads": t_one,
-                                 "split": engine.split.describe(), "attribute_loss": "off (no attribute model)"}
+            results["engine"] = {
+                "steps": args.engine_steps,
+                "seconds_one_face_2_threads": t_one,
+                "split": engine.split.describe(),
+                "attribute_loss": "off (no attribute model)",
+            }
             log(f"engine: one {args.engine_steps}-step anonymisation {t_one:.1f}s")
             for key in ("A", "B"):
                 outs = [engine.enroll(x[i : i + 1], key_seed("key" + key, 0)).images for i in range(len(x))]
@@ -301,11 +306,14 @@ def main() -> None:
     for r, row in enumerate(rows_img):
         for c, im in enumerate(row):
             grid[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.asarray(
-                Image.fromarray(im).resize((tile, tile), Image.BICUBIC))
+                Image.fromarray(im).resize((tile, tile), Image.BICUBIC)
+            )
     Image.fromarray(grid).save(args.bundle / "grid.png")
-    results["grid_rows"] = ["original (holdout)", "reconstruction"] + (
-        ["cancelable key A", "cancelable key B"] if len(rows_img) == 6 else []) + [
-        "key-derived synthetic", "layer-mixed: layers 0-3 from a key, 4+ from the real face"]
+    results["grid_rows"] = (
+        ["original (holdout)", "reconstruction"]
+        + (["cancelable key A", "cancelable key B"] if len(rows_img) == 6 else [])
+        + ["key-derived synthetic", "layer-mixed: layers 0-3 from a key, 4+ from the real face"]
+    )
 
     (args.bundle / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     log("wrote eval.json and grid.png")
@@ -323,13 +331,15 @@ def write_card(path: Path, r: dict) -> None:
     o = r["original_listed_mated_pairs"]
     lines = [
         CARD_BEGIN,
-        f"Measured by `scripts/eval_lite.py` on bundle `{r['bundle_id']}` ({time.strftime('%Y-%m-%d')}). Judge: YuNet + "
+        f"Measured by `scripts/eval_lite.py` on bundle `{r['bundle_id']}` ({time.strftime('%Y-%m-%d')}). "
+        "Judge: YuNet + "
         "ArcFace-template alignment + MobileFaceNet (../shared/models/eval), cosine; never used in training.",
         "",
         f"- Thresholds from original non-mated pairs: {th['n_nonmated_listed']} listed in lfw-dev-pairs.tsv + "
         f"{th['n_nonmated_generated']} generated (cross-identity pairs of one photo each of 1,000 random "
         f"identities): FAR 1e-2 -> {th['0.01']:.4f}, FAR 1e-3 -> {th['0.001']:.4f}.",
-        f"- Original vs original, the 3,000 listed mated pairs: TAR {o['0.01']:.1%} @ FAR 1e-2, {o['0.001']:.1%} @ 1e-3.",
+        f"- Original vs original, the 3,000 listed mated pairs: TAR {o['0.01']:.1%} @ FAR 1e-2, "
+        f"{o['0.001']:.1%} @ 1e-3.",
         f"- Reconstruction of photo A vs another original photo B of the same person ({f['n']} pairs, "
         f"{rec['identities']} holdout identities never trained on): **TAR {f['0.01']:.1%} @ FAR 1e-2** "
         f"(acceptance >= 50 %), {f['0.001']:.1%} @ FAR 1e-3; failures to acquire {f['failed_to_acquire']}.",
@@ -343,9 +353,11 @@ def write_card(path: Path, r: dict) -> None:
     ]
     eng = r.get("engine", {})
     if "seconds_one_face_2_threads" in eng:
-        lines.append(f"- One {eng['steps']}-step anonymisation of one face (Engine.enroll, split `{eng['split']}`, "
-                     f"no attribute loss), CPU, 2 threads on the shared 2-core machine: "
-                     f"{eng['seconds_one_face_2_threads']:.1f} s.")
+        lines.append(
+            f"- One {eng['steps']}-step anonymisation of one face (Engine.enroll, split `{eng['split']}`, "
+            f"no attribute loss), CPU, 2 threads on the shared 2-core machine: "
+            f"{eng['seconds_one_face_2_threads']:.1f} s."
+        )
     elif eng:
         lines.append(f"- Engine timing not measured: {eng.get('error')}")
     lines.append(CARD_END)

@@ -84,15 +84,20 @@ def main() -> None:
         chips.append(chip)
         if (i + 1) % 500 == 0:
             el = time.time() - t0
-            print(f"{i + 1}/{len(paths)} images, {missed} without face, {el:.0f}s, ETA {el / (i + 1) * (len(paths) - i - 1):.0f}s",
-                  flush=True)
+            print(
+                f"{i + 1}/{len(paths)} images, {missed} without face, {el:.0f}s, "
+                f"ETA {el / (i + 1) * (len(paths) - i - 1):.0f}s",
+                flush=True,
+            )
     arr = np.stack(chips)
     stem = args.out / f"lfw_chips_{args.size}"
     np.save(stem.with_suffix(".npy"), arr)
     stem.with_suffix(".tsv").write_text("\n".join(rows) + "\n")
     n_val = sum(not r.endswith("\ttrain") for r in rows)
-    print(f"wrote {arr.shape} to {stem}.npy; {n_val} val/holdout rows, {len(rows) - n_val} train rows, {missed} missed, "
-          f"{time.time() - t0:.0f}s")
+    print(
+        f"wrote {arr.shape} to {stem}.npy; {n_val} val/holdout rows, {len(rows) - n_val} train rows, {missed} missed, "
+        f"{time.time() - t0:.0f}s"
+    )
 
 
 if __name__ == "__main__":

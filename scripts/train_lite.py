@@ -13,12 +13,20 @@ Losses (per real image x, reconstruction y = G(E(x) with latent noise)):
 
 The LR warms up over 200 steps, then decays linearly over the last 20 % of the run; with ``--stop-at`` the
 progress is the larger of step / steps and the elapsed share of the wall-clock budget (then the run is no longer
-bit-reproducible). Deterministic from ``--seed`` without ``--stop-at`` (data order and noise are functions of seed and step); checkpoints atomically to
-``runs/<name>/ckpt.pt`` every ``--ckpt-minutes`` and resumes from it. Loss weights given on the command line
-override the checkpoint's (so a term can be switched on by resuming). At the end (``--steps`` reached or
+bit-reproducible). Every update's global gradient norm is clipped to ``--clip`` and an update with a non-finite
+loss or gradient is skipped. Deterministic from ``--seed`` without ``--stop-at`` (data order and noise are
+functions of seed and step); checkpoints atomically to ``runs/<name>/ckpt.pt`` every ``--ckpt-minutes`` and
+resumes from it. Loss weights given on the command line override the checkpoint's (so a term can be switched on by
+resuming); the LR is not stored (give the same ``--lr`` when resuming). At the end (``--steps`` reached or
 ``--stop-at`` wall clock) the EMA networks get the Gaussian mapping fitted and are written to the bundle.
 
-Run: ``nohup .venv/bin/python scripts/train_lite.py --name lite64 --steps 4000 > runs/lite64.log 2>&1 &``
+``--finalize-only`` refits the mapping on the checkpoint and writes the bundle without training (``--out`` picks
+the directory, e.g. a temporary one to inspect a checkpoint).
+
+Run (as the committed bundle was trained, see worker/bundles/lite/MODEL_CARD.md)::
+
+    nohup setsid .venv/bin/python scripts/train_lite.py --steps 3000 --id-weight 1.0 --lr 1e-3 --stop-at 15:00 \
+        >> runs/lite64.out 2>&1 &
 """
 
 from __future__ import annotations
@@ -124,9 +132,9 @@ class Discriminator(nn.Module):
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
             pe.lerp_(pm, 1.0 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
+        for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
             be.copy_(bm)
 
 
@@ -163,8 +171,10 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"lite_{cfg['resolution']}.pt"
     payload = {
-        "generator": {k: v.half() if v.is_floating_point() and k != "map_chol" and k != "w_avg" else v
-                      for k, v in g.state_dict().items()},
+        "generator": {
+            k: v.half() if v.is_floating_point() and k != "map_chol" and k != "w_avg" else v
+            for k, v in g.state_dict().items()
+        },
         "encoder": {k: v.half() if v.is_floating_point() and k != "w_avg" else v for k, v in e.state_dict().items()},
     }
     # fp16 storage halves the file; map_chol and w_avg stay fp32 (tiny, and they set the key-derived codes)
@@ -186,8 +196,10 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
         },
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...) and manifest.json; "
-        f"Gaussian fitted on {len(codes_t)} train codes")
+    log(
+        f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...) and manifest.json; "
+        f"Gaussian fitted on {len(codes_t)} train codes"
+    )
 
 
 def dlib_resnet_sha256() -> str:
@@ -214,6 +226,7 @@ def main() -> None:
     ap.add_argument("--stop-at", default="", help="HH:MM (local time): stop, checkpoint and finalize then")
     ap.add_argument("--finalize-only", action="store_true")
     ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--clip", type=float, default=1.0, help="max global gradient norm per optimizer step; 0 = off")
     # loss weights (None = checkpoint's value or the default)
     ap.add_argument("--ssim-weight", type=float, default=None)
     ap.add_argument("--delta-weight", type=float, default=None)
@@ -238,8 +251,16 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    defaults = {"ssim_weight": 0.5, "delta_weight": 1.0, "noise": 0.1, "adv_weight": 0.05, "adv_start": 800,
-                "r1": 1.0, "id_weight": 0.0, "id_batch": 8}
+    defaults = {
+        "ssim_weight": 0.5,
+        "delta_weight": 1.0,
+        "noise": 0.1,
+        "adv_weight": 0.05,
+        "adv_start": 800,
+        "r1": 1.0,
+        "id_weight": 0.0,
+        "id_batch": 8,
+    }
     chips, rows = load_chips(args.cache, args.resolution)
     train_idx = np.array([i for i, r in enumerate(rows) if r[2] == "train"])
     n_val_ids = len({r[0] for r in rows if r[2] != "train"})
@@ -273,23 +294,46 @@ def main() -> None:
         v = getattr(args, k)
         if v is not None:
             weights[k] = type(defaults[k])(v)
-    log(f"config {cfg}; weights {weights}; {len(train_idx)} train images, {len(rows) - len(train_idx)} val/holdout images "
-        f"({n_val_ids} val + holdout identities excluded); device {device}, threads {args.threads}")
-    log(f"params: G {sum(p.numel() for p in G.parameters())}, E {sum(p.numel() for p in E.parameters())}, "
-        f"D {sum(p.numel() for p in D.parameters())}")
+    log(
+        f"config {cfg}; weights {weights}; {len(train_idx)} train images, "
+        f"{len(rows) - len(train_idx)} val/holdout images "
+        f"({n_val_ids} val + holdout identities excluded); device {device}, threads {args.threads}"
+    )
+    log(
+        f"params: G {sum(p.numel() for p in G.parameters())}, E {sum(p.numel() for p in E.parameters())}, "
+        f"D {sum(p.numel() for p in D.parameters())}"
+    )
 
     def snapshot() -> dict:
-        return {"g": G.state_dict(), "e": E.state_dict(), "d": D.state_dict(), "g_ema": G_ema.state_dict(),
-                "e_ema": E_ema.state_dict(), "opt_ge": opt_ge.state_dict(), "opt_d": opt_d.state_dict(),
-                "code_mean": code_mean, "code_cov": code_cov, "step": step, "elapsed": elapsed_prev + (
-                    time.time() - t_start), "weights": weights, "config": cfg, "seed": args.seed,
-                "wall_start": wall_start}
+        return {
+            "g": G.state_dict(),
+            "e": E.state_dict(),
+            "d": D.state_dict(),
+            "g_ema": G_ema.state_dict(),
+            "e_ema": E_ema.state_dict(),
+            "opt_ge": opt_ge.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "code_mean": code_mean,
+            "code_cov": code_cov,
+            "step": step,
+            "elapsed": elapsed_prev + (time.time() - t_start),
+            "weights": weights,
+            "config": cfg,
+            "seed": args.seed,
+            "wall_start": wall_start,
+        }
 
     if args.finalize_only:
         t_start = wall_start = time.time()
-        finalize(snapshot() if not ckpt_path.exists() else torch.load(ckpt_path, map_location="cpu",
-                                                                     weights_only=False),
-                 cfg, chips, train_idx, args.out, args, log)
+        finalize(
+            snapshot() if not ckpt_path.exists() else torch.load(ckpt_path, map_location="cpu", weights_only=False),
+            cfg,
+            chips,
+            train_idx,
+            args.out,
+            args,
+            log,
+        )
         return
 
     id_model = None
@@ -312,6 +356,25 @@ def main() -> None:
     win = _gauss_window().to(device)
     n_lat = n_latent_for(args.resolution)
     per_epoch = len(train_idx) // args.batch
+    ge_params = list(G.parameters()) + list(E.parameters())
+    skipped = [0]
+
+    def step_ok(loss_value: torch.Tensor, params: list, what: str) -> bool:
+        """Clip the global gradient norm; False (skip this update) when the loss or the gradient is not finite.
+
+        A gradient spike threw an earlier run off at lr 2e-3. With Adam, clipping to a fixed norm only rescales
+        gradients it normalises anyway; what it changes is that one huge gradient no longer dominates the moments.
+        """
+        ok = bool(torch.isfinite(loss_value))
+        if args.clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            ok = ok and bool(torch.isfinite(gn))
+            run_stats[f"gn_{what}"] = run_stats.get(f"gn_{what}", 0.0) + (float(gn) if ok else 0.0)
+        if not ok:
+            skipped[0] += 1
+            log(f"step {step}: non-finite {what} loss or gradient, update skipped ({skipped[0]} so far)")
+        return ok
+
     t_start = time.time()
     t_ckpt = time.time()
     t_log, imgs_log = time.time(), 0
@@ -374,7 +437,8 @@ def main() -> None:
             stats["g_adv"] = l_adv.item()
         opt_ge.zero_grad(set_to_none=True)
         loss.backward()
-        opt_ge.step()
+        if step_ok(loss, ge_params, "ge"):
+            opt_ge.step()
 
         # ---- discriminator step
         if adv_on or (weights["adv_weight"] > 0 and step >= weights["adv_start"] - 200):
@@ -389,7 +453,8 @@ def main() -> None:
                 l_d = l_d + weights["r1"] * 4 * 0.5 * grad.pow(2).sum(dim=(1, 2, 3)).mean()
             opt_d.zero_grad(set_to_none=True)
             l_d.backward()
-            opt_d.step()
+            if step_ok(l_d, list(D.parameters()), "d"):
+                opt_d.step()
             stats["d"] = l_d.item()
 
         with torch.no_grad():
@@ -408,8 +473,10 @@ def main() -> None:
             ips = imgs_log / dt_log
             eta = (args.steps - step) * B / ips
             msg = " ".join(f"{k} {v / 25:.4f}" for k, v in run_stats.items())
-            log(f"step {step}/{args.steps} ep {step / per_epoch:.2f} {msg} lr {args.lr * lr_scale:.2e} "
-                f"{ips:.1f} img/s ETA {eta / 60:.1f} min")
+            log(
+                f"step {step}/{args.steps} ep {step / per_epoch:.2f} {msg} lr {args.lr * lr_scale:.2e} "
+                f"{ips:.1f} img/s ETA {eta / 60:.1f} min"
+            )
             t_log, imgs_log, run_stats = time.time(), 0, {}
         if time.time() - t_ckpt > args.ckpt_minutes * 60:
             atomic_save(snapshot(), ckpt_path)

@@ -9,19 +9,29 @@ import sys
 from pathlib import Path
 
 import pytest
-from worker_harness import REPO, Deployment, deployment, job_id, upload  # noqa: F401
+from worker_harness import REPO, Deployment, job_id, running, upload
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dep(service_env, seaweed, tmp_path: Path):
+    yield from running(service_env, seaweed, tmp_path)
+
 
 CLI = [sys.executable, "-m", "producers.cli"]
 
 
-def cli(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(
+    args: list[str], env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     import os
 
-    e = env or {**{k: v for k, v in os.environ.items() if not k.startswith("CANCELABLE_")},
-                "PYTHONPATH": str(REPO), "CANCELABLE_REDIS__URL": "redis://127.0.0.1:1/0"}
+    e = env or {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CANCELABLE_")},
+        "PYTHONPATH": str(REPO),
+        "CANCELABLE_REDIS__URL": "redis://127.0.0.1:1/0",
+    }
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=e, input=stdin, timeout=timeout, cwd=REPO)
 
 
@@ -50,8 +60,15 @@ def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
 
 
 def test_unknown_field_in_job_file_is_refused() -> None:
-    job = {"kind": "enroll", "job_id": "abcdefgh1234", "tenant": "t", "subject": "s", "images": ["s3://bkt/a.jpg"],
-           "key_id": "k", "priority": "high"}
+    job = {
+        "kind": "enroll",
+        "job_id": "abcdefgh1234",
+        "tenant": "t",
+        "subject": "s",
+        "images": ["s3://bkt/a.jpg"],
+        "key_id": "k",
+        "priority": "high",
+    }
     r = cli(["enroll", "--job-file", "-"], stdin=json.dumps(job), timeout=60)
     assert r.returncode == 2 and "priority" in r.stderr and "Extra inputs" in r.stderr, r.stderr
     r = cli(["enroll", "--job-file", "-"], stdin="{not json", timeout=60)
@@ -59,13 +76,14 @@ def test_unknown_field_in_job_file_is_refused() -> None:
 
 
 def test_unreachable_queue_exits_4() -> None:
-    r = cli(["enroll", "--tenant", "t", "--subject", "s", "--key", "k", "s3://bkt/x.jpg", "--timeout", "5"], timeout=120)
+    r = cli(
+        ["enroll", "--tenant", "t", "--subject", "s", "--key", "k", "s3://bkt/x.jpg", "--timeout", "5"], timeout=120
+    )
     assert r.returncode == 4, (r.stdout, r.stderr)
     assert "cannot reach the queue" in r.stderr
 
 
-def test_cli_enroll_verify_bulk_status(deployment: Deployment, tmp_path: Path) -> None:
-    dep = deployment
+def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
     env = {**dep.env}
     f = dep.faces
 
@@ -103,8 +121,11 @@ def test_cli_enroll_verify_bulk_status(deployment: Deployment, tmp_path: Path) -
     assert st["state"] == "failed" and p["total"] == 4 and p["succeeded"] == 2 and p["failed"] == 2
     assert p["failed_codes"] == {"invalid_image": 1, "object_not_found": 1}
     for s, n in (("b1", 2), ("b2", 1)):
-        man = json.loads(dep.s3.get_object(Bucket=dep.bucket, Key=f"tenants/acme/subjects/{s}/versions/0000000001.json")
-                         ["Body"].read())
+        man = json.loads(
+            dep.s3.get_object(Bucket=dep.bucket, Key=f"tenants/acme/subjects/{s}/versions/0000000001.json")[
+                "Body"
+            ].read()
+        )
         assert len(man["images"]) == n
 
     # the same bulk job again (a restarted producer): nothing new is enrolled, same counts

@@ -1,8 +1,7 @@
 """``infra/stack.sh`` against real processes: ``up`` / ``up`` again / ``status`` / ``down``.
 
-Isolation: every run gets its own state dir (``STACK_DIR``) and free ports (``STACK_*_PORT``, plus
-``CANCELABLE_METRICS__PORT`` for the worker's metrics server, which the script does not move itself), so the
-developer's ``.stack/`` and the system Redis on 6379 are never touched; both are checked afterwards.
+Isolation: every run gets its own state dir (``STACK_DIR``) and free ports (``STACK_*_PORT``, the worker's
+metrics port included: ``STACK_METRICS_PORT``, which the script writes into its env file), so the developer's ``.stack/`` and the system Redis on 6379 are never touched; both are checked afterwards.
 
 Processes and sockets are read from ``/proc`` (no ``ss`` or psutil needed): a started service is every process in
 the session of its recorded PID (the script starts each with ``setsid``), e.g. the worker and its pool child.
@@ -296,6 +295,7 @@ def make_stack(tmp_path: Path) -> Iterator:
             CANCELABLE_WEED_BIN=weed,
             # the worker's metrics server defaults to 9808, where a developer's own stack worker may listen
             CANCELABLE_METRICS__PORT=str(metrics_port),
+            STACK_METRICS_PORT=str(metrics_port),
         )
         stack = Stack(d, redis_port, ports, env)
         stacks.append(stack)
@@ -517,3 +517,31 @@ def test_up_worker_starts_redis_and_worker_and_down_stops_them_all(make_stack) -
     assert all(f"stopping {n}" in out for n in SERVICES), out
     assert_stopped(stack, started)
     assert not any(port_open(p) for p in (stack.redis_port, stack.s3_port, metrics_port))
+
+
+def _up_without_weed(make_stack, redis_port: int, subdir: str) -> tuple[Stack, subprocess.CompletedProcess[str]]:
+    """``up`` with a missing `weed` and a Redis that is not the script's: writes its state, then stops (fast)."""
+    stack = make_stack(redis_port=redis_port)
+    stack.dir = stack.dir.parent / subdir / "state"
+    stack.dir.parent.mkdir(parents=True)
+    stack.env["STACK_DIR"] = str(stack.dir)
+    stack.env["CANCELABLE_WEED_BIN"] = str(stack.dir.parent / "no-such-weed")
+    return stack, stack.run("up", check=False)
+
+
+@pytest.mark.timeout(120)
+def test_up_without_weed_fails_clearly_and_starts_nothing(make_stack, foreign_redis) -> None:
+    redis_port, redis_pid = foreign_redis
+    stack, r = _up_without_weed(make_stack, redis_port, "no-weed")
+    assert r.returncode != 0 and "SeaweedFS binary not found" in r.stderr, (r.stdout, r.stderr)
+    assert stack.pidfiles() == {}, "started something although it could not start SeaweedFS"
+    assert alive(redis_pid)
+
+
+@pytest.mark.timeout(120)
+def test_env_sources_cleanly_when_the_state_dir_has_a_space(make_stack, foreign_redis) -> None:
+    redis_port, _ = foreign_redis
+    stack, _ = _up_without_weed(make_stack, redis_port, "with space")
+    exported = sourced_env(stack)
+    assert exported["CANCELABLE_KEYS__KEYRING_PATH"] == str(stack.dir / "keyring.json")
+    assert exported["CANCELABLE_S3__SECRET_ACCESS_KEY_FILE"] == str(stack.dir / "secrets" / "s3_secret_access_key")

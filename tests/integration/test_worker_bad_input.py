@@ -6,15 +6,21 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
-from worker_harness import Deployment, deployment, job_id, upload  # noqa: F401
+from worker_harness import Deployment, job_id, running, upload
 
 from worker.contracts import JobStatus
 from worker.tasks.config import ENGINE_QUEUE, TASK_ENROLL, TASK_VERIFY
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dep(service_env, seaweed, tmp_path: Path):
+    yield from running(service_env, seaweed, tmp_path)
 
 
 def png_bomb(width: int, height: int) -> bytes:
@@ -26,8 +32,12 @@ def png_bomb(width: int, height: int) -> bytes:
     row = b"\x00" * (1 + (width + 7) // 8)
     comp = zlib.compressobj(9)
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -65,8 +75,7 @@ def _nothing_written(dep: Deployment, subject: str) -> None:
     assert r.get("KeyCount", 0) == 0, [o["Key"] for o in r.get("Contents", [])]
 
 
-def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(deployment: Deployment) -> None:
-    dep = deployment
+def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(dep: Deployment) -> None:
     c = dep.client
     pids = (dep.worker.popen.pid, sorted(dep.worker.children()))
 
@@ -78,15 +87,19 @@ def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(deployment:
         c.submit(c.enroll_job("acme", "bad-missing", [f"s3://{dep.bucket}/inputs/nope.jpg"], "k1")),
         "object_not_found",
     )
-    submitted["unknown-key"] = (c.submit(c.enroll_job("acme", "bad-unknown-key", [dep.faces["obama"]], "nokey")),
-                                "unknown_key")
+    submitted["unknown-key"] = (
+        c.submit(c.enroll_job("acme", "bad-unknown-key", [dep.faces["obama"]], "nokey")),
+        "unknown_key",
+    )
     from worker.keys.providers import KeyRegistry, write_keyring
     from worker.storage.client import ObjectStore
 
     write_keyring(dep.keyring, ["kr"])
     KeyRegistry(ObjectStore.from_settings(dep.settings.s3)).revoke_key("kr", reason="test", job_id=job_id("rk"))
-    submitted["revoked-key"] = (c.submit(c.enroll_job("acme", "bad-revoked-key", [dep.faces["obama"]], "kr")),
-                                "revoked_key")
+    submitted["revoked-key"] = (
+        c.submit(c.enroll_job("acme", "bad-revoked-key", [dep.faces["obama"]], "kr")),
+        "revoked_key",
+    )
     submitted["verify-no-template"] = (c.submit(c.verify_job("acme", "nobody", dep.faces["obama"])), "no_template")
 
     for name, (jid, code) in submitted.items():
@@ -104,8 +117,7 @@ def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(deployment:
     assert ok.status == JobStatus.SUCCEEDED and ok.version == 1
 
 
-def test_malformed_messages_are_refused_and_the_worker_keeps_serving(deployment: Deployment) -> None:
-    dep = deployment
+def test_malformed_messages_are_refused_and_the_worker_keeps_serving(dep: Deployment) -> None:
     c = dep.client
     good = c.enroll_job("acme", "m1", [dep.faces["obama"]], "k1").model_dump(mode="json")
     cases = {

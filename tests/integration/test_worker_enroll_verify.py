@@ -7,11 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-from worker_harness import LITE_MANIFEST, Deployment, deploy, deployment, job_id  # noqa: F401
+from worker_harness import LITE_MANIFEST, Deployment, deploy, job_id, running
 
 from worker.contracts import JobStatus
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dep(service_env, seaweed, tmp_path: Path):
+    yield from running(service_env, seaweed, tmp_path)
 
 
 def _manifest(dep: Deployment, uri: str) -> dict:
@@ -19,8 +24,7 @@ def _manifest(dep: Deployment, uri: str) -> dict:
     return json.loads(dep.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def test_enroll_commits_a_version_and_verify_scores(deployment: Deployment) -> None:
-    dep = deployment
+def test_enroll_commits_a_version_and_verify_scores(dep: Deployment) -> None:
     f = dep.faces
     res = dep.client.run(dep.client.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=180)
     assert res.status == JobStatus.SUCCEEDED, res
@@ -46,8 +50,7 @@ def test_enroll_commits_a_version_and_verify_scores(deployment: Deployment) -> N
     assert v.decision == ("accept" if v.score >= v.threshold else "reject")
 
 
-def test_same_job_twice_gives_one_version(deployment: Deployment) -> None:
-    dep = deployment
+def test_same_job_twice_gives_one_version(dep: Deployment) -> None:
     job = dep.client.enroll_job("acme", "twice", [dep.faces["obama"]], "k1", job_id=job_id("dup"))
     # two deliveries of one job queued back to back (a producer retry): both finish, one version exists
     dep.client.submit(job)

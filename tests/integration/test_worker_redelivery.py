@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from worker_harness import Deployment, deploy, start_worker, wait_ready  # noqa: F401
+from worker_harness import Deployment, deploy
 
 from worker.contracts import JobStatus
 
@@ -23,9 +23,13 @@ VT = 24  # visibility timeout of these workers (s); the hard time limit is below
 @pytest.fixture
 def crashy(service_env, seaweed, tmp_path: Path):
     dep = deploy(
-        service_env, seaweed, tmp_path,
-        CANCELABLE_WORKER__TASK_TIME_LIMIT=str(VT - 4), CANCELABLE_WORKER__VISIBILITY_TIMEOUT=str(VT),
-        CANCELABLE_WORKER__MAX_ATTEMPTS="3", CANCELABLE_ENGINE__STEPS="20",
+        service_env,
+        seaweed,
+        tmp_path,
+        CANCELABLE_WORKER__TASK_TIME_LIMIT=str(VT - 4),
+        CANCELABLE_WORKER__VISIBILITY_TIMEOUT=str(VT),
+        CANCELABLE_WORKER__MAX_ATTEMPTS="3",
+        CANCELABLE_ENGINE__STEPS="20",
     )
     try:
         yield dep
@@ -102,11 +106,163 @@ def test_job_that_keeps_killing_its_worker_is_dead_lettered(crashy: Deployment) 
     assert res.error.code == "dead_lettered" and res.attempts == 3
     dl = dep.client.book.get_dead_letter(job.job_id)
     assert dl is not None and dl["attempts"] == 3 and dl["job"]["job_id"] == job.job_id
-    s3_dl = json.loads(dep.s3.get_object(Bucket=dep.bucket, Key=f"tenants/acme/dead-letters/{job.job_id}.json")
-                       ["Body"].read())
+    s3_dl = json.loads(
+        dep.s3.get_object(Bucket=dep.bucket, Key=f"tenants/acme/dead-letters/{job.job_id}.json")["Body"].read()
+    )
     assert s3_dl["job_kind"] == "enroll" and s3_dl["attempts"] == 3
     assert job.job_id in dep.client.book.dead_letters()
     assert _versions(dep, "poison") == []
     # the worker serves the next job normally
     ok = dep.client.run(dep.client.enroll_job("acme", "after-poison", [dep.faces["obama"]], "k1"), timeout=180)
     assert ok.status == JobStatus.SUCCEEDED
+
+
+# --- the task envelope and the bulk cursor, in-process against the session's Redis + SeaweedFS ---------------------
+class _Retry(Exception):
+    pass
+
+
+class _FakeTask:
+    """Stands in for the bound Celery task: records retries and continuations instead of publishing them."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.request = SimpleNamespace(retries=0)
+        self.countdowns: list[float] = []
+        self.continued: list[dict] = []
+
+    def retry(self, exc: BaseException, countdown: float, max_retries: object = None) -> _Retry:
+        self.countdowns.append(countdown)
+        self.request.retries += 1
+        return _Retry(str(exc))
+
+    def apply_async(self, **kw: object) -> None:
+        self.continued.append(kw)
+
+
+@pytest.fixture
+def rt(make_settings, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+    from worker.tasks import runtime
+
+    r = runtime.Runtime(make_settings(bucket=s3_bucket, worker={"max_attempts": 3}))
+    monkeypatch.setattr(runtime, "_runtime", r)
+    yield r
+
+
+def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import EnrollResult, to_wire
+    from worker.errors import StorageError
+    from worker.tasks.common import run_job
+
+    job = {
+        "kind": "enroll",
+        "job_id": new_id("tr"),
+        "tenant": "acme",
+        "subject": "s",
+        "key_id": "k1",
+        "images": ["s3://bkt/a.jpg"],
+    }
+    calls = []
+
+    def flaky(rt_, j, attempt, started):
+        calls.append(attempt)
+        raise StorageError("s3://bkt/a.jpg: SlowDown (HTTP 503)")
+
+    task = _FakeTask()
+    kw = dict(
+        kind="enroll",
+        job_type="enroll",
+        result_cls=EnrollResult,
+        handler=flaky,
+        ident=lambda j: {"subject": j.subject, "key_id": j.key_id},
+    )
+    for _ in range(2):
+        with pytest.raises(_Retry):
+            run_job(task, (job,), {}, **kw)
+    assert task.countdowns == [1.0, 2.0]  # exponential backoff
+    out = run_job(task, (job,), {}, **kw)
+    assert out["status"] == "dead_lettered" and out["attempts"] == 3 and calls == [1, 2, 3]
+    assert rt.book.get_dead_letter(job["job_id"])["error_code"] == "storage_error"
+    body, _ = rt.store.get(f"tenants/acme/dead-letters/{job['job_id']}.json")
+    assert json.loads(body)["attempts"] == 3
+    # the stored result answers any further delivery; the handler does not run again
+    assert run_job(task, (job,), {}, **kw) == out and calls == [1, 2, 3]
+    assert "SlowDown" not in json.dumps(to_wire(EnrollResult.model_validate(out)))  # message trimmed to the code
+
+
+def test_bad_input_fails_once_without_retry(rt) -> None:
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import EnrollResult
+    from worker.errors import NoFaceError
+    from worker.tasks.common import run_job
+
+    job = {
+        "kind": "enroll",
+        "job_id": new_id("nf"),
+        "tenant": "acme",
+        "subject": "s",
+        "key_id": "k1",
+        "images": ["s3://bkt/a.jpg"],
+    }
+
+    def no_face(rt_, j, attempt, started):
+        raise NoFaceError("s3://bkt/a.jpg: no face found")
+
+    task = _FakeTask()
+    out = run_job(
+        task,
+        (job,),
+        {},
+        kind="enroll",
+        job_type="enroll",
+        result_cls=EnrollResult,
+        handler=no_face,
+        ident=lambda j: {"subject": j.subject},
+    )
+    assert out["status"] == "failed" and out["error"]["code"] == "no_face" and task.countdowns == []
+
+
+def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import child_job_id, job_from_wire
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    lines = [
+        json.dumps({"subject": f"s{i}", "images": [f"s3://{rt.settings.s3.bucket}/in/{i}.jpg"]}) for i in range(1, 6)
+    ]
+    lines.insert(2, '{"subject": "bad/one", "images": []}')  # line 3: a bad row is counted, the stream goes on
+    rt.store.put("manifests/m.jsonl", ("\n".join(lines) + "\n").encode())
+    job = job_from_wire(
+        {
+            "kind": "bulk",
+            "job_id": new_id("bk"),
+            "tenant": "acme",
+            "key_id": "k1",
+            "chunk_size": 2,
+            "manifest": {"format": "jsonl", "uri": rt.store.uri("manifests/m.jsonl")},
+        }
+    )
+    sent: list[str] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
+    monkeypatch.setattr(control_tasks, "BULK_TIME_BUDGET_FRACTION", 0.0)  # hand over after every chunk
+    task = _FakeTask()
+
+    r1 = control_tasks._bulk(rt, job, 1, now(), task, 0)
+    assert r1.status == "running" and rt.book.get_cursor(job.job_id) == 2
+    assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2)]
+    assert task.continued[-1]["kwargs"] == {"continuation": 1}
+    # the continuation runs twice (a re-delivery): rows before the cursor are never sent again
+    control_tasks._bulk(rt, job, 1, now(), task, 1)
+    assert rt.book.get_cursor(job.job_id) == 4
+    control_tasks._bulk(rt, job, 1, now(), task, 1)
+    control_tasks._bulk(rt, job, 1, now(), task, 2)
+    assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2, 4, 5, 6)]
+    p = rt.book.progress(job.job_id)
+    assert p.total == 6 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
+    assert rt.book.get_fields(job.job_id)["listing"] == "done"

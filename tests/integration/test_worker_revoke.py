@@ -4,14 +4,20 @@ template unlinkable to the new one; whole-key revocation fans out over every sub
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from worker_harness import Deployment, deployment  # noqa: F401
+from worker_harness import Deployment, running
 
 from worker.contracts import JobStatus
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dep(service_env, seaweed, tmp_path: Path):
+    yield from running(service_env, seaweed, tmp_path)
 
 
 def _json(dep: Deployment, key: str) -> dict:
@@ -26,8 +32,7 @@ def _template(dep: Deployment, subject: str, version: int) -> np.ndarray:
     return rec.vector()
 
 
-def test_revoke_subject_reissues_and_marks_old_revoked(deployment: Deployment) -> None:
-    dep = deployment
+def test_revoke_subject_reissues_and_marks_old_revoked(dep: Deployment) -> None:
     f = dep.faces
     c = dep.client
     enrolled = c.run(c.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=180)
@@ -69,8 +74,7 @@ def test_revoke_subject_reissues_and_marks_old_revoked(deployment: Deployment) -
     assert st["state"] == "succeeded" and st["progress"]["succeeded"] == 1 and st["progress"]["pending"] == 0
 
 
-def test_revoke_whole_key_fans_out_and_purges(deployment: Deployment) -> None:
-    dep = deployment
+def test_revoke_whole_key_fans_out_and_purges(dep: Deployment) -> None:
     f = dep.faces
     c = dep.client
     for subject, imgs in (("a1", [f["obama"]]), ("a2", [f["obama2"]]), ("b1", [f["biden"]])):
@@ -80,8 +84,9 @@ def test_revoke_whole_key_fans_out_and_purges(deployment: Deployment) -> None:
     from worker.keys.providers import write_keyring
 
     write_keyring(dep.keyring, ["k3"])
-    rev = c.run(c.revoke_job("acme", "key k1 compromised", key_id="k1", new_key_id="k3", purge_old_images=True),
-                timeout=300)
+    rev = c.run(
+        c.revoke_job("acme", "key k1 compromised", key_id="k1", new_key_id="k3", purge_old_images=True), timeout=300
+    )
     assert rev.status == JobStatus.SUCCEEDED, rev
     assert rev.subjects_total == 2 and rev.subjects_done == 2
     for s in ("a1", "a2"):

@@ -1,7 +1,8 @@
 """Shared pieces of the worker integration tests: a real ``celery worker`` subprocess, a throwaway lite bundle, the
 sample faces uploaded to S3, and a producer ``Client`` wired to the test session's Redis + SeaweedFS.
 
-Import the fixtures into a test module with ``from worker_harness import *  # noqa: F403``.
+A test module declares its own fixture: ``dep = pytest.fixture(lambda service_env, seaweed, tmp_path: ...)``, see
+``running``.
 """
 
 from __future__ import annotations
@@ -269,10 +270,12 @@ def deploy(
     return Deployment(worker, client, s3, bucket, env, settings, faces, keyring, tmp)
 
 
-@pytest.fixture
-def deployment(service_env: Callable[..., dict[str, str]], seaweed: Any, tmp_path: Path) -> Iterator[Deployment]:
-    """A worker on both queues with a random lite bundle (plumbing tests), steps=5."""
-    dep = deploy(service_env, seaweed, tmp_path)
+def running(
+    service_env: Callable[..., dict[str, str]], seaweed: Any, tmp_path: Path, **kw: Any
+) -> Iterator[Deployment]:
+    """Body of a test module's ``dep`` fixture: a worker on both queues (default: random lite bundle, steps=5),
+    stopped afterwards. ``kw`` goes to ``deploy``."""
+    dep = deploy(service_env, seaweed, tmp_path, **kw)
     try:
         yield dep
     finally:

@@ -67,8 +67,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.upper().startswith("CANCELABLE_")}
     full.update(env)
     full["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=REPO,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=REPO, timeout=120)
 
 
 def test_worker_app_import_is_light_and_configured() -> None:
@@ -92,8 +91,10 @@ def test_worker_app_import_is_light_and_configured() -> None:
 
 
 def test_worker_refuses_visibility_timeout_below_time_limit() -> None:
-    r = _run("import worker.tasks.app", {"CANCELABLE_WORKER__TASK_TIME_LIMIT": "100",
-                                         "CANCELABLE_WORKER__VISIBILITY_TIMEOUT": "60"})
+    r = _run(
+        "import worker.tasks.app",
+        {"CANCELABLE_WORKER__TASK_TIME_LIMIT": "100", "CANCELABLE_WORKER__VISIBILITY_TIMEOUT": "60"},
+    )
     assert r.returncode == 2
     assert "visibility_timeout" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 4

@@ -26,8 +26,14 @@ from worker.models.lite import (
 
 torch.set_num_threads(1)
 
-TINY = {"resolution": 16, "w_dim": 32, "z_dim": 32, "g_channels": [32, 16, 8], "e_channels": [8, 16, 16],
-        "e_hidden": 32}
+TINY = {
+    "resolution": 16,
+    "w_dim": 32,
+    "z_dim": 32,
+    "g_channels": [32, 16, 8],
+    "e_channels": [8, 16, 16],
+    "e_hidden": 32,
+}
 BUNDLE = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "lite"
 
 
@@ -183,8 +189,10 @@ def test_reconstruction_of_a_real_face_is_closest_to_it(smoke_faces):
     r = b.encoder.input_size
     from PIL import Image
 
-    chips = {k: prepare_face(np.asarray(Image.open(smoke_faces[k]).convert("RGB")), r, "dlib-chip")
-             for k in ("obama", "biden")}
+    chips = {
+        k: prepare_face(np.asarray(Image.open(smoke_faces[k]).convert("RGB")), r, "dlib-chip")
+        for k in ("obama", "biden")
+    }
     x = {k: torch.from_numpy(v).permute(2, 0, 1)[None].float() / 127.5 - 1 for k, v in chips.items()}
     with torch.no_grad():
         rec = b.generator.synthesis(b.encoder(x["obama"]))

@@ -59,7 +59,7 @@ def is_lite_holdout_identity(name: str) -> bool:
 
 
 def lite_split(name: str) -> str:
-    """"val" (the project's validation rule), "holdout" (lite-only extra exclusion) or "train"."""
+    """ "val" (the project's validation rule), "holdout" (lite-only extra exclusion) or "train"."""
     if is_validation_identity(name):
         return "val"
     return "holdout" if is_lite_holdout_identity(name) else "train"
@@ -160,7 +160,7 @@ class LiteGenerator(nn.Module):
         x = self.const.expand(wplus.shape[0], -1, -1, -1)
         x = self.conv0(x, wplus[:, 0])
         rgb = self.rgb0(x, wplus[:, 1])
-        for k, (cu, c, tr) in enumerate(zip(self.convs_up, self.convs, self.rgbs), start=1):
+        for k, (cu, c, tr) in enumerate(zip(self.convs_up, self.convs, self.rgbs, strict=True), start=1):
             x = cu(x, wplus[:, 2 * k - 1])
             x = c(x, wplus[:, 2 * k])
             rgb = F.interpolate(rgb, scale_factor=2, mode="bilinear", align_corners=False) + tr(x, wplus[:, 2 * k + 1])
@@ -273,7 +273,9 @@ def load_lite_encoder(path: Path, config: dict) -> LiteEncoder:
 
 
 @torch.no_grad()
-def fit_gaussian_mapping(generator: LiteGenerator, encoder: LiteEncoder, codes: torch.Tensor, ridge: float = 1e-4) -> None:
+def fit_gaussian_mapping(
+    generator: LiteGenerator, encoder: LiteEncoder, codes: torch.Tensor, ridge: float = 1e-4
+) -> None:
     """Fit ``mapping`` to encoder codes (N, w_dim) and move the mean into ``w_avg`` of both networks.
 
     The encoder's output is unchanged: its base bias is shifted by minus the new mean.

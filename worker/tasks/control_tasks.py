@@ -58,7 +58,7 @@ def _send_chunk(rt: Any, job: Any, index: int, subjects: list[str]) -> None:
     )
     payload = chunk.model_dump(mode="json")
     rt.book.push_chunk(job.job_id, index, payload)
-    app.send_task(TASK_REENROLL_CHUNK, args=[payload], task_id=chunk.job_id, queue=ENGINE_QUEUE)
+    app.send_task(TASK_REENROLL_CHUNK, args=[payload], task_id=chunk.job_id, queue=ENGINE_QUEUE, ignore_result=True)
 
 
 def _subjects_under_key(rt: Any, job: Any) -> Iterator[str]:
@@ -67,9 +67,10 @@ def _subjects_under_key(rt: Any, job: Any) -> Iterator[str]:
     from worker.storage.templates import TemplateStore
 
     registry = KeyRegistry(rt.store)
-    for subject in TemplateStore(rt.store).iter_subjects(job.tenant):
+    ts = TemplateStore(rt.store)
+    for subject in ts.iter_subjects(job.tenant):
         rec = registry.subject_key(job.tenant, subject)
-        if rec is None:
+        if rec is None or ts.read_pointer(job.tenant, subject) is None:  # never committed: nothing to reissue
             continue
         if rec.key_id == job.key_id or any(h.get("job_id") == job.job_id for h in rec.history):
             yield subject
@@ -95,7 +96,9 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
     book.open_job(job.job_id, "revoke", **fields)
     if book.get_fields(job.job_id).get("listing") == "done":
         for i, payload in enumerate(book.chunks(job.job_id)):  # re-delivered parent: re-send, chunks are idempotent
-            app.send_task(TASK_REENROLL_CHUNK, args=[payload], task_id=payload["job_id"], queue=ENGINE_QUEUE)
+            app.send_task(
+                TASK_REENROLL_CHUNK, args=[payload], task_id=payload["job_id"], queue=ENGINE_QUEUE, ignore_result=True
+            )
             log.debug("re-sent chunk %d of %s", i, job.job_id)
     elif job.subject is not None:
         book.set_total(job.job_id, 1)
@@ -281,7 +284,14 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
     def flush(upto: int) -> None:
         nonlocal pending, bad, sent
         for cid, payload in pending:
-            app.send_task(TASK_ENROLL, args=[payload], kwargs={"parent": job.job_id}, task_id=cid, queue=ENGINE_QUEUE)
+            app.send_task(
+                TASK_ENROLL,
+                args=[payload],
+                kwargs={"parent": job.job_id},
+                task_id=cid,
+                queue=ENGINE_QUEUE,
+                ignore_result=True,
+            )
         if bad:
             book.mark_failed(job.job_id, bad)
         n = len(pending) + len(bad)
@@ -317,6 +327,7 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
                     kwargs={"continuation": continuation + 1},
                     countdown=BULK_PAUSE_S if deep else 0,
                     task_id=f"{job.job_id}-c{continuation + 1}",
+                    ignore_result=True,
                 )
                 log.info(
                     "bulk %s: %d rows sent, continuing in a new task (%s)",
