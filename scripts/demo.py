@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         client.ping(timeout=30)
         client.ping(timeout=300, engine=True)
     except Exception as e:  # noqa: BLE001
-        print(f"demo: no worker answers on the queues ({type(e).__name__}); start the stack with "
-              "`infra/stack.sh up --worker`", file=sys.stderr)
+        print(
+            f"demo: no worker answers on the queues ({type(e).__name__}); start the stack with "
+            "`infra/stack.sh up --worker`",
+            file=sys.stderr,
+        )
         return 2
 
     # 1. key (local keyring only; a KMS deployment provisions keys with its security team)
@@ -112,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2. upload the photos
     run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     refs: dict[str, str] = {}
-    for role, p in [*((f"enroll{i}", p) for i, p in enumerate(enroll_paths, 1)), ("genuine", genuine_path),
-                    ("impostor", impostor_path)]:
+    for role, p in [
+        *((f"enroll{i}", p) for i, p in enumerate(enroll_paths, 1)),
+        ("genuine", genuine_path),
+        ("impostor", impostor_path),
+    ]:
         key = f"demo/{run}/{role}{p.suffix.lower()}"
         client.store.client.put_object(Bucket=input_bucket, Key=key, Body=p.read_bytes())
         refs[role] = f"s3://{input_bucket}/{key}"
@@ -134,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return d
 
     # 3. enrol
-    enrol = run_job(client.enroll_job(args.tenant, args.subject, [refs[k] for k in refs if k.startswith("enroll")],
-                                      key_id), f"enrol {args.tenant}/{args.subject} from {len(enroll_paths)} photos")
+    enrol = run_job(
+        client.enroll_job(args.tenant, args.subject, [refs[k] for k in refs if k.startswith("enroll")], key_id),
+        f"enrol {args.tenant}/{args.subject} from {len(enroll_paths)} photos",
+    )
     if enrol["status"] != "succeeded":
         return 1
     print(f"   version {enrol['version']} (key {enrol['key_id']} v{enrol['key_version']})")
@@ -151,15 +159,21 @@ def main(argv: list[str] | None = None) -> int:
             scores[role] = v
             ok = v["decision"] == expect
             wrong |= not ok
-            print(f"   score {v['score']:+.4f} vs threshold {v['threshold']:.2f} -> {v['decision'].upper()}"
-                  f" ({'as expected' if ok else 'WRONG, expected ' + expect})")
+            print(
+                f"   score {v['score']:+.4f} vs threshold {v['threshold']:.2f} -> {v['decision'].upper()}"
+                f" ({'as expected' if ok else 'WRONG, expected ' + expect})"
+            )
 
     # 5. revoke and reissue
-    rev = run_job(client.revoke_job(args.tenant, "demo: key version compromised", subject=args.subject),
-                  f"revoke {args.tenant}/{args.subject}")
+    rev = run_job(
+        client.revoke_job(args.tenant, "demo: key version compromised", subject=args.subject),
+        f"revoke {args.tenant}/{args.subject}",
+    )
     if rev["status"] == "succeeded":
-        print(f"   revoked version(s) {rev['revoked_versions']} -> reissued version {rev['new_version']} "
-              f"(key {rev['new_key_id']} v{rev['new_key_version']})")
+        print(
+            f"   revoked version(s) {rev['revoked_versions']} -> reissued version {rev['new_version']} "
+            f"(key {rev['new_key_id']} v{rev['new_key_version']})"
+        )
         print(f"   new manifest {rev['manifest_uri']}")
         for u in rev["revocation_uris"]:
             print(f"   revocation record {u}")
@@ -170,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   score {after['score']:+.4f} against version {after['version']} -> {after['decision'].upper()}")
 
     print("\n== summary")
-    print(f"   S3 bucket {settings.s3.bucket}: tenants/{args.tenant}/subjects/{args.subject}/ "
-          "(current.json, versions/, staging/<job>/.../images, template.json, revocations/, key.json)")
+    print(
+        f"   S3 bucket {settings.s3.bucket}: tenants/{args.tenant}/subjects/{args.subject}/ "
+        "(current.json, versions/, staging/<job>/.../images, template.json, revocations/, key.json)"
+    )
     for role, v in scores.items():
         print(f"   {role:8s} score {v['score']:+.4f} -> {v['decision']}")
     print(f"   total {time.monotonic() - t_start:.1f} s")

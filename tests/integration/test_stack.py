@@ -1,7 +1,8 @@
 """``infra/stack.sh`` against real processes: ``up`` / ``up`` again / ``status`` / ``down``.
 
 Isolation: every run gets its own state dir (``STACK_DIR``) and free ports (``STACK_*_PORT``, the worker's
-metrics port included: ``STACK_METRICS_PORT``, which the script writes into its env file), so the developer's ``.stack/`` and the system Redis on 6379 are never touched; both are checked afterwards.
+metrics port included: ``STACK_METRICS_PORT``, which the script writes into its env file), so the developer's
+``.stack/`` and the system Redis on 6379 are never touched; both are checked afterwards.
 
 Processes and sockets are read from ``/proc`` (no ``ss`` or psutil needed): a started service is every process in
 the session of its recorded PID (the script starts each with ``setsid``), e.g. the worker and its pool child.

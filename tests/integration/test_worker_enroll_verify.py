@@ -88,6 +88,18 @@ def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seawee
         assert genuine.decision == "accept", genuine
         assert impostor.decision == "reject", impostor
         assert genuine.score > impostor.score
+        # revoke: the reissued template is unlinkable to the old one (below the decision threshold)
+        rev = dep.client.run(dep.client.revoke_job("acme", "unlinkability check", subject="obama"), timeout=600)
+        assert rev.status == JobStatus.SUCCEEDED and rev.new_version == 2, rev
+        from worker.storage.client import ObjectStore
+        from worker.storage.templates import TemplateStore
+
+        ts = TemplateStore(ObjectStore.from_settings(dep.settings.s3))
+        t1 = ts.load_template(ts.get_manifest("acme", "obama", 1)).vector()
+        t2 = ts.load_template(ts.get_manifest("acme", "obama", 2)).vector()
+        assert float(t1 @ t2) < dep.settings.engine.verify_threshold
+        again = dep.client.run(dep.client.verify_job("acme", "obama", f["obama3"]), timeout=600)
+        assert again.version == 2 and again.decision == "accept", again
     finally:
         dep.worker.stop()
         dep.client.close()

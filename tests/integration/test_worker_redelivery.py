@@ -73,6 +73,7 @@ def test_pool_child_killed_mid_job_completes_once(crashy: Deployment) -> None:
     assert dep.worker.alive() and dep.worker.children() and dep.worker.children() != [child]
 
 
+@pytest.mark.slow  # waits out the visibility timeout (about 30 s)
 def test_whole_worker_killed_mid_job_completes_once_after_restart(crashy: Deployment) -> None:
     dep = crashy
     job = dep.client.enroll_job("acme", "worker-kill", [dep.faces["obama"], dep.faces["obama2"]], "k1")
