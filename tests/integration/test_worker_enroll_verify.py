@@ -103,3 +103,52 @@ def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seawee
     finally:
         dep.worker.stop()
         dep.client.close()
+
+
+def test_verify_refuses_a_template_made_by_other_engine_settings(dep: Deployment) -> None:
+    f = dep.faces
+    res = dep.client.run(dep.client.enroll_job("acme", "fp", [f["obama"]], "k1"), timeout=180)
+    assert res.status == JobStatus.SUCCEEDED
+    dep.restart(CANCELABLE_ENGINE__STEPS="6")  # steps change results: the old template is not comparable
+    v = dep.client.run(dep.client.verify_job("acme", "fp", f["obama2"]), timeout=180)
+    assert v.status == JobStatus.FAILED and v.error.code == "bundle_error", v
+    assert "same bundle and engine settings" in v.error.message
+
+
+def test_enroll_and_verify_with_kms_hmac_keys(service_env, seaweed, moto_kms: str, tmp_path: Path) -> None:
+    """The worker derives seeds with KMS GenerateMac (moto's server): the key never leaves KMS."""
+    import boto3
+
+    kms = boto3.client(
+        "kms",
+        endpoint_url=moto_kms,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    key_id = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]["KeyId"]
+    aes_key = kms.create_key()["KeyMetadata"]["KeyId"]  # not an HMAC key
+    dep = deploy(
+        service_env,
+        seaweed,
+        tmp_path,
+        CANCELABLE_KEYS__PROVIDER="kms",
+        CANCELABLE_KEYS__KMS_ENDPOINT_URL=moto_kms,
+        CANCELABLE_KEYS__KMS_REGION="us-east-1",
+        CANCELABLE_KEYS__KMS_ACCESS_KEY_ID="testing",
+        CANCELABLE_KEYS__KMS_SECRET_ACCESS_KEY="testing",
+    )
+    try:
+        f = dep.faces
+        c = dep.client
+        res = c.run(c.enroll_job("acme", "kms-subject", [f["obama"]], key_id), timeout=180)
+        assert res.status == JobStatus.SUCCEEDED and res.key_id == key_id and res.version == 1, res
+        v = c.run(c.verify_job("acme", "kms-subject", f["obama2"]), timeout=180)
+        assert v.status == JobStatus.SUCCEEDED and v.key_id == key_id, v
+        bad = c.run(c.enroll_job("acme", "kms-aes", [f["obama"]], aes_key), timeout=180)
+        assert bad.status == JobStatus.FAILED and bad.error.code == "unknown_key", bad
+        missing = c.run(c.enroll_job("acme", "kms-none", [f["obama"]], "alias/does-not-exist"), timeout=180)
+        assert missing.status == JobStatus.FAILED and missing.error.code == "unknown_key", missing
+    finally:
+        dep.worker.stop()
+        dep.client.close()

@@ -267,3 +267,34 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     p = rt.book.progress(job.job_id)
     assert p.total == 6 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
     assert rt.book.get_fields(job.job_id)["listing"] == "done"
+
+
+def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    for key in ("in/p/alice/1.jpg", "in/p/alice/2.jpg", "in/p/bob/1.png", "in/p/readme.txt", "in/other/x.jpg"):
+        rt.store.put(key, b"x")
+    b = rt.settings.s3.bucket
+    job = job_from_wire(
+        {
+            "kind": "bulk",
+            "job_id": new_id("px"),
+            "tenant": "acme",
+            "key_id": "k1",
+            "manifest": {"format": "prefix", "uri": f"s3://{b}/in/p/"},
+        }
+    )
+    sent: list[dict] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw))
+    res = control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    assert res.status == "running" and res.total == 2
+    jobs = {kw["args"][0]["subject"]: kw["args"][0]["images"] for kw in sent}
+    assert jobs == {
+        "alice": [f"s3://{b}/in/p/alice/1.jpg", f"s3://{b}/in/p/alice/2.jpg"],
+        "bob": [f"s3://{b}/in/p/bob/1.png"],
+    }
+    assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine" for kw in sent)

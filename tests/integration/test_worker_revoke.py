@@ -104,3 +104,50 @@ def test_revoke_whole_key_fans_out_and_purges(dep: Deployment) -> None:
     # the revoked key refuses new enrolments
     bad = c.run(c.enroll_job("acme", "new1", [f["obama3"]], "k1"), timeout=120)
     assert bad.status == JobStatus.FAILED and bad.error.code == "revoked_key"
+
+
+def test_no_key_material_or_seed_in_redis_s3_logs_or_results(dep: Deployment) -> None:
+    """Run every job kind, then scan everything the system wrote for the key material and the derived seeds."""
+    import base64
+
+    from worker.keys.derive import derive_seed
+
+    f = dep.faces
+    c = dep.client
+    results = [
+        c.run(c.enroll_job("acme", "scan", [f["obama"], f["obama2"]], "k1"), timeout=180),
+        c.run(c.verify_job("acme", "scan", f["obama3"]), timeout=180),
+        c.run(c.revoke_job("acme", "scan test", subject="scan"), timeout=300),
+    ]
+    assert all(r.status == JobStatus.SUCCEEDED for r in results), results
+    ring = json.loads(dep.keyring.read_text())["keys"]
+    material = [base64.b64decode(v["b64"]) for v in ring.values()]
+    seeds = [derive_seed(m, "acme", "scan", v) for m in material for v in (1, 2)]
+    needles: list[bytes] = []
+    for secret in material + seeds:
+        needles += [secret, secret.hex().encode(), base64.b64encode(secret), base64.b64encode(secret).rstrip(b"=")]
+
+    blobs: dict[str, bytes] = {"worker.log": dep.worker.log.read_bytes()}
+    blobs.update({f"result:{r.job_id}": r.model_dump_json().encode() for r in results})
+    for key in dep.client.redis.scan_iter(count=500):
+        t = dep.client.redis.type(key).decode()
+        r = dep.client.redis
+        if t == "string":
+            val = r.get(key)
+        elif t == "hash":
+            val = b"".join(k + v for k, v in r.hgetall(key).items())
+        elif t == "list":
+            val = b"".join(r.lrange(key, 0, -1))
+        elif t == "set":
+            val = b"".join(r.smembers(key))
+        elif t == "zset":
+            val = b"".join(m for m, _ in r.zrange(key, 0, -1, withscores=True))
+        else:
+            continue
+        blobs[f"redis:{key.decode(errors='replace')}"] = key + (val or b"")
+    for page in dep.s3.get_paginator("list_objects_v2").paginate(Bucket=dep.bucket):
+        for o in page.get("Contents", []):
+            blobs[f"s3:{o['Key']}"] = dep.s3.get_object(Bucket=dep.bucket, Key=o["Key"])["Body"].read()
+    assert len(blobs) > 20
+    leaks = [name for name, blob in blobs.items() for n in needles if n in blob]
+    assert leaks == []

@@ -169,10 +169,12 @@ def verify_probe(rt: Any, loaded: Any, tenant: str, subject: str, probe: S3Ref) 
     if ts.is_revoked(tenant, subject, cur.version):
         raise RevokedKeyError(f"current template of {tenant}/{subject} (version {cur.version}) is revoked")
     tmpl = ts.load_template(m)
-    if tmpl.bundle_id != loaded.bundle_id:
+    made_with = tmpl.algorithm.get("fingerprint") or f"{tmpl.bundle_id}:?"
+    if tmpl.bundle_id != loaded.bundle_id or (tmpl.algorithm.get("fingerprint") and made_with != loaded.fingerprint):
         raise BundleError(
-            f"template version {cur.version} was made with bundle {tmpl.bundle_id!r}; this worker runs "
-            f"{loaded.bundle_id!r}: re-enrol or route to a matching worker"
+            f"template version {cur.version} was made by engine {made_with}; this worker runs "
+            f"{loaded.fingerprint}: probes are only comparable under the same bundle and engine settings "
+            "(re-enrol, or route to a matching worker)"
         )
     seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
     prepared = fetch_and_prepare(rt, loaded.engine, [probe], "verify")

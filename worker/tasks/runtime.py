@@ -34,6 +34,7 @@ class LoadedEngine:
     algorithm: dict[str, Any]
     device: str
     load_seconds: float
+    fingerprint: str = ""
 
 
 def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
@@ -112,14 +113,13 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
         config = engine_config_from(settings, manifest)
         engine = Engine(bundle, config, device)
     seconds = time.perf_counter() - start
-    algorithm = {
-        k: (list(v) if isinstance(v, tuple) else v)
-        for k, v in __import__("dataclasses").asdict(config).items()
-        if isinstance(v, int | float | str | bool | tuple | type(None))
-    }
-    algorithm["split"] = str(config.split) if not isinstance(config.split, str) else config.split
-    log.info("engine loaded: bundle=%s device=%s in %.1f s", bundle.bundle_id, device, seconds)
-    return LoadedEngine(engine, bundle.bundle_id, dict(bundle.hashes), algorithm, str(device), seconds)
+    # what a template records about how it was made; ``fingerprint`` must match at verify time
+    algorithm = dict(config.result_fields())
+    algorithm["fingerprint"] = engine.fingerprint
+    log.info("engine loaded: %s on %s in %.1f s", engine.fingerprint, device, seconds)
+    return LoadedEngine(
+        engine, bundle.bundle_id, dict(bundle.hashes), algorithm, str(device), seconds, engine.fingerprint
+    )
 
 
 class Runtime:
