@@ -104,3 +104,21 @@ def test_producer_import_is_light() -> None:
     r = _run("import sys, producers.cli, producers.client; print('torch' in sys.modules, 'boto3' in sys.modules)", {})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_bundle_advice_applies_unless_the_deployment_set_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import load_settings
+    from worker.tasks.runtime import engine_config_from, verify_threshold_from
+
+    for k in [k for k in __import__("os").environ if k.upper().startswith("CANCELABLE_")]:
+        monkeypatch.delenv(k)
+    advice = {"engine": {"steps": 30, "key_target": True, "verify_threshold": 0.3, "unknown_knob": 1}}
+    s = load_settings()
+    cfg = engine_config_from(s, advice)
+    assert (cfg.steps, cfg.key_target, cfg.max_batch_images) == (30, True, s.engine.batch_size)
+    assert verify_threshold_from(s, advice) == 0.3
+    assert engine_config_from(s, {}).steps == s.engine.steps and verify_threshold_from(s, {}) == 0.5
+    monkeypatch.setenv("CANCELABLE_ENGINE__STEPS", "7")
+    monkeypatch.setenv("CANCELABLE_ENGINE__VERIFY_THRESHOLD", "0.6")
+    s = load_settings()
+    assert engine_config_from(s, advice).steps == 7 and verify_threshold_from(s, advice) == 0.6

@@ -100,7 +100,7 @@ def enroll(self: Any, *args: Any, parent: str | None = None, **kwargs: Any) -> d
 def _verify(rt: Any, job: Any, attempt: int, started: datetime) -> VerifyResult:
     loaded = rt.engine()
     out = enrolment.verify_probe(rt, loaded, job.tenant, job.subject, job.probe)
-    threshold = job.threshold if job.threshold is not None else rt.settings.engine.verify_threshold
+    threshold = job.threshold if job.threshold is not None else loaded.verify_threshold
     return VerifyResult(
         job_id=job.job_id,
         tenant=job.tenant,

@@ -35,6 +35,7 @@ class LoadedEngine:
     device: str
     load_seconds: float
     fingerprint: str = ""
+    verify_threshold: float = 0.5
 
 
 def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
@@ -87,9 +88,14 @@ def engine_config_from(settings: Any, manifest: dict[str, Any]) -> Any:
     for k in ("lr_milestones",):
         if k in kw and isinstance(kw[k], list):
             kw[k] = tuple(kw[k])
-    kw["steps"] = settings.engine.steps
-    kw["mixed_precision"] = settings.engine.mixed_precision
-    kw["max_batch_images"] = settings.engine.batch_size
+    explicit = settings.engine.model_fields_set
+    for ours, theirs in (
+        ("steps", "steps"),
+        ("mixed_precision", "mixed_precision"),
+        ("batch_size", "max_batch_images"),
+    ):
+        if ours in explicit or theirs not in kw:  # a deployment's explicit setting wins over the bundle's advice
+            kw[theirs] = getattr(settings.engine, ours)
     return EngineConfig(**kw)
 
 
@@ -118,8 +124,27 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
     algorithm["fingerprint"] = engine.fingerprint
     log.info("engine loaded: %s on %s in %.1f s", engine.fingerprint, device, seconds)
     return LoadedEngine(
-        engine, bundle.bundle_id, dict(bundle.hashes), algorithm, str(device), seconds, engine.fingerprint
+        engine,
+        bundle.bundle_id,
+        dict(bundle.hashes),
+        algorithm,
+        str(device),
+        seconds,
+        engine.fingerprint,
+        verify_threshold_from(settings, manifest),
     )
+
+
+def verify_threshold_from(settings: Any, manifest: dict[str, Any]) -> float:
+    """The deployment's ``engine.verify_threshold`` when set explicitly, else the bundle's recommended
+    ``engine.verify_threshold`` (manifest), else the settings default."""
+    explicit = "verify_threshold" in settings.engine.model_fields_set
+    recommended = (
+        manifest.get("engine", {}).get("verify_threshold") if isinstance(manifest.get("engine"), dict) else None
+    )
+    if not explicit and isinstance(recommended, int | float) and -1.0 <= float(recommended) <= 1.0:
+        return float(recommended)
+    return float(settings.engine.verify_threshold)
 
 
 class Runtime:
