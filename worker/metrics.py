@@ -77,7 +77,7 @@ MAX_GPUS = 64
 def _error_codes() -> frozenset[str]:
     """Every ``code`` of the ``worker.errors`` hierarchy (and ``ErrorCode`` if the contracts define more)."""
     codes = {NO_ERROR, errors.CancelableError.code}
-    stack: list[type] = [errors.CancelableError]
+    stack: list[type[errors.CancelableError]] = [errors.CancelableError]
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():

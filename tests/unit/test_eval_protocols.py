@@ -73,8 +73,9 @@ def engine():
 
 def _cfg(dataset, **kw):
     base = dict(data_dir=str(dataset), pairs_file=str(dataset / "pairs.tsv"), split="all", identities=7, keys=3)
+    base.update(attack_steps=2, chunk=3, examples=2, threshold_pool=5)
     base.update(kw)
-    return P.RunConfig(attack_steps=2, chunk=3, examples=2, threshold_pool=5, **base)
+    return P.RunConfig(**base)
 
 
 def test_identity_split_rule_and_order(dataset):
@@ -186,3 +187,18 @@ def test_report_to_s3(merged, monkeypatch):
         write_report(merged["report"], {"det.png": b"\x89PNG"}, "s3://reports/run1")
         listing = boto3.client("s3").list_objects_v2(Bucket="reports")["Contents"]
     assert sorted(o["Key"] for o in listing) == ["run1/det.png", "run1/report.json", "run1/report.md"]
+
+
+def test_time_budget_stops_between_batches(dataset, engine, tmp_path):
+    cfg = _cfg(dataset, pairs_file=None, time_budget_s=1e-6)
+    P.run_shard(engine, PixelJudge(), cfg, tmp_path / "s", b"k" * 32, lambda line: None)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["stopped_by_time_budget"] and meta["n_identities_done"] == cfg.chunk  # the first batch always runs
+
+
+def test_a_batch_of_one_has_no_impostor_score(dataset, engine, tmp_path):
+    cfg = _cfg(dataset, pairs_file=None, identities=2, chunk=1)
+    P.run_shard(engine, PixelJudge(), cfg, tmp_path / "s", b"k" * 32, lambda line: None)
+    records, _ = P.load_shards([tmp_path / "s"])
+    assert np.isnan(records["emb_impostor_k1"]).all()  # never the identity's own probe passed off as an impostor
+    assert np.isfinite(records["emb_probe_k1"]).all()

@@ -77,3 +77,20 @@ def test_no_face_is_a_miss_not_an_error(evaluator: Evaluator):
 def test_rejects_non_rgb_uint8(evaluator: Evaluator):
     with pytest.raises(ValueError):
         evaluator.embed(np.zeros((64, 64), dtype=np.uint8))
+
+
+def test_fallback_alignment_from_a_known_crop_convention(evaluator: Evaluator, shared_dir: Path):
+    from worker.models.alignment import template
+    from worker.models.dlib_face import prepare_face
+
+    unit = np.asarray(template("dlib-chip"), dtype=np.float32)
+    chip = prepare_face(_lfw(shared_dir, "Aaron_Eckhart", 1), 64, "dlib-chip")
+    detected = evaluator.embed(chip)
+    by_template = evaluator.embed_aligned(evaluator.align(chip, unit * 64)[None])[0]
+    assert detected is not None
+    assert evaluator.score(detected, by_template) > 0.8  # same points, same order as YuNet's
+    blank = np.full((64, 64, 3), 127, dtype=np.uint8)
+    emb, found = evaluator.embed_with_fallback([chip, blank], unit)
+    assert found.tolist() == [True, False]
+    assert np.isfinite(emb).all()
+    assert evaluator.score(emb[0], detected) > 0.999

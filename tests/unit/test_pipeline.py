@@ -103,8 +103,14 @@ def test_enroll_many_keeps_order_and_handles_empty_input(engine: Engine) -> None
     subjects = [(person_faces(1, p), bytes([p + 1]) * 32) for p in range(3)]
     many = engine.enroll_many(subjects)
     assert len(many) == 3 and engine.enroll_many([]) == []
-    for (faces, seed), res in zip(subjects, many, strict=True):
-        torch.testing.assert_close(res.images, engine.enroll(faces, seed).images, atol=1e-5, rtol=0)
+    alone = [engine.enroll(faces, seed) for faces, seed in subjects]
+    for i, res in enumerate(many):
+        # equal up to float rounding (BLAS picks other kernels for other batch sizes; Adam can amplify that where a
+        # gradient component is ~0, up to ~1e-3 here); the 1e-5 acceptance check is in test_optimise_batching
+        torch.testing.assert_close(res.images, alone[i].images, atol=2e-3, rtol=0)
+        for j in range(3):
+            if j != i:
+                assert (res.images - alone[j].images).abs().max() > 0.05  # in input order, not shuffled
 
 
 @pytest.mark.parametrize(
@@ -156,7 +162,7 @@ def test_fingerprint_tracks_result_settings_only() -> None:
     base = Engine(bundle, EngineConfig()).fingerprint
     assert base.startswith("tiny-test:")
     assert Engine(bundle, EngineConfig(mixed_precision=False, max_batch_images=4)).fingerprint == base
-    for other in (EngineConfig(split="readme"), EngineConfig(steps=49), EngineConfig(key_target=True)):
+    for other in (EngineConfig(split="readme"), EngineConfig(steps=49), EngineConfig(key_target=False)):
         assert Engine(bundle, other).fingerprint != base
 
 

@@ -34,7 +34,7 @@ class EngineConfig:
     w_attr: float = 0.15
     anon_margin: float = 0.0
     anon_hinge: bool = False
-    key_target: bool = False
+    key_target: bool = True
     w_key: float = 10.0
     mixed_precision: bool = True
     max_batch_images: int = 32

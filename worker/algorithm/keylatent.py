@@ -97,9 +97,9 @@ def key_target(e_orig: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     ``e_orig``) get close targets, other people stay apart, and different keys send one person to unrelated
     targets. R_key is invertible: whoever holds the key can map a target back to ``e_orig`` (see docs/notes).
     """
-    e = torch.nn.functional.normalize(e_orig.to(torch.float32), dim=-1)
-    if rotation.dim() == 2:
-        t = e @ rotation.T
-    else:
-        t = torch.bmm(rotation, e[:, :, None])[:, :, 0]
-    return torch.nn.functional.normalize(t, dim=-1)
+    # float64 and an explicit per-row product-sum: a row's target must not depend on how many rows share the call
+    # (a BLAS gemm and gemv round differently, and Adam can amplify such differences in near-zero gradients)
+    e = torch.nn.functional.normalize(e_orig.to(torch.float64), dim=-1)
+    r = rotation.to(device=e.device, dtype=torch.float64)
+    t = (r * e[:, None, :]).sum(-1)  # (D, D) or (B, D, D) times (B, 1, D) -> (B, D) = R e per row
+    return torch.nn.functional.normalize(t, dim=-1).to(torch.float32)

@@ -48,12 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keys", type=int, default=3, help="key versions per identity (>= 3)")
     run.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the engine's, 50)")
     run.add_argument("--key-target", action="store_true", help="turn on the engine's consistency-over-time term")
-    run.add_argument("--attack-steps", type=int, default=100, help="inversion steps of the key-known attack")
+    run.add_argument("--attack-steps", type=int, default=50, help="inversion steps of the key-known attack")
     run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: lite)")
     run.add_argument("--eval-models", default=None, help="evaluator models (default ../shared/models/eval)")
     run.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: run only every n-th identity from i")
+    run.add_argument(
+        "--time-budget", type=float, default=None, help="seconds: stop starting new identities when exceeded"
+    )
     run.add_argument("--chunk", type=int, default=8, help="identities per engine batch")
-    run.add_argument("--threads", type=int, default=2, help="torch / onnxruntime CPU threads")
+    run.add_argument("--threads", type=int, default=1, help="torch / onnxruntime CPU threads (1 is fastest on CPU)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--out", default=str(REPO / "reports" / "eval"), help="output directory (or s3:// for report)")
     run.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
@@ -71,8 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.algorithm.pipeline import Engine
     from worker.evaluation.evaluator import Evaluator
     from worker.evaluation.protocols import RunConfig, run_shard
-    from worker.evaluation.report import file_sha256
-    from worker.models.bundle import load_bundle
+    from worker.models.bundle import load_bundle, sha256_file
 
     torch.set_num_threads(args.threads)
     i, n = args.shard
@@ -89,14 +91,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         pairs_limit=args.pairs_limit,
         threshold_pool=args.threshold_pool,
+        time_budget_s=args.time_budget,
     )
     model_dir = Path(args.eval_models) if args.eval_models else default_model_dir()
     judge = Evaluator(model_dir, threads=args.threads)
     evaluator_info = {
         "recognizer": RECOGNIZER_FILE,
-        "recognizer_sha256": file_sha256(judge.model_dir / RECOGNIZER_FILE),
+        "recognizer_sha256": sha256_file(judge.model_dir / RECOGNIZER_FILE),
         "detector": DETECTOR_FILE,
-        "detector_sha256": file_sha256(judge.model_dir / DETECTOR_FILE),
+        "detector_sha256": sha256_file(judge.model_dir / DETECTOR_FILE),
         "alignment": "ArcFace 5-point 112x112, similarity transform; embedding(image) + embedding(flip)",
     }
     device = torch.device(args.device)

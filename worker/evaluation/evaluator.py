@@ -181,6 +181,27 @@ class Evaluator:
         found[index] = True
         return out, found
 
+    def embed_with_fallback(
+        self, images: list[np.ndarray], unit_landmarks: np.ndarray, batch: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``embed_many``, but a face YuNet misses is aligned from known landmark positions instead.
+
+        For images whose crop convention is known (generator outputs): ``unit_landmarks`` (5, 2) are the 5 points in
+        unit coordinates of the square image (``pixel = unit * side``), in YuNet's order. Returns (embeddings (N, 128),
+        detected (N,) bool): rows with ``detected`` False used the fallback. An attacker who knows the convention
+        can do the same, so this is the conservative choice for protection measurements.
+        """
+        out, found = self.embed_many(images, batch)
+        missed = np.flatnonzero(~found)
+        if missed.size:
+            crops = []
+            for i in missed:
+                img = images[i]
+                side = np.array([img.shape[1], img.shape[0]], dtype=np.float32)
+                crops.append(self.align(img, unit_landmarks.astype(np.float32) * side))
+            out[missed] = self.embed_aligned(np.stack(crops), batch)
+        return out, found
+
     @staticmethod
     def score(a: np.ndarray, b: np.ndarray) -> float:
         """Cosine of two embeddings (128,)."""

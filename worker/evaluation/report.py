@@ -26,7 +26,6 @@ support flags, stats, det points, ci). A *rate block* is ``{"value", "n", "ci": 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -148,8 +147,11 @@ def build_report(scores: dict[str, Any], metas: list[dict], n_boot: int = 500, s
             "example_columns": metas[0].get("example_columns"),
             "n_identities": scores["n_identities"],
             "n_second_photo": scores["n_second_photo"],
+            "stopped_by_time_budget": any(x.get("stopped_by_time_budget") for x in metas),
             "skipped_by_engine": _sum_dicts([x.get("skipped_by_engine", {}) for x in metas]),
             "failures_to_acquire": scores["failures_to_acquire"],
+            "judge_detection_misses": _sum_dicts([x.get("judge_detection_misses", {}) for x in metas]),
+            "fallback_alignment": metas[0].get("fallback_alignment"),
             "seconds": _sum_dicts([x.get("seconds", {}) for x in metas]),
             "bootstrap": {"n_boot": n_boot, "seed": seed, "note": "score arrays resampled independently"},
         },
@@ -268,6 +270,11 @@ def _ver_rows(name: str, block: dict | None) -> list[str]:
     ]
 
 
+def _nonzero(counts: dict | None) -> str:
+    items = {k: v for k, v in (counts or {}).items() if v}
+    return ", ".join(f"{k} {v}" for k, v in sorted(items.items())) or "none"
+
+
 def markdown(report: dict) -> str:
     p, run = report["protocols"], report["run"]
     thr = report["thresholds"]["original_fmr_1e-3"]
@@ -277,7 +284,8 @@ def markdown(report: dict) -> str:
         "",
         f"Generated {report['created_utc']} by `cancelable-eval` (schema {report['schema_version']}). "
         f"Data: `{cfg['data_dir']}` split `{cfg['split']}`, {run['n_identities']} identities "
-        f"({run['n_second_photo']} with a real second photo, the rest with a synthetic second capture), "
+        f"({run['n_second_photo']} with a real second photo, the rest with a synthetic second capture"
+        f"{'; cut by the time budget' if run.get('stopped_by_time_budget') else ''}), "
         f"{cfg['keys']} keys, bundle `{eng.get('bundle_id')}`, {eng.get('steps')} steps, split `{eng.get('split')}`, "
         f"key target {'on' if eng.get('key_target') else 'off'}. Judge: independent evaluator (YuNet + MobileFaceNet).",
         "",
@@ -319,6 +327,8 @@ def markdown(report: dict) -> str:
             f"| mated key a vs key b: mean cosine, match rate | {ms['mean']:.3f} +- {ms['std']:.3f}, "
             f"{_pct(u['mated_match_rate'])} |"
         )
+    else:
+        lines.append("| unlinkability D_sys | n/a (no scores) |")
     rv, ak = p["revocation"], p["attack"]
     lines += [
         f"| revocation: reissued template matches revoked one | {_pct(rv['reissued_matches_revoked'])} |",
@@ -328,8 +338,14 @@ def markdown(report: dict) -> str:
         f"| re-inversion attack success, key known ({ak['attack_steps']} steps) | "
         f"{_pct(ak['key_known']['success_rate'])} |",
         "",
-        f"Failures to acquire (judge found no face): {run['failures_to_acquire']}. "
-        f"Skipped by the engine's detector: {run['skipped_by_engine'] or 'none'}.",
+        f"Judge detector (YuNet) misses per role: {_nonzero(run.get('judge_detection_misses'))}"
+        + (
+            "; generated faces it missed were aligned by the generator's known crop convention instead."
+            if run.get("fallback_alignment")
+            else "."
+        )
+        + f" Failures to acquire (not scored): {_nonzero(run['failures_to_acquire'])}. "
+        f"Identities skipped by the engine's detector: {run['skipped_by_engine'] or 'none'}.",
         "",
         "## Figures",
         "",
@@ -371,7 +387,3 @@ def write_report(report: dict, figs: dict[str, bytes], destination: str) -> str:
     for name, data in files.items():
         (out / name).write_bytes(data)
     return str(out)
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
