@@ -242,7 +242,6 @@ CHILD_SCRIPT = textwrap.dedent(
                     pass
             m.images_processed(i + 1, "succeeded", "enroll")
             if hold:
-                print("holding", os.getpid(), flush=True)
                 time.sleep(60)  # killed with SIGKILL while "in flight"
         m.IN_FLIGHT.labels("enroll")  # touch
         m.multiprocess.mark_process_dead(os.getpid())  # what worker_process_shutdown does
