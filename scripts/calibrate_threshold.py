@@ -283,7 +283,10 @@ def write_threshold(bundle_dir: Path, loaded_manifest: dict[str, Any], engine: A
         "protocol": f"enrol {args.enrol_photos} photo(s) in one call, probe another photo alone; impostor = "
         "another identity's photo probed under the victim's seed",
         "data": f"LFW lfw-dev, {args.pool} pool (TRAIN identities only), sample seed {args.seed}",
-        **{k: res[k] for k in ("target_far", "far", "tar", "n_genuine", "n_impostor", "eer", "impostors_accepted")},
+        **{
+            k: round(res[k], 4) if isinstance(res[k], float) else res[k]
+            for k in ("target_far", "far", "tar", "n_genuine", "n_impostor", "eer", "impostors_accepted")
+        },
     }
     manifest["calibration"] = calibration
     tmp = path.with_suffix(".json.tmp")
