@@ -36,6 +36,8 @@ from worker.tasks.config import (
     TASK_PING,
     TASK_REVOKE,
     TASK_VERIFY,
+    connect_redis,
+    connect_store,
     make_celery,
 )
 from worker.tasks.progress import JobBook, JobProgress
@@ -73,11 +75,7 @@ class Client:
     @property
     def redis(self) -> Any:
         if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(
-                self.settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0
-            )
+            self._redis = connect_redis(self.settings)
         return self._redis
 
     @property
@@ -87,9 +85,7 @@ class Client:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from worker.storage.client import ObjectStore  # boto3 only when a producer touches S3
-
-            self._store = ObjectStore.from_settings(self.settings.s3)
+            self._store = connect_store(self.settings)
         return self._store
 
     # --- building jobs -----------------------------------------------------------------------------------------

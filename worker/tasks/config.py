@@ -123,3 +123,17 @@ def make_celery(settings: Any, *, name: str = "cancelable", include: list[str] |
     app = Celery(name, include=include or [])
     app.conf.update(celery_config(queue_settings(settings)))
     return app
+
+
+def connect_redis(settings: Any) -> Any:
+    """A Redis client for the job bookkeeping (``settings.redis.url``), with bounded socket timeouts."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0)
+
+
+def connect_store(settings: Any) -> Any:
+    """The S3 ``ObjectStore`` from ``settings.s3`` (imports boto3 only when called)."""
+    from worker.storage.client import ObjectStore
+
+    return ObjectStore.from_settings(settings.s3)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import BundleError
+from worker.tasks.config import connect_redis, connect_store
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,7 @@ class Runtime:
     @property
     def redis(self) -> Any:
         if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(
-                self.settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0
-            )
+            self._redis = connect_redis(self.settings)
         return self._redis
 
     @property
@@ -178,9 +175,7 @@ class Runtime:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from worker.storage.client import ObjectStore
-
-            self._store = ObjectStore.from_settings(self.settings.s3)
+            self._store = connect_store(self.settings)
         return self._store
 
     @property
