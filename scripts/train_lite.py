@@ -161,6 +161,10 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
     e.load_state_dict(state["e_ema"])
     g.eval()
     e.eval()
+    if e.identity_dim:
+        from worker.models.dlib_resnet import load_dlib_resnet
+
+        e.attach_identity(load_dlib_resnet())
     codes = []
     with torch.no_grad():
         for i in range(0, len(train_idx), 256):
@@ -180,7 +184,9 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
     # fp16 storage halves the file; map_chol and w_avg stay fp32 (tiny, and they set the key-derived codes)
     atomic_save(payload, weights)
     digest = sha256_file(weights)
-    comp_cfg = {k: cfg[k] for k in ("resolution", "w_dim", "z_dim", "g_channels", "e_channels", "e_hidden")}
+    comp_cfg = {
+        k: cfg[k] for k in ("resolution", "w_dim", "z_dim", "g_channels", "e_channels", "e_hidden", "e_identity")
+    }
     manifest = {
         "bundle_id": f"lite-{cfg['resolution']}-{digest[:12]}",
         "schema_version": 1,
@@ -195,7 +201,12 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
             },
         },
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    old_path = out_dir / "manifest.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    if old.get("bundle_id") == manifest["bundle_id"]:
+        # same weights finalised again: keep what was measured on them (threshold, calibration record)
+        manifest.update({k: v for k, v in old.items() if k not in manifest})
+    old_path.write_text(json.dumps(manifest, indent=2) + "\n")
     log(
         f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...) and manifest.json; "
         f"Gaussian fitted on {len(codes_t)} train codes"
@@ -225,6 +236,10 @@ def main() -> None:
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--stop-at", default="", help="HH:MM (local time): stop, checkpoint and finalize then")
     ap.add_argument("--finalize-only", action="store_true")
+    ap.add_argument(
+        "--identity-cond", action="store_true", help="encoder also reads the frozen dlib descriptor (e_identity=128)"
+    )
+    ap.add_argument("--g-channels", default="", help="comma-separated generator channels per resolution 4..R")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--clip", type=float, default=1.0, help="max global gradient norm per optimizer step; 0 = off")
     # loss weights (None = checkpoint's value or the default)
@@ -264,7 +279,14 @@ def main() -> None:
     chips, rows = load_chips(args.cache, args.resolution)
     train_idx = np.array([i for i, r in enumerate(rows) if r[2] == "train"])
     n_val_ids = len({r[0] for r in rows if r[2] != "train"})
-    cfg = full_config({"resolution": args.resolution})
+    overrides: dict = {"resolution": args.resolution}
+    if args.identity_cond:
+        overrides["e_identity"] = 128
+    if args.g_channels:
+        overrides["g_channels"] = [int(c) for c in args.g_channels.split(",")]
+    cfg = full_config(overrides)
+    if ckpt_path.exists():  # a resumed run keeps the architecture it started with
+        cfg = full_config(torch.load(ckpt_path, map_location="cpu", weights_only=False)["config"])
 
     torch.manual_seed(args.seed)
     G, E = LiteGenerator(cfg).to(device), LiteEncoder(cfg).to(device)
@@ -337,13 +359,16 @@ def main() -> None:
         return
 
     id_model = None
-    if weights["id_weight"] > 0:
+    if weights["id_weight"] > 0 or E.identity_dim:
         from worker.models.dlib_resnet import load_dlib_resnet
 
         id_model = load_dlib_resnet().to(device).eval()
         for p in id_model.parameters():
             p.requires_grad_(False)
-        log("identity loss: dlib resnet loaded")
+        log("dlib resnet loaded (identity loss and/or encoder input)")
+        if E.identity_dim:
+            E.attach_identity(id_model)
+            E_ema.attach_identity(id_model)
 
     stop_at = None
     if args.stop_at:
@@ -401,7 +426,10 @@ def main() -> None:
         B = len(x)
 
         # ---- generator + encoder step
-        code, delta = E.encode_parts(x)
+        ex_all = None
+        if E.identity_dim:  # one recognizer pass serves as encoder input and identity-loss target
+            ex_all = E.identity_features(x)
+        code, delta = E.encode_parts(x, ex_all)
         std = code.detach().std(0, keepdim=True)
         noise = torch.randn(code.shape, generator=gen).to(device) * std * weights["noise"]
         keep = (torch.arange(B) % 2 == 0).to(device)[:, None, None].float()  # odd rows: base code only
@@ -412,10 +440,10 @@ def main() -> None:
         l_delta = delta[:, 1:].pow(2).mean()
         loss = l1 + weights["ssim_weight"] * l_ssim + weights["delta_weight"] * l_delta
         stats = {"l1": l1.item(), "ssim": 1 - l_ssim.item(), "delta": l_delta.item()}
-        if id_model is not None:
+        if id_model is not None and weights["id_weight"] > 0:
             nb = min(weights["id_batch"], B)
             with torch.no_grad():
-                ex = id_model.embed(x[:nb], "dlib-chip")
+                ex = ex_all[:nb] / math.sqrt(E.identity_dim) if ex_all is not None else id_model.embed(x[:nb])
             ey = id_model.embed(y[:nb].clamp(-1, 1), "dlib-chip")
             l_id = (1 - (ex * ey).sum(1)).mean()
             loss = loss + weights["id_weight"] * l_id

@@ -123,6 +123,9 @@ class WorkerSettings(_Group):
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
     bulk_chunk_size: int = Field(default=64, ge=1, le=10_000)
     concurrency: int = Field(default=1, ge=1, le=256)
+    sweep_staging_interval: int = Field(default=3600, ge=0)
+    """Seconds between Celery beat's ``sweep_staging`` runs (0: no periodic sweep). Objects a crashed commit left in
+    staging are deleted once older than the visibility timeout."""
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:

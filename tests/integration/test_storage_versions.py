@@ -431,3 +431,28 @@ def test_sweep_staging_removes_only_unreferenced_old_objects(make_settings, s3_b
     left = sorted(o.key for o in store.list("tenants/t/subjects/kim/staging/"))
     assert left == sorted([c.manifest.template.key, *[a.key for a in c.manifest.images]])
     assert ts.load_image(ts.current("t", "kim").manifest.images[0]) == b"kept"
+
+
+def test_sweep_all_staging_walks_every_subject_with_a_staging_area(make_settings, s3_bucket, monkeypatch):
+    store = _store(make_settings, s3_bucket)
+    ts = TemplateStore(store)
+    for tenant, subject in (("t1", "ann"), ("t1", "bob"), ("t2", "cy")):
+        j = _job()
+        store.put(layout.image_key(layout.staging_prefix(tenant, subject, j, "1"), 0), b"orphan")
+        if subject != "bob":  # bob also has a committed version whose artefacts must stay
+            ts.commit_version(tenant, subject, j, template=_template(tenant, subject, j), images=[b"kept"])
+    store.put_json(layout.subject_key_state("t2", "dee"), {"v": 1})  # dee has no staging area: not visited
+    assert ts.sweep_all_staging(older_than_s=3600) == (3, 0)  # everything is too young
+    import datetime as dt
+
+    import worker.storage.templates as tmod
+
+    monkeypatch.setattr(tmod, "utcnow", lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+    assert ts.sweep_all_staging(older_than_s=3600, tenant="t2") == (1, 1)
+    assert ts.sweep_all_staging(older_than_s=3600) == (3, 2)
+    for tenant, subject in (("t1", "ann"), ("t2", "cy")):
+        m = ts.current(tenant, subject).manifest
+        assert ts.load_image(m.images[0]) == b"kept"
+        left = sorted(o.key for o in store.list(layout.subject_prefix(tenant, subject) + "staging/"))
+        assert left == sorted([m.template.key, *[a.key for a in m.images]])
+    assert list(store.list("tenants/t1/subjects/bob/staging/")) == []

@@ -17,6 +17,7 @@ from worker.tasks.config import (
     TASK_ENROLL,
     TASK_REENROLL_CHUNK,
     TASK_REVOKE,
+    TASK_SWEEP_STAGING,
     TASK_VERIFY,
     ConfigError,
     QueueSettings,
@@ -48,6 +49,14 @@ def test_routes_by_name() -> None:
     routes = celery_config(_q())["task_routes"]
     assert {routes[t]["queue"] for t in (TASK_ENROLL, TASK_VERIFY, TASK_REENROLL_CHUNK)} == {ENGINE_QUEUE}
     assert {routes[t]["queue"] for t in (TASK_REVOKE, TASK_BULK)} == {CONTROL_QUEUE}
+
+
+def test_beat_schedules_the_staging_sweep_on_the_control_queue() -> None:
+    c = celery_config(_q(sweep_staging_interval_s=600))
+    entry = c["beat_schedule"]["sweep-staging"]
+    assert entry["task"] == TASK_SWEEP_STAGING and entry["schedule"] == 600.0
+    assert c["task_routes"][TASK_SWEEP_STAGING]["queue"] == CONTROL_QUEUE
+    assert celery_config(_q(sweep_staging_interval_s=0))["beat_schedule"] == {}
 
 
 @pytest.mark.parametrize("vt", [900, 600, 1])

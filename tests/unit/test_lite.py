@@ -157,6 +157,49 @@ def test_identity_split_rule():
     assert [lite_split(n) for n in names] == ["train", "train", "holdout", "train", "val"]
 
 
+class _FakeRecognizer(torch.nn.Module):
+    """Narrow stand-in for the dlib net: a fixed random projection of the pixels, L2-normalised, (B, 128)."""
+
+    embedding_dim = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 16 * 16, 128, bias=False)
+
+    def embed(self, images: torch.Tensor, alignment: str = "dlib-chip") -> torch.Tensor:
+        return torch.nn.functional.normalize(self.proj(images.flatten(1)), dim=1)
+
+
+def test_identity_conditioned_encoder_reads_the_recognizer_and_keeps_it_out_of_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = {**TINY, "e_identity": 128}
+    e = LiteEncoder(cfg).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with pytest.raises(RuntimeError, match="no identity model attached"):
+        e(x)
+    rec = _FakeRecognizer()
+    e.attach_identity(rec)
+    assert not any("proj.weight" == k or k.startswith("identity") for k in e.state_dict())
+    w = e(x)
+    # the descriptor changes the code: same pixels, another recognizer -> another W+
+    feats = e.identity_features(x)
+    assert feats.shape == (3, 128) and not feats.requires_grad
+    assert torch.allclose(e.encode_parts(x, feats)[0], e.encode_parts(x)[0])
+    assert not torch.allclose(e.encode_parts(x, torch.zeros_like(feats))[0], w[:, 0])
+    # .to() reaches the attached recognizer (kept outside the module tree)
+    e.double()
+    assert rec.proj.weight.dtype == torch.float64
+    e.float()
+    path = tmp_path / "lite.pt"
+    torch.save({"encoder": e.state_dict()}, path)
+    with pytest.raises(CheckpointLayoutError):
+        load_lite_encoder(path, dict(TINY))  # the id_proj keys are unexpected without e_identity
+    with pytest.raises(CheckpointLayoutError):
+        LiteEncoder({**TINY, "e_identity": 64})
+    with pytest.raises(CheckpointLayoutError):
+        LiteEncoder(cfg).attach_identity(torch.nn.Linear(2, 2))
+
+
 # --- the committed bundle ------------------------------------------------------------------------------------------
 needs_bundle = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason="lite bundle not trained yet")
 

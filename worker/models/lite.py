@@ -16,7 +16,10 @@ codes on the training images: ``mapping(z) = w_avg + z @ L.T`` with L the Choles
 ``w_avg`` (the mean) is the truncation centre and key-derived z ~ N(0, I) land where real faces' codes are.
 
 Encoder (e4e-like): a residual conv trunk to 4x4 and two linear heads: W+ = w_avg + base (broadcast over layers)
-+ delta, with delta of layer 0 fixed to zero and kept small by a training penalty.
++ delta, with delta of layer 0 fixed to zero and kept small by a training penalty. With ``e_identity = 128`` the
+hidden layer also receives the input's dlib face descriptor (a frozen, pretrained recognizer, as pSp/e4e start
+from a pretrained ArcFace backbone): a small network trained on a few thousand faces cannot learn identity features
+that generalise to people it never saw, the recognizer already has them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ DEFAULT_CONFIG: dict = {
     "g_channels": [160, 160, 128, 64, 32, 16],
     "e_channels": [32, 64, 96, 128, 160, 160],
     "e_hidden": 256,
+    # 0: the encoder sees only pixels; 128: it also reads the frozen dlib face descriptor of its input (see
+    # LiteEncoder), loaded from the installed face_recognition_models package, never stored in the lite checkpoint
+    "e_identity": 0,
 }
 
 
@@ -210,14 +216,50 @@ class LiteEncoder(nn.Module):
         nn.init.zeros_(self.delta.weight)
         nn.init.zeros_(self.delta.bias)
         self.register_buffer("w_avg", torch.zeros(self.w_dim))
+        self.identity_dim = int(cfg["e_identity"])
+        if self.identity_dim not in (0, 128):
+            raise CheckpointLayoutError(f"lite encoder: e_identity must be 0 or 128, got {self.identity_dim}")
+        self.id_proj = nn.Linear(self.identity_dim, cfg["e_hidden"]) if self.identity_dim else None
+        # the recognizer is kept out of the module tree so that it is not part of the lite checkpoint
+        self.__dict__["identity_net"] = None
 
-    def encode_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, R, R) -> (code (B, w_dim) = w_avg + base, delta (B, n_latent, w_dim) with delta[:, 0] = 0)."""
+    def attach_identity(self, net: nn.Module) -> LiteEncoder:
+        """Give an ``e_identity`` encoder its frozen recognizer: ``net.embed(images, "dlib-chip") -> (B, 128)``."""
+        if getattr(net, "embedding_dim", None) != self.identity_dim:
+            raise CheckpointLayoutError(f"lite encoder needs a {self.identity_dim}-d identity model")
+        self.__dict__["identity_net"] = net
+        return self
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to(device) / .half() must reach the attached recognizer too
+        super()._apply(fn, recurse)
+        if self.__dict__.get("identity_net") is not None:
+            self.__dict__["identity_net"]._apply(fn, recurse)
+        return self
+
+    def identity_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, R, R) -> (B, 128) dlib descriptor scaled to unit-variance components; no gradient."""
+        net = self.__dict__["identity_net"]
+        if net is None:
+            raise RuntimeError("lite encoder with e_identity has no identity model attached (attach_identity)")
+        with torch.no_grad():
+            return net.embed(images, ALIGNMENT) * math.sqrt(self.identity_dim)
+
+    def encode_parts(
+        self, images: torch.Tensor, id_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, R, R) -> (code (B, w_dim) = w_avg + base, delta (B, n_latent, w_dim) with delta[:, 0] = 0).
+
+        ``id_features`` (B, 128): ``identity_features(images)`` when the caller already has them (training).
+        """
         if images.dim() != 4 or images.shape[1:] != (3, self.input_size, self.input_size):
             raise ValueError(f"expected images (B, 3, {self.input_size}, {self.input_size}), got {tuple(images.shape)}")
         x = F.leaky_relu(self.from_rgb(images), 0.2)
         x = self.last(self.blocks(x))
-        h = F.leaky_relu(self.fc(x.flatten(1)), 0.2)
+        h = self.fc(x.flatten(1))
+        if self.id_proj is not None:
+            h = h + self.id_proj(self.identity_features(images) if id_features is None else id_features)
+        h = F.leaky_relu(h, 0.2)
         code = self.w_avg + self.base(h)
         d = self.delta(h).view(-1, self.n_latent - 1, self.w_dim)
         delta = torch.cat([torch.zeros_like(d[:, :1]), d], dim=1)
@@ -266,9 +308,17 @@ def load_lite_generator(path: Path, config: dict) -> LiteGenerator:
 
 
 def load_lite_encoder(path: Path, config: dict) -> LiteEncoder:
-    """Checkpoint file with an ``"encoder"`` state dict -> frozen ``LiteEncoder`` in eval mode."""
+    """Checkpoint file with an ``"encoder"`` state dict -> frozen ``LiteEncoder`` in eval mode.
+
+    An ``e_identity`` encoder gets the dlib recognizer of the installed face_recognition_models package (the same
+    file as the bundle's ``identity`` component, whose SHA-256 the bundle loader checks).
+    """
     e = LiteEncoder(config)
     _strict_load(e, _read_checkpoint(path, "encoder"), "lite encoder")
+    if e.identity_dim:
+        from worker.models.dlib_resnet import load_dlib_resnet
+
+        e.attach_identity(load_dlib_resnet())
     return _freeze(e)
 
 

@@ -295,6 +295,22 @@ class TemplateStore:
             n += 1
         return n
 
+    def sweep_all_staging(self, *, older_than_s: float, tenant: str | None = None) -> tuple[int, int]:
+        """``sweep_staging`` over every subject that has a staging area (of one tenant, or of all).
+
+        Returns (subjects swept, objects deleted). Walks the bucket with delimiter listings, so its cost grows with
+        the number of subjects; meant for a periodic job (the ``sweep_staging`` control task under Celery beat).
+        """
+        tenants = [tenant] if tenant is not None else list(self.store.list_dirs("tenants/"))
+        swept = deleted = 0
+        for t in tenants:
+            for subject in self.store.list_dirs(layout.subjects_prefix(t)):
+                if "staging" not in set(self.store.list_dirs(layout.subject_prefix(t, subject))):
+                    continue
+                deleted += self.sweep_staging(t, subject, older_than_s=older_than_s)
+                swept += 1
+        return swept, deleted
+
     # --- revocation -----------------------------------------------------------------------------------------------
     def revocation(self, tenant: str, subject: str, version: int) -> RevocationRecord | None:
         try:

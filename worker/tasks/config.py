@@ -18,6 +18,7 @@ TASK_REENROLL_CHUNK = "cancelable.reenroll_chunk"
 TASK_REVOKE = "cancelable.revoke"
 TASK_BULK = "cancelable.bulk"
 TASK_PING = "cancelable.ping"  # control queue liveness
+TASK_SWEEP_STAGING = "cancelable.sweep_staging"  # periodic (Celery beat): orphaned staging objects
 TASK_ENGINE_PING = "cancelable.engine_ping"  # engine queue liveness (reports whether the models are loaded)
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
@@ -27,6 +28,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_REVOKE: {"queue": CONTROL_QUEUE},
     TASK_BULK: {"queue": CONTROL_QUEUE},
     TASK_PING: {"queue": CONTROL_QUEUE},
+    TASK_SWEEP_STAGING: {"queue": CONTROL_QUEUE},
     TASK_ENGINE_PING: {"queue": ENGINE_QUEUE},
 }
 
@@ -46,6 +48,7 @@ class QueueSettings:
     task_soft_time_limit_s: int
     result_expires_s: int = 7 * 24 * 3600
     unacked_restore_interval_s: float = 10.0
+    sweep_staging_interval_s: int = 3600
 
 
 def check_queue_settings(q: QueueSettings) -> None:
@@ -98,6 +101,18 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
         "timezone": "UTC",
+        "beat_schedule": (
+            {
+                "sweep-staging": {
+                    "task": TASK_SWEEP_STAGING,
+                    "schedule": float(q.sweep_staging_interval_s),
+                    # a sweep that waited longer than one interval is superseded by the next one
+                    "options": {"expires": float(q.sweep_staging_interval_s)},
+                }
+            }
+            if q.sweep_staging_interval_s > 0
+            else {}
+        ),
     }
 
 
@@ -112,6 +127,7 @@ def queue_settings(settings: Any) -> QueueSettings:
         task_time_limit_s=int(w.task_time_limit),
         task_soft_time_limit_s=int(w.soft_time_limit),
         unacked_restore_interval_s=float(min(10.0, max(1.0, w.visibility_timeout / 10))),
+        sweep_staging_interval_s=int(w.sweep_staging_interval),
     )
 
 

@@ -35,7 +35,15 @@ from worker.contracts import (
 from worker.errors import NoTemplateError
 from worker.tasks.app import app
 from worker.tasks.common import now, run_job
-from worker.tasks.config import ENGINE_QUEUE, TASK_BULK, TASK_ENROLL, TASK_PING, TASK_REENROLL_CHUNK, TASK_REVOKE
+from worker.tasks.config import (
+    ENGINE_QUEUE,
+    TASK_BULK,
+    TASK_ENROLL,
+    TASK_PING,
+    TASK_REENROLL_CHUNK,
+    TASK_REVOKE,
+    TASK_SWEEP_STAGING,
+)
 from worker.tasks.fanout import ReenrollChunk, maybe_finalize_bulk, maybe_finalize_revoke
 
 log = logging.getLogger(__name__)
@@ -387,4 +395,20 @@ def ping() -> dict[str, Any]:
     return {"pid": os.getpid(), "at": now().isoformat()}
 
 
-__all__ = ["bulk", "ping", "revoke", "NoTemplateError"]
+@app.task(name=TASK_SWEEP_STAGING)
+def sweep_staging(tenant: str | None = None) -> dict[str, Any]:
+    """Delete staged objects no committed version names, older than the visibility timeout (so that a commit still
+    in flight, or a job Redis may still re-deliver, keeps its artefacts). Sent by Celery beat; safe to run twice."""
+    from worker.storage.templates import TemplateStore
+    from worker.tasks.runtime import get_runtime
+
+    rt = get_runtime()
+    started = time.monotonic()
+    swept, deleted = TemplateStore(rt.store).sweep_all_staging(
+        older_than_s=float(rt.settings.worker.visibility_timeout), tenant=tenant
+    )
+    log.info("staging sweep done", extra={"subjects": swept, "deleted": deleted})
+    return {"subjects": swept, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
+
+
+__all__ = ["bulk", "ping", "revoke", "sweep_staging", "NoTemplateError"]
