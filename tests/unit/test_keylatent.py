@@ -13,6 +13,7 @@ from worker.algorithm.keylatent import (
     key_latent,
     key_latents,
     key_orthogonal,
+    key_rotation_about,
     key_target,
     seed_to_z,
     seeded_normal,
@@ -113,3 +114,29 @@ def test_key_target_keeps_cosines_and_differs_per_key() -> None:
     assert float((t1 * t2).sum(-1).abs().max()) < 0.7  # other key, unrelated targets
     # invertible: whoever knows the key recovers the original embedding from the target
     torch.testing.assert_close(t1 @ r1, e, atol=1e-5, rtol=0)
+
+
+def test_rotation_about_a_center_fixes_it_and_keeps_targets_in_the_cone() -> None:
+    g = torch.Generator().manual_seed(1)
+    center = F.normalize(torch.randn(32, generator=g), dim=0)
+    # embeddings in a narrow cone around the center, as dlib's are (pairwise cosines about 0.8)
+    e = F.normalize(center * 3.0 + torch.randn(6, 32, generator=g) * 0.3, dim=-1)
+    r = key_rotation_about(SEED, center)
+    assert r.shape == (32, 32) and r.dtype == torch.float32
+    torch.testing.assert_close(r.T @ r, torch.eye(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r @ center, center, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r, key_rotation_about(SEED, center * 7.0))  # only the direction counts
+    t = key_target(e, r)
+    torch.testing.assert_close(t @ t.T, e @ e.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(t @ center, e @ center, atol=1e-5, rtol=0)  # same angle to the mean: reachable
+    # a rotation about the origin sends the same targets out of the cone
+    assert float((key_target(e, key_orthogonal(SEED, 32)) @ center).abs().max()) < 0.7 < float((t @ center).min())
+    # another key moves the identity-specific part somewhere unrelated
+    r2 = key_rotation_about(bytes(32), center)
+    resid = lambda x: F.normalize(x - (x @ center)[:, None] * center, dim=-1)  # noqa: E731
+    assert float((resid(t) * resid(key_target(e, r2))).sum(-1).abs().max()) < 0.7
+    axis = torch.zeros(32)
+    axis[0] = 1.0
+    ra = key_rotation_about(SEED, axis)  # the center already on the first axis (no reflection needed)
+    torch.testing.assert_close(ra @ axis, axis)
+    torch.testing.assert_close(ra.T @ ra, torch.eye(32), atol=1e-5, rtol=0)

@@ -164,6 +164,28 @@ def test_fingerprint_tracks_result_settings_only() -> None:
     assert Engine(bundle, EngineConfig(mixed_precision=False, max_batch_images=4)).fingerprint == base
     for other in (EngineConfig(split="readme"), EngineConfig(steps=49), EngineConfig(key_target=False)):
         assert Engine(bundle, other).fingerprint != base
+    centred = EngineConfig(key_target_center=[1.0] + [0.0] * (EMB_DIM - 1))  # a manifest gives a list
+    assert centred.key_target_center == (1.0,) + (0.0,) * (EMB_DIM - 1)
+    assert Engine(bundle, centred).fingerprint != base
+
+
+def test_key_target_center_is_checked() -> None:
+    with pytest.raises(ValueError, match="non-zero"):
+        EngineConfig(key_target_center=[0.0] * EMB_DIM)
+    with pytest.raises(ValueError, match="finite"):
+        EngineConfig(key_target_center=[float("nan")] * EMB_DIM)
+    with pytest.raises(ValueError, match="identity model gives"):
+        Engine(tiny_bundle(), EngineConfig(key_target_center=[1.0, 0.0, 0.0]))
+
+
+def test_centred_key_target_is_what_the_optimisation_pulls_towards() -> None:
+    """With a center the engine's key rotation fixes it (the target keeps its angle to the center)."""
+    bundle = tiny_bundle()
+    center = torch.nn.functional.normalize(torch.arange(1.0, EMB_DIM + 1.0), dim=0)
+    eng = Engine(bundle, EngineConfig(key_target_center=center.tolist(), steps=2))
+    rot = eng._key_rotation(SEED_A)
+    torch.testing.assert_close(rot @ center, center, atol=1e-5, rtol=0)
+    assert not torch.allclose(rot, Engine(bundle, EngineConfig(steps=2))._key_rotation(SEED_A))
 
 
 def test_unknown_split_is_rejected() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass
 
@@ -17,6 +18,8 @@ class EngineConfig:
 
     split: "code" (released code), "readme" (authors' README / FALCO) or an explicit ``LayerSplit``.
     key_target / w_key: the consistency-over-time term (docs/notes/engine.md); w_key is only used when on.
+    key_target_center: the identity model's mean embedding direction (from the bundle manifest); when set, the key
+    rotation turns embeddings about it instead of about the origin (``keylatent.key_rotation_about``).
     mixed_precision: bf16 autocast around the networks inside the optimisation loop, CUDA only; latents, Adam
     state, losses, the encoder, the key mapping and the final decode + template always run in fp32.
     max_batch_images: enroll_many packs whole subjects into optimisation batches of at most this many images
@@ -36,6 +39,7 @@ class EngineConfig:
     anon_hinge: bool = False
     key_target: bool = True
     w_key: float = 10.0
+    key_target_center: tuple[float, ...] | None = None
     mixed_precision: bool = True
     max_batch_images: int = 32
     input_tolerance: float = 1e-3  # how far outside [-1, 1] an input pixel may be (then clamped)
@@ -49,6 +53,11 @@ class EngineConfig:
             raise ValueError("truncation_psi must be in [0, 1]")
         if min(self.w_anon, self.w_idp, self.w_attr, self.w_key) < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.key_target_center is not None:
+            center = tuple(float(v) for v in self.key_target_center)
+            if len(center) < 2 or not all(math.isfinite(v) for v in center) or math.hypot(*center) < 1e-6:
+                raise ValueError("key_target_center must be a finite, non-zero vector")
+            object.__setattr__(self, "key_target_center", center)  # a manifest gives a list
         self.schedule()  # validates steps / lr / milestones
 
     def result_fields(self) -> dict[str, object]:
@@ -60,6 +69,11 @@ class EngineConfig:
         out["lr_milestones"] = list(self.lr_milestones)
         if not self.key_target:
             out.pop("w_key")
+            out.pop("key_target_center")
+        elif self.key_target_center is None:
+            out.pop("key_target_center")  # fingerprints of configs from before the field existed stay the same
+        else:
+            out["key_target_center"] = [round(float(v), 6) for v in self.key_target_center]
         return out
 
     def fingerprint(self) -> str:

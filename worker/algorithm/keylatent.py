@@ -90,6 +90,30 @@ def key_orthogonal(seed: bytes, dim: int, label: str = "orthogonal") -> torch.Te
     return (q * signs[None, :]).to(torch.float32)
 
 
+def key_rotation_about(seed: bytes, center: torch.Tensor, label: str = "orthogonal") -> torch.Tensor:
+    """Key-derived orthogonal matrix (D, D) that fixes the direction ``center`` (D,) and is Haar-random on the
+    hyperplane orthogonal to it; float32 on the CPU.
+
+    Recognizers such as dlib put every face inside a narrow cone around their mean embedding (any two faces score
+    about 0.8). A full random rotation sends a target outside that cone, where no face can follow; rotating only
+    about the mean keeps every target's angle to the mean, so targets stay reachable while cosines between targets
+    are still exactly the cosines between the originals. Built as H diag(1, Q) H with Q = ``key_orthogonal`` of
+    size D - 1 and H the Householder reflection that swaps ``center`` and the first axis.
+    """
+    c = torch.nn.functional.normalize(center.detach().to(torch.float64).cpu().flatten(), dim=0)
+    d = c.numel()
+    q = key_orthogonal(seed, d - 1, label).to(torch.float64)
+    block = torch.eye(d, dtype=torch.float64)
+    block[1:, 1:] = q
+    v = c.clone()
+    v[0] -= 1.0
+    if float(v.norm()) < 1e-12:  # center is already the first axis
+        return block.to(torch.float32)
+    v = v / v.norm()
+    h = torch.eye(d, dtype=torch.float64) - 2.0 * torch.outer(v, v)
+    return (h @ block @ h).to(torch.float32)
+
+
 def key_target(e_orig: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Key-seeded identity target t = normalise(R_key e_orig) for each row of ``e_orig`` (B, D) -> (B, D).
 

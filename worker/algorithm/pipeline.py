@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
-from worker.algorithm.keylatent import SEED_BYTES, key_latents, key_orthogonal, key_target
+from worker.algorithm.keylatent import SEED_BYTES, key_latents, key_orthogonal, key_rotation_about, key_target
 from worker.algorithm.losses import group_pairs, total_loss
 from worker.algorithm.mix import LayerSplit, assemble, mix, resolve_split
 from worker.algorithm.optimise import adam_optimise
@@ -87,6 +87,9 @@ class Engine:
         self.input_size = int(self.encoder.input_size)
         self.output_size = int(self.generator.resolution)
         self.embedding_dim = int(self.identity.embedding_dim)
+        center = self.config.key_target_center
+        if center is not None and len(center) != self.embedding_dim:
+            raise ValueError(f"key_target_center has {len(center)} values; the identity model gives {self.embedding_dim}")
 
     @property
     def fingerprint(self) -> str:
@@ -185,7 +188,7 @@ class Engine:
             if self.weights.key > 0:
                 target = torch.empty_like(e_r)
                 for s, seed in enumerate(seeds):
-                    rot = key_orthogonal(seed, self.embedding_dim, KEY_TARGET_LABEL).to(self.device)
+                    rot = self._key_rotation(seed).to(self.device)
                     idx = (groups == s).nonzero()[:, 0]
                     target[idx] = key_target(e_r[idx], rot)
         split, weights, attribute = self.split, self.weights, self.attribute
@@ -203,6 +206,14 @@ class Engine:
         return loss_fn
 
     # --- helpers ------------------------------------------------------------------------------------------------
+    def _key_rotation(self, seed: bytes) -> torch.Tensor:
+        """(D, D) key-derived orthogonal matrix of the identity target: about the origin, or about the identity
+        model's mean direction when the config names one."""
+        center = self.config.key_target_center
+        if center is None:
+            return key_orthogonal(seed, self.embedding_dim, KEY_TARGET_LABEL)
+        return key_rotation_about(seed, torch.tensor(center, dtype=torch.float64), KEY_TARGET_LABEL)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.config.mixed_precision and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
