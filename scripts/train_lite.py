@@ -154,22 +154,29 @@ def atomic_save(obj: object, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, out_dir: Path, args, log) -> None:
-    """Fit the Gaussian mapping on EMA encoder codes of the TRAIN images and write weights + manifest."""
+    """Fit the Gaussian mapping on EMA encoder codes of the TRAIN images, take the recognizer's mean direction over
+    them (the engine's ``key_target_center``) and write weights + manifest."""
     g = LiteGenerator(cfg)
     e = LiteEncoder(cfg)
     g.load_state_dict(state["g_ema"])
     e.load_state_dict(state["e_ema"])
     g.eval()
     e.eval()
-    if e.identity_dim:
-        from worker.models.dlib_resnet import load_dlib_resnet
+    from worker.models.dlib_resnet import load_dlib_resnet
 
-        e.attach_identity(load_dlib_resnet())
-    codes = []
+    ident = load_dlib_resnet()
+    if e.identity_dim:
+        e.attach_identity(ident)
+    codes, emb_sum = [], torch.zeros(128, dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, len(train_idx), 256):
-            c, _ = e.encode_parts(to_tensor(chips[train_idx[i : i + 256]]))
+            x = to_tensor(chips[train_idx[i : i + 256]])
+            feats = ident.embed(x, "dlib-chip")  # (B, 128), L2-normalised
+            emb_sum += feats.double().sum(0)
+            c, _ = e.encode_parts(x, feats * math.sqrt(e.identity_dim) if e.identity_dim else None)
             codes.append(c)
+    # the engine rotates key targets about the recognizer's mean direction (docs/notes/engine.md)
+    center = torch.nn.functional.normalize(emb_sum, dim=0)
     codes_t = torch.cat(codes)
     fit_gaussian_mapping(g, e, codes_t)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +213,10 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
     if old.get("bundle_id") == manifest["bundle_id"]:
         # same weights finalised again: keep what was measured on them (threshold, calibration record)
         manifest.update({k: v for k, v in old.items() if k not in manifest})
+    manifest["engine"] = {
+        **(manifest.get("engine") or {}),
+        "key_target_center": [round(float(v), 7) for v in center],
+    }
     old_path.write_text(json.dumps(manifest, indent=2) + "\n")
     log(
         f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}...) and manifest.json; "
