@@ -288,9 +288,7 @@ def main() -> None:
             torch.set_num_threads(2)
             advice = json.loads((args.bundle / "manifest.json").read_text()).get("engine", {})
             center = advice.get("key_target_center")  # the bundle's engine advice, as a worker would apply it
-            cfg = EngineConfig(
-                steps=args.engine_steps, w_attr=0.0, mixed_precision=False, key_target_center=center
-            )
+            cfg = EngineConfig(steps=args.engine_steps, w_attr=0.0, mixed_precision=False, key_target_center=center)
             engine = Engine(bundle, cfg, torch.device("cpu"))
             Engine(bundle, EngineConfig(steps=2, w_attr=0.0), torch.device("cpu")).enroll(x[:1], key_seed("warm", 0))
             times: dict[int, list[float]] = {}

@@ -89,7 +89,9 @@ class Engine:
         self.embedding_dim = int(self.identity.embedding_dim)
         center = self.config.key_target_center
         if center is not None and len(center) != self.embedding_dim:
-            raise ValueError(f"key_target_center has {len(center)} values; the identity model gives {self.embedding_dim}")
+            raise ValueError(
+                f"key_target_center has {len(center)} values; the identity model gives {self.embedding_dim}"
+            )
 
     @property
     def fingerprint(self) -> str:
