@@ -224,6 +224,20 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
     )
 
 
+def init_from_bundle_weights(G: nn.Module, E: nn.Module, path: Path) -> None:
+    """Copy a finalised lite weights file into fresh networks. Every tensor of the file must fit; the only new
+    tensors allowed are the encoder's identity projection (zero-initialised below, so the start reproduces the old
+    model exactly)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    G.load_state_dict({k: v.float() for k, v in ckpt["generator"].items()}, strict=True)
+    missing, unexpected = E.load_state_dict({k: v.float() for k, v in ckpt["encoder"].items()}, strict=False)
+    if unexpected or any(not k.startswith("id_proj.") for k in missing):
+        raise SystemExit(f"--init-from {path}: layout mismatch (missing {missing}, unexpected {unexpected})")
+    if E.id_proj is not None:
+        nn.init.zeros_(E.id_proj.weight)
+        nn.init.zeros_(E.id_proj.bias)
+
+
 def dlib_resnet_sha256() -> str:
     import face_recognition_models
 
@@ -249,6 +263,13 @@ def main() -> None:
     ap.add_argument("--finalize-only", action="store_true")
     ap.add_argument(
         "--identity-cond", action="store_true", help="encoder also reads the frozen dlib descriptor (e_identity=128)"
+    )
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start (not resume) from the weights of a finalised lite bundle file (e.g. an earlier lite_64.pt); layers "
+        "it lacks (such as the encoder's identity input) start at their initial values",
     )
     ap.add_argument("--g-channels", default="", help="comma-separated generator channels per resolution 4..R")
     ap.add_argument("--ema", type=float, default=0.998)
@@ -302,6 +323,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     G, E = LiteGenerator(cfg).to(device), LiteEncoder(cfg).to(device)
     D = Discriminator(args.resolution, cfg["e_channels"]).to(device)
+    if args.init_from and not ckpt_path.exists():
+        init_from_bundle_weights(G, E, args.init_from)
     G_ema, E_ema = copy.deepcopy(G).eval(), copy.deepcopy(E).eval()
     opt_ge = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), lr=args.lr, betas=(0.5, 0.99))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.99))

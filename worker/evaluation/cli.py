@@ -13,8 +13,10 @@ and every identity lives in exactly one shard.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from worker.evaluation.evaluator import DETECTOR_FILE, RECOGNIZER_FILE, default_model_dir
 
@@ -47,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--identities", type=int, default=50, help="number of identities (before sharding)")
     run.add_argument("--keys", type=int, default=3, help="key versions per identity (>= 3)")
     run.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the engine's, 50)")
-    run.add_argument("--key-target", action="store_true", help="turn on the engine's consistency-over-time term")
+    run.add_argument(
+        "--key-target",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force the engine's consistency-over-time term on or off (default: as a worker deploys the bundle)",
+    )
     run.add_argument("--attack-steps", type=int, default=50, help="inversion steps of the key-known attack")
     run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: lite)")
     run.add_argument("--eval-models", default=None, help="evaluator models (default ../shared/models/eval)")
@@ -67,10 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def deployed_config(bundle_dir: Path, steps: int | None, key_target: bool | None) -> Any:
+    """The EngineConfig a worker with default settings builds for this bundle (its manifest's ``engine`` advice:
+    split, key target center, ...), with this run's explicit overrides on top."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from worker.settings import EngineSettings
+    from worker.tasks.runtime import engine_config_from
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    settings = SimpleNamespace(engine=EngineSettings(**({"steps": steps} if steps is not None else {})))
+    config = engine_config_from(settings, manifest)
+    return config if key_target is None else dataclasses.replace(config, key_target=key_target)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from worker.algorithm.config import EngineConfig
     from worker.algorithm.pipeline import Engine
     from worker.evaluation.evaluator import Evaluator
     from worker.evaluation.protocols import RunConfig, run_shard
@@ -104,10 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     device = torch.device(args.device)
     bundle = load_bundle(args.bundle, device)
-    overrides = {"key_target": args.key_target}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    engine = Engine(bundle, EngineConfig(**overrides), device)
+    engine = Engine(bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device)
     local_out = Path(args.out) if not args.out.startswith("s3://") else REPO / "reports" / "eval-s3-staging"
     shard_dir = local_out / "shards" / f"{i}-of-{n}"
     run_shard(engine, judge, cfg, shard_dir, extra_meta={"evaluator": evaluator_info})
