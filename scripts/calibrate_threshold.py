@@ -41,7 +41,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -251,13 +250,11 @@ def run(engine: Any, ids: list[Identity], pairs: list[tuple[int, int]], args: ar
 
 def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, dict[str, Any]]:
     from worker.algorithm.pipeline import Engine
+    from worker.evaluation.cli import deployed_config
     from worker.models.bundle import load_bundle
-    from worker.settings import EngineSettings
-    from worker.tasks.runtime import engine_config_from
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    settings = SimpleNamespace(engine=EngineSettings(**({"steps": steps} if steps else {})))
-    config = engine_config_from(settings, manifest)
+    config = deployed_config(bundle_dir, steps or None, None)
     engine = Engine(load_bundle(bundle_dir, "cpu"), config, "cpu")
     log(f"bundle {manifest['bundle_id']} at {bundle_dir}; engine {engine.fingerprint}, {config.steps} steps")
     return engine, manifest

@@ -22,6 +22,7 @@ Run: ``.venv/bin/python scripts/eval_lite.py`` (about 5-15 min on a busy 2-core 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -284,11 +285,13 @@ def main() -> None:
         try:
             from worker.algorithm.config import EngineConfig
             from worker.algorithm.pipeline import Engine
+            from worker.evaluation.cli import deployed_config
 
             torch.set_num_threads(2)
-            advice = json.loads((args.bundle / "manifest.json").read_text()).get("engine", {})
-            center = advice.get("key_target_center")  # the bundle's engine advice, as a worker would apply it
-            cfg = EngineConfig(steps=args.engine_steps, w_attr=0.0, mixed_precision=False, key_target_center=center)
+            # the configuration a worker deploys for this bundle (its manifest advice), without the attribute loss
+            cfg = dataclasses.replace(
+                deployed_config(args.bundle, args.engine_steps, None), w_attr=0.0, mixed_precision=False
+            )
             engine = Engine(bundle, cfg, torch.device("cpu"))
             Engine(bundle, EngineConfig(steps=2, w_attr=0.0), torch.device("cpu")).enroll(x[:1], key_seed("warm", 0))
             times: dict[int, list[float]] = {}

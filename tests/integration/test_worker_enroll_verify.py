@@ -78,14 +78,12 @@ def _fixed_keyring(path: Path, key_ids: list[str]) -> None:
     path.chmod(0o600)
 
 
-@pytest.mark.skipif(not LITE_MANIFEST.is_file(), reason=f"trained lite bundle not present ({LITE_MANIFEST})")
-@pytest.mark.slow
-def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seaweed, tmp_path: Path) -> None:
-    # Fixed, public test keys (not chosen by outcome): at the lite bundle's EER operating point about one genuine
-    # probe in eight is rejected (MODEL_CARD.md), so fresh random keys would make this test flaky. deploy() keeps
-    # existing keyring entries.
+def _deploy_lite(service_env, seaweed, tmp_path: Path) -> Deployment:
+    """A worker on the committed lite bundle at its default 50 steps, with fixed public test keys (not chosen by
+    outcome): at the bundle's EER operating point about one genuine probe in eight is rejected (MODEL_CARD.md), so
+    fresh random keys would make these tests flaky. deploy() keeps existing keyring entries."""
     _fixed_keyring(tmp_path / "keyring.json", ["k1", "k2"])
-    dep = deploy(
+    return deploy(
         service_env,
         seaweed,
         tmp_path,
@@ -94,6 +92,12 @@ def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seawee
         CANCELABLE_WORKER__TASK_TIME_LIMIT="500",
         CANCELABLE_WORKER__VISIBILITY_TIMEOUT="600",
     )
+
+
+@pytest.mark.skipif(not LITE_MANIFEST.is_file(), reason=f"trained lite bundle not present ({LITE_MANIFEST})")
+@pytest.mark.slow
+def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seaweed, tmp_path: Path) -> None:
+    dep = _deploy_lite(service_env, seaweed, tmp_path)
     try:
         f = dep.faces
         res = dep.client.run(dep.client.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=600)
@@ -124,15 +128,7 @@ def test_genuine_accepted_impostor_rejected_with_lite_bundle(service_env, seawee
 def test_reissued_template_is_unlinkable_to_the_revoked_one_with_lite_bundle(
     service_env, seaweed, tmp_path: Path
 ) -> None:
-    dep = deploy(
-        service_env,
-        seaweed,
-        tmp_path,
-        bundle=LITE_MANIFEST.parent,
-        CANCELABLE_ENGINE__STEPS="50",
-        CANCELABLE_WORKER__TASK_TIME_LIMIT="500",
-        CANCELABLE_WORKER__VISIBILITY_TIMEOUT="600",
-    )
+    dep = _deploy_lite(service_env, seaweed, tmp_path)
     try:
         f = dep.faces
         res = dep.client.run(dep.client.enroll_job("acme", "obama", [f["obama"], f["obama2"]], "k1"), timeout=600)
