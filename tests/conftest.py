@@ -5,12 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Before anything imports torch: MKL's default dispatch on AMD CPUs picks gemm kernels by problem size, so one
-# subject's result can move by ~3e-5 with the size of its batch (measured on AMD EPYC; 2.7e-6 on Intel). The
-# batching-equivalence tests check 1e-5; COMPATIBLE code paths make results independent of the batch on any x86.
-# Worker subprocesses started by the integration tests inherit it. docs/notes/engine.md has the production advice.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -265,8 +265,8 @@ def init_sentry(settings: Any, transport: Any = None, **options: Any) -> bool:
     the worker's start hook (``worker_init`` / ``worker_process_init``), never at import.
     """
     conf = getattr(settings, "sentry", None)
-    dsn = getattr(conf, "dsn", None)
-    dsn = dsn.get_secret_value() if hasattr(dsn, "get_secret_value") else dsn
+    secret = getattr(conf, "dsn", None)
+    dsn = secret.get_secret_value() if secret is not None and hasattr(secret, "get_secret_value") else secret
     if not dsn:
         return False
     import sentry_sdk

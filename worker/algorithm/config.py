@@ -7,9 +7,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 from worker.algorithm.losses import LossWeights
 from worker.algorithm.mix import PRESETS, LayerSplit
 from worker.algorithm.optimise import AdamSchedule
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,10 @@ class EngineConfig:
     rotation turns embeddings about it instead of about the origin (``keylatent.key_rotation_about``).
     mixed_precision: bf16 autocast around the networks inside the optimisation loop, CUDA only; latents, Adam
     state, losses, the encoder, the key mapping and the final decode + template always run in fp32.
+    dtype: "float32" (production) or "float64" (exact mode: every network, latent and loss in float64). float32
+    results depend in their last bits on the CPU's kernel choice, which varies with the batch size; float64 makes
+    the batching-equivalence checks hold to 1e-8 on any x86 without vendor dispatch flags (tests use it). It is a
+    precision knob, not a different algorithm: templates of either mode verify against each other.
     max_batch_images: enroll_many packs whole subjects into optimisation batches of at most this many images
     (a subject with more images than this runs alone in its own batch).
     """
@@ -41,12 +49,15 @@ class EngineConfig:
     w_key: float = 10.0
     key_target_center: tuple[float, ...] | None = None
     mixed_precision: bool = True
+    dtype: str = "float32"
     max_batch_images: int = 32
     input_tolerance: float = 1e-3  # how far outside [-1, 1] an input pixel may be (then clamped)
 
     def __post_init__(self) -> None:
         if isinstance(self.split, str) and self.split not in PRESETS:
             raise ValueError(f"unknown split preset {self.split!r}; expected one of {PRESETS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.max_batch_images < 1:
             raise ValueError("max_batch_images must be >= 1")
         if not 0.0 <= self.truncation_psi <= 1.0:
@@ -63,7 +74,7 @@ class EngineConfig:
     def result_fields(self) -> dict[str, object]:
         """The settings that change results (everything except speed-only knobs), JSON-ready."""
         out = asdict(self)
-        for speed_only in ("mixed_precision", "max_batch_images", "input_tolerance"):
+        for speed_only in ("mixed_precision", "dtype", "max_batch_images", "input_tolerance"):
             out.pop(speed_only)
         out["split"] = asdict(self.split) if isinstance(self.split, LayerSplit) else self.split
         out["lr_milestones"] = list(self.lr_milestones)
@@ -83,6 +94,9 @@ class EngineConfig:
 
     def schedule(self) -> AdamSchedule:
         return AdamSchedule(steps=self.steps, lr=self.lr, decay=self.lr_decay, milestones=self.lr_milestones)
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(

@@ -55,21 +55,23 @@ def seed_to_z(seed: bytes, z_dim: int) -> torch.Tensor:
 def key_latent(generator: Generator, seed: bytes, psi: float = 0.7) -> torch.Tensor:
     """Key's synthetic W+ code: z -> mapping -> truncation toward ``w_avg`` by ``psi`` -> repeated over layers.
 
-    Returns (n_latent, w_dim) float32 on the device of ``generator.w_avg``. The mapping runs in fp32, outside
-    any autocast region, so the same seed gives the same latent up to fp32 rounding on every device.
+    Returns (n_latent, w_dim) float32 (float64 for a float64 generator) on the device of ``generator.w_avg``.
+    The mapping runs outside any autocast region, so the same seed gives the same latent up to rounding on every
+    device.
     """
     if not 0.0 <= psi <= 1.0:
         raise ValueError("truncation psi must be in [0, 1]")
-    w_avg = generator.w_avg.detach().to(torch.float32)
-    z = seed_to_z(seed, generator.z_dim).to(w_avg.device)
+    dtype = torch.float64 if generator.w_avg.dtype == torch.float64 else torch.float32
+    w_avg = generator.w_avg.detach().to(dtype)
+    z = seeded_normal(seed, (generator.z_dim,), "z").to(torch.float32).to(device=w_avg.device, dtype=dtype)
     with torch.autocast(device_type=w_avg.device.type, enabled=False):
-        w = generator.mapping(z[None]).to(torch.float32)[0]
+        w = generator.mapping(z[None]).to(dtype)[0]
     w = w_avg + psi * (w - w_avg)
     return w[None, :].expand(generator.n_latent, generator.w_dim).clone()
 
 
 def key_latents(generator: Generator, seeds: list[bytes], psi: float = 0.7) -> torch.Tensor:
-    """``key_latent`` for several seeds -> (S, n_latent, w_dim) float32.
+    """``key_latent`` for several seeds -> (S, n_latent, w_dim).
 
     Each seed is mapped on its own (the mapping is cheap next to the optimisation), so a subject's key latent is
     bit-identical whatever other subjects share the batch.

@@ -1,7 +1,8 @@
 """The FaceAnonyMixer objective, computed per subject so that a batch of many subjects is a plain sum.
 
 Shapes: B images in a batch, S subjects, ``groups`` (B,) long with values in [0, S) naming each image's subject.
-Embeddings (B, D) are L2-normalised; tokens (B, T, C). All losses are computed in float32.
+Embeddings (B, D) are L2-normalised; tokens (B, T, C). Losses are computed in float32, or in float64 when the
+embeddings are float64 (the engine's ``dtype="float64"`` mode); half-precision inputs are promoted.
 
 Per subject s with images I_s (the reference's loss for one identity optimised alone):
 
@@ -20,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation precision: float64 stays float64, anything else becomes float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @dataclass(frozen=True)
 class LossWeights:
     anon: float = 10.0
@@ -32,18 +38,18 @@ class LossWeights:
 
 def anon_loss(e_p: torch.Tensor, e_r: torch.Tensor, margin: float = 0.0, hinge: bool = False) -> torch.Tensor:
     """Protection term per image: |cos(e_p, e_r) - m| or max(0, cos - m). (B, D), (B, D) -> (B,)."""
-    cos = F.cosine_similarity(e_p.float(), e_r.float(), dim=-1)
+    cos = F.cosine_similarity(_acc(e_p), _acc(e_r), dim=-1)
     return torch.relu(cos - margin) if hinge else (cos - margin).abs()
 
 
 def attr_loss(tok_p: torch.Tensor, tok_r: torch.Tensor) -> torch.Tensor:
     """Attribute term per image: L1 mean over channels of each token, summed over tokens. (B, T, C) x2 -> (B,)."""
-    return (tok_p.float() - tok_r.float()).abs().mean(dim=-1).sum(dim=-1)
+    return (_acc(tok_p) - _acc(tok_r)).abs().mean(dim=-1).sum(dim=-1)
 
 
 def key_loss(e_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Consistency term per image: 1 - cos(e_p, t) toward the key-seeded target. (B, D) x2 -> (B,)."""
-    return 1.0 - F.cosine_similarity(e_p.float(), target.float(), dim=-1)
+    return 1.0 - F.cosine_similarity(_acc(e_p), _acc(target), dim=-1)
 
 
 def group_pairs(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,14 +71,14 @@ def idp_loss(
     Acts only within a subject; a subject with one image gets 0. (B, D), (B,) -> (S,). ``pairs`` is
     ``group_pairs(groups)``, precomputed by callers that evaluate the loss many times (saves a device sync).
     """
-    e = e_p.float()
+    e = _acc(e_p)
     ii, jj = pairs if pairs is not None else group_pairs(groups)
-    out = torch.zeros(n_groups, dtype=torch.float32, device=e.device)
+    out = torch.zeros(n_groups, dtype=e.dtype, device=e.device)
     if len(ii) == 0:
         return out
     dist = (e[ii] - e[jj]).norm(dim=-1)
     pair_group = groups[ii]
-    counts = torch.zeros(n_groups, dtype=torch.float32, device=e.device).index_add_(
+    counts = torch.zeros(n_groups, dtype=e.dtype, device=e.device).index_add_(
         0, pair_group, torch.ones_like(dist)
     )
     sums = out.index_add(0, pair_group, dist)
@@ -81,9 +87,9 @@ def idp_loss(
 
 def group_mean(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Mean of per-image values within each subject. (B,), (B,) -> (S,)."""
-    v = values.float()
-    sums = torch.zeros(n_groups, dtype=torch.float32, device=v.device).index_add(0, groups, v)
-    counts = torch.zeros(n_groups, dtype=torch.float32, device=v.device).index_add(0, groups, torch.ones_like(v))
+    v = _acc(values)
+    sums = torch.zeros(n_groups, dtype=v.dtype, device=v.device).index_add(0, groups, v)
+    counts = torch.zeros(n_groups, dtype=v.dtype, device=v.device).index_add(0, groups, torch.ones_like(v))
     return sums / counts.clamp_min(1.0)
 
 

@@ -47,7 +47,8 @@ class BundleLike(Protocol):
 
 @dataclass
 class EnrollResult:
-    """One subject's result (CPU, float32): images (N, 3, G, G) in [-1, 1], embeddings (N, D), template (D,)."""
+    """One subject's result (CPU, float32 in either engine dtype): images (N, 3, G, G) in [-1, 1], embeddings
+    (N, D), template (D,)."""
 
     images: torch.Tensor
     embeddings: torch.Tensor
@@ -74,6 +75,7 @@ class Engine:
         self.bundle = bundle
         self.config = config or EngineConfig()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = self.config.torch_dtype()
         self.generator: Generator = bundle.generator
         self.encoder: Encoder = bundle.encoder
         self.identity: IdentityModel = bundle.identity
@@ -81,6 +83,8 @@ class Engine:
         for model in (self.generator, self.encoder, self.identity, bundle.attribute):
             if isinstance(model, torch.nn.Module):
                 model.to(self.device).eval().requires_grad_(False)
+                if self.dtype != torch.float32:
+                    model.to(self.dtype)
         self.split: LayerSplit = resolve_split(self.config.split, self.generator.n_latent)
         self.schedule = self.config.schedule()
         self.weights = self.config.loss_weights()
@@ -152,10 +156,10 @@ class Engine:
 
         # 1. encode
         with torch.no_grad():
-            w_real = self.encoder(faces).to(torch.float32)
+            w_real = self.encoder(faces).to(self.dtype)
 
         # 2. key latent per subject (drawn on the CPU from the seed, mapped in fp32), one row per image
-        w_key = key_latents(self.generator, [s for _, s in subjects], self.config.truncation_psi)[groups]
+        w_key = key_latents(self.generator, [s for _, s in subjects], self.config.truncation_psi)[groups].to(self.dtype)
 
         # 3. mix
         w_mixed, w_train = mix(w_real, w_key, self.split)
@@ -166,11 +170,11 @@ class Engine:
 
         # 5. decode
         with torch.no_grad():
-            images = self.generator.synthesis(assemble(w_mixed, w_train, self.split)).float().clamp(-1.0, 1.0)
+            images = self.generator.synthesis(assemble(w_mixed, w_train, self.split)).to(self.dtype).clamp(-1.0, 1.0)
 
             # 6. templates
-            emb = F.normalize(self.identity.embed(images, self.generator.alignment).float(), dim=-1)
-        images, emb = images.cpu(), emb.cpu()
+            emb = F.normalize(self.identity.embed(images, self.generator.alignment).to(self.dtype), dim=-1)
+        images, emb = images.float().cpu(), emb.float().cpu()
         out: list[EnrollResult] = []
         start = 0
         for n in counts:
@@ -184,16 +188,16 @@ class Engine:
     ) -> Any:
         enc_align, gen_align = self.encoder.alignment, self.generator.alignment
         with torch.no_grad():
-            e_r = F.normalize(self.identity.embed(faces, enc_align).float(), dim=-1)
-            tok_r = self.attribute.tokens(faces, enc_align).float() if self.attribute is not None else None
+            e_r = F.normalize(self.identity.embed(faces, enc_align).to(self.dtype), dim=-1)
+            tok_r = self.attribute.tokens(faces, enc_align).to(self.dtype) if self.attribute is not None else None
             target = None
             if self.weights.key > 0:
                 target = torch.empty_like(e_r)
                 for s, seed in enumerate(seeds):
                     rot = self._key_rotation(seed).to(self.device)
                     idx = (groups == s).nonzero()[:, 0]
-                    target[idx] = key_target(e_r[idx], rot)
-        split, weights, attribute = self.split, self.weights, self.attribute
+                    target[idx] = key_target(e_r[idx], rot).to(target.dtype)
+        split, weights, attribute, dtype = self.split, self.weights, self.attribute, self.dtype
         pairs = group_pairs(groups)
 
         def loss_fn(w_train: torch.Tensor) -> torch.Tensor:
@@ -202,7 +206,7 @@ class Engine:
                 img = self.generator.synthesis(wplus)
                 e_p = self.identity.embed(img, gen_align)
                 tok_p = attribute.tokens(img, gen_align) if attribute is not None else None
-            terms = total_loss(weights, groups, n_groups, e_p.float(), e_r, tok_p, tok_r, target, pairs)
+            terms = total_loss(weights, groups, n_groups, e_p.to(dtype), e_r, tok_p, tok_r, target, pairs)
             return terms.total
 
         return loss_fn
@@ -229,7 +233,7 @@ class Engine:
             raise InvalidTensorError(f"faces must be a float tensor in [-1, 1], got {faces.dtype}")
         if faces.dim() != 4 or faces.shape[0] < 1 or tuple(faces.shape[1:]) != (3, r, r):
             raise InvalidTensorError(f"faces must have shape (N, 3, {r}, {r}), got {tuple(faces.shape)}")
-        faces = faces.detach().to(torch.float32)
+        faces = faces.detach().to(self.dtype)
         if not bool(torch.isfinite(faces).all()):
             raise InvalidTensorError("faces contain NaN or infinite values")
         tol = self.config.input_tolerance

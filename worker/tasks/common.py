@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker import metrics
-from worker.contracts import JobError, JobStatus, job_from_wire, to_wire
+from worker.contracts import ErrorCode, JobError, JobStatus, job_from_wire, to_wire
 from worker.errors import CancelableError, DeadLetteredError, MalformedJobError
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def dead_letter(rt: Any, job: Any, result_cls: type, attempts: int, code: str, m
         job_id=job.job_id,
         tenant=job.tenant,
         status=JobStatus.DEAD_LETTERED,
-        error=JobError(code=DeadLetteredError.code, message=f"dead-lettered after {attempts} attempts; last: {code}"),
+        error=JobError(code=ErrorCode(DeadLetteredError.code), message=f"dead-lettered after {attempts} attempts; last: {code}"),
         attempts=attempts,
         finished_at=now(),
         **kw,

@@ -38,7 +38,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     if n > max_bytes:
         raise ImageTooLargeError(f"{name}: {n} bytes exceeds the limit of {max_bytes}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # raised by open() for > 2x MAX_IMAGE_PIXELS
         raise ImageTooLargeError(f"{name}: decompression bomb refused") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
