@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -300,7 +301,7 @@ def verification_summary(
     gen, imp = as_scores(genuine, "genuine"), as_scores(impostor, "impostor")
     e, e_thr = eer(gen, imp)
     tars = [tar_at_far(gen, imp, f) for f in far_targets]
-    out = {
+    out: dict[str, Any] = {
         "n_genuine": int(gen.size),
         "n_impostor": int(imp.size),
         "eer": e,

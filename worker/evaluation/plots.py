@@ -35,7 +35,9 @@ class Series:
 class Axes:
     """Maps data to pixels for one plot area; ``log`` axes take log10 of positive values."""
 
-    def __init__(self, xlim, ylim, xlog=False, ylog=False):
+    def __init__(
+        self, xlim: tuple[float, float], ylim: tuple[float, float], xlog: bool = False, ylog: bool = False
+    ) -> None:
         self.xlim, self.ylim, self.xlog, self.ylog = xlim, ylim, xlog, ylog
 
     def _t(self, v, log):

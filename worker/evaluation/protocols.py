@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -149,13 +149,13 @@ def synthetic_capture(rgb: np.ndarray, seed: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     img = rgb[:, ::-1]
     angle, scale = rng.uniform(-6, 6), rng.uniform(0.93, 1.07)
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    m: np.ndarray = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
     m[:, 2] += rng.uniform(-0.04, 0.04, 2) * (w, h)
     img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), borderMode=cv2.BORDER_REPLICATE)
     img = img.astype(np.float32) * rng.uniform(0.88, 1.12) + rng.uniform(-0.12, 0.12) * 255 * 0.25
     img = cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (3, 3), rng.uniform(0.3, 0.9))
     ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 70])
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].copy() if ok else img
+    return cast(np.ndarray, cv2.imdecode(buf, cv2.IMREAD_COLOR))[:, :, ::-1].copy() if ok else img
 
 
 def _name_seed(name: str) -> int:
@@ -389,7 +389,8 @@ def run_shard(
     if state.examples:
         arrays["examples"] = np.stack(state.examples)
         arrays["example_names"] = np.array(state.example_names, dtype=str)
-    np.savez_compressed(out / RECORDS, **arrays)
+    # cast: the numpy stub types ``**kwds`` as if a key could be ``allow_pickle`` (bool)
+    np.savez_compressed(out / RECORDS, **cast(dict[str, Any], arrays))
     meta = {
         "shard_schema": SHARD_SCHEMA,
         "config": asdict(cfg),
@@ -472,7 +473,7 @@ def load_shards(shard_dirs: Sequence[str | Path]) -> tuple[dict[str, np.ndarray]
         with np.load(d / RECORDS) as z:
             loaded.append({k: z[k] for k in z.files})
     keys = sorted(set().union(*(x.keys() for x in loaded)))
-    merged = {}
+    merged: dict[str, Any] = {}  # every key comes from some shard, so the ``else parts`` branch never runs
     for k in keys:
         parts = [x[k] for x in loaded if k in x]
         merged[k] = np.concatenate(parts) if parts else parts

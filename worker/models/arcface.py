@@ -100,4 +100,5 @@ def load_arcface(path: Path, config: dict[str, Any]) -> ArcFaceIRSE50:
     input_size = 16 * side
     model = ArcFaceIRSE50(widths, int(lin.shape[0]), input_size, affine_out="output_layer.4.weight" in state)
     load_strict(model, state, path, "ArcFace IR-SE-50")
-    return freeze(model)
+    freeze(model)
+    return model

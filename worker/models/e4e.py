@@ -53,6 +53,8 @@ class E4EEncoder(nn.Module):
 
     alignment = "ffhq"
 
+    latent_avg: torch.Tensor
+
     def __init__(
         self, n_latent: int = 18, w_dim: int = 512, widths: tuple[int, ...] = WIDTHS_50, input_size: int = 256
     ):
@@ -90,6 +92,7 @@ class E4EEncoder(nn.Module):
                 p2 = _upsample_add(c3, self.latlayer1(c2))
                 features = p2
             elif i == MIDDLE:
+                assert p2 is not None  # set at COARSE < MIDDLE
                 features = _upsample_add(p2, self.latlayer2(c1))
             rows.append(base + self.styles[i](features))
         return torch.stack(rows, dim=1)
@@ -146,4 +149,5 @@ def load_e4e(path: Path, config: dict[str, Any]) -> E4EEncoder:
         raise CheckpointLayoutError(f"{path.name}: latent_avg must be ({n_latent}, {w_dim}) or ({w_dim},)")
     state["latent_avg"] = latent_avg.reshape(-1, w_dim).expand(n_latent, w_dim).clone()
     load_strict(enc, state, path, "e4e encoder")
-    return freeze(enc)
+    freeze(enc)
+    return enc

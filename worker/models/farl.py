@@ -116,6 +116,9 @@ class VisionTransformer(nn.Module):
 class FaRLVisual(nn.Module):
     """Implements ``worker.models.base.AttributeModel`` around the CLIP visual tower (keys under ``visual.``)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, visual: VisionTransformer, normalize: bool = True):
         super().__init__()
         self.visual = visual
@@ -175,4 +178,5 @@ def load_farl(path: Path, config: dict[str, Any]) -> FaRLVisual:
     visual = VisionTransformer(grid * patch, patch, width, layers, width // 64, vis["proj"].shape[1])
     model = FaRLVisual(visual, normalize=bool(config.get("normalize", True)))
     load_strict(model, {f"visual.{k}": v for k, v in vis.items()}, path, "CLIP ViT visual tower")
-    return freeze(model)
+    freeze(model)
+    return model

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ from torch import nn
 from worker.errors import CheckpointLayoutError
 
 ALIGNMENT = "dlib-chip"
+
+_M = TypeVar("_M", bound=nn.Module)
 
 DEFAULT_CONFIG: dict = {
     "resolution": 64,
@@ -130,6 +133,9 @@ class LiteGenerator(nn.Module):
 
     alignment = ALIGNMENT
 
+    w_avg: torch.Tensor
+    map_chol: torch.Tensor
+
     def __init__(self, config: dict | None = None):
         super().__init__()
         cfg = full_config(config)
@@ -196,6 +202,8 @@ class LiteEncoder(nn.Module):
     """images (B, 3, R, R) in [-1, 1], dlib-chip -> W+ (B, n_latent, w_dim) = w_avg + base + delta."""
 
     alignment = ALIGNMENT
+
+    w_avg: torch.Tensor
 
     def __init__(self, config: dict | None = None):
         super().__init__()
@@ -293,7 +301,7 @@ def _read_checkpoint(path: Path, key: str) -> dict:
     return ckpt[key]
 
 
-def _freeze(m: nn.Module) -> nn.Module:
+def _freeze(m: _M) -> _M:
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -336,7 +344,7 @@ def fit_gaussian_mapping(
     cov = cov + ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
     chol = torch.linalg.cholesky(cov)
     shift = mean.float() - encoder.w_avg
-    encoder.base.bias -= shift
+    encoder.base.bias.sub_(shift)
     encoder.w_avg.copy_(mean.float())
     generator.w_avg.copy_(mean.float())
     generator.map_chol.copy_(chol.float())

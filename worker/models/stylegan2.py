@@ -104,6 +104,8 @@ class ModulatedConv2d(nn.Module):
     ``upsample``: transposed conv with stride 2 followed by a [1,3,3,1] blur (output 2x the input side).
     """
 
+    blur: torch.Tensor
+
     def __init__(
         self, in_ch: int, out_ch: int, kernel_size: int, w_dim: int, demodulate: bool = True, upsample: bool = False
     ):
@@ -140,6 +142,8 @@ class ModulatedConv2d(nn.Module):
 class StyledConv(nn.Module):
     """Modulated 3x3 conv + fixed noise * strength + bias + lrelu(0.2) * sqrt(2)."""
 
+    noise: torch.Tensor
+
     def __init__(self, in_ch: int, out_ch: int, w_dim: int, resolution: int, upsample: bool = False):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
@@ -156,6 +160,8 @@ class StyledConv(nn.Module):
 
 class ToRGB(nn.Module):
     """Modulated 1x1 conv (no demodulation) to 3 channels + bias, plus the upsampled skip image."""
+
+    up_kernel: torch.Tensor
 
     def __init__(self, in_ch: int, w_dim: int):
         super().__init__()
@@ -223,6 +229,8 @@ class StyleGAN2Generator(nn.Module):
     ``synthesis(wplus, noise=None)`` W+ (B, n_latent, w_dim) -> image (B, 3, R, R), roughly in [-1, 1]
     (not clamped: callers decide).
     """
+
+    w_avg: torch.Tensor
 
     def __init__(
         self,
@@ -458,7 +466,8 @@ def load_rosinality(path: Path, config: dict[str, Any]) -> StyleGAN2Generator:
     load_strict(gen, mapped, path, "rosinality StyleGAN2")
     if latent_avg is None:
         gen.estimate_w_avg(int(config.get("w_avg_samples", 10000)), int(config.get("w_avg_seed", 0)))
-    return freeze(gen)
+    freeze(gen)
+    return gen
 
 
 def load_genforce(path: Path, config: dict[str, Any]) -> StyleGAN2Generator:
@@ -481,4 +490,5 @@ def load_genforce(path: Path, config: dict[str, Any]) -> StyleGAN2Generator:
         path,
     )
     load_strict(gen, mapped, path, "genforce StyleGAN2")
-    return freeze(gen)
+    freeze(gen)
+    return gen
