@@ -121,6 +121,7 @@ write_env() {
       CANCELABLE_S3__ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
       CANCELABLE_S3__REGION us-east-1 \
       CANCELABLE_S3__BUCKET "$BUCKET" \
+      CANCELABLE_S3__INPUT_BUCKET "$INPUT_BUCKET" \
       CANCELABLE_S3__ACCESS_KEY_ID_FILE "$STACK/secrets/s3_access_key_id" \
       CANCELABLE_S3__SECRET_ACCESS_KEY_FILE "$STACK/secrets/s3_secret_access_key" \
       CANCELABLE_KEYS__PROVIDER local \

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"demo: {e}\n(is the stack up? `infra/stack.sh up --worker`, then `source .stack/env`)", file=sys.stderr)
         return 2
-    input_bucket = os.environ.get("CANCELABLE_STACK_INPUT_BUCKET") or settings.s3.bucket
+    input_bucket = settings.s3.input_bucket or f"{settings.s3.bucket}-inputs"
     key_id = args.key or os.environ.get("CANCELABLE_STACK_DEV_KEY") or "dev-key-1"
 
     client = Client(settings)
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         ("genuine", genuine_path),
         ("impostor", impostor_path),
     ]:
-        key = f"demo/{run}/{role}{p.suffix.lower()}"
+        key = f"tenants/{args.tenant}/demo/{run}/{role}{p.suffix.lower()}"  # the tenant's own input prefix
         client.store.client.put_object(Bucket=input_bucket, Key=key, Body=p.read_bytes())
         refs[role] = f"s3://{input_bucket}/{key}"
-    print(f"photos   {source} -> s3://{input_bucket}/demo/{run}/")
+    print(f"photos   {source} -> s3://{input_bucket}/tenants/{args.tenant}/demo/{run}/")
     failed = False
     wrong = False
 

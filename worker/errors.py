@@ -89,6 +89,13 @@ class StorageError(CancelableError):
     retryable = True
 
 
+class ForbiddenInputError(StorageError):
+    """An input reference outside the tenant's allowed buckets/prefixes (checked before any download)."""
+
+    code = "forbidden_input"
+    retryable = False
+
+
 class ObjectNotFoundError(StorageError):
     code = "object_not_found"
     retryable = False
@@ -98,6 +105,13 @@ class VersionConflictError(StorageError):
     """A conditional write lost a race (another writer committed first)."""
 
     code = "version_conflict"
+
+
+class StaleKeyError(VersionConflictError):
+    """The subject's key was revoked after this job derived its seed: the commit was fenced off (nothing of it is
+    current or unmarked); the job re-derives under the new key version."""
+
+    code = "stale_key"
 
 
 class NoTemplateError(StorageError):

@@ -45,7 +45,12 @@ class S3Settings(_Group):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     bucket: str = "cancelable"
-    """Bucket for templates, cancelable images, key state, revocations and dead letters."""
+    """Bucket for templates, cancelable images, key state, revocations and dead letters. Never a valid input."""
+    input_bucket: str | None = None
+    """Where producers put source images (default ``<bucket>-inputs``); a tenant reads ``tenants/<tenant>/`` in it."""
+    input_allow: dict[str, list[str]] = Field(default_factory=dict)
+    """Extra input prefixes per tenant (JSON: ``{"acme": ["s3://acme-photos/"], "*": [...]}``; ``{tenant}`` is
+    replaced). See ``worker.storage.inputs``; entries in the output bucket are refused at start-up."""
     prefix: str = ""
     """Optional key prefix inside the bucket (no leading or trailing slash)."""
     sse: Literal["none", "AES256", "aws:kms"] = "none"
@@ -69,6 +74,9 @@ class S3Settings(_Group):
             raise ValueError("s3.sse=aws:kms needs s3.sse_kms_key_id (CANCELABLE_S3__SSE_KMS_KEY_ID)")
         if self.sse != "aws:kms" and self.sse_kms_key_id:
             raise ValueError("s3.sse_kms_key_id is set but s3.sse is not aws:kms")
+        from worker.storage.inputs import InputPolicy
+
+        InputPolicy.from_settings(self)  # validates the allow-list (never the output bucket)
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("set both s3.access_key_id and s3.secret_access_key, or neither (ambient credentials)")
         return self

@@ -139,12 +139,15 @@ def test_revoked_key_refused_by_provider(make_settings, s3_bucket, tmp_path):
     prov = make_key_provider(settings, store)
     assert isinstance(prov, LocalKeyring)
     prov.seed_for("k1", "t", "s", 1)
-    rec = prov.registry.revoke_key("k1", reason="compromised", job_id=uuid.uuid4().hex)
-    assert rec.state == "revoked"
-    assert prov.registry.revoke_key("k1", reason="other", job_id=uuid.uuid4().hex).reason == "compromised"
+    rec = prov.registry.revoke_key("t", "k1", reason="compromised", job_id=uuid.uuid4().hex)
+    assert rec.state == "revoked" and rec.tenant == "t"
+    assert prov.registry.revoke_key("t", "k1", reason="other", job_id=uuid.uuid4().hex).reason == "compromised"
     with pytest.raises(RevokedKeyError):
         prov.seed_for("k1", "t", "s", 1)
     prov.seed_for("k2", "t", "s", 1)
+    # revocation is per tenant: another tenant's use of the same key ID is untouched
+    prov.seed_for("k1", "other-tenant", "s", 1)
+    assert not prov.registry.is_revoked("other-tenant", "k1")
 
 
 # --- AWS KMS on moto -----------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def test_kms_errors(moto_kms, make_settings, s3_bucket):
     assert isinstance(p2, KmsHmacProvider)
     live = p2.create_key()
     p2.seed_for(live, "t", "s", 1)
-    p2.registry.revoke_key(live, reason="rotate", job_id=uuid.uuid4().hex)
+    p2.registry.revoke_key("t", live, reason="rotate", job_id=uuid.uuid4().hex)
     with pytest.raises(RevokedKeyError):
         p2.seed_for(live, "t", "s", 1)
 
@@ -236,7 +239,7 @@ def test_key_material_and_seeds_never_leak(
         ts.commit_version("acme", subject, j, template=_template("acme", subject, j), images=[b"img"])
         rec = reg.bump_subject_key("acme", subject, reason="leak", job_id=uuid.uuid4().hex, new_key_id="k2")
         seeds.append(local.seed_for(rec.key_id, "acme", subject, rec.key_version))
-    reg.revoke_key("k1", reason="compromised", job_id=uuid.uuid4().hex)
+    reg.revoke_key("acme", "k1", reason="compromised", job_id=uuid.uuid4().hex)
     for bad in (
         lambda: local.seed_for("k1", "acme", "alice", 1),
         lambda: local.seed_for("zz", "acme", "a", 1),

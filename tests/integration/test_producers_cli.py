@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from worker_harness import REPO, Deployment, job_id, running, upload
+from worker_harness import REPO, Deployment, job_id, running
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
     assert out["status"] == "succeeded" and out["decision"] in ("accept", "reject") and out["version"] == 1
 
     # bulk from a local CSV: 3 subjects (one with two images), one bad ref row, one missing object
-    bad_img = upload(dep.s3, dep.bucket, "bulk/garbage.jpg", b"not an image")
+    bad_img = dep.upload_input("acme", "bulk/garbage.jpg", b"not an image")
     manifest = tmp_path / "m.csv"
     manifest.write_text(
         "subject,image\n"
@@ -106,7 +106,7 @@ def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
         f"b1,{f['obama2']}\n"
         f"b2,{f['biden']}\n"
         f"b3,{bad_img}\n"
-        f"b4,s3://{dep.bucket}/bulk/missing.jpg\n"
+        f"b4,s3://{dep.input_bucket}/tenants/acme/bulk/missing.jpg\n"
     )
     jid = job_id("bulk")
     r = cli(["bulk", "--tenant", "acme", "--key", "k1", str(manifest), "--chunk-size", "2", "--job-id", jid], env)

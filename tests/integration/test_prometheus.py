@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 from worker_harness import (
-    jpeg_bytes,
+    create_input_bucket,
     settings_from_env,
     start_worker,
     upload,
+    upload_faces,
     wait_ready,
     worker_env,
     write_random_lite_bundle,
@@ -175,8 +176,9 @@ def test_prometheus_scrapes_a_real_worker(service_env, seaweed, tmp_path: Path) 
     faces_dir = _faces()
     bucket = seaweed.new_bucket("prom")
     s3 = seaweed.client()
-    faces = {p.stem: upload(s3, bucket, f"inputs/{p.name}", jpeg_bytes(p, 256)) for p in faces_dir.glob("*.jpg")}
-    corrupt = upload(s3, bucket, "inputs/corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    inb = create_input_bucket(s3, bucket)
+    faces = upload_faces(s3, bucket, faces_dir, max_side=256)
+    corrupt = upload(s3, inb, "tenants/acme/corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg")
     metrics_port, control_port = _free_ports(2)
     env = worker_env(
         service_env,

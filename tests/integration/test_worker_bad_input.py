@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from worker_harness import Deployment, job_id, running, upload
+from worker_harness import Deployment, job_id, running
 
 from worker.contracts import JobStatus
 from worker.tasks.config import ENGINE_QUEUE, TASK_ENROLL, TASK_VERIFY
@@ -47,7 +47,7 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def _bad_inputs(dep: Deployment) -> dict[str, tuple[bytes, str]]:
-    good = dep.s3.get_object(Bucket=dep.bucket, Key="inputs/obama.jpg")["Body"].read()
+    good = dep.s3.get_object(Bucket=dep.input_bucket, Key="tenants/acme/obama.jpg")["Body"].read()
     corrupt = bytearray(good)
     corrupt[300:] = bytes((i * 7919) % 251 for i in range(len(corrupt) - 300))
     gradient = Image.linear_gradient("L").resize((320, 320)).convert("RGB")
@@ -81,10 +81,10 @@ def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(dep: Deploy
 
     submitted = {}
     for name, (body, code) in _bad_inputs(dep).items():
-        ref = upload(dep.s3, dep.bucket, f"bad/{name}.img", body)
+        ref = dep.upload_input("acme", f"bad/{name}.img", body)
         submitted[name] = (c.submit(c.enroll_job("acme", f"bad-{name}", [ref], "k1")), code)
     submitted["missing-object"] = (
-        c.submit(c.enroll_job("acme", "bad-missing", [f"s3://{dep.bucket}/inputs/nope.jpg"], "k1")),
+        c.submit(c.enroll_job("acme", "bad-missing", [f"s3://{dep.input_bucket}/tenants/acme/nope.jpg"], "k1")),
         "object_not_found",
     )
     submitted["unknown-key"] = (
@@ -95,7 +95,7 @@ def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(dep: Deploy
     from worker.storage.client import ObjectStore
 
     write_keyring(dep.keyring, ["kr"])
-    KeyRegistry(ObjectStore.from_settings(dep.settings.s3)).revoke_key("kr", reason="test", job_id=job_id("rk"))
+    KeyRegistry(ObjectStore.from_settings(dep.settings.s3)).revoke_key("acme", "kr", reason="test", job_id=job_id("rk"))
     submitted["revoked-key"] = (
         c.submit(c.enroll_job("acme", "bad-revoked-key", [dep.faces["obama"]], "kr")),
         "revoked_key",

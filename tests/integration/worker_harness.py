@@ -222,11 +222,40 @@ class Deployment:
     keyring: Path
     tmp: Path
 
+    @property
+    def input_bucket(self) -> str:
+        """The default input bucket (``<bucket>-inputs``); tenant ``t`` may read ``tenants/t/`` in it."""
+        return input_bucket_of(self.bucket)
+
+    def upload_input(self, tenant: str, name: str, body: bytes) -> str:
+        """Put ``body`` where ``tenant``'s jobs may read it; returns the s3:// ref."""
+        return upload(self.s3, self.input_bucket, f"tenants/{tenant}/{name}", body)
+
     def restart(self, timeout: float = 120.0, **extra_env: str) -> None:
         self.worker.stop()
         env = {**self.env, **extra_env}
         self.worker = start_worker(env, self.worker.log, name="r" + uuid.uuid4().hex[:6])
         wait_ready(self.client, self.worker, timeout)
+
+
+def input_bucket_of(bucket: str) -> str:
+    return f"{bucket}-inputs"
+
+
+def create_input_bucket(s3: Any, bucket: str) -> str:
+    """The default input bucket of a deployment whose output bucket is ``bucket``."""
+    s3.create_bucket(Bucket=input_bucket_of(bucket))
+    return input_bucket_of(bucket)
+
+
+def upload_faces(s3: Any, bucket: str, faces_dir: Path, tenant: str = "acme", max_side: int | None = None) -> dict:
+    """The sample faces as JPEGs in ``tenant``'s input prefix of ``bucket``'s input bucket: name -> s3:// ref."""
+    inb = input_bucket_of(bucket)
+    out = {}
+    for p in sorted(faces_dir.glob("*.jpg")):
+        body = jpeg_bytes(p) if max_side is None else jpeg_bytes(p, max_side)
+        out[p.stem] = upload(s3, inb, f"tenants/{tenant}/{p.name}", body)
+    return out
 
 
 def _faces_dir() -> Path | None:
@@ -255,7 +284,8 @@ def deploy(
         bundle = write_random_lite_bundle(tmp / "bundle")
     bucket = seaweed.new_bucket("w")
     s3 = seaweed.client()
-    faces = {p.stem: upload(s3, bucket, f"inputs/{p.name}", jpeg_bytes(p)) for p in sorted(faces_dir.glob("*.jpg"))}
+    create_input_bucket(s3, bucket)
+    faces = upload_faces(s3, bucket, faces_dir)
     env = worker_env(service_env, bucket, bundle, **extra_env)
     keyring = Path(env["CANCELABLE_KEYS__KEYRING_PATH"])
     write_keyring(keyring, ["k1", "k2"])

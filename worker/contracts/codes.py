@@ -42,6 +42,8 @@ class ErrorCode(StrEnum):
     STORAGE_ERROR = "storage_error"
     OBJECT_NOT_FOUND = "object_not_found"
     VERSION_CONFLICT = "version_conflict"
+    STALE_KEY = "stale_key"
+    FORBIDDEN_INPUT = "forbidden_input"
     NO_TEMPLATE = "no_template"
     # jobs
     MALFORMED_JOB = "malformed_job"

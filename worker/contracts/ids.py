@@ -1,5 +1,8 @@
 """Identifier rules. Tenants, subjects and job IDs appear in S3 keys and Redis keys, so they are restricted to a
-charset that is safe in both (no '/', no '..', no whitespace or control characters)."""
+charset that is safe in both (no '/', no '..', no whitespace or control characters).
+
+Patterns are applied with ``fullmatch``: ``re.match`` with ``$`` accepts a trailing newline (``$`` matches before a
+final ``\n``), which once let tenant ``"acme\n"`` reach S3 keys and Redis keys."""
 
 from __future__ import annotations
 
@@ -9,29 +12,29 @@ from urllib.parse import quote
 
 from pydantic import AfterValidator
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_JOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{7,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{7,127}")
 # KMS key IDs may be a UUID, ``alias/name`` or an ARN; local keyring IDs are plain names.
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}")
 
 
 def check_name(v: str, what: str = "name") -> str:
     """Tenant or subject: 1-128 chars of ``[A-Za-z0-9._-]``, starting alphanumeric, no ``..``."""
-    if not isinstance(v, str) or not _NAME.match(v) or ".." in v:
+    if not isinstance(v, str) or not _NAME.fullmatch(v) or ".." in v:
         raise ValueError(f"{what} must be 1-128 characters of [A-Za-z0-9._-], start alphanumeric, no '..'")
     return v
 
 
 def check_job_id(v: str) -> str:
     """Job ID chosen by the producer: 8-128 chars of ``[A-Za-z0-9_-]``, starting alphanumeric (a UUID4 hex fits)."""
-    if not isinstance(v, str) or not _JOB.match(v):
+    if not isinstance(v, str) or not _JOB.fullmatch(v):
         raise ValueError("job_id must be 8-128 characters of [A-Za-z0-9_-], starting alphanumeric")
     return v
 
 
 def check_key_id(v: str) -> str:
     """Key ID: a keyring name, a KMS key UUID, ``alias/...`` or a KMS key ARN (1-256 chars)."""
-    if not isinstance(v, str) or not _KEY.match(v) or ".." in v or "//" in v:
+    if not isinstance(v, str) or not _KEY.fullmatch(v) or ".." in v or "//" in v:
         raise ValueError("key_id must be 1-256 characters of [A-Za-z0-9._:/-], start alphanumeric, no '..' or '//'")
     return v
 

@@ -7,12 +7,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP = re.compile(r"\d+\.\d+\.\d+\.\d+")
 
 
 def _check_bucket(b: str) -> str:
-    if not _BUCKET.match(b) or ".." in b or _IP.match(b) or ".-" in b or "-." in b:
+    if not _BUCKET.fullmatch(b) or ".." in b or _IP.fullmatch(b) or ".-" in b or "-." in b:
         raise ValueError("invalid S3 bucket name (3-63 chars of [a-z0-9.-], alphanumeric at both ends)")
     return b
 

@@ -84,7 +84,8 @@ def deployed_config(bundle_dir: Path, steps: int | None, key_target: bool | None
     from worker.tasks.runtime import engine_config_from
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    settings = SimpleNamespace(engine=EngineSettings(**({"steps": steps} if steps is not None else {})))
+    engine = EngineSettings() if steps is None else EngineSettings(steps=steps)
+    settings = SimpleNamespace(engine=engine)
     config = engine_config_from(settings, manifest)
     return config if key_target is None else dataclasses.replace(config, key_target=key_target)
 

@@ -61,27 +61,33 @@ class KeyRegistry:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    # key state
-    def key_state(self, key_id: str) -> KeyStateRecord | None:
-        """The recorded state of ``key_id``, or None when never revoked (keys are active unless recorded)."""
+    # key state, per tenant: a tenant's revocation of a key never touches another tenant's use of the same key ID
+    def key_state(self, tenant: str, key_id: str) -> KeyStateRecord | None:
+        """The recorded state of ``key_id`` for ``tenant``, or None when never revoked (active unless recorded)."""
         try:
-            data, _ = self.store.get_json(layout.key_state_key(key_id))
+            data, _ = self.store.get_json(layout.key_state_key(tenant, key_id))
         except ObjectNotFoundError:
             return None
         return KeyStateRecord.model_validate(data)
 
-    def is_revoked(self, key_id: str) -> bool:
-        st = self.key_state(key_id)
+    def is_revoked(self, tenant: str, key_id: str) -> bool:
+        st = self.key_state(tenant, key_id)
         return st is not None and st.state == "revoked"
 
-    def revoke_key(self, key_id: str, *, reason: str, job_id: str) -> KeyStateRecord:
-        """Mark ``key_id`` revoked (write-once: a repeat returns the first record)."""
-        rec = KeyStateRecord(key_id=check_key_id(key_id), state="revoked", reason=reason, job_id=job_id)
+    def revoke_key(self, tenant: str, key_id: str, *, reason: str, job_id: str) -> KeyStateRecord:
+        """Mark ``key_id`` revoked for ``tenant`` (write-once: a repeat returns the first record)."""
+        rec = KeyStateRecord(
+            tenant=check_name(tenant, "tenant"),
+            key_id=check_key_id(key_id),
+            state="revoked",
+            reason=reason,
+            job_id=job_id,
+        )
         try:
-            self.store.put_json(layout.key_state_key(key_id), rec, if_none_match=True)
+            self.store.put_json(layout.key_state_key(tenant, key_id), rec, if_none_match=True)
             return rec
         except VersionConflictError:
-            st = self.key_state(key_id)
+            st = self.key_state(tenant, key_id)
             assert st is not None
             return st
 
@@ -179,17 +185,17 @@ class KeyProvider(ABC):
     def _mac(self, key_id: str, message: bytes) -> bytes:
         """HMAC-SHA256 of ``message`` under key ``key_id`` (32 bytes)."""
 
-    def check_usable(self, key_id: str) -> None:
-        """Raise ``UnknownKeyError`` / ``RevokedKeyError`` unless ``key_id`` can derive seeds."""
+    def check_usable(self, tenant: str, key_id: str) -> None:
+        """Raise ``UnknownKeyError`` / ``RevokedKeyError`` unless ``key_id`` can derive seeds for ``tenant``."""
         check_key_id(key_id)
-        if self.registry is not None and self.registry.is_revoked(key_id):
-            raise RevokedKeyError(f"key {key_id} is revoked")
+        if self.registry is not None and self.registry.is_revoked(tenant, key_id):
+            raise RevokedKeyError(f"key {key_id} is revoked for tenant {tenant}")
         if not self.has_key(key_id):
             raise UnknownKeyError(f"key {key_id} is not known to the {self.name} provider")
 
     def seed_for(self, key_id: str, tenant: str, subject: str, key_version: int) -> bytes:
         """The 32-byte seed of (tenant, subject, key_version) under ``key_id``. Secret: never log it."""
-        self.check_usable(key_id)
+        self.check_usable(tenant, key_id)
         seed = self._mac(key_id, derivation_message(tenant, subject, key_version))
         if len(seed) != SEED_BYTES:
             raise KeyProviderUnavailable(f"{self.name} provider returned a MAC of the wrong length")

@@ -10,7 +10,7 @@
         key.json                              the subject's key ID and key version (+ history)
     tenants/{tenant}/dead-letters/{job_id}.json
     tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (bulk reports, revoke progress snapshots)
-    keys/{key_id_path}/state.json            key state (active / revoked + reason)
+    tenants/{tenant}/keys/{key_id_path}/state.json   key state for this tenant (active / revoked + reason)
 
 Zero-padded versions keep listing order equal to version order.
 """
@@ -90,5 +90,5 @@ def job_prefix(tenant: str, job_id: str) -> str:
     return f"{_t(tenant)}/jobs/{check_job_id(job_id)}/"
 
 
-def key_state_key(key_id: str) -> str:
-    return f"keys/{key_id_path(key_id)}/state.json"
+def key_state_key(tenant: str, key_id: str) -> str:
+    return f"{_t(tenant)}/keys/{key_id_path(key_id)}/state.json"

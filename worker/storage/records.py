@@ -100,6 +100,8 @@ class VersionManifest(_Rec):
     job_id: str
     key_id: str
     key_version: int = Field(ge=1)
+    key_epoch: int | None = Field(default=None, ge=1)
+    """The subject's key epoch the seed was derived under (``SubjectKeyRecord.epoch``); None on old records."""
     bundle_id: str
     template: Artefact
     images: list[Artefact]
@@ -108,10 +110,20 @@ class VersionManifest(_Rec):
 
 
 class CurrentPointer(_Rec):
+    """``current.json``: the current version AND the revocation fence.
+
+    ``key_epoch`` is the subject's newest key epoch any writer has seen (a revocation raises it before it re-enrols).
+    The pointer only moves forward in (key_epoch, version) order, and a commit derived under an older epoch than the
+    pointer's is refused: the check and the move are one conditional PUT of this object, so a revocation can never
+    be overtaken by an enrolment that derived its seed before it. When ``key_epoch`` is above the epoch of the
+    version it points at, that version's key was revoked and a reissue is in flight.
+    """
+
     kind: Literal["current"] = "current"
     version: int = Field(ge=1)
     manifest_key: str
     job_id: str
+    key_epoch: int | None = Field(default=None, ge=1)
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -163,9 +175,17 @@ class SubjectKeyRecord(_Rec):
     """Earlier (key_id, key_version, reason, job_id, at) entries, oldest first."""
     updated_at: datetime = Field(default_factory=utcnow)
 
+    @property
+    def epoch(self) -> int:
+        """1 + the number of revocations of this subject: grows by one with every bump, whatever the key ID."""
+        return len(self.history) + 1
+
 
 class KeyStateRecord(_Rec):
+    """``tenants/{tenant}/keys/{key_id}/state.json``: a key's state for ONE tenant (revocation is per tenant)."""
+
     kind: Literal["key_state"] = "key_state"
+    tenant: str | None = None
     key_id: str
     state: Literal["active", "revoked"]
     reason: str | None = None

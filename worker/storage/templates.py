@@ -11,7 +11,14 @@ Commit protocol (``TemplateStore.commit_version``):
    ``versions/{slot}.json`` with ``If-None-Match: *``. On 412 read that manifest: ours (a concurrent duplicate won)
    -> done, else try the next slot. Slots are therefore dense (1, 2, 3 ...) and each belongs to exactly one job.
 4. Move ``current.json`` to the slot with ``If-Match: <etag>`` (``If-None-Match: *`` for the first version), never
-   backwards: if another writer already moved it past our slot, leave it.
+   backwards in (key epoch, version) order: if another writer already moved it past our slot, leave it.
+
+Revocation fence: a commit carries the subject key epoch its seed was derived under (``key_epoch``). The pointer
+holds the newest epoch any writer has seen; a revocation raises it (``raise_fence``) right after bumping the subject's
+key record and before re-enrolling. A commit whose epoch is below the pointer's is refused in the same conditional
+PUT that would move the pointer: its manifest is marked revoked (reason ``FENCED``) and ``StaleKeyError`` tells
+the job to re-derive. So an enrolment in flight during a revocation can never become current under the revoked key
+version, and a reissue can never be overtaken (tests/faults/test_revocation_fence.py).
 
 Readers go pointer -> manifest -> artefacts, so they only ever see committed versions with every artefact written.
 
@@ -34,7 +41,14 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from worker.errors import HashMismatchError, NoTemplateError, ObjectNotFoundError, StorageError, VersionConflictError
+from worker.errors import (
+    HashMismatchError,
+    NoTemplateError,
+    ObjectNotFoundError,
+    StaleKeyError,
+    StorageError,
+    VersionConflictError,
+)
 from worker.storage import layout
 from worker.storage.client import ObjectStore
 from worker.storage.records import (
@@ -51,6 +65,7 @@ log = logging.getLogger(__name__)
 
 MAX_SLOTS = 10_000
 POINTER_TRIES = 50
+FENCED = "fenced: the subject's key was revoked before this version could become current"
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,13 @@ class CommittedVersion:
     manifest: VersionManifest
     manifest_uri: str
     created: bool = False
+    fence_epoch: int | None = None  # the pointer's key epoch when read through ``current``
+
+    @property
+    def superseded(self) -> bool:
+        """The subject's key was revoked after this version was made (a reissue is in flight or failed)."""
+        made = self.manifest.key_epoch
+        return self.fence_epoch is not None and made is not None and made < self.fence_epoch
 
     @property
     def template_uri(self) -> str:
@@ -102,11 +124,13 @@ class TemplateStore:
         return CommittedVersion(m.version, m, self.store.uri(layout.version_key(tenant, subject, m.version)), created)
 
     def current(self, tenant: str, subject: str) -> CommittedVersion:
-        """The current version; raises ``NoTemplateError`` when the subject has none."""
+        """The current version (with the pointer's fence epoch); raises ``NoTemplateError`` when there is none."""
         p = self.read_pointer(tenant, subject)
         if p is None:
             raise NoTemplateError(f"no committed template for {tenant}/{subject}")
-        return self._committed(tenant, subject, self.get_manifest(tenant, subject, p[0].version), False)
+        m = self.get_manifest(tenant, subject, p[0].version)
+        c = self._committed(tenant, subject, m, False)
+        return CommittedVersion(c.version, m, c.manifest_uri, False, p[0].key_epoch)
 
     def list_versions(self, tenant: str, subject: str) -> list[int]:
         """Every committed version number, ascending."""
@@ -138,26 +162,36 @@ class TemplateStore:
             return None
         return JobHint.model_validate(data).version
 
-    def _scan(self, tenant: str, subject: str, job_id: str, start: int) -> tuple[VersionManifest | None, int]:
-        """Walk slots from ``start``: (our manifest, its slot) or (None, first free slot)."""
+    def _scan(
+        self, tenant: str, subject: str, job_id: str, start: int, key_epoch: int | None = None
+    ) -> tuple[VersionManifest | None, int]:
+        """Walk slots from ``start``: (our manifest, its slot) or (None, first free slot). With ``key_epoch``, only a
+        manifest of this job made under that epoch is ours (a fenced earlier attempt of the job is skipped)."""
         slot = start
         for _ in range(MAX_SLOTS):
             try:
                 m = self.get_manifest(tenant, subject, slot)
             except ObjectNotFoundError:
                 return None, slot
-            if m.job_id == job_id:
+            if m.job_id == job_id and (key_epoch is None or m.key_epoch == key_epoch):
                 return m, slot
             slot += 1
         raise StorageError(f"{tenant}/{subject}: more than {MAX_SLOTS} versions scanned")
 
-    def find_committed(self, tenant: str, subject: str, job_id: str) -> CommittedVersion | None:
-        """The version ``job_id`` committed, or None. Never writes."""
+    def find_committed(
+        self, tenant: str, subject: str, job_id: str, key_epoch: int | None = None
+    ) -> CommittedVersion | None:
+        """The version ``job_id`` committed (under ``key_epoch`` when given), or None. Never writes; a caller that
+        returns it as the job's result calls ``ensure_current`` first (a crash may have come before the move)."""
         hint = self._hint(tenant, subject, job_id)
         if hint is None:
             return None
-        m, _ = self._scan(tenant, subject, job_id, hint)
+        m, _ = self._scan(tenant, subject, job_id, hint, key_epoch)
         return None if m is None else self._committed(tenant, subject, m, False)
+
+    def ensure_current(self, tenant: str, subject: str, c: CommittedVersion) -> None:
+        """Roll the pointer forward to a found commit if needed; ``StaleKeyError`` when the fence refuses it."""
+        self._advance_pointer(tenant, subject, c.manifest)
 
     # --- writing --------------------------------------------------------------------------------------------------
     def commit_version(
@@ -170,11 +204,15 @@ class TemplateStore:
         images: Sequence[bytes],
         image_ext: str = "png",
         image_content_type: str = "image/png",
+        key_epoch: int | None = None,
     ) -> CommittedVersion:
-        """Write artefacts, commit the next version, move ``current``. Idempotent per ``job_id`` (see module doc).
+        """Write artefacts, commit the next version, move ``current``. Idempotent per (``job_id``, ``key_epoch``)
+        (see module doc).
 
         ``template`` must name the same tenant, subject and job; ``images`` are the encoded cancelable images in the
-        order of ``template.image_embeddings``.
+        order of ``template.image_embeddings``. ``key_epoch``: the subject key epoch the seed was derived under
+        (the revocation fence; None = unfenced, for callers outside key management). Raises ``StaleKeyError`` when
+        the subject's key was revoked after that epoch: nothing of this commit is current or unmarked then.
         """
         if (template.tenant, template.subject, template.job_id) != (tenant, subject, job_id):
             raise ValueError("template record does not belong to this tenant/subject/job")
@@ -183,10 +221,12 @@ class TemplateStore:
         # The pointer must be read BEFORE the hint: a twin execution of this job that commits after our hint read
         # commits a slot above this pointer value, so starting the slot walk at pointer+1 cannot skip past it.
         p = self.read_pointer(tenant, subject)
+        if key_epoch is not None and p is not None and (p[0].key_epoch or 0) > key_epoch:
+            raise StaleKeyError(f"{tenant}/{subject}: key revoked while the job ran (re-derive)")
         hint = self._hint(tenant, subject, job_id)
         first_free = 1
         if hint is not None:
-            m, first_free = self._scan(tenant, subject, job_id, hint)
+            m, first_free = self._scan(tenant, subject, job_id, hint, key_epoch)
             if m is not None:
                 self._advance_pointer(tenant, subject, m)
                 return self._committed(tenant, subject, m, False)
@@ -220,6 +260,7 @@ class TemplateStore:
                 job_id=job_id,
                 key_id=template.key_id,
                 key_version=template.key_version,
+                key_epoch=key_epoch,
                 bundle_id=template.bundle_id,
                 template=tart,
                 images=arts,
@@ -231,7 +272,7 @@ class TemplateStore:
                 self.store.put_json(layout.version_key(tenant, subject, slot), manifest, if_none_match=True)
             except VersionConflictError:
                 other = self.get_manifest(tenant, subject, slot)
-                if other.job_id != job_id:
+                if other.job_id != job_id or other.key_epoch != key_epoch:
                     slot += 1
                     continue
                 # a concurrent execution of the same job committed first: ours is an orphan
@@ -244,21 +285,52 @@ class TemplateStore:
         raise StorageError(f"{tenant}/{subject}: no free version slot after {MAX_SLOTS} tries")
 
     def _advance_pointer(self, tenant: str, subject: str, m: VersionManifest) -> None:
-        """Move ``current`` to ``m.version`` unless it already points there or later (monotonic)."""
+        """Move ``current`` to ``m`` unless it already points there or later in (key epoch, version) order.
+
+        The fence: when the pointer's epoch is above ``m.key_epoch`` the move is refused, ``m`` is marked revoked
+        (``FENCED``) and ``StaleKeyError`` raised. The check and the move are one conditional PUT (If-Match), so a
+        fence raised between our read and our write makes the write fail and the loop re-read it.
+        """
         key = layout.current_key(tenant, subject)
-        new = CurrentPointer(
-            version=m.version, manifest_key=layout.version_key(tenant, subject, m.version), job_id=m.job_id
-        )
         for _ in range(POINTER_TRIES):
             p = self.read_pointer(tenant, subject)
-            if p is not None and p[0].version >= m.version:
+            ours = m.key_epoch
+            theirs = p[0].key_epoch if p is not None else None
+            if ours is not None and theirs is not None and ours < theirs:
+                self.mark_revoked(tenant, subject, m.version, reason=FENCED, job_id=m.job_id)
+                raise StaleKeyError(f"{tenant}/{subject}: key revoked while the job ran (re-derive)")
+            newer_epoch = ours is not None and (theirs is None or ours > theirs)
+            if p is not None and p[0].version >= m.version and not newer_epoch:
                 return
+            new = CurrentPointer(
+                version=m.version,
+                manifest_key=layout.version_key(tenant, subject, m.version),
+                job_id=m.job_id,
+                key_epoch=ours if ours is not None else theirs,
+            )
             try:
                 if p is None:
                     self.store.put_json(key, new, if_none_match=True)
                 else:
                     self.store.put_json(key, new, if_match=p[1])
                 return
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(f"{tenant}/{subject}: current pointer kept changing ({POINTER_TRIES} tries)")
+
+    def raise_fence(self, tenant: str, subject: str, key_epoch: int) -> bool:
+        """Raise the pointer's key epoch to ``key_epoch`` (never lowers it). From then on no commit derived under
+        an older epoch can become current. Returns False when the subject has no pointer (nothing to fence)."""
+        key = layout.current_key(tenant, subject)
+        for _ in range(POINTER_TRIES):
+            p = self.read_pointer(tenant, subject)
+            if p is None:
+                return False
+            if (p[0].key_epoch or 0) >= key_epoch:
+                return True
+            try:
+                self.store.put_json(key, p[0].model_copy(update={"key_epoch": key_epoch}), if_match=p[1])
+                return True
             except VersionConflictError:
                 continue
         raise VersionConflictError(f"{tenant}/{subject}: current pointer kept changing ({POINTER_TRIES} tries)")

@@ -124,7 +124,9 @@ def dead_letter(rt: Any, job: Any, result_cls: type, attempts: int, code: str, m
         job_id=job.job_id,
         tenant=job.tenant,
         status=JobStatus.DEAD_LETTERED,
-        error=JobError(code=ErrorCode(DeadLetteredError.code), message=f"dead-lettered after {attempts} attempts; last: {code}"),
+        error=JobError(
+            code=ErrorCode(DeadLetteredError.code), message=f"dead-lettered after {attempts} attempts; last: {code}"
+        ),
         attempts=attempts,
         finished_at=now(),
         **kw,

@@ -98,7 +98,7 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
         "new_key_id": job.new_key_id or "",
     }
     if job.new_key_id is not None:
-        rt.keys.check_usable(job.new_key_id)  # unknown / revoked replacement key: fail before touching anything
+        rt.keys.check_usable(job.tenant, job.new_key_id)  # unknown / revoked replacement: fail before any change
     if job.subject is not None:
         TemplateStore(rt.store).current(job.tenant, job.subject)  # NoTemplateError before any state change
     book.open_job(job.job_id, "revoke", **fields)
@@ -113,7 +113,7 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
         _send_chunk(rt, job, 0, [job.subject])
         book.set_fields(job.job_id, listing="done")
     else:
-        KeyRegistry(rt.store).revoke_key(job.key_id, reason=job.reason, job_id=job.job_id)
+        KeyRegistry(rt.store).revoke_key(job.tenant, job.key_id, reason=job.reason, job_id=job.job_id)
         size = rt.settings.worker.revoke_chunk_size
         batch: list[str] = []
         index = total = 0

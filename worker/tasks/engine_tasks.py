@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.contracts import EnrollResult, JobStatus, S3Ref, VerifyResult, child_job_id
-from worker.errors import CancelableError, MalformedJobError
+from worker.errors import CancelableError, MalformedJobError, StaleKeyError
 from worker.tasks import enrolment
 from worker.tasks.app import app
 from worker.tasks.common import now, run_job
@@ -23,31 +23,51 @@ log = logging.getLogger(__name__)
 
 
 # --- enroll ---------------------------------------------------------------------------------------------------------
+FENCE_RETRIES = 3
+
+
 def _enroll(rt: Any, job: Any, attempt: int, started: datetime) -> EnrollResult:
+    """Derive under the subject's current key epoch and commit; when a revocation fences the commit off
+    (``StaleKeyError``), re-derive under the new epoch (the images are fetched and aligned once)."""
     from worker.storage.templates import TemplateStore
 
     ts = TemplateStore(rt.store)
-    done = ts.find_committed(job.tenant, job.subject, job.job_id)
-    if done is None:
-        loaded = rt.engine()
-        enrolment.check_key(rt, job.key_id)  # unknown / revoked key: fail before any download or write
-        prepared = enrolment.fetch_and_prepare(rt, loaded.engine, list(job.images), "enroll")
-        rec = enrolment.key_registry(rt).ensure_subject_key(job.tenant, job.subject, job.key_id)
-        seed = enrolment.seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
-        (result,) = enrolment.run_engine(loaded, [(prepared.faces, seed)], "enroll")
-        del seed
-        done = enrolment.commit(
-            rt,
-            loaded,
-            tenant=job.tenant,
-            subject=job.subject,
-            job_id=job.job_id,
-            key_id=rec.key_id,
-            key_version=rec.key_version,
-            result=result,
-            sources=prepared.sources,
-            job_type="enroll",
-        )
+    registry = enrolment.key_registry(rt)
+    prepared = None
+    for _ in range(FENCE_RETRIES):
+        known = registry.subject_key(job.tenant, job.subject)
+        done = ts.find_committed(job.tenant, job.subject, job.job_id, known.epoch if known else 1)
+        try:
+            if done is not None:
+                ts.ensure_current(job.tenant, job.subject, done)
+                break
+            loaded = rt.engine()
+            enrolment.check_key(rt, job.tenant, job.key_id)  # unknown / revoked key: fail before download or write
+            if prepared is None:
+                prepared = enrolment.fetch_and_prepare(rt, loaded.engine, job.tenant, list(job.images), "enroll")
+            rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
+            seed = enrolment.seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
+            (result,) = enrolment.run_engine(loaded, [(prepared.faces, seed)], "enroll")
+            del seed
+            done = enrolment.commit(
+                rt,
+                loaded,
+                tenant=job.tenant,
+                subject=job.subject,
+                job_id=job.job_id,
+                key_id=rec.key_id,
+                key_version=rec.key_version,
+                result=result,
+                sources=prepared.sources,
+                job_type="enroll",
+                key_epoch=rec.epoch,
+            )
+            break
+        except StaleKeyError:
+            log.info("enrol fenced off by a revocation; re-deriving under the new key version")
+            continue
+    else:
+        raise StaleKeyError(f"{job.tenant}/{job.subject}: revoked {FENCE_RETRIES} times while enrolling")
     m = done.manifest
     return EnrollResult(
         job_id=job.job_id,
@@ -142,9 +162,11 @@ def _parse_chunk(data: dict[str, Any]) -> ReenrollChunk:
 
 
 def _revoke_old_versions(
-    rt: Any, ts: Any, chunk: ReenrollChunk, subject: str, old: dict[str, Any], new_version: int | None
+    rt: Any, ts: Any, chunk: ReenrollChunk, subject: str, new_key: tuple[str, int], new_version: int | None
 ) -> tuple[list[int], list[str]]:
-    """Mark every version made under the revoked (key_id, key_version) revoked; purge images by policy."""
+    """Mark every version not made under the subject's new (key_id, key_version) revoked, unless it already is;
+    purge images by policy. Runs after the fence was raised, so no version under an older key version can appear
+    afterwards without being marked by the job that wrote it (``TemplateStore._advance_pointer``)."""
     from worker.storage import layout
 
     revoked, uris = [], []
@@ -152,8 +174,11 @@ def _revoke_old_versions(
         if v == new_version:
             continue
         m = ts.get_manifest(chunk.tenant, subject, v)
-        if (m.key_id, m.key_version) != (old["key_id"], int(old["key_version"])):
+        if (m.key_id, m.key_version) == new_key:
             continue
+        existing = ts.revocation(chunk.tenant, subject, v)
+        if existing is not None and existing.job_id != chunk.parent_job_id:
+            continue  # revoked earlier (another revocation, or a fenced commit)
         ts.mark_revoked(
             chunk.tenant, subject, v, reason=chunk.reason, job_id=chunk.parent_job_id, replaced_by=new_version
         )
@@ -176,10 +201,10 @@ def _reenroll(rt: Any, chunk: ReenrollChunk, attempt: int, started: datetime) ->
     todo: list[dict[str, Any]] = []
     n_ok = n_failed = 0
 
-    def fail(subject: str, e: CancelableError, old: dict[str, Any] | None) -> None:
+    def fail(subject: str, e: CancelableError, new_key: tuple[str, int] | None) -> None:
         nonlocal n_failed
-        if old is not None:  # the old key version is compromised: revoke its versions even without a replacement
-            revoked, uris = _revoke_old_versions(rt, ts, chunk, subject, old, None)
+        if new_key is not None:  # the old key version is compromised: revoke its versions even without a replacement
+            revoked, uris = _revoke_old_versions(rt, ts, chunk, subject, new_key, None)
             book.set_item_info(parent, subject, {"revoked_versions": revoked, "revocation_uris": uris})
         book.mark_failed(parent, {subject: e.code})
         metrics.fanout_items("revoke", 1, "failed")
@@ -190,29 +215,31 @@ def _reenroll(rt: Any, chunk: ReenrollChunk, attempt: int, started: datetime) ->
             n_ok += 1
             continue
         child = child_job_id(parent, "subject", subject)
-        old = None
+        new_key = None
         try:
             cur = ts.current(tenant, subject)
             rec = registry.bump_subject_key(
                 tenant, subject, reason=chunk.reason, job_id=parent, new_key_id=chunk.new_key_id
             )
-            old = rec.history[-1]
+            new_key = (rec.key_id, rec.key_version)
+            # the fence: from here on nothing derived under an older key version can become current
+            ts.raise_fence(tenant, subject, rec.epoch)
             item = {
                 "subject": subject,
                 "child": child,
                 "rec": rec,
-                "old": old,
-                "committed": ts.find_committed(tenant, subject, child),
+                "new_key": new_key,
+                "committed": ts.find_committed(tenant, subject, child, rec.epoch),
             }
             if item["committed"] is None:
                 refs = [S3Ref.parse(s.uri) for s in cur.manifest.source_images]
-                item["prepared"] = enrolment.fetch_and_prepare(rt, loaded.engine, refs, "reenroll")
+                item["prepared"] = enrolment.fetch_and_prepare(rt, loaded.engine, tenant, refs, "reenroll")
                 item["seed"] = enrolment.seed_for(rt, rec.key_id, tenant, subject, rec.key_version, "reenroll")
             todo.append(item)
         except CancelableError as e:
             if e.retryable:
                 raise
-            fail(subject, e, old)
+            fail(subject, e, new_key)
 
     fresh = [it for it in todo if it["committed"] is None]
     if fresh:
@@ -229,10 +256,12 @@ def _reenroll(rt: Any, chunk: ReenrollChunk, attempt: int, started: datetime) ->
                 result=result,
                 sources=it["prepared"].sources,
                 job_type="reenroll",
+                key_epoch=it["rec"].epoch,
             )
     for it in todo:
         c = it["committed"]
-        revoked, uris = _revoke_old_versions(rt, ts, chunk, it["subject"], it["old"], c.version)
+        ts.ensure_current(tenant, it["subject"], c)  # a found commit of an earlier attempt: the pointer may lag
+        revoked, uris = _revoke_old_versions(rt, ts, chunk, it["subject"], it["new_key"], c.version)
         book.set_item_info(
             parent,
             it["subject"],

@@ -31,13 +31,18 @@ class PreparedImages:
     sources: list[Any]  # worker.storage.records.SourceImage
 
 
-def fetch_and_prepare(rt: Any, engine: Any, refs: list[S3Ref], job_type: str) -> PreparedImages:
-    """Download, validate, decode and align every image; the first bad image fails the whole job with its code."""
+def fetch_and_prepare(rt: Any, engine: Any, tenant: str, refs: list[S3Ref], job_type: str) -> PreparedImages:
+    """Check every reference against the tenant's input allow-list (before any S3 request), then download,
+    validate, decode and align every image; the first bad image fails the whole job with its code."""
     import torch
 
+    from worker.storage.inputs import InputPolicy
     from worker.storage.records import SourceImage
 
     w = rt.settings.worker
+    policy = InputPolicy.from_settings(rt.settings.s3)
+    for ref in refs:
+        policy.check(tenant, ref)  # ForbiddenInputError: nothing downloaded, nothing revealed about existence
     faces = []
     sources = []
     for ref in refs:
@@ -109,8 +114,9 @@ def commit(
     result: Any,
     sources: list[Any],
     job_type: str,
+    key_epoch: int | None = None,
 ) -> Any:
-    """Encode and commit one subject's version (idempotent per ``job_id``)."""
+    """Encode and commit one subject's version (idempotent per ``job_id``; fenced by ``key_epoch``)."""
     from worker.storage.templates import TemplateStore
 
     with metrics.stage_timer("template", job_type):
@@ -126,7 +132,9 @@ def commit(
         )
         pngs = [encode_png(img) for img in result.images]
     with metrics.stage_timer("upload", job_type):
-        return TemplateStore(rt.store).commit_version(tenant, subject, job_id, template=rec, images=pngs)
+        return TemplateStore(rt.store).commit_version(
+            tenant, subject, job_id, template=rec, images=pngs, key_epoch=key_epoch
+        )
 
 
 def key_registry(rt: Any) -> Any:
@@ -135,10 +143,10 @@ def key_registry(rt: Any) -> Any:
     return KeyRegistry(rt.store)
 
 
-def check_key(rt: Any, key_id: str) -> None:
-    """Unknown or revoked key -> its error, before anything is downloaded or written."""
+def check_key(rt: Any, tenant: str, key_id: str) -> None:
+    """Unknown key, or key revoked for this tenant -> its error, before anything is downloaded or written."""
     with metrics.stage_timer("key", "enroll"):
-        rt.keys.check_usable(key_id)
+        rt.keys.check_usable(tenant, key_id)
 
 
 def seed_for(rt: Any, key_id: str, tenant: str, subject: str, key_version: int, job_type: str) -> bytes:
@@ -166,7 +174,7 @@ def verify_probe(rt: Any, loaded: Any, tenant: str, subject: str, probe: S3Ref) 
     ts = TemplateStore(rt.store)
     cur = ts.current(tenant, subject)  # NoTemplateError
     m = cur.manifest
-    if ts.is_revoked(tenant, subject, cur.version):
+    if cur.superseded or ts.is_revoked(tenant, subject, cur.version):
         raise RevokedKeyError(f"current template of {tenant}/{subject} (version {cur.version}) is revoked")
     tmpl = ts.load_template(m)
     made_with = tmpl.algorithm.get("fingerprint") or f"{tmpl.bundle_id}:?"
@@ -177,7 +185,7 @@ def verify_probe(rt: Any, loaded: Any, tenant: str, subject: str, probe: S3Ref) 
             "(re-enrol, or route to a matching worker)"
         )
     seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
-    prepared = fetch_and_prepare(rt, loaded.engine, [probe], "verify")
+    prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
     metrics.batch_size("verify", 1)
     with metrics.stage_timer("optimise", "verify"):
         res = loaded.engine.probe(prepared.faces[0], seed)
