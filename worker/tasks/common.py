@@ -86,6 +86,24 @@ def malformed_result(args: tuple[Any, ...], kind: str, err: CancelableError) -> 
     }
 
 
+def _store_malformed(rt: Any, result: dict[str, Any], task_id: Any) -> dict[str, Any]:
+    """Store a malformed message's result under its job ID (else its task ID, when that is a valid job ID), unless
+    a result is already stored there: a producer waiting on the ID gets an answer instead of waiting forever."""
+    from worker.contracts import check_job_id
+
+    job_id = result.get("job_id")
+    if job_id is None and isinstance(task_id, str):
+        try:
+            job_id = check_job_id(task_id)
+        except ValueError:
+            job_id = None
+    if job_id is not None:
+        result = {**result, "job_id": job_id}
+        if rt.book.get_result(job_id) is None:
+            rt.book.save_result(job_id, result)
+    return result
+
+
 def failed_result(job: Any, result_cls: type, exc: BaseException, attempts: int, started: datetime, **kw: Any) -> Any:
     return result_cls(
         job_id=job.job_id,
@@ -164,7 +182,7 @@ def run_job(
         except MalformedJobError as e:
             tracker.outcome, tracker.error_code = "failed", e.code
             log.warning("malformed %s message rejected", kind)
-            return malformed_result(args, kind, e)
+            return _store_malformed(rt, malformed_result(args, kind, e), getattr(task.request, "id", None))
 
         with job_scope(job.job_id, job_type):
             existing = rt.book.get_result(job.job_id)

@@ -70,6 +70,8 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
     check_queue_settings(q)
     return {
         "broker_url": q.broker_url,
+        # kombu's Redis transport, refusing poison messages instead of dying on them (worker/tasks/transport.py)
+        "broker_transport": "worker.tasks.transport:Transport",
         "result_backend": q.result_backend,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -136,7 +138,7 @@ def make_celery(settings: Any, *, name: str = "cancelable", include: list[str] |
     tasks by name only."""
     from celery import Celery
 
-    app = Celery(name, include=include or [])
+    app = Celery(name, include=include or [], task_cls="worker.tasks.base:GuardedTask")
     app.conf.update(celery_config(queue_settings(settings)))
     return app
 
