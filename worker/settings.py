@@ -115,12 +115,17 @@ class EngineSettings(_Group):
 
 
 class WorkerSettings(_Group):
-    task_time_limit: int = Field(default=900, ge=1)
-    """Hard limit per task, seconds."""
+    task_time_limit: int = Field(default=180, ge=1)
+    """Hard limit per task, seconds. Engine tasks are one subject (or one chunk) each and fan-out tasks hand over
+    to a fresh task after ``fanout_time_budget``, so minutes suffice; raise it with the visibility timeout for a
+    slow device."""
     task_soft_time_limit: int | None = None
     """Defaults to 90 % of the hard limit."""
-    visibility_timeout: int = Field(default=3600, ge=1)
-    """Redis redelivers an unacked task after this many seconds: must exceed the task time limit."""
+    visibility_timeout: int = Field(default=240, ge=1)
+    """Redis redelivers an unacked task after this many seconds: must exceed the task time limit. It is also how
+    long the job of a SIGKILLed worker waits before another worker retries it (about 4 minutes by default)."""
+    fanout_time_budget: float | None = Field(default=None, ge=0)
+    """Seconds a bulk or key-revocation listing task runs before handing over (default: half the soft limit)."""
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Deliveries before a job is dead-lettered (a job that kills its worker counts too)."""
     max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
@@ -149,6 +154,11 @@ class WorkerSettings(_Group):
     @property
     def soft_time_limit(self) -> int:
         return self.task_soft_time_limit or max(1, int(self.task_time_limit * 0.9))
+
+    @property
+    def fanout_budget(self) -> float:
+        """Seconds a bulk or key-revocation listing task runs before it hands over to a fresh task."""
+        return self.fanout_time_budget if self.fanout_time_budget is not None else self.soft_time_limit * 0.5
 
 
 class MetricsSettings(_Group):

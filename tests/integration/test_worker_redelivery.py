@@ -251,7 +251,7 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     )
     sent: list[str] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
-    monkeypatch.setattr(control_tasks, "BULK_TIME_BUDGET_FRACTION", 0.0)  # hand over after every chunk
+    monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     task = _FakeTask()
 
     r1 = control_tasks._bulk(rt, job, 1, now(), task, 0)
@@ -298,3 +298,44 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
         "bob": [f"s3://{b}/in/p/bob/1.png"],
     }
     assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine" for kw in sent)
+
+
+def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key with many subjects is listed across continuations: each picks up after the last subject listed (never
+    from the start), subjects under other keys or never committed are skipped, and every chunk is sent once."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.storage.records import CurrentPointer
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    write_keyring(rt.settings.keys.keyring_path, ["k1", "k2"])
+    reg = KeyRegistry(rt.store)
+    under = [f"s{i:02d}" for i in range(7)]
+    for subject in [*under, "other-key", "never-committed"]:
+        reg.ensure_subject_key("acme", subject, "k9" if subject == "other-key" else "k1")
+        if subject != "never-committed":
+            rt.store.put_json(
+                f"tenants/acme/subjects/{subject}/current.json",
+                CurrentPointer(version=1, manifest_key="x", job_id="j"),
+            )
+    job = job_from_wire(
+        {"kind": "revoke", "job_id": new_id("rk"), "tenant": "acme", "key_id": "k1", "new_key_id": "k2", "reason": "r"}
+    )
+    sent: list[dict] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["args"][0]))
+    monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 3)
+    monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
+    task = _FakeTask()
+    r = control_tasks._revoke(rt, job, 1, now(), task, 0)
+    assert r.status == "running" and task.continued[-1]["kwargs"] == {"continuation": 1}
+    assert [c["subjects"] for c in sent] == [under[:3]]
+    control_tasks._revoke(rt, job, 1, now(), task, 1)
+    control_tasks._revoke(rt, job, 1, now(), task, 2)
+    assert [c["subjects"] for c in sent] == [under[:3], under[3:6], under[6:]]
+    assert len(task.continued) == 2  # the last one finished the listing instead of handing over
+    fields = rt.book.get_fields(job.job_id)
+    assert fields["listing"] == "done" and rt.book.progress(job.job_id).total == 7
+    assert reg.is_revoked("acme", "k1") and not reg.is_revoked("beta", "k1")

@@ -48,9 +48,9 @@ from worker.tasks.fanout import ReenrollChunk, maybe_finalize_bulk, maybe_finali
 
 log = logging.getLogger(__name__)
 
-BULK_TIME_BUDGET_FRACTION = 0.5  # of the soft time limit, then continue in a fresh task
 BULK_MAX_QUEUE_DEPTH_CHUNKS = 8  # backpressure: pause while the engine queue holds more than this many chunks
 BULK_PAUSE_S = 5.0
+REVOKE_READ_THREADS = 16  # concurrent per-subject S3 reads while listing a revoked key's subjects
 
 
 # --- revoke ---------------------------------------------------------------------------------------------------------
@@ -69,22 +69,37 @@ def _send_chunk(rt: Any, job: Any, index: int, subjects: list[str]) -> None:
     app.send_task(TASK_REENROLL_CHUNK, args=[payload], task_id=chunk.job_id, queue=ENGINE_QUEUE, ignore_result=True)
 
 
-def _subjects_under_key(rt: Any, job: Any) -> Iterator[str]:
-    """Subjects of the tenant whose key record is under the revoked key (or was moved off it by this job)."""
+def _under_key(rt: Any, job: Any, subject: str) -> bool:
+    """Whether ``subject`` is to be reissued: its key record is under the revoked key (or was moved off it by this
+    job) and it has a committed version. Two S3 GETs."""
     from worker.keys.providers import KeyRegistry
     from worker.storage.templates import TemplateStore
 
-    registry = KeyRegistry(rt.store)
-    ts = TemplateStore(rt.store)
-    for subject in ts.iter_subjects(job.tenant):
-        rec = registry.subject_key(job.tenant, subject)
-        if rec is None or ts.read_pointer(job.tenant, subject) is None:  # never committed: nothing to reissue
-            continue
-        if rec.key_id == job.key_id or any(h.get("job_id") == job.job_id for h in rec.history):
-            yield subject
+    rec = KeyRegistry(rt.store).subject_key(job.tenant, subject)
+    if rec is None:
+        return False
+    if rec.key_id != job.key_id and not any(h.get("job_id") == job.job_id for h in rec.history):
+        return False
+    return TemplateStore(rt.store).read_pointer(job.tenant, subject) is not None  # never committed: nothing to reissue
 
 
-def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
+def _subjects_under_key(rt: Any, job: Any, start_after: str | None) -> Iterator[tuple[str, bool]]:
+    """(subject, under the revoked key?) for the tenant's subjects in listing order after ``start_after``; the
+    per-subject reads run ``REVOKE_READ_THREADS`` at a time (boto3 clients are thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.storage.templates import TemplateStore
+
+    names = TemplateStore(rt.store).iter_subjects(job.tenant, start_after)
+    with ThreadPoolExecutor(REVOKE_READ_THREADS) as pool:
+        while True:
+            page = [n for _, n in zip(range(REVOKE_READ_THREADS * 4), names, strict=False)]
+            if not page:
+                return
+            yield from zip(page, pool.map(lambda s: _under_key(rt, job, s), page), strict=True)
+
+
+def _revoke(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continuation: int) -> RevokeResult:
     from worker.keys.providers import KeyRegistry
     from worker.storage.templates import TemplateStore
 
@@ -114,19 +129,52 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
         book.set_fields(job.job_id, listing="done")
     else:
         KeyRegistry(rt.store).revoke_key(job.tenant, job.key_id, reason=job.reason, job_id=job.job_id)
-        size = rt.settings.worker.revoke_chunk_size
-        batch: list[str] = []
-        index = total = 0
-        for subject in _subjects_under_key(rt, job):
+        if not _list_key_subjects(rt, job, task, continuation):
+            return _revoke_status(rt, job, attempt, started)  # handed over to a continuation
+    return _revoke_status(rt, job, attempt, started)
+
+
+def _list_key_subjects(rt: Any, job: Any, task: Any, continuation: int) -> bool:
+    """Send the subjects under the revoked key in chunks, from the saved cursor (the last subject listed). After a
+    time budget, save the cursor and re-queue the task as a continuation (returns False); True when the listing
+    is complete. A re-delivered continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
+    book = rt.book
+    fields = book.get_fields(job.job_id)
+    cursor = fields.get("listing_cursor") or None
+    index, total = int(fields.get("chunks_sent", "0")), int(fields.get("subjects_listed", "0"))
+    size = rt.settings.worker.revoke_chunk_size
+    budget = rt.settings.worker.fanout_budget
+    t0 = time.monotonic()
+    batch: list[str] = []
+    last = cursor
+    for subject, hit in _subjects_under_key(rt, job, cursor):
+        last = subject
+        if hit:
             batch.append(subject)
-            total += 1
-            if len(batch) >= size:
-                _send_chunk(rt, job, index, batch)
-                index, batch = index + 1, []
-        if batch:
+        if len(batch) >= size:
             _send_chunk(rt, job, index, batch)
-        book.set_total(job.job_id, total)
-        book.set_fields(job.job_id, listing="done")
+            index, total, batch = index + 1, total + len(batch), []
+            book.set_fields(job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total)
+            if time.monotonic() - t0 > budget:
+                task.apply_async(
+                    args=[to_wire(job)],
+                    kwargs={"continuation": continuation + 1},
+                    task_id=f"{job.job_id}-c{continuation + 1}",
+                    ignore_result=True,
+                )
+                log.info("revoke %s: %d subjects listed, continuing in a new task", job.job_id, total)
+                return False
+    if batch:
+        _send_chunk(rt, job, index, batch)
+        index, total = index + 1, total + len(batch)
+    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total)
+    book.set_total(job.job_id, total)
+    book.set_fields(job.job_id, listing="done")
+    return True
+
+
+def _revoke_status(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
+    book = rt.book
     final = maybe_finalize_revoke(rt, job.job_id)  # no subjects, or every chunk finished before the total was known
     if final is not None:
         return RevokeResult.model_validate(final)
@@ -148,9 +196,12 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
 
 
 @app.task(name=TASK_REVOKE, bind=True)
-def revoke(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def revoke(self: Any, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
     """Start a revocation (``RevokeJob`` JSON) -> ``RevokeResult`` JSON (``running``; the final one is stored in
-    Redis by the last re-enrolment chunk)."""
+    Redis by the last re-enrolment chunk). ``continuation``: a key's subject listing handed over to a fresh task."""
+    if not isinstance(continuation, int) or continuation < 0:
+        kwargs["continuation"] = continuation
+        continuation = 0
     return run_job(
         self,
         args,
@@ -158,8 +209,9 @@ def revoke(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         kind="revoke",
         job_type="revoke",
         result_cls=RevokeResult,
-        handler=_revoke,
+        handler=lambda rt, job, attempt, started: _revoke(rt, job, attempt, started, self, continuation),
         ident=lambda j: {"subject": j.subject, "key_id": j.key_id, "reason": j.reason},
+        attempt_key=lambda j: j.job_id if continuation == 0 else f"{j.job_id}-c{continuation}",
     )
 
 
@@ -282,7 +334,7 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
         final = maybe_finalize_bulk(rt, job.job_id)
         return _bulk_status(rt, job, attempt, started, final)
     cursor = book.get_cursor(job.job_id)
-    budget = rt.settings.worker.soft_time_limit * BULK_TIME_BUDGET_FRACTION
+    budget = rt.settings.worker.fanout_budget
     t0 = time.monotonic()
     sent = 0
     pending: list[tuple[str, dict[str, Any]]] = []
