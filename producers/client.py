@@ -268,6 +268,23 @@ class Client:
             out["state"] = {"PENDING": "queued_or_unknown", "STARTED": "running", "RETRY": "retrying"}.get(st, st)
         return out
 
+    def redrive(self, job_id: str) -> str:
+        """Queue a dead-lettered job again under the same job ID (its Redis result, attempts and dead letter are
+        cleared first; the S3 dead letter stays as the record). Raises ``MalformedJobError`` when ``job_id`` has no
+        dead letter, or one without the job (a poison message: it never was a job)."""
+        dl = self.book.get_dead_letter(job_id)
+        if dl is None:
+            raise MalformedJobError(f"job {job_id} has no dead letter to redrive")
+        if not isinstance(dl.get("job"), dict) or not dl["job"]:
+            raise MalformedJobError(f"dead letter {job_id} holds no job (a malformed message cannot be re-driven)")
+        job = self.validate(dl["job"])
+        self.book.clear_for_redrive(job_id)
+        return self.submit(job)
+
+    def dead_letters(self, limit: int = 1000) -> list[str]:
+        """Job IDs with a dead letter in Redis, newest first."""
+        return self.book.dead_letters(limit)
+
     def ping(self, timeout: float = 30.0, engine: bool = False) -> dict[str, Any]:
         """Round-trip a no-op through the control (or engine) queue."""
         name, queue = (TASK_ENGINE_PING, ENGINE_QUEUE) if engine else (TASK_PING, CONTROL_QUEUE)

@@ -127,7 +127,10 @@ class WorkerSettings(_Group):
     fanout_time_budget: float | None = Field(default=None, ge=0)
     """Seconds a bulk or key-revocation listing task runs before handing over (default: half the soft limit)."""
     max_attempts: int = Field(default=3, ge=1, le=100)
-    """Deliveries before a job is dead-lettered (a job that kills its worker counts too)."""
+    """Deliveries that crashed or timed out before a job is dead-lettered (a job that kills its worker counts)."""
+    transient_retry_window: float = Field(default=300.0, ge=0)
+    """Seconds from a job's first transient fault (S3, Redis or KMS unreachable) during which it is retried with
+    jittered exponential backoff (1 s doubling to 30 s); then it is dead-lettered."""
     max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     """Largest accepted source image object."""
     max_pixels: int = Field(default=40_000_000, ge=64 * 64)

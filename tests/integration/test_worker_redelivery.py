@@ -180,17 +180,20 @@ def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
         handler=flaky,
         ident=lambda j: {"subject": j.subject, "key_id": j.key_id},
     )
-    for _ in range(2):
+    for _ in range(8):  # far more than max_attempts (3): transient faults are retried for a time window
         with pytest.raises(_Retry):
             run_job(task, (job,), {}, **kw)
-    assert task.countdowns == [1.0, 2.0]  # exponential backoff
+    caps = [1, 2, 4, 8, 16, 30, 30, 30]  # exponential, capped at 30 s, jittered in [0.5, 1] x cap
+    assert all(c / 2 <= d <= c for c, d in zip(caps, task.countdowns, strict=True)), task.countdowns
+    assert calls == [1] * 8  # each clean transient failure gives its attempt back: attempts count crashes only
+    rt.settings.worker.transient_retry_window = 0.0  # the window is over
     out = run_job(task, (job,), {}, **kw)
-    assert out["status"] == "dead_lettered" and out["attempts"] == 3 and calls == [1, 2, 3]
+    assert out["status"] == "dead_lettered" and calls == [1] * 9
     assert rt.book.get_dead_letter(job["job_id"])["error_code"] == "storage_error"
     body, _ = rt.store.get(f"tenants/acme/dead-letters/{job['job_id']}.json")
-    assert json.loads(body)["attempts"] == 3
+    assert json.loads(body)["attempts"] == 1
     # the stored result answers any further delivery; the handler does not run again
-    assert run_job(task, (job,), {}, **kw) == out and calls == [1, 2, 3]
+    assert run_job(task, (job,), {}, **kw) == out and calls == [1] * 9
     assert "SlowDown" not in json.dumps(to_wire(EnrollResult.model_validate(out)))  # message trimmed to the code
 
 

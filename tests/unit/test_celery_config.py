@@ -51,12 +51,14 @@ def test_routes_by_name() -> None:
     assert {routes[t]["queue"] for t in (TASK_REVOKE, TASK_BULK)} == {CONTROL_QUEUE}
 
 
-def test_beat_schedules_the_staging_sweep_on_the_control_queue() -> None:
+def test_beat_schedules_the_staging_sweep_and_the_reconciler_on_the_control_queue() -> None:
     c = celery_config(_q(sweep_staging_interval_s=600))
     entry = c["beat_schedule"]["sweep-staging"]
     assert entry["task"] == TASK_SWEEP_STAGING and entry["schedule"] == 600.0
     assert c["task_routes"][TASK_SWEEP_STAGING]["queue"] == CONTROL_QUEUE
-    assert celery_config(_q(sweep_staging_interval_s=0))["beat_schedule"] == {}
+    off = celery_config(_q(sweep_staging_interval_s=0))["beat_schedule"]
+    assert "sweep-staging" not in off and off["reconcile"]["task"] == "cancelable.reconcile"  # always scheduled
+    assert c["task_routes"]["cancelable.reconcile"]["queue"] == CONTROL_QUEUE
 
 
 @pytest.mark.parametrize("vt", [900, 600, 1])

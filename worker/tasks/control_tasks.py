@@ -40,6 +40,7 @@ from worker.tasks.config import (
     TASK_BULK,
     TASK_ENROLL,
     TASK_PING,
+    TASK_RECONCILE,
     TASK_REENROLL_CHUNK,
     TASK_REVOKE,
     TASK_SWEEP_STAGING,
@@ -463,4 +464,28 @@ def sweep_staging(tenant: str | None = None) -> dict[str, Any]:
     return {"subjects": swept, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
 
 
-__all__ = ["bulk", "ping", "revoke", "sweep_staging", "NoTemplateError"]
+@app.task(name=TASK_RECONCILE)
+def reconcile(limit: int = 1000) -> dict[str, Any]:
+    """Periodic repair (Celery beat): dead letters recorded only in Redis while S3 was down are written to S3.
+    Safe to run twice; touches only records whose ``s3_uri`` is still empty."""
+    from worker.storage.deadletters import write_dead_letter
+    from worker.storage.records import DeadLetter
+    from worker.tasks.runtime import get_runtime
+
+    rt = get_runtime()
+    book = rt.book
+    synced = 0
+    for job_id in book.dead_letters(limit):
+        rec = book.get_dead_letter(job_id)
+        if rec is None or rec.get("s3_uri") or not rec.get("tenant"):
+            continue  # already in S3, or a poison message (no tenant: Redis only, by hash and size)
+        fields = {k: v for k, v in rec.items() if k in DeadLetter.model_fields}
+        uri = write_dead_letter(rt.store, DeadLetter.model_validate(fields))
+        book.add_dead_letter(job_id, {**rec, "s3_uri": uri})
+        synced += 1
+    if synced:
+        log.info("reconcile: %d dead letters written to S3", synced)
+    return {"dead_letters_synced": synced}
+
+
+__all__ = ["bulk", "ping", "reconcile", "revoke", "sweep_staging", "NoTemplateError"]

@@ -88,6 +88,17 @@ class JobBook:
         n, _ = pipe.execute()
         return int(n)
 
+    def give_back_attempt(self, job_id: str) -> None:
+        """Undo ``start_attempt`` for a delivery that ended cleanly with a transient fault (it will be retried)."""
+        self.r.decr(self._k("attempts", job_id))
+
+    def transient_since(self, job_id: str) -> float:
+        """Epoch seconds of ``job_id``'s first transient failure (recorded now if this is the first)."""
+        key = self._k("transient", job_id)
+        self.r.set(key, repr(time.time()), nx=True, ex=self.ttl)
+        v = self.r.get(key)
+        return float(v) if v is not None else time.time()
+
     def attempts(self, job_id: str) -> int:
         v = self.r.get(self._k("attempts", job_id))
         return int(v) if v is not None else 0
@@ -252,6 +263,15 @@ class JobBook:
     def get_dead_letter(self, job_id: str) -> dict[str, Any] | None:
         v = self.r.get(self._k("deadletter", job_id))
         return json.loads(v) if v is not None else None
+
+    def clear_for_redrive(self, job_id: str) -> None:
+        """Forget a dead-lettered job's result, attempts and dead letter so that it can be queued again under the
+        same job ID (``cancelable redrive``). The S3 dead letter stays as the record of what happened."""
+        pipe = self.r.pipeline()
+        for kind in ("result", "attempts", "transient", "deadletter"):
+            pipe.delete(self._k(kind, job_id))
+        pipe.lrem(self._k("deadletter"), 0, job_id)
+        pipe.execute()
 
     def dead_letters(self, limit: int = 100) -> list[str]:
         return [_s(x) for x in self.r.lrange(self._k("deadletter"), 0, limit - 1)]
