@@ -34,8 +34,18 @@ class _Group(BaseModel):
 class RedisSettings(_Group):
     """Broker, result backend, counters and locks."""
 
-    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    """May carry a password, hence secret; ``url.get_secret_value()`` to use it."""
+    url: SecretStr | None = None
+    """May carry a password, hence secret. No default on purpose: a worker or producer that is not told which Redis
+    to use must not guess one (a guessed ``127.0.0.1:6379`` may be someone else's). Use ``require_url()``."""
+
+    def require_url(self) -> str:
+        """The configured URL; ``SettingsError`` naming the variable when it is not set."""
+        if self.url is None:
+            raise SettingsError(
+                f"invalid configuration:\n  {ENV_PREFIX}REDIS{NESTED}URL: not set; name the Redis of your deployment, "
+                "e.g. redis://127.0.0.1:6379/0 (the local stack writes it to .stack/env: `source .stack/env`)"
+            )
+        return self.url.get_secret_value()
 
 
 class S3Settings(_Group):

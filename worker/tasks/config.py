@@ -130,7 +130,7 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
 
 def queue_settings(settings: Any) -> QueueSettings:
     """``worker.settings.Settings`` -> the queue knobs (one Redis URL serves as broker and result backend)."""
-    url = settings.redis.url.get_secret_value()
+    url = settings.redis.require_url()  # SettingsError when not configured: never a guessed default
     w = settings.worker
     return QueueSettings(
         broker_url=url,
@@ -157,7 +157,7 @@ def connect_redis(settings: Any) -> Any:
     """A Redis client for the job bookkeeping (``settings.redis.url``), with bounded socket timeouts."""
     import redis
 
-    return redis.Redis.from_url(settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0)
+    return redis.Redis.from_url(settings.redis.require_url(), socket_timeout=10.0, socket_connect_timeout=5.0)
 
 
 def connect_store(settings: Any) -> Any:
