@@ -114,9 +114,18 @@ added = write_keyring(sys.argv[1], [sys.argv[2]]); print('stack: created key ' +
 
 write_env() {
   umask 077
+  local ak sk
+  ak="$(cat "$STACK/secrets/s3_access_key_id")"
+  sk="$(cat "$STACK/secrets/s3_secret_access_key")"
   {
     echo "# written by infra/stack.sh up; source it: \`source .stack/env\`"
+    echo "# AWS_*: the same S3 credentials for boto3 and the aws CLI (aws s3 ls s3://$INPUT_BUCKET/)"
     printf 'export %s=%q\n' \
+      AWS_ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
+      AWS_ACCESS_KEY_ID "$ak" \
+      AWS_SECRET_ACCESS_KEY "$sk" \
+      AWS_DEFAULT_REGION us-east-1 \
+      AWS_REGION us-east-1 \
       CANCELABLE_REDIS__URL "redis://127.0.0.1:$REDIS_PORT/0" \
       CANCELABLE_S3__ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
       CANCELABLE_S3__REGION us-east-1 \

@@ -87,6 +87,8 @@ class S3Settings(_Group):
         from worker.storage.inputs import InputPolicy
 
         InputPolicy.from_settings(self)  # validates the allow-list (never the output bucket)
+        if self.input_bucket is not None and self.input_bucket == self.bucket:
+            raise ValueError("s3.input_bucket must differ from s3.bucket (templates are never inputs)")
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("set both s3.access_key_id and s3.secret_access_key, or neither (ambient credentials)")
         return self

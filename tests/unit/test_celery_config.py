@@ -72,11 +72,13 @@ def test_soft_limit_below_hard_limit() -> None:
         check_queue_settings(_q(task_soft_time_limit_s=900))
 
 
-def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run(code: str, env: dict[str, str | None]) -> subprocess.CompletedProcess[str]:
     import os
 
     full = {k: v for k, v in os.environ.items() if not k.upper().startswith("CANCELABLE_")}
+    full["CANCELABLE_REDIS__URL"] = "redis://127.0.0.1:1/0"  # never contacted by these tests
     full.update(env)
+    full = {k: v for k, v in full.items() if v is not None}
     full["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=REPO, timeout=120)
 
@@ -99,6 +101,12 @@ def test_worker_app_import_is_light_and_configured() -> None:
     assert out["accept"] == ["json"] and out["acks_late"] is True and out["prefetch"] == 1
     assert (out["vt"], out["limit"]) == (130, 100)
     assert {TASK_ENROLL, TASK_VERIFY, TASK_REVOKE, TASK_BULK, TASK_REENROLL_CHUNK} <= set(out["tasks"])
+
+
+def test_worker_without_a_redis_url_stops_with_one_clear_message() -> None:
+    r = _run("import worker.tasks.app", {"CANCELABLE_REDIS__URL": None})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "CANCELABLE_REDIS__URL: not set" in r.stderr and len(r.stderr.strip().splitlines()) <= 4
 
 
 def test_worker_refuses_visibility_timeout_below_time_limit() -> None:

@@ -12,6 +12,7 @@ Only IDs, counts and error codes are stored: never seeds, embeddings, key materi
 Key layout (``p`` = prefix from settings, default ``cf``)::
 
     {p}:attempts:{job_id}            int, INCR per start of the job's task
+    {p}:submitted:{job_id}           time a producer queued the job (so ``status`` tells queued from unknown)
     {p}:result:{job_id}              JSON result of a finished job (idempotent replay)
     {p}:job:{job_id}                 hash: kind, total, state, created, updated, (cursor for bulk), ...
     {p}:job:{job_id}:succeeded       set of item IDs
@@ -102,6 +103,15 @@ class JobBook:
     def attempts(self, job_id: str) -> int:
         v = self.r.get(self._k("attempts", job_id))
         return int(v) if v is not None else 0
+
+    # --- submissions (producer side) -----------------------------------------------------------------------------
+    def mark_submitted(self, job_id: str) -> None:
+        """A producer queued ``job_id`` (kept as long as results are)."""
+        self.r.set(self._k("submitted", job_id), f"{time.time():.3f}", ex=self.ttl)
+
+    def submitted_at(self, job_id: str) -> float | None:
+        v = self.r.get(self._k("submitted", job_id))
+        return float(v) if v is not None else None
 
     # --- finished results --------------------------------------------------------------------------------------
     def save_result(self, job_id: str, result: dict[str, Any]) -> None:
