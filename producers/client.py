@@ -103,15 +103,20 @@ class Client:
             check_name(tenant, "tenant")
         except ValueError as e:
             raise MalformedJobError(f"malformed job: {e}") from None
-        s3 = self.settings.s3
-        return check_local_image(path, tenant, s3.input_bucket, self.settings.worker.max_bytes)
+        return check_local_image(path, tenant, self.input_bucket, self.settings.worker.max_bytes)
+
+    @property
+    def input_bucket(self) -> str:
+        """Where local photos are uploaded (``s3.input_bucket``, default ``<bucket>-inputs``)."""
+        from worker.storage.inputs import InputPolicy
+
+        return InputPolicy.from_settings(self.settings.s3).input_bucket
 
     def upload(self, images: Iterable[LocalImage]) -> list[str]:
         """Upload checked local photos to the input bucket (SSE as configured); returns their ``s3://`` URIs."""
         from worker.storage.client import ObjectStore, sse_params
 
-        s3 = self.settings.s3
-        inputs = ObjectStore(self.store.client, s3.input_bucket, sse=sse_params(s3))
+        inputs = ObjectStore(self.store.client, self.input_bucket, sse=sse_params(self.settings.s3))
         uris = []
         for img in images:
             inputs.put(img.key, img.body, content_type=img.content_type)

@@ -1,4 +1,5 @@
-"""Local photos -> the tenant's input prefix in the input bucket (``s3.input_bucket``).
+"""Local photos -> the tenant's input prefix in the input bucket (``s3.input_bucket``, default ``<bucket>-inputs``;
+the prefix every tenant may read by default, ``worker.storage.inputs``).
 
 A file is checked before anything is sent (exists, is a JPEG, PNG or WebP by its first bytes, not larger than the
 worker accepts) and named by its content: ``s3://{input_bucket}/tenants/{tenant}/uploads/{sha256[:32]}.{ext}``, so
@@ -46,14 +47,9 @@ def _sniff(head: bytes) -> tuple[str, str] | None:
     return None
 
 
-def check_local_image(path: str | Path, tenant: str, input_bucket: str | None, max_bytes: int) -> LocalImage:
+def check_local_image(path: str | Path, tenant: str, input_bucket: str, max_bytes: int) -> LocalImage:
     """Read and check one local photo; ``MalformedJobError`` (one line, no file content) when it cannot be used."""
     p = Path(path)
-    if input_bucket is None:
-        raise MalformedJobError(
-            f"{p}: local files need an input bucket to upload to (set CANCELABLE_S3__INPUT_BUCKET; the local stack's "
-            ".stack/env does), or pass s3://bucket/key references"
-        )
     if not p.is_file():
         raise MalformedJobError(f"{p}: no such file (give a local photo or an s3://bucket/key reference)")
     size = p.stat().st_size

@@ -71,7 +71,7 @@ def read_subject(store: ObjectStore, tenant: str, subject: str) -> SubjectState 
     key_rec = SubjectKeyRecord.model_validate(key_data) if key_data is not None else None
     key_revoked = False
     if key_rec is not None:
-        st = _json(store, layout.key_state_key(key_rec.key_id))
+        st = _json(store, layout.key_state_key(tenant, key_rec.key_id))
         key_revoked = st is not None and KeyStateRecord.model_validate(st).state == "revoked"
     cur = ts.get_manifest(tenant, subject, pointer[0].version) if pointer is not None else None
     revoked = []
