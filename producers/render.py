@@ -32,10 +32,10 @@ def result_summary(res: Any) -> str:
     if d.get("error"):
         head += f" ({d['error']['code']}: {d['error']['message']})"
     if kind == "enroll":
-        return (
+        return (  # the manifest is the committed version; the artefacts it lists are in --json
             f"{head}; version {d['version']} of {d['tenant']}/{d['subject']} (key {d['key_id']} v{d['key_version']}"
-            f"{', existing' if d.get('created') is False else ''})\n  manifest {d['manifest_uri']}\n  template "
-            f"{d['template_uri']}" + "".join(f"\n  image    {u}" for u in d.get("image_uris", []))
+            f"{', existing' if d.get('created') is False else ''})\n  manifest {d['manifest_uri']}\n"
+            f"  (the committed version: lists the template and {len(d.get('image_uris', []))} cancelable images)"
         )
     if kind == "verify":
         return (

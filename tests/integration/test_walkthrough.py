@@ -3,10 +3,11 @@
 ``infra/stack.sh up --worker`` (its own ports and state directory), and every output line the README shows must
 appear in that command's output, in order (``…`` matches anything within a line; a line ``…`` alone skips lines).
 
-The only rewrites: ``.stack/`` -> the test's state directory, ``photos/`` -> a folder holding the sample faces
-(../shared/data/faces-smoke/obama-biden). The stack's dev key gets the fixed public test material of the lite tests
-(tests/integration/test_worker_enroll_verify.py ``_fixed_keyring``): at the lite bundle's EER operating point a fresh
-random key can flip a decision, so the README's ACCEPT/REJECT would not be reproducible.
+The only rewrites: ``.stack/`` (in commands) -> the test's state directory, ``photos/`` -> a folder holding the
+sample faces (../shared/data/faces-smoke/obama-biden), the default S3 port 8333 (in output) -> the test stack's.
+The stack's dev key gets the fixed public test material of the lite tests (tests/integration/
+test_worker_enroll_verify.py ``_fixed_keyring``, key k1): at the lite bundle's EER operating point a fresh random key
+can flip a decision, so the README's ACCEPT/REJECT would not be reproducible.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_readme_walkthrough_replays(make_stack, tmp_path: Path) -> None:  # noqa
         return s.replace("photos/", f"{photos}/")
 
     steps = [
-        (paths(c).replace(".stack/", f"{stack.dir}/"), [paths(x) for x in out])
+        (paths(c).replace(".stack/", f"{stack.dir}/"), [paths(x).replace(":8333", f":{stack.s3_port}") for x in out])
         for c, out in transcript(README.read_text())
     ]
     script = "exec 2>&1\n" + "\n".join(f"{c}\necho {MARK}" for c, _ in steps)  # as a terminal shows it
@@ -116,6 +117,8 @@ def test_readme_walkthrough_replays(make_stack, tmp_path: Path) -> None:  # noqa
         text=True,
         timeout=2400,
     )
+    if os.environ.get("CANCELABLE_WALKTHROUGH_OUT"):  # to refresh the README: the whole session as it ran
+        Path(os.environ["CANCELABLE_WALKTHROUGH_OUT"]).write_text(r.stdout.replace(MARK + "\n", ""))
     outputs = r.stdout.split(MARK)
     assert len(outputs) >= len(steps), f"the walk-through stopped early:\n{r.stdout}\n{r.stderr}"
     failures = []
