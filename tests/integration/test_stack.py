@@ -378,6 +378,8 @@ def assert_aws_env_works(stack: Stack, exported: dict[str, str]) -> None:
     """The AWS_* variables alone let plain boto3 (and the aws CLI, where installed) reach this stack's S3."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **{k: v for k, v in exported.items() if k[:4] == "AWS_"}}
     assert env.get("AWS_ENDPOINT_URL") == f"http://127.0.0.1:{stack.s3_port}"
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # the secret stays in a 0600 file under secrets/
+    assert Path(env["AWS_SHARED_CREDENTIALS_FILE"]).parent == stack.dir / "secrets"
     code = "import boto3; print(' '.join(sorted(b['Name'] for b in boto3.client('s3').list_buckets()['Buckets'])))"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -129,3 +129,30 @@ def test_readme_walkthrough_replays(make_stack, tmp_path: Path) -> None:  # noqa
     assert not failures, "\n\n".join(failures) + f"\n\nstderr:\n{r.stderr}\nlogs:\n{stack.log_tails()}"
     # nothing of the walk-through leaks into the repository
     assert not (REPO / "photos").exists()
+
+
+def test_demo_prints_committed_paths_and_the_clis_threshold(make_stack, tmp_path: Path) -> None:  # noqa: F811
+    """``make demo``'s script on a real stack: every job runs (exit 0), what it prints as stored is committed
+    (versions/..., never a staging/ path), and its verify lines are the CLI's own (threshold 0.8696, 4 decimals)."""
+    if not FACES.is_dir():
+        pytest.skip(f"sample faces not found at {FACES} (set CANCELABLE_SHARED_DIR)")
+    stack = make_stack()
+    _fixed_dev_key(stack, "dev-key-1")
+    env = {
+        **stack.env,
+        "STACK_WORKER_WAIT_S": "300",
+        "CANCELABLE_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "CANCELABLE_SHARED_DIR": str(SHARED),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    script = f'infra/stack.sh up --worker >/dev/null && set -a && . "{stack.dir}/env" && set +a && '
+    script += ".venv/bin/python scripts/demo.py; rc=$?; infra/stack.sh down >/dev/null; exit $rc"
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout, r.stderr, stack.log_tails())
+    assert "staging/" not in r.stdout, r.stdout
+    assert "committed s3://cancelable/tenants/demo/subjects/obama/versions/0000000001.json" in r.stdout
+    assert "committed s3://cancelable/tenants/demo/subjects/obama/versions/0000000002.json" in r.stdout
+    verify_lines = [line for line in r.stdout.splitlines() if "verify " in line and "vs threshold" in line]
+    assert len(verify_lines) == 3 and all("vs threshold 0.8696 -> " in line for line in verify_lines), r.stdout
+    assert "uploads/" in r.stdout and "s3://cancelable-inputs/tenants/demo/" in r.stdout
