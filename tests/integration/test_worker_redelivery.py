@@ -342,3 +342,18 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     fields = rt.book.get_fields(job.job_id)
     assert fields["listing"] == "done" and rt.book.progress(job.job_id).total == 7
     assert reg.is_revoked("acme", "k1") and not reg.is_revoked("beta", "k1")
+
+
+def test_tasks_retry_without_celerys_default_limit(make_settings) -> None:
+    """Celery's default ``max_retries`` (3) would fail a task on its 4th transient fault without storing a result;
+    the app's tasks leave the limit to run_job's time window."""
+    from worker.tasks.config import make_celery
+
+    app = make_celery(make_settings())
+
+    @app.task(name="t.probe", bind=True)
+    def probe(self):  # noqa: ANN001, ANN202
+        return None
+
+    assert probe.max_retries is None
+    assert probe.Strategy == "worker.tasks.transport:guarded_strategy"
