@@ -24,6 +24,7 @@ from producers.commands import (
     EXIT_BY_NAME,
     EXIT_UNAVAILABLE,
     CliError,
+    redrive_jobs,
     run_job,
     show_status,
     show_subject,
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job_id", help="the job ID printed when the job was queued")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    rd = _sub(sub, "redrive", "queue dead-lettered jobs again under their own job IDs")
+    rd.add_argument("job_ids", nargs="*", metavar="job_id", help="dead-lettered job IDs to queue again")
+    rd.add_argument("--all-dead", action="store_true", help="every dead-lettered job recorded in Redis")
+
     st = _sub(sub, "subject", "what is stored for a subject: current version, key version, revoked versions")
     st.add_argument("subject_tenant", metavar="tenant", help="tenant ID")
     st.add_argument("subject_id", metavar="subject", help="subject ID")
@@ -170,7 +175,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     except SettingsError as e:
         raise CliError(str(e).replace("\n", " ")) from None
     try:
-        handler = {"status": show_status, "subject": show_subject, "upload": upload_files}.get(args.command, run_job)
+        handler = {
+            "status": show_status,
+            "subject": show_subject,
+            "upload": upload_files,
+            "redrive": redrive_jobs,
+        }.get(args.command, run_job)
         return handler(client, args)
     except (MalformedJobError, SettingsError) as e:
         raise CliError(str(e).replace("\n", " "), EXIT_BAD_INPUT) from None

@@ -176,3 +176,19 @@ def show_subject(client: Any, args: argparse.Namespace) -> int:
     d = state.as_dict()
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else subject_summary(d))
     return EXIT_OK
+
+
+def redrive_jobs(client: Any, args: argparse.Namespace) -> int:
+    """Queue dead-lettered jobs again (``Client.redrive``); prints one line per job. Exit 1 if any could not be."""
+    ids = list(args.job_ids) + (client.dead_letters() if args.all_dead else [])
+    if not ids:
+        raise CliError("cancelable redrive: give job IDs or --all-dead")
+    failed = 0
+    for job_id in dict.fromkeys(ids):
+        try:
+            client.redrive(job_id)
+            print(f"{job_id}: queued again")
+        except Exception as e:  # noqa: BLE001 - one bad ID must not stop the others
+            failed += 1
+            print(f"{job_id}: not re-driven ({e})")
+    return EXIT_FAILED if failed else EXIT_OK

@@ -27,10 +27,10 @@ def test_every_option_and_argument_has_help_text():
 
 
 def test_subcommands_are_the_documented_ones():
-    assert set(_subparsers(build_parser())) == {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject"}
+    assert set(_subparsers(build_parser())) == {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"}
 
 
-@pytest.mark.parametrize("command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject"])
+@pytest.mark.parametrize("command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"])
 def test_help_lists_the_exit_codes(command):
     text = _subparsers(build_parser())[command].format_help()
     assert "exit status:" in text and "REJECTED" in text
