@@ -27,7 +27,8 @@ def test_every_option_and_argument_has_help_text():
 
 
 def test_subcommands_are_the_documented_ones():
-    assert set(_subparsers(build_parser())) == {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"}
+    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"}
+    assert set(_subparsers(build_parser())) == expected
 
 
 @pytest.mark.parametrize("command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"])
