@@ -230,6 +230,8 @@ def run_job(
                     return _finish(rt, job, res, on_terminal)
                 if not isinstance(e, CancelableError):
                     log.exception("job %s failed with an unexpected %s", job.job_id, type(e).__name__)
+                else:
+                    log.warning("job %s failed: %s", job.job_id, code)
                 res = failed_result(job, result_cls, e, attempt, started, **ident(job))
                 tracker.outcome, tracker.error_code = "failed", code
                 return _finish(rt, job, res, on_terminal)
