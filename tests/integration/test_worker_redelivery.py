@@ -357,3 +357,47 @@ def test_tasks_retry_without_celerys_default_limit(make_settings) -> None:
 
     assert probe.max_retries is None
     assert probe.Strategy == "worker.tasks.transport:guarded_strategy"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """A field over the csv module's 131,072-character limit, or a line of megabytes, fails its own row
+    (``malformed_job``); the rows around it are queued."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import child_job_id, job_from_wire
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    huge = "x" * 200_000
+    if fmt == "csv":
+        body = f"subject,image\na,s3://inputs/a.jpg\nb,s3://inputs/{huge}.jpg\nc,s3://inputs/c.jpg\n"
+    else:
+        body = (
+            "\n".join(
+                [
+                    '{"subject": "a", "images": ["s3://inputs/a.jpg"]}',
+                    '{"subject": "b", "images": ["s3://inputs/' + huge * 5 + '.jpg"]}',  # a 1 MB line
+                    '{"subject": "c", "images": ["s3://inputs/c.jpg"]}',
+                ]
+            )
+            + "\n"
+        )
+    rt.store.put(f"manifests/m.{fmt}", body.encode())
+    job = job_from_wire(
+        {
+            "kind": "bulk",
+            "job_id": new_id("big"),
+            "tenant": "acme",
+            "key_id": "k1",
+            "chunk_size": 10,
+            "manifest": {"format": fmt, "uri": rt.store.uri(f"manifests/m.{fmt}")},
+        }
+    )
+    sent: list[str] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
+    control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    first, last = (2, 4) if fmt == "csv" else (1, 3)
+    assert sent == [child_job_id(job.job_id, "line", n) for n in (first, last)]
+    p = rt.book.progress(job.job_id)
+    assert p.total == 3 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 BULK_MAX_QUEUE_DEPTH_CHUNKS = 8  # backpressure: pause while the engine queue holds more than this many chunks
 BULK_PAUSE_S = 5.0
+MAX_MANIFEST_LINE = 64 * 1024  # characters; a row of 32 image refs of 1 KiB fits twice
+TOO_LONG = "<line too long>\n"  # the sentinel _lines yields (compared by identity)
 REVOKE_READ_THREADS = 16  # concurrent per-subject S3 reads while listing a revoked key's subjects
 
 
@@ -218,22 +220,34 @@ def revoke(self: Any, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[
 
 # --- bulk -----------------------------------------------------------------------------------------------------------
 def _lines(body: Any) -> Iterator[str]:
-    """A streaming S3 body -> text lines (UTF-8, constant memory)."""
+    """A streaming S3 body -> text lines (UTF-8, constant memory). A line longer than ``MAX_MANIFEST_LINE``
+    characters is not kept: it comes out as ``TOO_LONG`` (one line), so its row fails alone and the rest go on."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
     buf = ""
+    skipping = False  # inside a line already reported as too long: drop until its end
     for chunk in body.iter_chunks(chunk_size=64 * 1024):
         buf += dec.decode(chunk)
         *lines, buf = buf.split("\n")
         for line in lines:
-            yield line + "\n"
+            if skipping:
+                skipping = False
+                continue
+            yield TOO_LONG if len(line) > MAX_MANIFEST_LINE else line + "\n"
+        if len(buf) > MAX_MANIFEST_LINE:
+            if not skipping:
+                yield TOO_LONG
+            skipping, buf = True, ""
     buf += dec.decode(b"", final=True)
-    if buf:
-        yield buf
+    if buf and not skipping:
+        yield TOO_LONG if len(buf) > MAX_MANIFEST_LINE else buf
 
 
 def _jsonl_rows(lines: Iterator[str]) -> Iterator[Any]:
     """One JSONL line at a time, so a bad line is reported and the stream goes on."""
     for n, line in enumerate(lines, start=1):
+        if line is TOO_LONG:
+            yield ManifestRowError(n, f"line longer than {MAX_MANIFEST_LINE} characters")
+            continue
         if not line.strip():
             continue
         try:
@@ -254,6 +268,8 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
 
     def feed() -> Iterator[str]:
         for line in lines:
+            if line is TOO_LONG:
+                line = "\x00\n"  # csv refuses a NUL: the row becomes a csv.Error, reported below, and parsing goes on
             captured.append(line)
             yield line
 
@@ -275,7 +291,15 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
     group: list[str] = []
     subject: str | None = None
     start = count = 0
-    for rec in reader:
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # a field over the csv limit, a NUL (line too long), an unterminated quote...
+            captured.clear()
+            yield ManifestRowError(reader.line_num, f"not a valid CSV row (or longer than {MAX_MANIFEST_LINE} chars)")
+            continue
         raw = captured[:]
         captured.clear()
         if not rec or all(not c.strip() for c in rec):
