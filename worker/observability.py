@@ -255,12 +255,6 @@ def settings_secrets(settings: Any) -> list[str]:
 
 SCRUBBER = Scrubber()
 
-
-def register_secrets(*values: str | bytes | None) -> None:
-    """Add run-time secrets (e.g. a key provider's material) to the process scrubber."""
-    SCRUBBER.add_secrets(values)
-
-
 # --- Sentry -------------------------------------------------------------------------------------------------------
 def init_sentry(settings: Any, transport: Any = None, **options: Any) -> bool:
     """Initialise Sentry from ``settings.sentry`` (dsn, environment, release, traces_sample_rate).
@@ -453,22 +447,3 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
         if not any(isinstance(f, RedactionFilter) for f in h.filters):
             h.addFilter(RedactionFilter(SCRUBBER))
             h.setFormatter(_formatter())  # Celery's own handlers: the same line format, job ID included
-
-
-def install_celery_hooks(settings: Any) -> None:
-    """Connect Sentry and log redaction to Celery's start signals (an alternative to calling ``setup_logging`` and
-    ``init_sentry`` from your own ``worker_init`` handler, which does the same).
-
-    ``worker_init`` (main process, before the pool forks; children inherit the client, whose sender thread restarts
-    per pid) initialises Sentry; ``after_setup_logger`` / ``after_setup_task_logger`` add the redaction filter to
-    the handlers Celery installs when it takes over the root logger.
-    """
-    from celery import signals
-
-    def _on_worker_init(**_: Any) -> None:
-        SCRUBBER.add_secrets(settings_secrets(settings))
-        init_sentry(settings)
-
-    SCRUBBER.add_secrets(settings_secrets(settings))
-    signals.worker_init.connect(_on_worker_init, weak=False)
-    _connect_celery_logging()

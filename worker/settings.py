@@ -147,10 +147,7 @@ class WorkerSettings(_Group):
     """Largest accepted source image object."""
     max_pixels: int = Field(default=40_000_000, ge=64 * 64)
     """Largest accepted decoded image (width x height); guards against decompression bombs."""
-    max_images_per_subject: int = Field(default=32, ge=1, le=1024)
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
-    bulk_chunk_size: int = Field(default=64, ge=1, le=10_000)
-    concurrency: int = Field(default=1, ge=1, le=256)
     sweep_staging_interval: int = Field(default=3600, ge=0)
     """Seconds between Celery beat's ``sweep_staging`` runs (0: no periodic sweep). Objects a crashed commit left in
     staging are deleted once older than the visibility timeout."""
@@ -180,8 +177,6 @@ class MetricsSettings(_Group):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9808, ge=0, le=65535)
-    multiproc_dir: Path | None = None
-    """``PROMETHEUS_MULTIPROC_DIR`` for prefork workers; ``None`` lets the metrics module choose."""
 
 
 class SentrySettings(_Group):
@@ -290,10 +285,6 @@ class Settings(BaseSettings):
             _FileSuffixSource(settings_cls),
             NestedSecretsSettingsSource(file_secret_settings),
         )
-
-    def redacted(self) -> dict[str, Any]:
-        """A JSON-able dump for logs and ``status`` output: secrets shown as ``**********``."""
-        return self.model_dump(mode="json")
 
 
 class SettingsError(ValueError):
