@@ -109,6 +109,16 @@ class JobBook:
         """A producer queued ``job_id`` (kept as long as results are)."""
         self.r.set(self._k("submitted", job_id), f"{time.time():.3f}", ex=self.ttl)
 
+    def mark_submitted_many(self, job_ids: list[str]) -> None:
+        """``mark_submitted`` for many jobs in one round trip."""
+        if not job_ids:
+            return
+        now = f"{time.time():.3f}"
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.set(self._k("submitted", job_id), now, ex=self.ttl)
+        pipe.execute()
+
     def submitted_at(self, job_id: str) -> float | None:
         v = self.r.get(self._k("submitted", job_id))
         return float(v) if v is not None else None
