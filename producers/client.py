@@ -296,7 +296,13 @@ class Client:
             name, queue = TASK_FOR_KIND[job.kind]
             try:
                 templates[job.kind] = MessageTemplate(
-                    self.app, name, queue, str(job.job_id), [to_wire(job)], short_argsrepr(job.kind, str(job.job_id))
+                    self.app,
+                    name,
+                    queue,
+                    str(job.job_id),
+                    [to_wire(job)],
+                    short_argsrepr(job.kind, str(job.job_id)),
+                    headers={"sent_at": 0.0},
                 )
             except TemplateMismatch as e:
                 import logging

@@ -61,15 +61,29 @@ class MessageTemplate:
     ``send_task``'s options there). The constructor checks that a re-rendering of the
     captured message reproduces it exactly and that the task ID appears nowhere else, so a Celery/kombu upgrade that
     changes the envelope raises ``TemplateMismatch`` (callers fall back to ``send_task``) instead of sending something
-    else. Only for producers outside a task (no parent/root task IDs) and without countdown/expiry."""
+    else. Inside a task, Celery's parent/root IDs (the sending task's) are the same for every message. ``kwargs`` and
+    ``headers`` are fixed per template (a ``sent_at`` header is set per message). No countdown/expiry."""
 
-    def __init__(self, app: Any, name: str, queue: str, sample_id: str, sample_args: list[Any], argsrepr: str) -> None:
+    def __init__(
+        self,
+        app: Any,
+        name: str,
+        queue: str,
+        sample_id: str,
+        sample_args: list[Any],
+        argsrepr: str,
+        kwargs: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
         import base64
         import json
 
         from kombu.serialization import dumps as kdumps
 
         captured: list[tuple[str, dict[str, Any]]] = []
+        if not is_celery_send_task(app):
+            raise TemplateMismatch("app.send_task is wrapped or replaced: every message goes through it")
+        self._sent_at = headers is not None and "sent_at" in headers
         sent_at = 1.0
         with app.producer_or_acquire() as producer:
             channel = producer.channel
@@ -78,17 +92,20 @@ class MessageTemplate:
                 app.send_task(
                     name,
                     args=sample_args,
+                    kwargs=kwargs,
                     task_id=sample_id,
                     queue=queue,
                     ignore_result=True,
-                    headers={"sent_at": sent_at},
+                    headers={**headers, "sent_at": sent_at} if self._sent_at else headers,
                     argsrepr=argsrepr,
                     producer=producer,
                     retry=False,
                 )
             finally:
                 del channel._put
-            (qname, message), = captured
+            if len(captured) != 1:
+                raise TemplateMismatch(f"{len(captured)} messages captured")
+            ((qname, message),) = captured
             self.key: str = channel._q_for_pri(qname, channel._get_message_priority(message, reverse=False))
             self._next_tag = channel._next_delivery_tag
         self._kdumps = kdumps
@@ -100,14 +117,17 @@ class MessageTemplate:
             raise TemplateMismatch("unexpected body layout")
         self._tail = body[1:]  # kwargs, embed
         h, p = message["headers"], message["properties"]
-        if h.get("id") != sample_id or h.get("root_id") != sample_id or p.get("correlation_id") != sample_id:
+        if h.get("id") != sample_id or p.get("correlation_id") != sample_id:
             raise TemplateMismatch("task ID not where expected")
-        if h.get("parent_id") is not None or h.get("eta") or h.get("expires"):
-            raise TemplateMismatch("a parent task, ETA or expiry: not for templates")
+        self._root_is_id = h.get("root_id") == sample_id  # no parent task; else the sender's root, the same for all
+        if h.get("eta") or h.get("expires") or h.get("parent_id") == sample_id:
+            raise TemplateMismatch("ETA or expiry: not for templates")
         again = self.render(sample_id, sample_args, argsrepr, sent_at, _tag=p["delivery_tag"])
         if json.loads(again) != json.loads(self._kdumps_message(message)):
             raise TemplateMismatch("re-rendering differs from Celery's message")
-        bare = {**message, "body": "", "headers": {**h, "id": "", "root_id": "", "argsrepr": ""}}
+        bare = {**message, "body": "", "headers": {**h, "id": "", "argsrepr": ""}}
+        if self._root_is_id:
+            bare["headers"]["root_id"] = ""
         bare["properties"] = {**p, "correlation_id": "", "delivery_tag": "", "argsrepr": ""}
         if sample_id in json.dumps(bare):
             raise TemplateMismatch("task ID in an unexpected field")
@@ -118,19 +138,30 @@ class MessageTemplate:
 
         return str(dumps(message))
 
-    def render(self, task_id: str, args: list[Any], argsrepr: str, sent_at: float, _tag: str | None = None) -> str:
+    def render(
+        self, task_id: str, args: list[Any], argsrepr: str, sent_at: float = 0.0, _tag: str | None = None
+    ) -> str:
         """The raw list item ``app.send_task`` would push for this task."""
         from kombu.utils.json import dumps
 
         t = self._template
         _, _, data = self._kdumps((args, *self._tail), serializer="json")
-        headers = {**t["headers"], "id": task_id, "root_id": task_id, "argsrepr": argsrepr, "sent_at": sent_at}
+        headers = {**t["headers"], "id": task_id, "argsrepr": argsrepr}
+        if self._root_is_id:
+            headers["root_id"] = task_id
+        if self._sent_at:
+            headers["sent_at"] = sent_at
         props = {**t["properties"], "correlation_id": task_id, "delivery_tag": _tag or self._next_tag()}
         if "argsrepr" in props:  # send_task copies its options into the properties as well
             props["argsrepr"] = argsrepr
         props["delivery_info"] = dict(t["properties"]["delivery_info"])
         body = self._b64(data.encode("utf-8") if isinstance(data, str) else data).decode("ascii")
         return str(dumps({**t, "body": body, "headers": headers, "properties": props}))
+
+
+def is_celery_send_task(app: Any) -> bool:
+    """Whether ``app.send_task`` is Celery's own (not wrapped or replaced: then every message must go through it)."""
+    return getattr(app.send_task, "__func__", None) is getattr(type(app), "send_task", None)
 
 
 class TemplateMismatch(RuntimeError):
