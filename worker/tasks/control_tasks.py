@@ -12,11 +12,11 @@ stops after a time budget or while the engine queue is deep (backpressure) and r
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ from worker.tasks.config import (
     TASK_SWEEP_STAGING,
 )
 from worker.tasks.fanout import ReenrollChunk, maybe_finalize_bulk, maybe_finalize_revoke
+from worker.tasks.publish import MessageTemplate, TemplateMismatch, is_celery_send_task, pipelined, short_argsrepr
 
 log = logging.getLogger(__name__)
 
@@ -219,58 +220,117 @@ def revoke(self: Any, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[
 
 
 # --- bulk -----------------------------------------------------------------------------------------------------------
-def _lines(body: Any) -> Iterator[str]:
-    """A streaming S3 body -> text lines (UTF-8, constant memory). A line longer than ``MAX_MANIFEST_LINE``
-    characters is not kept: it comes out as ``TOO_LONG`` (one line), so its row fails alone and the rest go on."""
-    dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    buf = ""
-    skipping = False  # inside a line already reported as too long: drop until its end
-    for chunk in body.iter_chunks(chunk_size=64 * 1024):
-        buf += dec.decode(chunk)
-        *lines, buf = buf.split("\n")
-        for line in lines:
+MAX_LINE_BYTES = 4 * MAX_MANIFEST_LINE  # a partial line longer than this has more than MAX_MANIFEST_LINE characters
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """Where a continuation starts reading: after item ``index`` (rows and row errors, counted like the cursor),
+    at byte ``offset`` of the manifest object, ``lines`` physical lines in; ``header_bytes`` (CSV) is the length of
+    the header, read again with a ranged GET."""
+
+    index: int
+    offset: int
+    lines: int
+    header_bytes: int = 0
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> _Resume | None:
+        if "resume_offset" not in fields:  # a cursor saved before byte offsets were (or a prefix manifest)
+            return None
+        return cls(
+            int(fields["resume_index"]),
+            int(fields["resume_offset"]),
+            int(fields["resume_lines"]),
+            int(fields.get("header_bytes", "0")),
+        )
+
+
+def _lines(body: Any, start: int = 0) -> Iterator[tuple[str, int]]:
+    """A streaming S3 body that starts at byte ``start`` of the object -> (text line, byte offset just after it),
+    UTF-8, constant memory. A line longer than ``MAX_MANIFEST_LINE`` characters is not kept: it comes out as
+    ``TOO_LONG`` (one line), so its row fails alone and the rest go on. Lines are split on the bytes (a ``\\n`` byte
+    never occurs inside a multi-byte UTF-8 character), so every line's end offset is exact."""
+    buf = b""
+    pos = start  # object offset of buf[0]
+    skipping = False  # inside a line already known to be too long: drop it until its end
+    for chunk in body.iter_chunks(chunk_size=256 * 1024):
+        buf += chunk
+        parts = buf.split(b"\n")
+        buf = parts.pop()
+        for raw in parts:
+            pos += len(raw) + 1
             if skipping:
                 skipping = False
-                continue
-            yield TOO_LONG if len(line) > MAX_MANIFEST_LINE else line + "\n"
-        if len(buf) > MAX_MANIFEST_LINE:
-            if not skipping:
-                yield TOO_LONG
-            skipping, buf = True, ""
-    buf += dec.decode(b"", final=True)
-    if buf and not skipping:
-        yield TOO_LONG if len(buf) > MAX_MANIFEST_LINE else buf
+                yield TOO_LONG, pos
+            else:
+                yield _line_text(raw, "\n"), pos
+        if len(buf) > MAX_LINE_BYTES:
+            skipping, pos, buf = True, pos + len(buf), b""
+    if skipping:
+        yield TOO_LONG, pos + len(buf)
+    elif buf:
+        yield _line_text(buf, ""), pos + len(buf)
 
 
-def _jsonl_rows(lines: Iterator[str]) -> Iterator[Any]:
+def _line_text(raw: bytes, end: str) -> str:
+    if len(raw) > MAX_MANIFEST_LINE:
+        text = raw.decode("utf-8")
+        return TOO_LONG if len(text) > MAX_MANIFEST_LINE else text + end
+    return raw.decode("utf-8") + end
+
+
+_State = tuple[int, int] | None  # (byte offset, physical lines) to resume after an item; None: not a safe point
+
+
+def _jsonl_rows(lines: Iterator[tuple[str, int]], line0: int = 0) -> Iterator[tuple[Any, _State]]:
     """One JSONL line at a time, so a bad line is reported and the stream goes on."""
-    for n, line in enumerate(lines, start=1):
+    for n, (line, end) in enumerate(lines, start=line0 + 1):
         if line is TOO_LONG:
-            yield ManifestRowError(n, f"line longer than {MAX_MANIFEST_LINE} characters")
+            yield ManifestRowError(n, f"line longer than {MAX_MANIFEST_LINE} characters"), (end, n)
             continue
         if not line.strip():
             continue
         try:
-            for row in iter_jsonl([line]):
-                yield row.model_copy(update={"line": n})
+            rows = [row.model_copy(update={"line": n}) for row in iter_jsonl([line])]
         except ManifestRowError as e:
-            yield ManifestRowError(n, str(e).split(": ", 1)[-1])
+            yield ManifestRowError(n, str(e).split(": ", 1)[-1]), (end, n)
+            continue
+        for i, row in enumerate(rows, start=1):
+            yield row, ((end, n) if i == len(rows) else None)
 
 
-def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
+def _csv_rows(
+    lines: Iterator[tuple[str, int]],
+    start: int = 0,
+    line0: int = 0,
+    header: list[str] | None = None,
+    info: dict[str, int] | None = None,
+) -> Iterator[tuple[Any, _State]]:
     """CSV split into groups of consecutive rows of one subject (the raw lines kept), each group validated by the
-    contracts' parser on its own, so a bad row is reported and the stream goes on."""
+    contracts' parser on its own, so a bad row is reported and the stream goes on.
+
+    From the object's start (``header`` None) the header is the first record and its length in bytes goes to
+    ``info["header_bytes"]``. A continuation passes the header's lines and the stream from byte ``start``, which is
+    ``line0`` physical lines in, so line numbers (and child job IDs) are those of a read from the start. An item's
+    state is where the record after it begins: a group is known to be complete only when the next subject's first
+    record has been read, and a continuation starting there reads that record again."""
     import csv
 
     from worker.contracts import MAX_IMAGES_PER_JOB
 
     captured: list[str] = []
+    fed = [start, line0]  # object offset after the last stream line fed to the reader, stream lines fed so far
 
     def feed() -> Iterator[str]:
-        for line in lines:
+        for line in header or ():
+            captured.append(line)
+            yield line
+        for line, end in lines:
             if line is TOO_LONG:
                 line = "\x00\n"  # csv refuses a NUL: the row becomes a csv.Error, reported below, and parsing goes on
             captured.append(line)
+            fed[0], fed[1] = end, fed[1] + 1
             yield line
 
     reader = csv.reader(feed())
@@ -278,27 +338,36 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
         next(reader)
     except StopIteration:
         return
-    header = captured[:]
+    head = captured[:]
     captured.clear()
+    delta = 0 if header is None else line0 - len(head)  # reader.line_num + delta = line number in the object
+    if header is None and info is not None:
+        info["header_bytes"] = fed[0]
 
-    def check(start: int, group: list[str]) -> Iterator[Any]:
+    def check(first: int, group: list[str], state: _State) -> Iterator[tuple[Any, _State]]:
         try:
-            for row in iter_csv(header + group):
-                yield row.model_copy(update={"line": start})
+            rows = [row.model_copy(update={"line": first}) for row in iter_csv(head + group)]
         except ManifestRowError as e:
-            yield ManifestRowError(start, str(e).split(": ", 1)[-1])
+            yield ManifestRowError(first, str(e).split(": ", 1)[-1]), state
+            return
+        for i, row in enumerate(rows, start=1):
+            yield row, (state if i == len(rows) else None)
 
     group: list[str] = []
     subject: str | None = None
-    start = count = 0
+    first = count = 0
     while True:
+        before: _State = (fed[0], fed[1])
         try:
             rec = next(reader)
         except StopIteration:
             break
         except csv.Error:  # a field over the csv limit, a NUL (line too long), an unterminated quote...
             captured.clear()
-            yield ManifestRowError(reader.line_num, f"not a valid CSV row (or longer than {MAX_MANIFEST_LINE} chars)")
+            err = ManifestRowError(
+                reader.line_num + delta, f"not a valid CSV row (or longer than {MAX_MANIFEST_LINE} chars)"
+            )
+            yield err, (None if group else (fed[0], fed[1]))  # reported before the pending group: not a safe point
             continue
         raw = captured[:]
         captured.clear()
@@ -306,42 +375,56 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
             continue
         s = rec[0].strip()
         if group and (s != subject or count >= MAX_IMAGES_PER_JOB):
-            yield from check(start, group)
+            yield from check(first, group, before)
             group, count = [], 0
         if not group:
-            start, subject = reader.line_num, s
+            first, subject = reader.line_num + delta, s
         group.extend(raw)
         count += 1
     if group:
-        yield from check(start, group)
-    elif not header or not header[0].strip():
-        return
+        yield from check(first, group, (fed[0], fed[1]))
 
 
-def _rows(rt: Any, job: Any) -> Iterator[Any]:
-    """Manifest rows, or ``ManifestRowError``s yielded (not raised) so the stream goes on past a bad row."""
+def _get_body(rt: Any, bucket: str, key: str, first: int = 0, last: int | None = None) -> Any:
+    """The object's streaming body from byte ``first`` (ranged GET), or None when ``first`` is past its end."""
+    kw: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if first or last is not None:
+        kw["Range"] = f"bytes={first}-{'' if last is None else last}"
+    try:
+        return rt.store.client.get_object(**kw)["Body"]
+    except Exception as e:  # noqa: BLE001 - mapped to ObjectNotFoundError / StorageError
+        code = getattr(e, "response", {}).get("Error", {}).get("Code")
+        if first and code == "InvalidRange":  # the previous task stopped at the very end
+            return None
+        rt.store._raise(e, "get", bucket, key)
+        raise
+
+
+def _rows(rt: Any, job: Any, resume: _Resume | None = None, info: dict[str, int] | None = None) -> Iterator[Any]:
+    """(manifest row or ``ManifestRowError``, resume state) from the start, or from ``resume`` (a ranged GET from
+    its byte offset: nothing before it is read again). Errors are yielded, not raised, so the stream goes on past a
+    bad row. Prefix manifests have no byte offsets (state None)."""
     from worker.contracts import S3Prefix, S3Ref
 
     m = job.manifest
     if m.format == "prefix":
         pre = S3Prefix.model_validate(m.uri)
         keys = (o.key for o in rt.store.list(pre.prefix, bucket=pre.bucket))
-        yield from iter_prefix(pre.bucket, pre.prefix, keys, m.rule())
+        for item in iter_prefix(pre.bucket, pre.prefix, keys, m.rule()):
+            yield item, None
         return
     ref = S3Ref.model_validate(m.uri)
-    try:
-        body = rt.store.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"]
-    except Exception as e:  # noqa: BLE001 - mapped to ObjectNotFoundError / StorageError
-        rt.store._raise(e, "get", ref.bucket, ref.key)
-        raise
+    start, line0 = (resume.offset, resume.lines) if resume is not None else (0, 0)
+    body = _get_body(rt, ref.bucket, ref.key, start)
+    lines: Iterator[tuple[str, int]] = iter(()) if body is None else _lines(body, start)
     if m.format == "csv":
-        header_checked = False
-        for item in _csv_rows(_lines(body)):
-            header_checked = True
-            yield item
-        del header_checked
+        header = None
+        if resume is not None:
+            hb = _get_body(rt, ref.bucket, ref.key, 0, resume.header_bytes - 1) if resume.header_bytes else None
+            header = [] if hb is None else [line for line, _ in _lines(hb)]
+        yield from _csv_rows(lines, start, line0, header, info)
     else:
-        yield from _jsonl_rows(_lines(body))
+        yield from _jsonl_rows(lines, line0)
 
 
 def _engine_queue_depth(rt: Any) -> int:
@@ -351,6 +434,57 @@ def _engine_queue_depth(rt: Any) -> int:
         return 0
 
 
+class _ChildSender:
+    """Sends a bulk job's enrol children, one Redis round trip per chunk: pre-rendered list items
+    (``MessageTemplate``, built once per task from a message Celery itself produced) in one ``LPUSH``, or, when that is
+    refused (``send_task`` wrapped, envelope changed), ``send_task`` per child inside one publish batch."""
+
+    def __init__(self, parent_id: str) -> None:
+        self.parent_id = parent_id
+        self.template: MessageTemplate | None = None
+        self.refused = False
+
+    def send(self, pending: list[tuple[str, dict[str, Any]]]) -> None:
+        if not pending:
+            return
+        if self.template is None and not self.refused:
+            cid, payload = pending[0]
+            try:
+                self.template = MessageTemplate(
+                    app,
+                    TASK_ENROLL,
+                    ENGINE_QUEUE,
+                    cid,
+                    [payload],
+                    short_argsrepr("enroll", cid),
+                    kwargs={"parent": self.parent_id},
+                )
+            except TemplateMismatch as e:
+                self.refused = True
+                if is_celery_send_task(app):
+                    log.warning("bulk: message template refused (%s); sending with send_task", e)
+        tpl = self.template
+        if tpl is not None:
+            items = [tpl.render(cid, [payload], short_argsrepr("enroll", cid)) for cid, payload in pending]
+            with app.producer_or_acquire() as producer, producer.channel.conn_or_acquire() as client:
+                client.lpush(tpl.key, *items)
+            return
+        with pipelined(app, max(len(pending), 1)) as producer:
+            for i, (cid, payload) in enumerate(pending):
+                app.send_task(
+                    TASK_ENROLL,
+                    args=[payload],
+                    kwargs={"parent": self.parent_id},
+                    task_id=cid,
+                    queue=ENGINE_QUEUE,
+                    ignore_result=True,
+                    argsrepr=short_argsrepr("enroll", cid),
+                    producer=producer,
+                    retry=False,
+                    **({} if i == 0 else {"declare": []}),  # the engine queue is declared (bound) once per chunk
+                )
+
+
 def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continuation: int) -> BulkResult:
     book = rt.book
     book.open_job(job.job_id, "bulk", tenant=job.tenant, attempts=attempt)
@@ -358,36 +492,35 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
     if fields.get("listing") == "done":
         final = maybe_finalize_bulk(rt, job.job_id)
         return _bulk_status(rt, job, attempt, started, final)
-    cursor = book.get_cursor(job.job_id)
+    cursor = int(fields.get("cursor", "0"))
+    resume = _Resume.from_fields(fields)
+    if resume is not None and resume.index > cursor:
+        resume = None  # cannot happen (both move together); re-read from the start rather than skip rows
+    info = {"header_bytes": resume.header_bytes if resume is not None else 0}
     budget = rt.settings.worker.fanout_budget
     t0 = time.monotonic()
-    sent = 0
     pending: list[tuple[str, dict[str, Any]]] = []
     bad: dict[str, str] = {}
-    row_index = 0
+    row_index = resume.index if resume is not None else 0
+    safe: _Resume | None = resume
+    sender = _ChildSender(job.job_id)
 
     def flush(upto: int) -> None:
-        nonlocal pending, bad, sent
-        for cid, payload in pending:
-            app.send_task(
-                TASK_ENROLL,
-                args=[payload],
-                kwargs={"parent": job.job_id},
-                task_id=cid,
-                queue=ENGINE_QUEUE,
-                ignore_result=True,
-            )
+        nonlocal pending, bad
+        sender.send(pending)
         if bad:
             book.mark_failed(job.job_id, bad)
-        n = len(pending) + len(bad)
-        sent += len(pending)
-        book.set_cursor(job.job_id, upto)
-        book.set_fields(job.job_id, enqueued=book.get_cursor(job.job_id), rows_seen=upto)
+        book.advance_bulk(
+            job.job_id,
+            upto,
+            None if safe is None else (safe.index, safe.offset, safe.lines, safe.header_bytes),
+        )
         pending, bad = [], {}
-        del n
 
-    for row in _rows(rt, job):
+    for row, state in _rows(rt, job, resume, info):
         row_index += 1
+        if state is not None:
+            safe = _Resume(row_index, state[0], state[1], info["header_bytes"])
         if row_index <= cursor:
             continue
         if isinstance(row, ManifestRowError):

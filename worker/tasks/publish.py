@@ -14,6 +14,7 @@ which is harmless for jobs with deterministic IDs. A failed flush raises ``kombu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,10 +58,10 @@ class MessageTemplate:
 
     One message is built by ``app.send_task`` itself (captured before it reaches Redis); every further message is that
     envelope with the per-message fields replaced: task ID (``id``, ``root_id``, ``correlation_id``), ``argsrepr``,
-    the ``sent_at`` header, the body and kombu's ``delivery_tag`` (``argsrepr`` also sits in the properties: Celery copies
-    ``send_task``'s options there). The constructor checks that a re-rendering of the
-    captured message reproduces it exactly and that the task ID appears nowhere else, so a Celery/kombu upgrade that
-    changes the envelope raises ``TemplateMismatch`` (callers fall back to ``send_task``) instead of sending something
+    the ``sent_at`` header, the body and kombu's ``delivery_tag`` (``argsrepr`` also sits in the properties: Celery
+    copies ``send_task``'s options there). The constructor checks that a re-rendering of the captured message
+    reproduces it exactly and that the task ID appears nowhere else, so a Celery/kombu upgrade that changes the
+    envelope raises ``TemplateMismatch`` (callers fall back to ``send_task``) instead of sending something
     else. Inside a task, Celery's parent/root IDs (the sending task's) are the same for every message. ``kwargs`` and
     ``headers`` are fixed per template (a ``sent_at`` header is set per message). No countdown/expiry."""
 
@@ -83,7 +84,9 @@ class MessageTemplate:
         captured: list[tuple[str, dict[str, Any]]] = []
         if not is_celery_send_task(app):
             raise TemplateMismatch("app.send_task is wrapped or replaced: every message goes through it")
-        self._sent_at = headers is not None and "sent_at" in headers
+        unknown = _unknown_publish_hooks(name)
+        if unknown:
+            raise TemplateMismatch(f"publish signal receivers that may change each message: {unknown}")
         sent_at = 1.0
         with app.producer_or_acquire() as producer:
             channel = producer.channel
@@ -96,7 +99,7 @@ class MessageTemplate:
                     task_id=sample_id,
                     queue=queue,
                     ignore_result=True,
-                    headers={**headers, "sent_at": sent_at} if self._sent_at else headers,
+                    headers={**headers, "sent_at": sent_at} if headers and "sent_at" in headers else headers,
                     argsrepr=argsrepr,
                     producer=producer,
                     retry=False,
@@ -117,6 +120,9 @@ class MessageTemplate:
             raise TemplateMismatch("unexpected body layout")
         self._tail = body[1:]  # kwargs, embed
         h, p = message["headers"], message["properties"]
+        self._sent_at = "sent_at" in h  # per message: ours, or stamped by worker.metrics.stamp_sent_at
+        if self._sent_at:
+            sent_at = h["sent_at"]
         if h.get("id") != sample_id or p.get("correlation_id") != sample_id:
             raise TemplateMismatch("task ID not where expected")
         self._root_is_id = h.get("root_id") == sample_id  # no parent task; else the sender's root, the same for all
@@ -139,7 +145,7 @@ class MessageTemplate:
         return str(dumps(message))
 
     def render(
-        self, task_id: str, args: list[Any], argsrepr: str, sent_at: float = 0.0, _tag: str | None = None
+        self, task_id: str, args: list[Any], argsrepr: str, sent_at: float | None = None, _tag: str | None = None
     ) -> str:
         """The raw list item ``app.send_task`` would push for this task."""
         from kombu.utils.json import dumps
@@ -150,13 +156,29 @@ class MessageTemplate:
         if self._root_is_id:
             headers["root_id"] = task_id
         if self._sent_at:
-            headers["sent_at"] = sent_at
+            headers["sent_at"] = time.time() if sent_at is None else sent_at
         props = {**t["properties"], "correlation_id": task_id, "delivery_tag": _tag or self._next_tag()}
         if "argsrepr" in props:  # send_task copies its options into the properties as well
             props["argsrepr"] = argsrepr
         props["delivery_info"] = dict(t["properties"]["delivery_info"])
         body = self._b64(data.encode("utf-8") if isinstance(data, str) else data).decode("ascii")
         return str(dumps({**t, "body": body, "headers": headers, "properties": props}))
+
+
+KNOWN_PUBLISH_HOOKS = frozenset({"stamp_sent_at"})  # worker.metrics: sets the ``sent_at`` header if absent
+
+
+def _unknown_publish_hooks(name: str) -> list[str]:
+    """Receivers of Celery's publish signals other than the ones whose effect the template reproduces."""
+    from celery import signals
+
+    out = []
+    for sig in (signals.before_task_publish, signals.after_task_publish):
+        for r in sig._live_receivers(sender=name):
+            label = getattr(r, "__name__", repr(r))
+            if label not in KNOWN_PUBLISH_HOOKS:
+                out.append(label)
+    return out
 
 
 def is_celery_send_task(app: Any) -> bool:
