@@ -1,0 +1,381 @@
+"""Benchmark (not a test) of the queueing side: enqueue rate and bulk manifest streaming, against real services.
+
+Starts a private redis-server and SeaweedFS (``weed mini``) with the integration tests' helpers, then prints:
+
+submit
+    ``Client.submit`` (one Redis round trip per job, plus one for its submit marker) vs ``Client.submit_many``
+    (pipelined: one round trip per batch of 500 + one for the markers), enroll jobs, each run in a fresh producer
+    process (jobs made by a generator), reporting jobs/s and the process's peak RSS.
+
+bulk
+    A 1,000,000-row JSONL manifest streamed by a real control worker process (``celery worker -Q control -c 1``,
+    chunk 500, fan-out time budget 20 s so it hands over to continuations along the way). No engine worker: a
+    drainer empties the engine queue (counting what it removes) so the backpressure pause never triggers; what is
+    measured is manifest reading + child building + publishing. Prints rows/s (submit to ``listing=done``, all
+    children counted), the control worker's peak RSS (pool child and main process), and the continuation start cost:
+    the wall time of one continuation (ranged GET, one chunk of 500 rows sent, hand-over) resuming at cursor 0 and
+    near the end of the manifest, in-process against the same services; plus, for contrast, a continuation from a
+    cursor saved without a byte offset (what every continuation did before: re-read and re-parse from row 0).
+
+Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--skip-submit] [--skip-bulk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+VENV_BIN = Path(sys.executable).parent
+
+BULK_CHUNK = 500
+BULK_BUDGET_S = 20.0
+
+
+# --- services ---------------------------------------------------------------------------------------------------------
+def start_services(work: Path) -> tuple[list[Any], str, Any]:
+    from conftest import start_redis, start_seaweed  # the integration tests' helpers
+
+    rproc, url = start_redis(work)
+    svc = start_seaweed(work, bucket="bench")
+    return [rproc, svc.proc], url, svc
+
+
+def service_env(url: str, svc: Any, work: Path) -> dict[str, str]:
+    from worker.keys.providers import write_keyring
+
+    write_keyring(work / "keyring.json", ["k1"])
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CANCELABLE_")}
+    env.update(svc.env("bench"))
+    env.update(
+        {
+            "CANCELABLE_REDIS__URL": url,
+            "CANCELABLE_KEYS__PROVIDER": "local",
+            "CANCELABLE_KEYS__KEYRING_PATH": str(work / "keyring.json"),
+            "CANCELABLE_METRICS__ENABLED": "false",
+            "CANCELABLE_WORKER__FANOUT_TIME_BUDGET": str(BULK_BUDGET_S),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+# --- submit -----------------------------------------------------------------------------------------------------------
+def _submit_child(mode: str, n: int) -> None:
+    """In a fresh process (env from the parent): queue ``n`` enroll jobs; prints one JSON line."""
+    from producers.client import Client
+
+    client = Client()
+    client.redis.flushdb()
+    client.app.connection_for_write().ensure_connection()
+    base = int(client.redis.info("memory")["used_memory"])
+
+    def jobs() -> Any:
+        for i in range(n):
+            yield {
+                "kind": "enroll",
+                "job_id": f"bench-{mode}-{i:09d}",
+                "tenant": "acme",
+                "subject": f"s{i:09d}",
+                "images": [f"s3://bench-inputs/tenants/acme/{i:09d}.jpg"],
+                "key_id": "k1",
+            }
+
+    t0 = time.perf_counter()
+    if mode == "submit":
+        for job in jobs():
+            client.submit(job)
+    else:
+        client.submit_many(jobs())
+    dt = time.perf_counter() - t0
+    queued = int(client.redis.llen("engine"))
+    mem = int(client.redis.info("memory")["used_memory"]) - base  # queue items + submit markers
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "jobs": n,
+                "seconds": dt,
+                "jobs_per_s": n / dt,
+                "queued": queued,
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "redis_bytes_per_job": mem / max(queued, 1),
+            }
+        )
+    )
+    client.redis.flushdb()
+
+
+def bench_submit(env: dict[str, str], sizes: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    out = []
+    for mode, n in sizes:
+        p = subprocess.run(
+            [sys.executable, __file__, "_submit", mode, str(n)], env=env, capture_output=True, text=True, check=False
+        )
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-3000:])
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        r = out[-1]
+        print(
+            f"  {mode:<12} {n:>7} jobs: {r['jobs_per_s']:>8.0f} jobs/s  ({r['seconds']:.1f} s), producer peak RSS "
+            f"{r['rss_mb']:.0f} MB, {r['queued']} on the queue, Redis {r['redis_bytes_per_job']:.0f} B/job",
+            flush=True,
+        )
+    return out
+
+
+# --- bulk -------------------------------------------------------------------------------------------------------------
+def manifest_line(i: int) -> bytes:
+    return (json.dumps({"subject": f"s{i:07d}", "images": [f"s3://bench-inputs/in/{i:07d}.jpg"]}) + "\n").encode()
+
+
+def write_manifest(path: Path, rows: int) -> list[int]:
+    """The manifest file; returns the byte offset after every 1000th row (offsets[k] = after row 1000*k)."""
+    offsets = [0]
+    pos = 0
+    with path.open("wb") as f:
+        for i in range(1, rows + 1):
+            line = manifest_line(i)
+            f.write(line)
+            pos += len(line)
+            if i % 1000 == 0:
+                offsets.append(pos)
+    return offsets
+
+
+class Drainer(threading.Thread):
+    """Empties the engine queue every 20 ms (atomically: LLEN + DEL in one script), counting the messages."""
+
+    SCRIPT = "local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n"
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        super().__init__(daemon=True)
+        self.r = redis.Redis.from_url(url)
+        self.count = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.count += int(self.r.eval(self.SCRIPT, 1, "engine"))
+            time.sleep(0.02)
+        self.count += int(self.r.eval(self.SCRIPT, 1, "engine"))
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int) -> dict[str, Any]:
+    import redis
+
+    s3 = svc.client()
+    path = work / "manifest.jsonl"
+    t = time.perf_counter()
+    offsets = write_manifest(path, rows)
+    s3.upload_file(str(path), "bench", "manifests/bench.jsonl")
+    size = path.stat().st_size
+    print(f"  manifest: {rows} rows, {size / 1e6:.1f} MB, written and uploaded in {time.perf_counter() - t:.1f} s")
+
+    log = work / "control.log"
+    argv = [str(VENV_BIN / "celery"), "-A", "worker.tasks.app", "worker", "-Q", "control", "-c", "1"]
+    argv += ["--pool", "prefork", "-n", "benchctl@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv += ["-l", "WARNING"]
+    with open(log, "wb") as f:
+        worker = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("CANCELABLE_")})
+    from producers.client import Client
+
+    client = Client()
+    try:
+        client.ping(timeout=120)
+        r = redis.Redis.from_url(url)
+        r.delete("engine")
+        drainer = Drainer(url)
+        drainer.start()
+        peak = {"child": 0.0, "main": 0.0}
+        job = client.bulk_job("acme", "k1", "s3://bench/manifests/bench.jsonl", chunk_size=BULK_CHUNK)
+        t0 = time.perf_counter()
+        client.submit(job)
+        while True:
+            peak["main"] = max(peak["main"], rss_mb(worker.pid))
+            for c in children(worker.pid):
+                peak["child"] = max(peak["child"], rss_mb(c))
+            f = client.book.get_fields(job.job_id)
+            if f.get("listing") == "done":
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"control worker exited:\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - t0 > 3600:
+                raise RuntimeError(f"bulk not done after an hour: {f}")
+            time.sleep(0.25)
+        dt = time.perf_counter() - t0
+        time.sleep(0.2)
+        drainer.stop.set()
+        drainer.join()
+        continuations = len(r.keys(f"cf:attempts:{job.job_id}-c*"))
+        res = {
+            "rows": rows,
+            "seconds": dt,
+            "rows_per_s": rows / dt,
+            "children_counted": drainer.count,
+            "total": int(f.get("total", "0")),
+            "tasks": continuations,
+            "rss_child_mb": peak["child"],
+            "rss_main_mb": peak["main"],
+        }
+        print(
+            f"  streamed {rows} rows in {dt:.1f} s: {res['rows_per_s']:.0f} rows/s; {drainer.count} children reached "
+            f"the engine queue; {continuations} tasks (first + continuations); control worker peak RSS: pool child "
+            f"{peak['child']:.0f} MB, main {peak['main']:.0f} MB",
+            flush=True,
+        )
+    finally:
+        client.close()
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    res["continuation"] = bench_continuation(url, svc, offsets, rows)
+    return res
+
+
+def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int) -> dict[str, Any]:
+    """One continuation (one chunk sent, then hand-over) resuming at cursor 0 / near the end; and from a cursor
+    without a byte offset (the old way: re-read from row 0). In-process, against the same Redis and SeaweedFS."""
+    import redis
+
+    from worker.contracts import job_from_wire
+    from worker.settings import get_settings
+    from worker.tasks import control_tasks, runtime
+    from worker.tasks.common import now
+
+    get_settings.cache_clear()
+    rt = runtime.Runtime(get_settings())
+    runtime._runtime = rt
+    rt.settings.worker.fanout_time_budget = 0.0  # hand over after the first chunk
+    r = redis.Redis.from_url(url)
+
+    class Task:
+        def apply_async(self, **kw: Any) -> None:
+            pass
+
+    def one(cursor: int, with_offset: bool, tag: str) -> float:
+        job = job_from_wire(
+            {
+                "kind": "bulk",
+                "job_id": f"bench-cont-{tag}-{cursor}",
+                "tenant": "acme",
+                "key_id": "k1",
+                "chunk_size": BULK_CHUNK,
+                "manifest": {"format": "jsonl", "uri": "s3://bench/manifests/bench.jsonl"},
+            }
+        )
+        key = f"cf:job:{job.job_id}"
+        r.delete(key)
+        if cursor:
+            fields = {"kind": "bulk", "state": "running", "cursor": str(cursor)}
+            if with_offset:
+                k = cursor // 1000
+                fields.update(resume_index=str(cursor), resume_offset=str(offsets[k]), resume_lines=str(cursor))
+            r.hset(key, mapping=fields)
+        r.delete("engine")
+        t = time.perf_counter()
+        control_tasks._bulk(rt, job, 1, now(), Task(), 1)
+        dt = time.perf_counter() - t
+        got = r.llen("engine")
+        r.delete("engine")
+        assert got == BULK_CHUNK, (tag, cursor, got)
+        return dt
+
+    near_end = (rows - 2 * BULK_CHUNK) // 1000 * 1000
+    old_cursor = min(100_000, near_end)
+    out: dict[str, Any] = {}
+    for label, cursor, with_offset in (
+        ("cursor 0", 0, True),
+        (f"cursor {near_end} (byte offset)", near_end, True),
+        (f"cursor {old_cursor} (no byte offset: re-read from row 0)", old_cursor, False),
+    ):
+        times = sorted(one(cursor, with_offset, f"{i}{int(with_offset)}") for i in range(3 if with_offset else 1))
+        out[label] = times[len(times) // 2]
+        print(f"  continuation at {label}: {out[label] * 1000:.0f} ms (median of {len(times)}; 500 rows sent)")
+    return out
+
+
+# --- main -------------------------------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, load average "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at start"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_submit":
+        _submit_child(sys.argv[2], int(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--submit-sizes", default="submit:10000,submit_many:10000,submit_many:100000")
+    ap.add_argument("--skip-submit", action="store_true")
+    ap.add_argument("--skip-bulk", action="store_true")
+    args = ap.parse_args()
+    print(f"system benchmark: {machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-system-") as tmp:
+        work = Path(tmp)
+        procs, url, svc = start_services(work)
+        try:
+            env = service_env(url, svc, work)
+            if not args.skip_submit:
+                print("enqueue (enroll jobs, fresh producer process each):", flush=True)
+                sizes = [(m, int(n)) for m, n in (x.split(":") for x in args.submit_sizes.split(","))]
+                bench_submit(env, sizes)
+            if not args.skip_bulk:
+                print("bulk streaming (JSONL manifest, real control worker, engine queue drained):", flush=True)
+                bench_bulk(env, url, svc, work, args.rows)
+        finally:
+            for p in procs:
+                if p is not None:
+                    p.stop()
+
+
+if __name__ == "__main__":
+    main()
