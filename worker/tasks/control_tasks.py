@@ -5,9 +5,11 @@ it, send them in chunks of ``worker.revoke_chunk_size`` to the engine queue. The
 result; the last chunk writes the terminal one (``worker.tasks.fanout``).
 
 ``bulk``: stream the manifest (constant memory), send one ``enroll`` per subject with a deterministic child job ID,
-``chunk_size`` at a time, saving a cursor (rows sent) in Redis after each chunk. A re-delivered or re-submitted bulk
-job skips the rows before the cursor; rows sent twice are harmless (same child job ID -> same result). The task
-stops after a time budget or while the engine queue is deep (backpressure) and re-queues itself to continue.
+``chunk_size`` at a time (one Redis round trip per chunk), saving a cursor (rows sent) and a resume point (byte
+offset, line count, CSV header length) in Redis after each chunk. A continuation, re-delivered or re-submitted bulk
+job starts with a ranged GET at the resume point (its start cost does not depend on how far the stream got) and
+skips what is left before the cursor; rows sent twice are harmless (same child job ID -> same result). The task stops
+after a time budget or while the engine queue is deep (backpressure) and re-queues itself to continue.
 """
 
 from __future__ import annotations
