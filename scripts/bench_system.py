@@ -229,25 +229,25 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int) -
             peak["main"] = max(peak["main"], rss_mb(worker.pid))
             for c in children(worker.pid):
                 peak["child"] = max(peak["child"], rss_mb(c))
-            f = client.book.get_fields(job.job_id)
-            if f.get("listing") == "done":
+            book = client.book.get_fields(job.job_id)
+            if book.get("listing") == "done":
                 break
             if worker.poll() is not None:
                 raise RuntimeError(f"control worker exited:\n{log.read_text()[-3000:]}")
             if time.perf_counter() - t0 > 3600:
-                raise RuntimeError(f"bulk not done after an hour: {f}")
+                raise RuntimeError(f"bulk not done after an hour: {book}")
             time.sleep(0.25)
         dt = time.perf_counter() - t0
         time.sleep(0.2)
         drainer.stop.set()
         drainer.join()
         continuations = len(r.keys(f"cf:attempts:{job.job_id}-c*"))
-        res = {
+        res: dict[str, Any] = {
             "rows": rows,
             "seconds": dt,
             "rows_per_s": rows / dt,
             "children_counted": drainer.count,
-            "total": int(f.get("total", "0")),
+            "total": int(book.get("total", "0")),
             "tasks": continuations,
             "rss_child_mb": peak["child"],
             "rss_main_mb": peak["main"],
@@ -303,7 +303,7 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int) -> dic
         key = f"cf:job:{job.job_id}"
         r.delete(key)
         if cursor:
-            fields = {"kind": "bulk", "state": "running", "cursor": str(cursor)}
+            fields: dict[Any, Any] = {"kind": "bulk", "state": "running", "cursor": str(cursor)}
             if with_offset:
                 k = cursor // 1000
                 fields.update(resume_index=str(cursor), resume_offset=str(offsets[k]), resume_lines=str(cursor))
