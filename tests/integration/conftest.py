@@ -1,7 +1,8 @@
 """Real services for integration tests, each owned by the test session: its own redis-server, its own SeaweedFS
 (``weed mini`` hardened like ``infra/stack.sh`` runs it: S3 credentials, ``-disableHttp``, JWT-signed volume/filer
-HTTP and mutual TLS on gRPC from ``infra/seaweedfs/gen-security.sh``, loopback only, telemetry off) and a moto server for KMS, on free ports, torn down at
-the end. Tests that need a service skip with a clear reason when its binary is missing.
+HTTP and mutual TLS on gRPC from ``infra/seaweedfs/gen-security.sh``, loopback only, telemetry off) and a moto
+server for KMS, on free ports, torn down at the end. Tests that need a service skip with a clear reason when its
+binary is missing.
 
 Fixtures:
 
