@@ -133,9 +133,22 @@ added = write_keyring(sys.argv[1], [sys.argv[2]]); print('stack: created key ' +
 
 write_env() {
   umask 077
+  # boto3 and the aws CLI read the S3 credentials from a file that the env names (the env itself carries no secret)
+  {
+    echo "[default]"
+    echo "aws_access_key_id = $(cat "$STACK/secrets/s3_access_key_id")"
+    echo "aws_secret_access_key = $(cat "$STACK/secrets/s3_secret_access_key")"
+  } >"$STACK/secrets/aws-credentials"
+  printf '[default]\nregion = us-east-1\nendpoint_url = http://127.0.0.1:%s\n' "$S3_PORT" >"$STACK/aws-config"
   {
     echo "# written by infra/stack.sh up; source it: \`source .stack/env\`"
+    echo "# AWS_*: this stack's S3 for boto3 and the aws CLI (aws s3 ls s3://$INPUT_BUCKET/), not your own AWS profiles"
     printf 'export %s=%q\n' \
+      AWS_SHARED_CREDENTIALS_FILE "$STACK/secrets/aws-credentials" \
+      AWS_CONFIG_FILE "$STACK/aws-config" \
+      AWS_ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
+      AWS_DEFAULT_REGION us-east-1 \
+      AWS_REGION us-east-1 \
       CANCELABLE_REDIS__URL_FILE "$STACK/secrets/redis_url" \
       CANCELABLE_S3__ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
       CANCELABLE_S3__REGION us-east-1 \

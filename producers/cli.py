@@ -1,33 +1,62 @@
 """``cancelable``: queue jobs and read their results from the command line (entry point ``producers.cli:main``).
 
-    cancelable enroll  --tenant T --subject S --key K s3://b/a.jpg s3://b/b.jpg
-    cancelable verify  --tenant T --subject S s3://b/probe.jpg
+    cancelable enroll  --tenant T --subject S --key K a.jpg b.jpg            (local photos or s3://bucket/key refs)
+    cancelable verify  --tenant T --subject S probe.jpg
     cancelable revoke  --tenant T --subject S --reason "leaked"          (or --key K --new-key K2)
     cancelable bulk    --tenant T --key K manifest.csv|s3://b/m.jsonl|s3://b/prefix/ [--format prefix]
+    cancelable upload  --tenant T a.jpg b.jpg                           (prints one s3:// reference per photo)
     cancelable status  JOB_ID
+    cancelable subject TENANT SUBJECT
 
-Every job subcommand also takes ``--job-file FILE`` (a job as JSON, ``-`` for stdin) instead of the flags,
-``--job-id`` (choose the ID: re-running with the same ID returns the existing result or resumes a bulk job),
-``--no-wait`` (print the job ID and exit) and ``--json`` (print the result as JSON).
-
-Exit status: 0 job succeeded, 1 job failed or dead-lettered, 2 bad input (nothing queued), 3 timed out waiting,
-4 cannot reach Redis / S3. Errors are one line on stderr.
+Local photos are uploaded to the tenant's input prefix, ``s3://$CANCELABLE_S3__INPUT_BUCKET/tenants/T/uploads/``,
+before the job is queued (each upload is printed). Every job subcommand also takes ``--job-file FILE``,
+``--job-id``, ``--no-wait`` and ``--json``. Exit codes: ``EXIT_CODES`` (also in ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, NoReturn
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+from producers.commands import (
+    EXIT_BAD_INPUT,
+    EXIT_BY_NAME,
+    EXIT_UNAVAILABLE,
+    CliError,
+    redrive_jobs,
+    run_job,
+    show_status,
+    show_subject,
+    upload_files,
+)
 
+EXIT_CODES = "exit status:\n" + "\n".join(
+    f"  {EXIT_BY_NAME[name]}  {text}"
+    for name, text in [
+        ("ok", "done: the job succeeded (verify: ACCEPT); status/subject: found"),
+        ("failed", "the job failed or was dead-lettered (the error code is printed)"),
+        ("bad_input", "bad input or configuration: nothing was queued"),
+        ("timeout", "timed out waiting (the job may still finish: cancelable status JOB_ID)"),
+        ("unavailable", "cannot reach Redis or S3"),
+        ("reject", "verify ran and REJECTED the probe (score below the threshold)"),
+        ("not_found", "status: unknown job ID; subject: nothing stored for that subject"),
+    ]
+)
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
-        super().__init__(message)
-        self.exit_code = code
+MANIFEST_FORMATS = """manifest formats:
+  csv     header `subject,image[,key_id]`, one image per row; consecutive rows of one subject form one
+          enrolment (up to 64 images); key_id (optional) overrides --key for that row. Example:
+              subject,image
+              alice,s3://cancelable-inputs/tenants/acme/uploads/4f1c0b....jpg
+              alice,s3://cancelable-inputs/tenants/acme/uploads/9a02e7....jpg
+              bob,s3://cancelable-inputs/tenants/acme/uploads/77e3d1....jpg
+  jsonl   one JSON object per line: {"subject": "alice", "images": ["s3://...", ...], "key_id": "k"}
+          (key_id optional)
+  prefix  s3://bucket/prefix/: its objects grouped by subject with --naming-rule, a regex with a
+          (?P<subject>...) group matched against each key below the prefix; default <subject>/<file>.jpg|png|webp
+Images in a manifest are s3:// references: upload local photos first with `cancelable upload`. A local
+manifest file is uploaded for you; its format comes from its extension (.csv, .jsonl) or --format."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,212 +64,92 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cancelable", description="Queue cancelable-biometrics jobs and read their results.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--job-file", help="the job as JSON (a file, or - for stdin) instead of the flags")
-        sp.add_argument("--job-id", help="job ID (8-128 chars of [A-Za-z0-9_-]); default: a random UUID")
-        sp.add_argument("--no-wait", action="store_true", help="queue and print the job ID, do not wait")
-        sp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the result (900)")
-        sp.add_argument("--json", action="store_true", help="print the result as JSON")
-
-    e = sub.add_parser("enroll", help="enrol a subject from S3 images under a key")
-    e.add_argument("--tenant")
-    e.add_argument("--subject")
-    e.add_argument("--key", dest="key_id")
-    e.add_argument("images", nargs="*", help="s3://bucket/key of each source image")
-    common(e)
-
-    v = sub.add_parser("verify", help="verify a probe image against a subject's current template")
-    v.add_argument("--tenant")
-    v.add_argument("--subject")
-    v.add_argument("--threshold", type=float)
-    v.add_argument("probe", nargs="?", help="s3://bucket/key of the probe image")
-    common(v)
-
-    r = sub.add_parser("revoke", help="revoke a subject's template, or a whole key, and reissue")
-    r.add_argument("--tenant")
-    r.add_argument("--subject")
-    r.add_argument("--key", dest="key_id", help="revoke this whole key (needs --new-key)")
-    r.add_argument("--new-key", dest="new_key_id")
-    r.add_argument("--reason")
-    r.add_argument("--purge", action="store_true", help="delete the revoked version's cancelable images")
-    common(r)
-
-    b = sub.add_parser("bulk", help="enrol every subject listed in a manifest (CSV, JSONL or an S3 prefix)")
-    b.add_argument("--tenant")
-    b.add_argument("--key", dest="key_id", help="default key for rows that name none")
-    b.add_argument("--format", choices=["csv", "jsonl", "prefix"])
-    b.add_argument("--naming-rule", help="prefix manifests: regex with a (?P<subject>...) group")
-    b.add_argument("--chunk-size", type=int)
-    b.add_argument("manifest", nargs="?", help="local file, s3://bucket/key.csv|.jsonl or s3://bucket/prefix/")
-    common(b)
-
-    s = sub.add_parser("status", help="state and counts by state of a job (bulk and revoke: progress)")
-    s.add_argument("job_id")
-    s.add_argument("--json", action="store_true")
+def _sub(sub: Any, name: str, text: str, epilog: str = "") -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=text,
+        description=text,
+        epilog=(epilog + "\n\n" if epilog else "") + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return p
 
 
-def _require(args: argparse.Namespace, *names: str) -> None:
-    missing = [n for n in names if getattr(args, n, None) in (None, [], "")]
-    if missing:
-        flags = ", ".join(
-            "--" + n.replace("_id", "").replace("_", "-") if n != "images" else "IMAGE..." for n in missing
-        )
-        raise CliError(f"cancelable {args.command}: missing {flags} (or give --job-file)")
+def _tenant(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--tenant", help="tenant ID (1-128 chars of [A-Za-z0-9._-]); separates storage and keys")
 
 
-def _job_from_file(path: str, kind: str, job_id: str | None) -> dict[str, Any]:
-    try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
-        data = json.loads(text)
-    except OSError as e:
-        raise CliError(f"cannot read job file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise CliError(f"job file {path} is not JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(data, dict):
-        raise CliError(f"job file {path} must hold one JSON object")
-    data.setdefault("kind", kind)
-    if data["kind"] != kind:
-        raise CliError(f"job file {path} holds a {data['kind']!r} job, not {kind!r}")
-    if job_id:
-        data["job_id"] = job_id
-    data.setdefault("job_id", __import__("uuid").uuid4().hex)
-    return data
+def _subject(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--subject", help=f"subject ID in the tenant (1-128 chars of [A-Za-z0-9._-]) {what}")
 
 
-def _build_job(client: Any, args: argparse.Namespace) -> Any:
-    if args.job_file:
-        return client.validate(_job_from_file(args.job_file, args.command, args.job_id))
-    if args.command == "enroll":
-        _require(args, "tenant", "subject", "key_id", "images")
-        return client.enroll_job(args.tenant, args.subject, args.images, args.key_id, job_id=args.job_id)
-    if args.command == "verify":
-        _require(args, "tenant", "subject", "probe")
-        return client.verify_job(args.tenant, args.subject, args.probe, args.threshold, job_id=args.job_id)
-    if args.command == "revoke":
-        _require(args, "tenant", "reason")
-        return client.revoke_job(
-            args.tenant,
-            args.reason,
-            subject=args.subject,
-            key_id=args.key_id,
-            new_key_id=args.new_key_id,
-            purge_old_images=args.purge,
-            job_id=args.job_id,
-        )
-    _require(args, "tenant", "key_id", "manifest")
-    return client.bulk_job(
-        args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
+def _common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--job-file", help="the job as JSON (a file, or - for stdin) instead of the flags")
+    sp.add_argument("--job-id", help="job ID (8-128 chars of [A-Za-z0-9_-]); default: a random UUID")
+    sp.add_argument("--no-wait", action="store_true", help="queue and print the job ID, do not wait")
+    sp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the result (900)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON (uploads go to stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="cancelable",
+        description="Queue cancelable-biometrics jobs and read their results. Settings come from CANCELABLE_* "
+        "variables (the local stack: `source .stack/env`).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
+    e = _sub(sub, "enroll", "enrol a subject from photos under a key (a new template version)")
+    _tenant(e)
+    _subject(e, "to enrol")
+    e.add_argument("--key", dest="key_id", help="key ID the template is derived under (keyring name or KMS key)")
+    e.add_argument("images", nargs="*", help="local photo files (uploaded first) or s3://bucket/key references")
+    _common(e)
 
-def _summary(res: Any) -> str:
-    d = res if isinstance(res, dict) else res.model_dump(mode="json")
-    kind, status = d.get("kind"), d.get("status")
-    head = f"{kind} {d.get('job_id')}: {status}"
-    if d.get("error") and kind not in ("bulk", "revoke"):
-        return f"{head} ({d['error']['code']}: {d['error']['message']})"
-    if d.get("error"):
-        head += f" ({d['error']['code']}: {d['error']['message']})"
-    if kind == "enroll":
-        return (
-            f"{head}; version {d['version']} of {d['tenant']}/{d['subject']} (key {d['key_id']} v{d['key_version']}"
-            f"{', existing' if d.get('created') is False else ''})\n  manifest {d['manifest_uri']}\n  template "
-            f"{d['template_uri']}" + "".join(f"\n  image    {u}" for u in d.get("image_uris", []))
-        )
-    if kind == "verify":
-        return (
-            f"{head}; score {d['score']:.4f} vs threshold {d['threshold']:.4f} -> {d['decision'].upper()} "
-            f"(template version {d['version']}, key {d['key_id']} v{d['key_version']})"
-        )
-    if kind == "revoke":
-        extra = ""
-        if d.get("subject"):
-            extra = (
-                f"; revoked versions {d.get('revoked_versions')} -> new version {d.get('new_version')} "
-                f"(key {d.get('new_key_id')} v{d.get('new_key_version')})\n  manifest {d.get('manifest_uri')}"
-            )
-        return (
-            f"{head}; subjects {d['subjects_done']}/{d['subjects_total']} reissued, {d['subjects_failed']} failed"
-            + extra
-        )
-    if kind == "bulk":
-        return f"{head}; {d['succeeded']} succeeded, {d['failed']} failed of {d['total']}" + (
-            f"; errors {d['errors_by_code']}" if d.get("errors_by_code") else ""
-        )
-    return head
+    v = _sub(sub, "verify", "verify a probe photo against a subject's current template")
+    _tenant(v)
+    _subject(v, "to verify against")
+    v.add_argument("--threshold", type=float, help="accept at or above this score (default: the worker's)")
+    v.add_argument("probe", nargs="?", help="a local photo file (uploaded first) or an s3://bucket/key reference")
+    _common(v)
 
+    r = _sub(sub, "revoke", "revoke a subject's template, or a whole key, and reissue under a new key version")
+    _tenant(r)
+    _subject(r, "to revoke (or give --key)")
+    r.add_argument("--key", dest="key_id", help="revoke this whole key for the tenant (needs --new-key)")
+    r.add_argument("--new-key", dest="new_key_id", help="key ID to reissue under (default: next version, same key)")
+    r.add_argument("--reason", help="why (kept in the revocation record)")
+    r.add_argument("--purge", action="store_true", help="delete the revoked version's cancelable images")
+    _common(r)
 
-def _progress_bar(desc: str) -> tuple[Any, Any]:
-    from tqdm import tqdm
+    b = _sub(sub, "bulk", "enrol every subject listed in a manifest (CSV, JSONL or an S3 prefix)", MANIFEST_FORMATS)
+    _tenant(b)
+    b.add_argument("--key", dest="key_id", help="default key for rows that name none")
+    b.add_argument("--format", choices=["csv", "jsonl", "prefix"], help="manifest format (default: from its name)")
+    b.add_argument("--naming-rule", help="prefix manifests: regex with a (?P<subject>...) group")
+    b.add_argument("--chunk-size", type=int, help="enrolments queued per step (default: the worker's)")
+    b.add_argument("manifest", nargs="?", help="local file, s3://bucket/key.csv|.jsonl or s3://bucket/prefix/")
+    _common(b)
 
-    bar = tqdm(desc=desc, unit="item", total=None, file=sys.stderr, dynamic_ncols=True, leave=True)
+    u = _sub(sub, "upload", "upload local photos to the tenant's input prefix; print one s3:// reference each")
+    _tenant(u)
+    u.add_argument("files", nargs="+", help="local JPEG, PNG or WebP photos")
 
-    def update(p: Any) -> None:
-        if p.total is not None and bar.total != p.total:
-            bar.total = p.total
-            bar.refresh()
-        if p.done > bar.n:
-            bar.update(p.done - bar.n)
-        bar.set_postfix(failed=p.failed, refresh=False)
+    s = _sub(sub, "status", "state of a job (bulk and revoke: progress by state)")
+    s.add_argument("job_id", help="the job ID printed when the job was queued")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
 
-    return bar, update
+    rd = _sub(sub, "redrive", "queue dead-lettered jobs again under their own job IDs")
+    rd.add_argument("job_ids", nargs="*", metavar="job_id", help="dead-lettered job IDs to queue again")
+    rd.add_argument("--all-dead", action="store_true", help="every dead-lettered job recorded in Redis")
 
-
-def _run_job(client: Any, args: argparse.Namespace) -> int:
-    from producers.client import JobTimeout
-
-    job = _build_job(client, args)
-    job_id = client.submit(job)
-    if args.no_wait:
-        print(job_id)
-        return EXIT_OK
-    bar = None
-    update = None
-    if job.kind in ("bulk", "revoke") and not args.json:
-        bar, update = _progress_bar(f"{job.kind} {job_id[:12]}")
-    try:
-        res = client.wait(job_id, timeout=args.timeout, on_progress=update)
-    except JobTimeout as e:
-        raise CliError(f"{e}; check later with: cancelable status {job_id}", EXIT_TIMEOUT) from None
-    finally:
-        if bar is not None:
-            bar.close()
-    d = res if isinstance(res, dict) else res.model_dump(mode="json")
-    print(json.dumps(d, indent=2, sort_keys=True) if args.json else _summary(res))
-    return EXIT_OK if d.get("status") == "succeeded" else EXIT_FAILED
-
-
-def _status(client: Any, args: argparse.Namespace) -> int:
-    from worker.contracts import check_job_id
-
-    try:
-        check_job_id(args.job_id)
-    except ValueError as e:
-        raise CliError(f"cancelable status: {e}") from None
-    st = client.status(args.job_id)
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True, default=str))
-        return EXIT_OK
-    print(f"job {args.job_id}: {st['state']} (attempts {st['attempts']})")
-    p = st.get("progress")
-    if p:
-        total = "?" if p["total"] is None else p["total"]
-        print(
-            f"  {p['kind']}: total {total}, succeeded {p['succeeded']}, failed {p['failed']}, pending "
-            f"{'?' if p['pending'] is None else p['pending']}"
-        )
-        for code, n in sorted(p["failed_codes"].items()):
-            print(f"    failed {code}: {n}")
-    if "dead_letter" in st:
-        print(f"  dead-lettered: {st['dead_letter']}")
-    if "result" in st:
-        print("  " + _summary(st["result"]).replace("\n", "\n  "))
-    return EXIT_OK
+    st = _sub(sub, "subject", "what is stored for a subject: current version, key version, revoked versions")
+    st.add_argument("subject_tenant", metavar="tenant", help="tenant ID")
+    st.add_argument("subject_id", metavar="subject", help="subject ID")
+    st.add_argument("--json", action="store_true", help="print the state as JSON")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,11 +175,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     except SettingsError as e:
         raise CliError(str(e).replace("\n", " ")) from None
     try:
-        if args.command == "status":
-            return _status(client, args)
-        return _run_job(client, args)
-    except MalformedJobError as e:
-        raise CliError(str(e)) from None
+        handler = {
+            "status": show_status,
+            "subject": show_subject,
+            "upload": upload_files,
+            "redrive": redrive_jobs,
+        }.get(args.command, run_job)
+        return handler(client, args)
+    except (MalformedJobError, SettingsError) as e:
+        raise CliError(str(e).replace("\n", " "), EXIT_BAD_INPUT) from None
     except CancelableError as e:
         raise CliError(f"{e.code}: {e}", EXIT_UNAVAILABLE if e.retryable else EXIT_BAD_INPUT) from None
     except Exception as e:  # redis / kombu connection problems

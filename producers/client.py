@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.contracts import (
     BulkJob,
@@ -41,6 +41,10 @@ from worker.tasks.config import (
     make_celery,
 )
 from worker.tasks.progress import JobBook, JobProgress
+
+if TYPE_CHECKING:
+    from producers.uploads import LocalImage
+    from worker.storage.subjects import SubjectState
 
 TASK_FOR_KIND = {
     "enroll": (TASK_ENROLL, ENGINE_QUEUE),
@@ -87,6 +91,49 @@ class Client:
         if self._store is None:
             self._store = connect_store(self.settings)
         return self._store
+
+    # --- local photos -------------------------------------------------------------------------------------------
+    def local_image(self, tenant: str, path: str | Path) -> LocalImage:
+        """Check a local photo and compute the ``s3://`` reference it gets in the tenant's input prefix (no network).
+        ``MalformedJobError`` when it is missing, not an image, too large, or no input bucket is configured."""
+        from producers.uploads import check_local_image
+        from worker.contracts import check_name
+
+        try:
+            check_name(tenant, "tenant")
+        except ValueError as e:
+            raise MalformedJobError(f"malformed job: {e}") from None
+        return check_local_image(path, tenant, self.input_bucket, self.settings.worker.max_bytes)
+
+    @property
+    def input_bucket(self) -> str:
+        """Where local photos are uploaded (``s3.input_bucket``, default ``<bucket>-inputs``)."""
+        from worker.storage.inputs import InputPolicy
+
+        return InputPolicy.from_settings(self.settings.s3).input_bucket
+
+    def upload(self, images: Iterable[LocalImage]) -> list[str]:
+        """Upload checked local photos to the input bucket (SSE as configured); returns their ``s3://`` URIs."""
+        from worker.storage.client import ObjectStore, sse_params
+
+        inputs = ObjectStore(self.store.client, self.input_bucket, sse=sse_params(self.settings.s3))
+        uris = []
+        for img in images:
+            inputs.put(img.key, img.body, content_type=img.content_type)
+            uris.append(img.uri)
+        return uris
+
+    # --- subjects -----------------------------------------------------------------------------------------------
+    def subject(self, tenant: str, subject: str) -> SubjectState | None:
+        """What is stored about ``tenant``/``subject`` (current version, key version, revoked versions), or None."""
+        from worker.contracts import check_name
+        from worker.storage.subjects import read_subject
+
+        try:
+            check_name(tenant, "tenant"), check_name(subject, "subject")
+        except ValueError as e:
+            raise MalformedJobError(f"malformed request: {e}") from None
+        return read_subject(self.store, tenant, subject)
 
     # --- building jobs -----------------------------------------------------------------------------------------
     @staticmethod
@@ -209,6 +256,7 @@ class Client:
             ignore_result=True,
             headers={"sent_at": time.time()},  # exact queue age in the metrics (worker.metrics.SENT_AT_HEADER)
         )
+        self.book.mark_submitted(str(job.job_id))
         return str(job.job_id)
 
     def result(self, job_id: str) -> Any | None:
@@ -248,7 +296,10 @@ class Client:
 
     # --- status ----------------------------------------------------------------------------------------------------
     def status(self, job_id: str) -> dict[str, Any]:
-        """What is known about ``job_id``: terminal result, fan-out counts by state, attempts, dead letter."""
+        """What is known about ``job_id``: terminal result, fan-out counts by state, attempts, dead letter.
+
+        ``state`` is ``unknown`` when nothing is recorded: never queued through a ``Client``, its records expired
+        (30 days), or a fan-out child that has not started yet."""
         out: dict[str, Any] = {"job_id": job_id}
         book = self.book
         res = book.get_result(job_id)
@@ -265,8 +316,34 @@ class Client:
             out["state"] = out["progress"]["state"]
         else:
             st = self.app.AsyncResult(job_id).state  # PENDING covers unknown and queued alike
-            out["state"] = {"PENDING": "queued_or_unknown", "STARTED": "running", "RETRY": "retrying"}.get(st, st)
+            if st != "PENDING":
+                out["state"] = {"STARTED": "running", "RETRY": "retrying"}.get(st, st.lower())
+            elif dl is not None:
+                out["state"] = "dead_lettered"
+            elif out["attempts"]:
+                out["state"] = "running"
+            elif book.submitted_at(job_id) is not None:
+                out["state"] = "queued"
+            else:
+                out["state"] = "unknown"
         return out
+
+    def redrive(self, job_id: str) -> str:
+        """Queue a dead-lettered job again under the same job ID (its Redis result, attempts and dead letter are
+        cleared first; the S3 dead letter stays as the record). Raises ``MalformedJobError`` when ``job_id`` has no
+        dead letter, or one without the job (a poison message: it never was a job)."""
+        dl = self.book.get_dead_letter(job_id)
+        if dl is None:
+            raise MalformedJobError(f"job {job_id} has no dead letter to redrive")
+        if not isinstance(dl.get("job"), dict) or not dl["job"]:
+            raise MalformedJobError(f"dead letter {job_id} holds no job (a malformed message cannot be re-driven)")
+        job = self.validate(dl["job"])
+        self.book.clear_for_redrive(job_id)
+        return self.submit(job)
+
+    def dead_letters(self, limit: int = 1000) -> list[str]:
+        """Job IDs with a dead letter in Redis, newest first."""
+        return self.book.dead_letters(limit)
 
     def ping(self, timeout: float = 30.0, engine: bool = False) -> dict[str, Any]:
         """Round-trip a no-op through the control (or engine) queue."""

@@ -20,7 +20,6 @@ import os
 import shlex
 import sys
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     enroll_paths, genuine_path, impostor_path, source = pick_photos(args)
 
     from producers.client import Client
+    from producers.render import result_summary
     from worker.contracts import JobStatus
+    from worker.errors import MalformedJobError
     from worker.settings import SettingsError, get_settings
 
     try:
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"demo: {e}\n(is the stack up? `infra/stack.sh up --worker`, then `source .stack/env`)", file=sys.stderr)
         return 2
-    input_bucket = settings.s3.input_bucket or f"{settings.s3.bucket}-inputs"
     key_id = args.key or os.environ.get("CANCELABLE_STACK_DEV_KEY") or "dev-key-1"
 
     client = Client(settings)
@@ -113,18 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         added = write_keyring(settings.keys.keyring_path, [key_id])
         print(f"key      {key_id} in {settings.keys.keyring_path}" + (" (created)" if added else " (exists)"))
 
-    # 2. upload the photos
-    run = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    refs: dict[str, str] = {}
-    for role, p in [
+    # 2. upload the photos: the CLI's own path (checked, content-named, into the tenant's input prefix)
+    roles = [
         *((f"enroll{i}", p) for i, p in enumerate(enroll_paths, 1)),
         ("genuine", genuine_path),
         ("impostor", impostor_path),
-    ]:
-        key = f"tenants/{args.tenant}/demo/{run}/{role}{p.suffix.lower()}"  # the tenant's own input prefix
-        client.store.client.put_object(Bucket=input_bucket, Key=key, Body=p.read_bytes())
-        refs[role] = f"s3://{input_bucket}/{key}"
-    print(f"photos   {source} -> s3://{input_bucket}/tenants/{args.tenant}/demo/{run}/")
+    ]
+    try:
+        images = [client.local_image(args.tenant, p) for _, p in roles]
+    except MalformedJobError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    refs = dict(zip((role for role, _ in roles), client.upload(images), strict=True))
+    print(f"photos   {source} -> s3://{client.input_bucket}/tenants/{args.tenant}/uploads/")
     failed = False
     wrong = False
 
@@ -148,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if enrol["status"] != "succeeded":
         return 1
     print(f"   version {enrol['version']} (key {enrol['key_id']} v{enrol['key_version']})")
-    print(f"   manifest  {enrol['manifest_uri']}\n   template  {enrol['template_uri']}")
-    for u in enrol["image_uris"]:
-        print(f"   cancelable image {u}")
+    n_images = len(enrol["image_uris"])
+    print(f"   committed {enrol['manifest_uri']}  (lists the template and {n_images} cancelable images)")
 
     # 4. genuine + impostor
     scores = {}
@@ -160,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             scores[role] = v
             ok = v["decision"] == expect
             wrong |= not ok
-            print(
-                f"   score {v['score']:+.4f} vs threshold {v['threshold']:.2f} -> {v['decision'].upper()}"
-                f" ({'as expected' if ok else 'WRONG, expected ' + expect})"
-            )
+            print(f"   {result_summary(v)}\n   ({'as expected' if ok else 'WRONG, expected ' + expect})")
 
     # 5. revoke and reissue
     rev = run_job(
@@ -175,22 +172,23 @@ def main(argv: list[str] | None = None) -> int:
             f"   revoked version(s) {rev['revoked_versions']} -> reissued version {rev['new_version']} "
             f"(key {rev['new_key_id']} v{rev['new_key_version']})"
         )
-        print(f"   new manifest {rev['manifest_uri']}")
+        print(f"   committed {rev['manifest_uri']}")
         for u in rev["revocation_uris"]:
             print(f"   revocation record {u}")
         after = run_job(client.verify_job(args.tenant, args.subject, refs["genuine"]), "verify genuine after reissue")
         if after["status"] == "succeeded":
             ok = after["decision"] == "accept"
             wrong |= not ok
-            print(f"   score {after['score']:+.4f} against version {after['version']} -> {after['decision'].upper()}")
+            print(f"   {result_summary(after)}")
 
     print("\n== summary")
     print(
-        f"   S3 bucket {settings.s3.bucket}: tenants/{args.tenant}/subjects/{args.subject}/ "
-        "(current.json, versions/, staging/<job>/.../images, template.json, revocations/, key.json)"
+        f"   s3://{settings.s3.bucket}/tenants/{args.tenant}/subjects/{args.subject}/: current.json points at the "
+        "committed version in versions/, whose manifest lists its template and images; revocations/, key.json"
     )
     for role, v in scores.items():
-        print(f"   {role:8s} score {v['score']:+.4f} -> {v['decision']}")
+        print(f"   {role:8s} score {v['score']:.4f} vs threshold {v['threshold']:.4f} -> {v['decision'].upper()}")
+    print(f"   state: .venv/bin/cancelable subject {args.tenant} {args.subject}")
     print(f"   total {time.monotonic() - t_start:.1f} s")
     client.close()
     if failed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import logging
 import math
 import re
@@ -93,9 +94,11 @@ _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s/]+)@", re.
 _BYTES_REPR = re.compile(r"(?:bytearray\()?b(['\"])(?:\\.|(?!\1).){8,}?\1\)?")
 _HEX = re.compile(r"\b[0-9a-fA-F]{40,}\b")
 _B64 = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")
-_NUMBER = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?|-?\d+(?:e[-+]?\d+)?", re.I)
-_FLOAT = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?", re.I)
 _NUM_LIST = re.compile(r"[\[(](?:\s*-?\d+(?:\.\d*)?(?:e[-+]?\d+)?\s*,){5,}[^\])]*[\])]?", re.I)
+_NUMBER = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?|-?\d+(?:e[-+]?\d+)?", re.I)
+# runs of numbers as arrays print them (commas, spaces or brackets between): >= 6 floats or >= 16 integers
+_FLOAT_RUN = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?(?:[\s,\[\]()]+-?\d+\.\d*(?:e[-+]?\d+)?){5,}", re.I)
+_INT_RUN = re.compile(r"(?<![\w.-])-?\d+(?:[\s,\[\]()]+-?\d+){15,}(?![\w.])")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
@@ -155,9 +158,10 @@ class Scrubber:
         text = _HEX.sub(FILTERED, text)
         text = _B64.sub(lambda m: FILTERED if _looks_random(m.group(0)) else m.group(0), text)
         text = _NUM_LIST.sub(FILTERED, text)
-        if len(_FLOAT.findall(text)) >= 6 or ("[" in text and len(_NUMBER.findall(text)) >= 16):
-            return FILTERED  # an embedding, latent or pixel array printed as text
-        return text
+        # an embedding, latent or pixel array printed as text: only the numbers go, the rest of the line (job ID,
+        # exception type, file and line) stays readable
+        text = _FLOAT_RUN.sub(FILTERED, text)
+        return _INT_RUN.sub(FILTERED, text)
 
     # --- nested data --------------------------------------------------------------------------------------------
     def scrub(self, value: Any, name: str | None = None) -> Any:
@@ -307,17 +311,24 @@ def _package_version() -> str | None:
         return None
 
 
+_JOB: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("cancelable_job", default=None)
+
+
 @contextlib.contextmanager
 def job_scope(job_id: str, job_type: str) -> Iterator[None]:
-    """Tag every Sentry event raised inside with the job ID and type (isolated per task)."""
-    sentry_sdk = sys.modules.get("sentry_sdk")
-    if sentry_sdk is None:
-        yield
-        return
-    with sentry_sdk.isolation_scope() as scope:
-        scope.set_tag("job_id", str(job_id))
-        scope.set_tag("job_type", str(job_type))
-        yield
+    """Inside: every log line carries the job ID and type, and every Sentry event is tagged with them."""
+    token = _JOB.set((str(job_id), str(job_type)))
+    try:
+        sentry_sdk = sys.modules.get("sentry_sdk")
+        if sentry_sdk is None:
+            yield
+            return
+        with sentry_sdk.isolation_scope() as scope:
+            scope.set_tag("job_id", str(job_id))
+            scope.set_tag("job_type", str(job_type))
+            yield
+    finally:
+        _JOB.reset(token)
 
 
 # --- logging ------------------------------------------------------------------------------------------------------
@@ -333,6 +344,13 @@ class RedactionFilter(logging.Filter):
             message = record.getMessage()
         except Exception:
             message = str(record.msg)
+        for marker in _BODY_DUMPS:  # Celery's unknown/invalid-message reports print the whole job: not its body
+            if marker in message:
+                message = message.split(marker, 1)[0].rstrip() + " [message body not logged]"
+        if record.name == "celery.app.trace" and " succeeded in " in message:
+            message = message.split(": ", 1)[0]  # "Task ...[id] succeeded in 1.2s": the return value is the result
+        job = _JOB.get()
+        record.job_id, record.job_type = job if job is not None else ("-", "-")
         record.msg = self.scrubber.scrub_text(message)
         record.args = None
         if record.exc_info and not record.exc_text:
@@ -344,7 +362,46 @@ class RedactionFilter(logging.Filter):
         return True
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
+_BODY_DUMPS = ("The full contents of the message", "The message body was", "The full contents of the body")
+
+LOG_FORMAT = (
+    "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [job %(job_id)s %(job_type)s]: %(message)s"
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``CANCELABLE_LOG_FORMAT=json``): time, level, logger, process, job ID and type,
+    message and, for errors, the (scrubbed) traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": f"{record.processName}[{record.process}]",
+            "job_id": getattr(record, "job_id", "-"),
+            "job_type": getattr(record, "job_type", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_text:
+            out["traceback"] = record.exc_text
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _formatter() -> logging.Formatter:
+    import os
+
+    return JsonFormatter() if os.environ.get("CANCELABLE_LOG_FORMAT", "text") == "json" else _TextFormatter(LOG_FORMAT)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        for name in ("job_id", "job_type"):  # records that did not pass the filter (another handler's)
+            if not hasattr(record, name):
+                setattr(record, name, "-")
+        return super().format(record)
 
 
 def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any = None) -> logging.Handler:
@@ -355,7 +412,7 @@ def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any =
     if settings is not None:
         SCRUBBER.add_secrets(settings_secrets(settings))
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(_formatter())
     handler.addFilter(RedactionFilter(SCRUBBER))
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -395,6 +452,7 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
     for h in (logger or logging.getLogger()).handlers:
         if not any(isinstance(f, RedactionFilter) for f in h.filters):
             h.addFilter(RedactionFilter(SCRUBBER))
+            h.setFormatter(_formatter())  # Celery's own handlers: the same line format, job ID included
 
 
 def install_celery_hooks(settings: Any) -> None:

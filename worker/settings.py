@@ -34,8 +34,18 @@ class _Group(BaseModel):
 class RedisSettings(_Group):
     """Broker, result backend, counters and locks."""
 
-    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    """May carry a password, hence secret; ``url.get_secret_value()`` to use it."""
+    url: SecretStr | None = None
+    """May carry a password, hence secret. No default on purpose: a worker or producer that is not told which Redis
+    to use must not guess one (a guessed ``127.0.0.1:6379`` may be someone else's). Use ``require_url()``."""
+
+    def require_url(self) -> str:
+        """The configured URL; ``SettingsError`` naming the variable when it is not set."""
+        if self.url is None:
+            raise SettingsError(
+                f"invalid configuration:\n  {ENV_PREFIX}REDIS{NESTED}URL: not set; name the Redis of your deployment, "
+                "e.g. redis://127.0.0.1:6379/0 (the local stack writes it to .stack/env: `source .stack/env`)"
+            )
+        return self.url.get_secret_value()
 
 
 class S3Settings(_Group):
@@ -77,6 +87,8 @@ class S3Settings(_Group):
         from worker.storage.inputs import InputPolicy
 
         InputPolicy.from_settings(self)  # validates the allow-list (never the output bucket)
+        if self.input_bucket is not None and self.input_bucket == self.bucket:
+            raise ValueError("s3.input_bucket must differ from s3.bucket (templates are never inputs)")
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("set both s3.access_key_id and s3.secret_access_key, or neither (ambient credentials)")
         return self
@@ -115,14 +127,22 @@ class EngineSettings(_Group):
 
 
 class WorkerSettings(_Group):
-    task_time_limit: int = Field(default=900, ge=1)
-    """Hard limit per task, seconds."""
+    task_time_limit: int = Field(default=180, ge=1)
+    """Hard limit per task, seconds. Engine tasks are one subject (or one chunk) each and fan-out tasks hand over
+    to a fresh task after ``fanout_time_budget``, so minutes suffice; raise it with the visibility timeout for a
+    slow device."""
     task_soft_time_limit: int | None = None
     """Defaults to 90 % of the hard limit."""
-    visibility_timeout: int = Field(default=3600, ge=1)
-    """Redis redelivers an unacked task after this many seconds: must exceed the task time limit."""
+    visibility_timeout: int = Field(default=240, ge=1)
+    """Redis redelivers an unacked task after this many seconds: must exceed the task time limit. It is also how
+    long the job of a SIGKILLed worker waits before another worker retries it (about 4 minutes by default)."""
+    fanout_time_budget: float | None = Field(default=None, ge=0)
+    """Seconds a bulk or key-revocation listing task runs before handing over (default: half the soft limit)."""
     max_attempts: int = Field(default=3, ge=1, le=100)
-    """Deliveries before a job is dead-lettered (a job that kills its worker counts too)."""
+    """Deliveries that crashed or timed out before a job is dead-lettered (a job that kills its worker counts)."""
+    transient_retry_window: float = Field(default=300.0, ge=0)
+    """Seconds from a job's first transient fault (S3, Redis or KMS unreachable) during which it is retried with
+    jittered exponential backoff (1 s doubling to 30 s); then it is dead-lettered."""
     max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     """Largest accepted source image object."""
     max_pixels: int = Field(default=40_000_000, ge=64 * 64)
@@ -149,6 +169,11 @@ class WorkerSettings(_Group):
     @property
     def soft_time_limit(self) -> int:
         return self.task_soft_time_limit or max(1, int(self.task_time_limit * 0.9))
+
+    @property
+    def fanout_budget(self) -> float:
+        """Seconds a bulk or key-revocation listing task runs before it hands over to a fresh task."""
+        return self.fanout_time_budget if self.fanout_time_budget is not None else self.soft_time_limit * 0.5
 
 
 class MetricsSettings(_Group):

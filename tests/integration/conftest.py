@@ -402,6 +402,8 @@ def make_settings(
     for k in list(os.environ):
         if k.upper().startswith("CANCELABLE_") and k.upper() not in ("CANCELABLE_SHARED_DIR",):
             monkeypatch.delenv(k)
+    # modules that read settings at import (the Celery app) get this session's Redis, never a guessed one
+    monkeypatch.setenv("CANCELABLE_REDIS__URL", redis_url)
     get_settings.cache_clear()
 
     def build(bucket: str | None = None, **groups: dict[str, Any]) -> Any:

@@ -39,7 +39,11 @@ def cli(
     ("args", "needle"),
     [
         (["enroll", "--tenant", "t", "--subject", "s", "--key", "k", "s3://UPPER/x.jpg"], "bucket"),
-        (["enroll", "--tenant", "t", "--subject", "s", "--key", "k", "/local/file.jpg"], "s3://"),
+        (["enroll", "--tenant", "t", "--subject", "s", "--key", "k", "/local/file.jpg"], "no such file"),
+        (["verify", "--tenant", "t", "--subject", "s", "pyproject.toml"], "not a JPEG, PNG or WebP image"),
+        (["upload", "--tenant", "t", "/local/file.jpg"], "no such file"),
+        (["upload", "--tenant", "a/b", "pyproject.toml"], "tenant"),
+        (["subject", "acme", "../x"], "subject"),
         (["enroll", "--tenant", "t", "--subject", "a/b", "--key", "k", "s3://bkt/x.jpg"], "subject"),
         (["enroll", "--tenant", "t", "--subject", "s", "--key", "k"], "missing"),
         (["verify", "--tenant", "t", "--subject", "s", "s3://bkt/"], "key"),
@@ -73,6 +77,19 @@ def test_unknown_field_in_job_file_is_refused() -> None:
     assert r.returncode == 2 and "priority" in r.stderr and "Extra inputs" in r.stderr, r.stderr
     r = cli(["enroll", "--job-file", "-"], stdin="{not json", timeout=60)
     assert r.returncode == 2 and "not JSON" in r.stderr
+
+
+def test_no_redis_configured_exits_2_and_names_the_variable() -> None:
+    """Issue 10 item 14: no silent fallback to redis://127.0.0.1:6379 (someone else's Redis)."""
+    import os
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CANCELABLE_")}, "PYTHONPATH": str(REPO)}
+    r = cli(
+        ["enroll", "--tenant", "t", "--subject", "s", "--key", "k", "s3://bkt/x.jpg", "--timeout", "5"], env, timeout=60
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "CANCELABLE_REDIS__URL: not set" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_unreachable_queue_exits_4() -> None:
@@ -136,3 +153,68 @@ def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
 
     r = cli(["status", jid], env)
     assert r.returncode == 0 and "total 4, succeeded 2, failed 2, pending 0" in r.stdout, r.stdout
+
+
+def test_cli_local_photos_subject_status_and_exit_codes(dep: Deployment, tmp_path: Path) -> None:
+    """Local photos are uploaded to the tenant's input prefix (printed) and enrolled; verify exits 0 on ACCEPT and
+    5 on REJECT; `subject` shows current version, key version and revoked versions; unknown job / subject exit 6;
+    revoking an unknown subject fails with a clear message (no "new version None")."""
+    import hashlib
+
+    env = {**dep.env}
+    faces = {
+        n: dep.s3.get_object(Bucket=ref[5:].split("/", 1)[0], Key=ref[5:].split("/", 1)[1])["Body"].read()
+        for n, ref in dep.faces.items()
+    }
+    for n, body in faces.items():
+        (tmp_path / f"{n}.jpg").write_bytes(body)
+    a, b, probe = (str(tmp_path / f"{n}.jpg") for n in ("obama", "obama2", "obama3"))
+    inputs = f"s3://{dep.input_bucket}/tenants/acme/uploads/"
+
+    r = cli(["upload", "--tenant", "acme", a], env)
+    assert r.returncode == 0, r.stderr
+    uploaded = r.stdout.strip()
+    assert uploaded == f"{inputs}{hashlib.sha256(faces['obama']).hexdigest()[:32]}.jpg"
+    key = uploaded[5:].split("/", 1)[1]
+    assert dep.s3.get_object(Bucket=dep.input_bucket, Key=key)["Body"].read() == faces["obama"]
+
+    r = cli(["enroll", "--tenant", "acme", "--subject", "obama", "--key", "k1", a, b], env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert f"uploaded {a} -> {uploaded}" in r.stdout and f"uploaded {b} -> {inputs}" in r.stdout
+    assert "succeeded; version 1 of acme/obama (key k1 v1)" in r.stdout
+
+    # thresholds at the ends of the cosine range make the decision certain with any model
+    r = cli(["verify", "--tenant", "acme", "--subject", "obama", probe, "--threshold", "-1"], env)
+    assert r.returncode == 0 and "-> ACCEPT" in r.stdout, (r.stdout, r.stderr)
+    r = cli(["verify", "--tenant", "acme", "--subject", "obama", probe, "--threshold", "1", "--json"], env)
+    assert r.returncode == 5, (r.stdout, r.stderr)
+    out = json.loads(r.stdout)  # uploads went to stderr: stdout is pure JSON
+    assert out["decision"] == "reject" and f"uploaded {probe}" in r.stderr
+
+    r = cli(["verify", "--tenant", "acme", "--subject", "obama", probe, "--no-wait"], env)
+    jid = r.stdout.strip().splitlines()[-1]
+    r = cli(["status", jid], env)
+    assert r.returncode == 0 and f"job {jid}: " in r.stdout, (r.stdout, r.stderr)
+    assert "unknown" not in r.stdout
+    r = cli(["status", job_id("never")], env)
+    assert r.returncode == 6 and "unknown job" in r.stderr, (r.stdout, r.stderr)
+
+    r = cli(["subject", "acme", "obama"], env)
+    assert r.returncode == 0, r.stderr
+    assert "current version  1 (key k1 v1," in r.stdout and "key version      k1 v1" in r.stdout
+    assert "revoked versions none" in r.stdout
+    r = cli(["subject", "acme", "nobody"], env)
+    assert r.returncode == 6 and "no subject acme/nobody" in r.stderr
+
+    r = cli(["revoke", "--tenant", "acme", "--subject", "nobody", "--reason", "typo"], env)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "no_template" in r.stdout and "nothing is enrolled for acme/nobody" in r.stdout
+    assert "None" not in r.stdout
+
+    r = cli(["revoke", "--tenant", "acme", "--subject", "obama", "--reason", "template leaked"], env)
+    assert r.returncode == 0 and "-> new version 2 (key k1 v2)" in r.stdout, (r.stdout, r.stderr)
+    r = cli(["subject", "acme", "obama", "--json"], env)
+    st = json.loads(r.stdout)
+    assert (st["current_version"], st["key_id"], st["key_version"]) == (2, "k1", 2)
+    assert st["revoked_versions"] == [1] and st["revoked"][0]["reason"] == "template leaked"
+    assert st["revoked"][0]["replaced_by"] == 2 and st["versions"] == [1, 2]

@@ -29,6 +29,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -408,7 +409,23 @@ def sourced_env(stack: Stack) -> dict[str, str]:
     )
     assert r.returncode == 0 and not r.stderr, f"sourcing env failed ({r.returncode}): {r.stderr.decode()}"
     pairs = (kv.split("=", 1) for kv in r.stdout.decode().split("\0") if "=" in kv)
-    return {k: v for k, v in pairs if k.startswith("CANCELABLE_")}
+    return {k: v for k, v in pairs if k.startswith(("CANCELABLE_", "AWS_"))}
+
+
+def assert_aws_env_works(stack: Stack, exported: dict[str, str]) -> None:
+    """The AWS_* variables alone let plain boto3 (and the aws CLI, where installed) reach this stack's S3."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **{k: v for k, v in exported.items() if k[:4] == "AWS_"}}
+    assert env.get("AWS_ENDPOINT_URL") == f"http://127.0.0.1:{stack.s3_port}"
+    assert "AWS_SECRET_ACCESS_KEY" not in env  # the secret stays in a 0600 file under secrets/
+    assert Path(env["AWS_SHARED_CREDENTIALS_FILE"]).parent == stack.dir / "secrets"
+    code = "import boto3; print(' '.join(sorted(b['Name'] for b in boto3.client('s3').list_buckets()['Buckets'])))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert set(BUCKETS) <= set(r.stdout.split()), r.stdout
+    aws = shutil.which("aws")
+    if aws:
+        r = subprocess.run([aws, "s3", "ls"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and all(b in r.stdout for b in BUCKETS), (r.stdout, r.stderr)
 
 
 def assert_settings_work(stack: Stack, exported: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -430,8 +447,9 @@ def assert_settings_work(stack: Stack, exported: dict[str, str], monkeypatch: py
     assert s.s3.endpoint_url == f"http://127.0.0.1:{stack.s3_port}"
     assert s.s3.bucket == BUCKETS[0]
     assert s.keys.keyring_path and Path(s.keys.keyring_path).is_file()
-    assert s.redis.url.get_secret_value() == stack.redis_url()
-    assert redis.Redis.from_url(s.redis.url.get_secret_value(), socket_timeout=2).ping()
+    assert s.s3.input_bucket == BUCKETS[1]
+    assert s.redis.require_url() == stack.redis_url()
+    assert redis.Redis.from_url(s.redis.require_url(), socket_timeout=2).ping()
     c = make_s3_client(s.s3.model_copy(update={"max_attempts": 1}))
     key = f"stack-test/{uuid.uuid4().hex}"
     c.put_object(Bucket=s.s3.bucket, Key=key, Body=b"stack")
@@ -476,6 +494,7 @@ PRIVATE_FILES = (
     "secrets/s3_secret_access_key",
     "secrets/redis_password",
     "secrets/redis_url",
+    "secrets/aws-credentials",
     "seaweedfs-conf/security.toml",
     "seaweedfs-conf/tls/node.key",
 )
@@ -779,6 +798,7 @@ def test_up_is_idempotent_and_down_leaves_a_preexisting_redis(stack_with_foreign
     assert exported["CANCELABLE_REDIS__URL_FILE"] == str(stack.dir / "secrets" / "redis_url")
     assert stack.redis_url() == f"redis://:{stack.redis_password()}@127.0.0.1:{redis_port}/0"
     assert_settings_work(stack, exported, monkeypatch)
+    assert_aws_env_works(stack, exported)
     assert_state_private(stack, started)
 
     secrets_before, jwt_before = stack.secrets(), stack.jwt_keys()

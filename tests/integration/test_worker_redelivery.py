@@ -180,17 +180,20 @@ def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
         handler=flaky,
         ident=lambda j: {"subject": j.subject, "key_id": j.key_id},
     )
-    for _ in range(2):
+    for _ in range(8):  # far more than max_attempts (3): transient faults are retried for a time window
         with pytest.raises(_Retry):
             run_job(task, (job,), {}, **kw)
-    assert task.countdowns == [1.0, 2.0]  # exponential backoff
+    caps = [1, 2, 4, 8, 16, 30, 30, 30]  # exponential, capped at 30 s, jittered in [0.5, 1] x cap
+    assert all(c / 2 <= d <= c for c, d in zip(caps, task.countdowns, strict=True)), task.countdowns
+    assert calls == [1] * 8  # each clean transient failure gives its attempt back: attempts count crashes only
+    rt.settings.worker.transient_retry_window = 0.0  # the window is over
     out = run_job(task, (job,), {}, **kw)
-    assert out["status"] == "dead_lettered" and out["attempts"] == 3 and calls == [1, 2, 3]
+    assert out["status"] == "dead_lettered" and calls == [1] * 9
     assert rt.book.get_dead_letter(job["job_id"])["error_code"] == "storage_error"
     body, _ = rt.store.get(f"tenants/acme/dead-letters/{job['job_id']}.json")
-    assert json.loads(body)["attempts"] == 3
+    assert json.loads(body)["attempts"] == 1
     # the stored result answers any further delivery; the handler does not run again
-    assert run_job(task, (job,), {}, **kw) == out and calls == [1, 2, 3]
+    assert run_job(task, (job,), {}, **kw) == out and calls == [1] * 9
     assert "SlowDown" not in json.dumps(to_wire(EnrollResult.model_validate(out)))  # message trimmed to the code
 
 
@@ -251,7 +254,7 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     )
     sent: list[str] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
-    monkeypatch.setattr(control_tasks, "BULK_TIME_BUDGET_FRACTION", 0.0)  # hand over after every chunk
+    monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     task = _FakeTask()
 
     r1 = control_tasks._bulk(rt, job, 1, now(), task, 0)
@@ -298,3 +301,103 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
         "bob": [f"s3://{b}/in/p/bob/1.png"],
     }
     assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine" for kw in sent)
+
+
+def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key with many subjects is listed across continuations: each picks up after the last subject listed (never
+    from the start), subjects under other keys or never committed are skipped, and every chunk is sent once."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.storage.records import CurrentPointer
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    write_keyring(rt.settings.keys.keyring_path, ["k1", "k2"])
+    reg = KeyRegistry(rt.store)
+    under = [f"s{i:02d}" for i in range(7)]
+    for subject in [*under, "other-key", "never-committed"]:
+        reg.ensure_subject_key("acme", subject, "k9" if subject == "other-key" else "k1")
+        if subject != "never-committed":
+            rt.store.put_json(
+                f"tenants/acme/subjects/{subject}/current.json",
+                CurrentPointer(version=1, manifest_key="x", job_id="j"),
+            )
+    job = job_from_wire(
+        {"kind": "revoke", "job_id": new_id("rk"), "tenant": "acme", "key_id": "k1", "new_key_id": "k2", "reason": "r"}
+    )
+    sent: list[dict] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["args"][0]))
+    monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 3)
+    monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
+    task = _FakeTask()
+    r = control_tasks._revoke(rt, job, 1, now(), task, 0)
+    assert r.status == "running" and task.continued[-1]["kwargs"] == {"continuation": 1}
+    assert [c["subjects"] for c in sent] == [under[:3]]
+    control_tasks._revoke(rt, job, 1, now(), task, 1)
+    control_tasks._revoke(rt, job, 1, now(), task, 2)
+    assert [c["subjects"] for c in sent] == [under[:3], under[3:6], under[6:]]
+    assert len(task.continued) == 2  # the last one finished the listing instead of handing over
+    fields = rt.book.get_fields(job.job_id)
+    assert fields["listing"] == "done" and rt.book.progress(job.job_id).total == 7
+    assert reg.is_revoked("acme", "k1") and not reg.is_revoked("beta", "k1")
+
+
+def test_tasks_retry_without_celerys_default_limit(make_settings) -> None:
+    """Celery's default ``max_retries`` (3) would fail a task on its 4th transient fault without storing a result;
+    the app's tasks leave the limit to run_job's time window."""
+    from worker.tasks.config import make_celery
+
+    app = make_celery(make_settings())
+
+    @app.task(name="t.probe", bind=True)
+    def probe(self):  # noqa: ANN001, ANN202
+        return None
+
+    assert probe.max_retries is None
+    assert probe.Strategy == "worker.tasks.transport:guarded_strategy"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """A field over the csv module's 131,072-character limit, or a line of megabytes, fails its own row
+    (``malformed_job``); the rows around it are queued."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import child_job_id, job_from_wire
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    huge = "x" * 200_000
+    if fmt == "csv":
+        body = f"subject,image\na,s3://inputs/a.jpg\nb,s3://inputs/{huge}.jpg\nc,s3://inputs/c.jpg\n"
+    else:
+        body = (
+            "\n".join(
+                [
+                    '{"subject": "a", "images": ["s3://inputs/a.jpg"]}',
+                    '{"subject": "b", "images": ["s3://inputs/' + huge * 5 + '.jpg"]}',  # a 1 MB line
+                    '{"subject": "c", "images": ["s3://inputs/c.jpg"]}',
+                ]
+            )
+            + "\n"
+        )
+    rt.store.put(f"manifests/m.{fmt}", body.encode())
+    job = job_from_wire(
+        {
+            "kind": "bulk",
+            "job_id": new_id("big"),
+            "tenant": "acme",
+            "key_id": "k1",
+            "chunk_size": 10,
+            "manifest": {"format": fmt, "uri": rt.store.uri(f"manifests/m.{fmt}")},
+        }
+    )
+    sent: list[str] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
+    control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    first, last = (2, 4) if fmt == "csv" else (1, 3)
+    assert sent == [child_job_id(job.job_id, "line", n) for n in (first, last)]
+    p = rt.book.progress(job.job_id)
+    assert p.total == 3 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}

@@ -51,12 +51,14 @@ def test_routes_by_name() -> None:
     assert {routes[t]["queue"] for t in (TASK_REVOKE, TASK_BULK)} == {CONTROL_QUEUE}
 
 
-def test_beat_schedules_the_staging_sweep_on_the_control_queue() -> None:
+def test_beat_schedules_the_staging_sweep_and_the_reconciler_on_the_control_queue() -> None:
     c = celery_config(_q(sweep_staging_interval_s=600))
     entry = c["beat_schedule"]["sweep-staging"]
     assert entry["task"] == TASK_SWEEP_STAGING and entry["schedule"] == 600.0
     assert c["task_routes"][TASK_SWEEP_STAGING]["queue"] == CONTROL_QUEUE
-    assert celery_config(_q(sweep_staging_interval_s=0))["beat_schedule"] == {}
+    off = celery_config(_q(sweep_staging_interval_s=0))["beat_schedule"]
+    assert "sweep-staging" not in off and off["reconcile"]["task"] == "cancelable.reconcile"  # always scheduled
+    assert c["task_routes"]["cancelable.reconcile"]["queue"] == CONTROL_QUEUE
 
 
 @pytest.mark.parametrize("vt", [900, 600, 1])
@@ -70,11 +72,13 @@ def test_soft_limit_below_hard_limit() -> None:
         check_queue_settings(_q(task_soft_time_limit_s=900))
 
 
-def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run(code: str, env: dict[str, str | None]) -> subprocess.CompletedProcess[str]:
     import os
 
     full = {k: v for k, v in os.environ.items() if not k.upper().startswith("CANCELABLE_")}
+    full["CANCELABLE_REDIS__URL"] = "redis://127.0.0.1:1/0"  # never contacted by these tests
     full.update(env)
+    full = {k: v for k, v in full.items() if v is not None}
     full["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=REPO, timeout=120)
 
@@ -97,6 +101,12 @@ def test_worker_app_import_is_light_and_configured() -> None:
     assert out["accept"] == ["json"] and out["acks_late"] is True and out["prefetch"] == 1
     assert (out["vt"], out["limit"]) == (130, 100)
     assert {TASK_ENROLL, TASK_VERIFY, TASK_REVOKE, TASK_BULK, TASK_REENROLL_CHUNK} <= set(out["tasks"])
+
+
+def test_worker_without_a_redis_url_stops_with_one_clear_message() -> None:
+    r = _run("import worker.tasks.app", {"CANCELABLE_REDIS__URL": None})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "CANCELABLE_REDIS__URL: not set" in r.stderr and len(r.stderr.strip().splitlines()) <= 4
 
 
 def test_worker_refuses_visibility_timeout_below_time_limit() -> None:

@@ -158,6 +158,12 @@ def test_malformed_refs_rejected(ref):
         {"images": "s3://inb/a.jpg"},
         {"key_id": "../etc"},
         {"key_id": ""},
+        # "$" matches before a final newline: these once reached S3 and Redis keys
+        {"tenant": "acme\n"},
+        {"subject": "s\n"},
+        {"job_id": "abcdefgh1234\n"},
+        {"key_id": "k1\n"},
+        {"images": ["s3://inb\n/a.jpg"]},
     ],
 )
 def test_malformed_jobs_rejected(change):

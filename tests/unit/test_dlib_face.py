@@ -89,9 +89,66 @@ def test_two_similar_faces_raise_and_a_small_background_face_is_ignored(lfw):
     canvas[:, :250] = a
     canvas[: small.shape[0], 250:] = small
     faces = dlib_face.detect_faces(canvas)
-    assert len(faces) == 2 and faces[1].area < dlib_face.MULTIPLE_FACE_AREA_RATIO * faces[0].area
-    assert dlib_face.select_face(faces) is faces[0]
+    assert len(faces) == 2
+    assert dlib_face.select_face(faces, canvas.shape[:2]) is faces[0]
     np.testing.assert_array_equal(dlib_face.prepare_face(canvas, 150), dlib_face.face_chip(canvas, faces[0]))
+
+
+def test_a_central_face_beside_a_smaller_background_face_is_the_subject(lfw):
+    """The case the area-only rule refused: a background face with more than 25 % of the subject's area (here about
+    40 %) no longer blocks a large central face; it only does when it is comparable."""
+    a, b = lfw[0], lfw[4]
+    side = cv2.resize(b, None, fx=0.65, fy=0.65, interpolation=cv2.INTER_AREA)
+    canvas = np.full((250, 250 + 2 * side.shape[1], 3), 128, np.uint8)
+    x0 = side.shape[1]
+    canvas[:, x0 : x0 + 250] = a  # the subject in the middle
+    canvas[: side.shape[0], x0 + 250 :] = side  # a smaller face at the edge
+    faces = dlib_face.detect_faces(canvas)
+    assert len(faces) == 2 and faces[1].area >= 0.25 * faces[0].area  # the old rule's "competing face"
+    chosen = dlib_face.select_face(faces, canvas.shape[:2])
+    left, _, right, _ = chosen.box
+    assert x0 <= left and right <= x0 + 250  # the central face was chosen
+    np.testing.assert_array_equal(dlib_face.prepare_face(canvas, 150), dlib_face.face_chip(canvas, chosen))
+
+
+def _face(cx: float, cy: float, side: float) -> dlib_face.DetectedFace:
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    return dlib_face.DetectedFace(box=box, score=1.0, landmarks=np.zeros((5, 2)))
+
+
+@pytest.mark.parametrize(
+    ("others", "expect_subject"),
+    [
+        ([], True),  # one face
+        ([(60, 60, 40)], True),  # a small face in a corner
+        ([(300, 200, 70)], True),  # 70 % of the side, at the edge: clearly dominated
+        ([(200, 200, 100)], False),  # the same size and as central: comparable
+        ([(320, 200, 95)], False),  # nearly the same size, half-way to the edge: still comparable
+        ([(200, 200, 60)], True),  # exactly central but much smaller: the larger face next to it dominates
+        ([(200, 200, 80)], False),  # exactly central and 80 % of the side: comparable
+    ],
+)
+def test_selection_rule_refuses_only_comparable_faces(others, expect_subject):
+    """Image 400 x 400; the candidate subject: side 100, centred at (180, 200) (near the middle)."""
+    subject = _face(180, 200, 100)
+    faces = [subject, *(_face(*o) for o in others)]
+    if expect_subject:
+        assert dlib_face.select_face(faces, (400, 400)) is subject
+    else:
+        with pytest.raises(MultipleFacesError, match="none of them is clearly the subject"):
+            dlib_face.select_face(faces, (400, 400))
+    with pytest.raises(NoFaceError):
+        dlib_face.select_face([], (400, 400))
+
+
+def test_a_larger_face_off_centre_does_not_win_over_a_central_one():
+    """Prominence, not area alone: a slightly larger face near the border loses to a central one of similar size
+    when the central one clearly dominates, and is refused when they are comparable; never silently chosen."""
+    central, big_edge = _face(200, 200, 100), _face(370, 370, 110)
+    assert dlib_face.select_face([big_edge, central], (400, 400)) is central
+    close = _face(290, 200, 105)
+    with pytest.raises(MultipleFacesError):
+        dlib_face.select_face([close, central], (400, 400))
 
 
 @pytest.mark.parametrize(("convention", "size"), [("ffhq", 256), ("dlib-chip", 200), ("arcface-112", 224)])

@@ -25,7 +25,7 @@ PROM = INFRA / "prometheus"
 K8S = INFRA / "k8s"
 GRAFANA = INFRA / "grafana"
 VENV_BIN = Path(sys.executable).parent
-TASK_TIME_LIMIT_S = 900  # the default worker.task_time_limit every deployment file sets explicitly
+TASK_TIME_LIMIT_S = 180  # the default worker.task_time_limit every deployment file sets explicitly
 
 
 def _tool(name: str) -> str:

@@ -149,3 +149,22 @@ def test_settings_import_is_light():
 
     code = "import sys, worker.settings; print([m for m in ('torch', 'boto3', 'celery') if m in sys.modules])"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_no_redis_url_is_a_clear_error_not_a_guessed_default():
+    """Issue 10 item 14: nothing falls back to redis://127.0.0.1:6379 (it may be someone else's Redis)."""
+    from worker.tasks.config import connect_redis, make_celery
+
+    s = load_settings()
+    assert s.redis.url is None
+    for use in (s.redis.require_url, lambda: make_celery(s), lambda: connect_redis(s)):
+        with pytest.raises(SettingsError, match="CANCELABLE_REDIS__URL: not set"):
+            use()
+
+
+def test_input_bucket_must_differ_from_the_template_bucket(monkeypatch):
+    monkeypatch.setenv("CANCELABLE_S3__INPUT_BUCKET", "cancelable")
+    with pytest.raises(SettingsError, match="input_bucket must differ"):
+        load_settings()
+    monkeypatch.setenv("CANCELABLE_S3__INPUT_BUCKET", "cancelable-inputs")
+    assert load_settings().s3.input_bucket == "cancelable-inputs"

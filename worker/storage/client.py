@@ -210,10 +210,14 @@ class ObjectStore:
         except Exception as e:  # noqa: BLE001
             self._raise(e, "list", b, full)
 
-    def list_dirs(self, prefix: str) -> Iterator[str]:
-        """Immediate 'sub-directory' names under ``prefix`` (which should end with '/')."""
+    def list_dirs(self, prefix: str, *, start_after: str | None = None) -> Iterator[str]:
+        """Immediate 'sub-directory' names under ``prefix`` (which should end with '/'), in key order; with
+        ``start_after``, only names after that one (a listing resumed where it stopped)."""
         full = self.full_key(prefix)
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+        kw: dict[str, str] = {"Bucket": self.bucket, "Prefix": full, "Delimiter": "/"}
+        if start_after:
+            kw["StartAfter"] = full + start_after + "/\uffff"  # past every key of that sub-directory
+        pages = self.client.get_paginator("list_objects_v2").paginate(**kw)
         try:
             for page in pages:
                 for cp in page.get("CommonPrefixes", []) or []:

@@ -12,6 +12,11 @@
     tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (bulk reports, revoke progress snapshots)
     tenants/{tenant}/keys/{key_id_path}/state.json   key state for this tenant (active / revoked + reason)
 
+The input bucket (``s3.input_bucket``, never the bucket above) holds source images producers upload from local files:
+
+    tenants/{tenant}/                         the tenant's input prefix
+        uploads/{sha256[:32]}.{ext}           one object per distinct file content (re-uploads are no-ops)
+
 Zero-padded versions keep listing order equal to version order.
 """
 
@@ -71,7 +76,23 @@ def image_key(staging: str, index: int, ext: str = "png") -> str:
 
 
 def revocation_key(tenant: str, subject: str, version: int) -> str:
-    return f"{subject_prefix(tenant, subject)}revocations/{version:0{VERSION_DIGITS}d}.json"
+    return f"{revocations_prefix(tenant, subject)}{version:0{VERSION_DIGITS}d}.json"
+
+
+def revocations_prefix(tenant: str, subject: str) -> str:
+    return subject_prefix(tenant, subject) + "revocations/"
+
+
+def tenant_input_prefix(tenant: str) -> str:
+    """The tenant's prefix in the input bucket (not the template bucket)."""
+    return f"{_t(tenant)}/"
+
+
+def upload_key(tenant: str, sha256_hex: str, ext: str) -> str:
+    """Input-bucket key of an uploaded source image, named by its content hash."""
+    if len(sha256_hex) != 64 or not all(c in "0123456789abcdef" for c in sha256_hex) or not ext.isalnum():
+        raise ValueError("upload key needs a lower-case hex SHA-256 and an alphanumeric extension")
+    return f"{tenant_input_prefix(tenant)}uploads/{sha256_hex[:32]}.{ext}"
 
 
 def subject_key_state(tenant: str, subject: str) -> str:

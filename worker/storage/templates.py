@@ -136,9 +136,9 @@ class TemplateStore:
         """Every committed version number, ascending."""
         return [layout.version_from_key(o.key) for o in self.store.list(layout.versions_prefix(tenant, subject))]
 
-    def iter_subjects(self, tenant: str) -> Iterator[str]:
-        """Subjects of ``tenant`` that have any object (listing order)."""
-        return self.store.list_dirs(layout.subjects_prefix(tenant))
+    def iter_subjects(self, tenant: str, start_after: str | None = None) -> Iterator[str]:
+        """Subjects of ``tenant`` that have any object (listing order, i.e. sorted), after ``start_after``."""
+        return self.store.list_dirs(layout.subjects_prefix(tenant), start_after=start_after)
 
     def load_template(self, manifest: VersionManifest) -> TemplateRecord:
         """The template record of a version, checked against the manifest's SHA-256."""

@@ -52,7 +52,7 @@ if settings.metrics.enabled:
         app,
         port=settings.metrics.port,
         addr=settings.metrics.host,
-        redis_url=settings.redis.url.get_secret_value(),
+        redis_url=settings.redis.require_url(),
         progress_source=_progress_source,
     )
 

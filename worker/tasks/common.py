@@ -9,7 +9,8 @@
 3. ``INCR`` the attempt counter (at START, so a task that killed its worker process is counted); over
    ``worker.max_attempts`` -> dead-letter record in Redis and S3, result ``dead_lettered``;
 4. run the handler; a ``CancelableError`` becomes a ``failed`` result with its code; a *retryable* one (transient
-   S3 / Redis / KMS fault) is retried with exponential backoff until the attempts run out, then dead-lettered;
+   S3 / Redis / KMS fault) is retried with jittered exponential backoff for ``worker.transient_retry_window``
+   seconds from its first transient failure (its attempt given back: attempts count crashes), then dead-lettered;
    any other exception is ``internal_error`` (type name only: its message might carry data);
 5. store the terminal result in Redis (``{p}:result:{job_id}``), where producers wait for it.
 """
@@ -17,6 +18,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +31,7 @@ from worker.errors import CancelableError, DeadLetteredError, MalformedJobError
 log = logging.getLogger(__name__)
 
 RETRY_BASE_S = 1.0
-RETRY_MAX_S = 60.0
+RETRY_MAX_S = 30.0
 
 
 def now() -> datetime:
@@ -49,7 +52,9 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def backoff_s(retries: int) -> float:
-    return float(min(RETRY_BASE_S * (2**retries), RETRY_MAX_S))
+    """Exponential backoff with jitter: uniform in [0.5, 1] x min(base * 2**retries, max), so that the retries of
+    many jobs hit by one outage do not arrive together when the service comes back."""
+    return float(min(RETRY_BASE_S * (2 ** min(retries, 30)), RETRY_MAX_S) * random.uniform(0.5, 1.0))
 
 
 def parse_payload(
@@ -211,15 +216,22 @@ def run_job(
                 code = metrics.error_code_of(e)
                 if _is_transient(e):
                     rt.book.set_fields(job.job_id, last_error=code)
-                    if attempt < max_attempts:
+                    # a transient fault (S3 / Redis / KMS away) is retried with backoff for a time window, not a
+                    # number of attempts: a one-minute outage must not dead-letter everything it touches. The
+                    # attempt it ended cleanly is given back, so attempts keep counting crashes only.
+                    first = rt.book.transient_since(akey)
+                    if time.time() - first < rt.settings.worker.transient_retry_window:
+                        rt.book.give_back_attempt(akey)
                         tracker.retrying, tracker.error_code = True, code
-                        log.warning("job %s transient %s (attempt %d): retrying", job.job_id, code, attempt)
+                        log.warning("job %s transient %s: retrying", job.job_id, code)
                         raise task.retry(exc=e, countdown=backoff_s(task.request.retries), max_retries=None) from e
                     res = dead_letter(rt, job, result_cls, attempt, code, str(e), **ident(job))
                     tracker.outcome, tracker.error_code = "dead_lettered", code
                     return _finish(rt, job, res, on_terminal)
                 if not isinstance(e, CancelableError):
                     log.exception("job %s failed with an unexpected %s", job.job_id, type(e).__name__)
+                else:
+                    log.warning("job %s failed: %s", job.job_id, code)
                 res = failed_result(job, result_cls, e, attempt, started, **ident(job))
                 tracker.outcome, tracker.error_code = "failed", code
                 return _finish(rt, job, res, on_terminal)
@@ -232,8 +244,20 @@ def run_job(
 
 
 def _finish(rt: Any, job: Any, res: Any, on_terminal: Callable[[Any, Any, Any], None] | None) -> dict[str, Any]:
+    """Store the terminal result and report it to a fan-out parent BEFORE the message is acknowledged. If Redis
+    cannot take them, the message is rejected with requeue (or, with Redis gone, stays unacknowledged until the
+    visibility timeout restores it): the job is delivered again and, being idempotent, stores the same result then.
+    Acknowledging it anyway would lose the result and strand its parent."""
+    from celery.exceptions import Reject
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     wire = to_wire(res)
-    rt.book.save_result(job.job_id, wire)
-    if on_terminal is not None:
-        on_terminal(rt, job, res)
+    try:
+        rt.book.save_result(job.job_id, wire)
+        if on_terminal is not None:
+            on_terminal(rt, job, res)
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        log.warning("job %s: result not stored (%s); the message goes back to the queue", job.job_id, type(e).__name__)
+        raise Reject("result not stored", requeue=True) from None
     return wire

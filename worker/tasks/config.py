@@ -19,6 +19,8 @@ TASK_REVOKE = "cancelable.revoke"
 TASK_BULK = "cancelable.bulk"
 TASK_PING = "cancelable.ping"  # control queue liveness
 TASK_SWEEP_STAGING = "cancelable.sweep_staging"  # periodic (Celery beat): orphaned staging objects
+TASK_RECONCILE = "cancelable.reconcile"  # periodic (Celery beat): dead letters that missed S3 during an outage
+RECONCILE_INTERVAL_S = 60.0
 TASK_ENGINE_PING = "cancelable.engine_ping"  # engine queue liveness (reports whether the models are loaded)
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
@@ -29,6 +31,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_BULK: {"queue": CONTROL_QUEUE},
     TASK_PING: {"queue": CONTROL_QUEUE},
     TASK_SWEEP_STAGING: {"queue": CONTROL_QUEUE},
+    TASK_RECONCILE: {"queue": CONTROL_QUEUE},
     TASK_ENGINE_PING: {"queue": ENGINE_QUEUE},
 }
 
@@ -103,24 +106,31 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
         "timezone": "UTC",
-        "beat_schedule": (
-            {
-                "sweep-staging": {
-                    "task": TASK_SWEEP_STAGING,
-                    "schedule": float(q.sweep_staging_interval_s),
-                    # a sweep that waited longer than one interval is superseded by the next one
-                    "options": {"expires": float(q.sweep_staging_interval_s)},
+        "beat_schedule": {
+            "reconcile": {
+                "task": TASK_RECONCILE,
+                "schedule": RECONCILE_INTERVAL_S,
+                "options": {"expires": RECONCILE_INTERVAL_S},
+            },
+            **(
+                {
+                    "sweep-staging": {
+                        "task": TASK_SWEEP_STAGING,
+                        "schedule": float(q.sweep_staging_interval_s),
+                        # a sweep that waited longer than one interval is superseded by the next one
+                        "options": {"expires": float(q.sweep_staging_interval_s)},
+                    }
                 }
-            }
-            if q.sweep_staging_interval_s > 0
-            else {}
-        ),
+                if q.sweep_staging_interval_s > 0
+                else {}
+            ),
+        },
     }
 
 
 def queue_settings(settings: Any) -> QueueSettings:
     """``worker.settings.Settings`` -> the queue knobs (one Redis URL serves as broker and result backend)."""
-    url = settings.redis.url.get_secret_value()
+    url = settings.redis.require_url()  # SettingsError when not configured: never a guessed default
     w = settings.worker
     return QueueSettings(
         broker_url=url,
@@ -147,7 +157,7 @@ def connect_redis(settings: Any) -> Any:
     """A Redis client for the job bookkeeping (``settings.redis.url``), with bounded socket timeouts."""
     import redis
 
-    return redis.Redis.from_url(settings.redis.url.get_secret_value(), socket_timeout=10.0, socket_connect_timeout=5.0)
+    return redis.Redis.from_url(settings.redis.require_url(), socket_timeout=10.0, socket_connect_timeout=5.0)
 
 
 def connect_store(settings: Any) -> Any:

@@ -40,6 +40,7 @@ from worker.tasks.config import (
     TASK_BULK,
     TASK_ENROLL,
     TASK_PING,
+    TASK_RECONCILE,
     TASK_REENROLL_CHUNK,
     TASK_REVOKE,
     TASK_SWEEP_STAGING,
@@ -48,9 +49,11 @@ from worker.tasks.fanout import ReenrollChunk, maybe_finalize_bulk, maybe_finali
 
 log = logging.getLogger(__name__)
 
-BULK_TIME_BUDGET_FRACTION = 0.5  # of the soft time limit, then continue in a fresh task
 BULK_MAX_QUEUE_DEPTH_CHUNKS = 8  # backpressure: pause while the engine queue holds more than this many chunks
 BULK_PAUSE_S = 5.0
+MAX_MANIFEST_LINE = 64 * 1024  # characters; a row of 32 image refs of 1 KiB fits twice
+TOO_LONG = "<line too long>\n"  # the sentinel _lines yields (compared by identity)
+REVOKE_READ_THREADS = 16  # concurrent per-subject S3 reads while listing a revoked key's subjects
 
 
 # --- revoke ---------------------------------------------------------------------------------------------------------
@@ -69,22 +72,37 @@ def _send_chunk(rt: Any, job: Any, index: int, subjects: list[str]) -> None:
     app.send_task(TASK_REENROLL_CHUNK, args=[payload], task_id=chunk.job_id, queue=ENGINE_QUEUE, ignore_result=True)
 
 
-def _subjects_under_key(rt: Any, job: Any) -> Iterator[str]:
-    """Subjects of the tenant whose key record is under the revoked key (or was moved off it by this job)."""
+def _under_key(rt: Any, job: Any, subject: str) -> bool:
+    """Whether ``subject`` is to be reissued: its key record is under the revoked key (or was moved off it by this
+    job) and it has a committed version. Two S3 GETs."""
     from worker.keys.providers import KeyRegistry
     from worker.storage.templates import TemplateStore
 
-    registry = KeyRegistry(rt.store)
-    ts = TemplateStore(rt.store)
-    for subject in ts.iter_subjects(job.tenant):
-        rec = registry.subject_key(job.tenant, subject)
-        if rec is None or ts.read_pointer(job.tenant, subject) is None:  # never committed: nothing to reissue
-            continue
-        if rec.key_id == job.key_id or any(h.get("job_id") == job.job_id for h in rec.history):
-            yield subject
+    rec = KeyRegistry(rt.store).subject_key(job.tenant, subject)
+    if rec is None:
+        return False
+    if rec.key_id != job.key_id and not any(h.get("job_id") == job.job_id for h in rec.history):
+        return False
+    return TemplateStore(rt.store).read_pointer(job.tenant, subject) is not None  # never committed: nothing to reissue
 
 
-def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
+def _subjects_under_key(rt: Any, job: Any, start_after: str | None) -> Iterator[tuple[str, bool]]:
+    """(subject, under the revoked key?) for the tenant's subjects in listing order after ``start_after``; the
+    per-subject reads run ``REVOKE_READ_THREADS`` at a time (boto3 clients are thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.storage.templates import TemplateStore
+
+    names = TemplateStore(rt.store).iter_subjects(job.tenant, start_after)
+    with ThreadPoolExecutor(REVOKE_READ_THREADS) as pool:
+        while True:
+            page = [n for _, n in zip(range(REVOKE_READ_THREADS * 4), names, strict=False)]
+            if not page:
+                return
+            yield from zip(page, pool.map(lambda s: _under_key(rt, job, s), page), strict=True)
+
+
+def _revoke(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continuation: int) -> RevokeResult:
     from worker.keys.providers import KeyRegistry
     from worker.storage.templates import TemplateStore
 
@@ -114,19 +132,52 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
         book.set_fields(job.job_id, listing="done")
     else:
         KeyRegistry(rt.store).revoke_key(job.tenant, job.key_id, reason=job.reason, job_id=job.job_id)
-        size = rt.settings.worker.revoke_chunk_size
-        batch: list[str] = []
-        index = total = 0
-        for subject in _subjects_under_key(rt, job):
+        if not _list_key_subjects(rt, job, task, continuation):
+            return _revoke_status(rt, job, attempt, started)  # handed over to a continuation
+    return _revoke_status(rt, job, attempt, started)
+
+
+def _list_key_subjects(rt: Any, job: Any, task: Any, continuation: int) -> bool:
+    """Send the subjects under the revoked key in chunks, from the saved cursor (the last subject listed). After a
+    time budget, save the cursor and re-queue the task as a continuation (returns False); True when the listing
+    is complete. A re-delivered continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
+    book = rt.book
+    fields = book.get_fields(job.job_id)
+    cursor = fields.get("listing_cursor") or None
+    index, total = int(fields.get("chunks_sent", "0")), int(fields.get("subjects_listed", "0"))
+    size = rt.settings.worker.revoke_chunk_size
+    budget = rt.settings.worker.fanout_budget
+    t0 = time.monotonic()
+    batch: list[str] = []
+    last = cursor
+    for subject, hit in _subjects_under_key(rt, job, cursor):
+        last = subject
+        if hit:
             batch.append(subject)
-            total += 1
-            if len(batch) >= size:
-                _send_chunk(rt, job, index, batch)
-                index, batch = index + 1, []
-        if batch:
+        if len(batch) >= size:
             _send_chunk(rt, job, index, batch)
-        book.set_total(job.job_id, total)
-        book.set_fields(job.job_id, listing="done")
+            index, total, batch = index + 1, total + len(batch), []
+            book.set_fields(job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total)
+            if time.monotonic() - t0 > budget:
+                task.apply_async(
+                    args=[to_wire(job)],
+                    kwargs={"continuation": continuation + 1},
+                    task_id=f"{job.job_id}-c{continuation + 1}",
+                    ignore_result=True,
+                )
+                log.info("revoke %s: %d subjects listed, continuing in a new task", job.job_id, total)
+                return False
+    if batch:
+        _send_chunk(rt, job, index, batch)
+        index, total = index + 1, total + len(batch)
+    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total)
+    book.set_total(job.job_id, total)
+    book.set_fields(job.job_id, listing="done")
+    return True
+
+
+def _revoke_status(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
+    book = rt.book
     final = maybe_finalize_revoke(rt, job.job_id)  # no subjects, or every chunk finished before the total was known
     if final is not None:
         return RevokeResult.model_validate(final)
@@ -148,9 +199,12 @@ def _revoke(rt: Any, job: Any, attempt: int, started: datetime) -> RevokeResult:
 
 
 @app.task(name=TASK_REVOKE, bind=True)
-def revoke(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def revoke(self: Any, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
     """Start a revocation (``RevokeJob`` JSON) -> ``RevokeResult`` JSON (``running``; the final one is stored in
-    Redis by the last re-enrolment chunk)."""
+    Redis by the last re-enrolment chunk). ``continuation``: a key's subject listing handed over to a fresh task."""
+    if not isinstance(continuation, int) or continuation < 0:
+        kwargs["continuation"] = continuation
+        continuation = 0
     return run_job(
         self,
         args,
@@ -158,29 +212,42 @@ def revoke(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         kind="revoke",
         job_type="revoke",
         result_cls=RevokeResult,
-        handler=_revoke,
+        handler=lambda rt, job, attempt, started: _revoke(rt, job, attempt, started, self, continuation),
         ident=lambda j: {"subject": j.subject, "key_id": j.key_id, "reason": j.reason},
+        attempt_key=lambda j: j.job_id if continuation == 0 else f"{j.job_id}-c{continuation}",
     )
 
 
 # --- bulk -----------------------------------------------------------------------------------------------------------
 def _lines(body: Any) -> Iterator[str]:
-    """A streaming S3 body -> text lines (UTF-8, constant memory)."""
+    """A streaming S3 body -> text lines (UTF-8, constant memory). A line longer than ``MAX_MANIFEST_LINE``
+    characters is not kept: it comes out as ``TOO_LONG`` (one line), so its row fails alone and the rest go on."""
     dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
     buf = ""
+    skipping = False  # inside a line already reported as too long: drop until its end
     for chunk in body.iter_chunks(chunk_size=64 * 1024):
         buf += dec.decode(chunk)
         *lines, buf = buf.split("\n")
         for line in lines:
-            yield line + "\n"
+            if skipping:
+                skipping = False
+                continue
+            yield TOO_LONG if len(line) > MAX_MANIFEST_LINE else line + "\n"
+        if len(buf) > MAX_MANIFEST_LINE:
+            if not skipping:
+                yield TOO_LONG
+            skipping, buf = True, ""
     buf += dec.decode(b"", final=True)
-    if buf:
-        yield buf
+    if buf and not skipping:
+        yield TOO_LONG if len(buf) > MAX_MANIFEST_LINE else buf
 
 
 def _jsonl_rows(lines: Iterator[str]) -> Iterator[Any]:
     """One JSONL line at a time, so a bad line is reported and the stream goes on."""
     for n, line in enumerate(lines, start=1):
+        if line is TOO_LONG:
+            yield ManifestRowError(n, f"line longer than {MAX_MANIFEST_LINE} characters")
+            continue
         if not line.strip():
             continue
         try:
@@ -201,6 +268,8 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
 
     def feed() -> Iterator[str]:
         for line in lines:
+            if line is TOO_LONG:
+                line = "\x00\n"  # csv refuses a NUL: the row becomes a csv.Error, reported below, and parsing goes on
             captured.append(line)
             yield line
 
@@ -222,7 +291,15 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Any]:
     group: list[str] = []
     subject: str | None = None
     start = count = 0
-    for rec in reader:
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # a field over the csv limit, a NUL (line too long), an unterminated quote...
+            captured.clear()
+            yield ManifestRowError(reader.line_num, f"not a valid CSV row (or longer than {MAX_MANIFEST_LINE} chars)")
+            continue
         raw = captured[:]
         captured.clear()
         if not rec or all(not c.strip() for c in rec):
@@ -282,7 +359,7 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
         final = maybe_finalize_bulk(rt, job.job_id)
         return _bulk_status(rt, job, attempt, started, final)
     cursor = book.get_cursor(job.job_id)
-    budget = rt.settings.worker.soft_time_limit * BULK_TIME_BUDGET_FRACTION
+    budget = rt.settings.worker.fanout_budget
     t0 = time.monotonic()
     sent = 0
     pending: list[tuple[str, dict[str, Any]]] = []
@@ -411,4 +488,28 @@ def sweep_staging(tenant: str | None = None) -> dict[str, Any]:
     return {"subjects": swept, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
 
 
-__all__ = ["bulk", "ping", "revoke", "sweep_staging", "NoTemplateError"]
+@app.task(name=TASK_RECONCILE)
+def reconcile(limit: int = 1000) -> dict[str, Any]:
+    """Periodic repair (Celery beat): dead letters recorded only in Redis while S3 was down are written to S3.
+    Safe to run twice; touches only records whose ``s3_uri`` is still empty."""
+    from worker.storage.deadletters import write_dead_letter
+    from worker.storage.records import DeadLetter
+    from worker.tasks.runtime import get_runtime
+
+    rt = get_runtime()
+    book = rt.book
+    synced = 0
+    for job_id in book.dead_letters(limit):
+        rec = book.get_dead_letter(job_id)
+        if rec is None or rec.get("s3_uri") or not rec.get("tenant"):
+            continue  # already in S3, or a poison message (no tenant: Redis only, by hash and size)
+        fields = {k: v for k, v in rec.items() if k in DeadLetter.model_fields}
+        uri = write_dead_letter(rt.store, DeadLetter.model_validate(fields))
+        book.add_dead_letter(job_id, {**rec, "s3_uri": uri})
+        synced += 1
+    if synced:
+        log.info("reconcile: %d dead letters written to S3", synced)
+    return {"dead_letters_synced": synced}
+
+
+__all__ = ["bulk", "ping", "reconcile", "revoke", "sweep_staging", "NoTemplateError"]

@@ -12,6 +12,7 @@ Only IDs, counts and error codes are stored: never seeds, embeddings, key materi
 Key layout (``p`` = prefix from settings, default ``cf``)::
 
     {p}:attempts:{job_id}            int, INCR per start of the job's task
+    {p}:submitted:{job_id}           time a producer queued the job (so ``status`` tells queued from unknown)
     {p}:result:{job_id}              JSON result of a finished job (idempotent replay)
     {p}:job:{job_id}                 hash: kind, total, state, created, updated, (cursor for bulk), ...
     {p}:job:{job_id}:succeeded       set of item IDs
@@ -88,9 +89,29 @@ class JobBook:
         n, _ = pipe.execute()
         return int(n)
 
+    def give_back_attempt(self, job_id: str) -> None:
+        """Undo ``start_attempt`` for a delivery that ended cleanly with a transient fault (it will be retried)."""
+        self.r.decr(self._k("attempts", job_id))
+
+    def transient_since(self, job_id: str) -> float:
+        """Epoch seconds of ``job_id``'s first transient failure (recorded now if this is the first)."""
+        key = self._k("transient", job_id)
+        self.r.set(key, repr(time.time()), nx=True, ex=self.ttl)
+        v = self.r.get(key)
+        return float(v) if v is not None else time.time()
+
     def attempts(self, job_id: str) -> int:
         v = self.r.get(self._k("attempts", job_id))
         return int(v) if v is not None else 0
+
+    # --- submissions (producer side) -----------------------------------------------------------------------------
+    def mark_submitted(self, job_id: str) -> None:
+        """A producer queued ``job_id`` (kept as long as results are)."""
+        self.r.set(self._k("submitted", job_id), f"{time.time():.3f}", ex=self.ttl)
+
+    def submitted_at(self, job_id: str) -> float | None:
+        v = self.r.get(self._k("submitted", job_id))
+        return float(v) if v is not None else None
 
     # --- finished results --------------------------------------------------------------------------------------
     def save_result(self, job_id: str, result: dict[str, Any]) -> None:
@@ -252,6 +273,15 @@ class JobBook:
     def get_dead_letter(self, job_id: str) -> dict[str, Any] | None:
         v = self.r.get(self._k("deadletter", job_id))
         return json.loads(v) if v is not None else None
+
+    def clear_for_redrive(self, job_id: str) -> None:
+        """Forget a dead-lettered job's result, attempts and dead letter so that it can be queued again under the
+        same job ID (``cancelable redrive``). The S3 dead letter stays as the record of what happened."""
+        pipe = self.r.pipeline()
+        for kind in ("result", "attempts", "transient", "deadletter"):
+            pipe.delete(self._k(kind, job_id))
+        pipe.lrem(self._k("deadletter"), 0, job_id)
+        pipe.execute()
 
     def dead_letters(self, limit: int = 100) -> list[str]:
         return [_s(x) for x in self.r.lrange(self._k("deadletter"), 0, limit - 1)]

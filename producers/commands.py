@@ -1,0 +1,194 @@
+"""What each ``cancelable`` subcommand does, given a ``Client`` and the parsed arguments (``producers.cli`` parses)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from typing import Any
+
+from producers.render import as_dict, result_summary, status_summary, subject_summary
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REJECT, EXIT_NOT_FOUND = 0, 1, 2, 3, 4, 5, 6
+EXIT_BY_NAME = {
+    "ok": EXIT_OK,
+    "failed": EXIT_FAILED,
+    "bad_input": EXIT_BAD_INPUT,
+    "timeout": EXIT_TIMEOUT,
+    "unavailable": EXIT_UNAVAILABLE,
+    "reject": EXIT_REJECT,
+    "not_found": EXIT_NOT_FOUND,
+}
+
+
+class CliError(Exception):
+    """One line for stderr and the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [n for n in names if getattr(args, n, None) in (None, [], "")]
+    if missing:
+        flags = ", ".join(
+            "--" + n.replace("_id", "").replace("_", "-") if n != "images" else "IMAGE..." for n in missing
+        )
+        raise CliError(f"cancelable {args.command}: missing {flags} (or give --job-file)")
+
+
+def _job_from_file(path: str, kind: str, job_id: str | None) -> dict[str, Any]:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        data = json.loads(text)
+    except OSError as e:
+        raise CliError(f"cannot read job file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise CliError(f"job file {path} is not JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"job file {path} must hold one JSON object")
+    data.setdefault("kind", kind)
+    if data["kind"] != kind:
+        raise CliError(f"job file {path} holds a {data['kind']!r} job, not {kind!r}")
+    if job_id:
+        data["job_id"] = job_id
+    data.setdefault("job_id", uuid.uuid4().hex)
+    return data
+
+
+def _local_refs(client: Any, tenant: str | None, refs: list[str]) -> tuple[list[str], list[Any]]:
+    """Local paths in ``refs`` -> the ``s3://`` references they get (files checked, nothing uploaded yet)."""
+    from producers.uploads import is_local
+
+    if tenant is None or not any(is_local(r) for r in refs):
+        return refs, []
+    checked = [client.local_image(tenant, r) if is_local(r) else r for r in refs]
+    return [x if isinstance(x, str) else x.uri for x in checked], [x for x in checked if not isinstance(x, str)]
+
+
+def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The validated job, plus the local photos to upload before it is queued."""
+    if args.job_file:
+        return client.validate(_job_from_file(args.job_file, args.command, args.job_id)), []
+    if args.command == "enroll":
+        _require(args, "tenant", "subject", "key_id", "images")
+        images, uploads = _local_refs(client, args.tenant, args.images)
+        return client.enroll_job(args.tenant, args.subject, images, args.key_id, job_id=args.job_id), uploads
+    if args.command == "verify":
+        _require(args, "tenant", "subject", "probe")
+        (probe,), uploads = _local_refs(client, args.tenant, [args.probe])
+        return client.verify_job(args.tenant, args.subject, probe, args.threshold, job_id=args.job_id), uploads
+    if args.command == "revoke":
+        _require(args, "tenant", "reason")
+        job = client.revoke_job(
+            args.tenant,
+            args.reason,
+            subject=args.subject,
+            key_id=args.key_id,
+            new_key_id=args.new_key_id,
+            purge_old_images=args.purge,
+            job_id=args.job_id,
+        )
+        return job, []
+    _require(args, "tenant", "key_id", "manifest")
+    job = client.bulk_job(
+        args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
+    )
+    return job, []
+
+
+def _progress_bar(desc: str) -> tuple[Any, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="item", total=None, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def update(p: Any) -> None:
+        if p.total is not None and bar.total != p.total:
+            bar.total = p.total
+            bar.refresh()
+        if p.done > bar.n:
+            bar.update(p.done - bar.n)
+        bar.set_postfix(failed=p.failed, refresh=False)
+
+    return bar, update
+
+
+def run_job(client: Any, args: argparse.Namespace) -> int:
+    """enroll / verify / revoke / bulk: validate, upload local photos, queue, wait, print."""
+    from producers.client import JobTimeout
+
+    job, uploads = _build_job(client, args)  # every check before the first upload
+    out = sys.stderr if args.json else sys.stdout
+    for img, uri in zip(uploads, client.upload(uploads), strict=True):
+        print(f"uploaded {img.path} -> {uri}", file=out, flush=True)
+    job_id = client.submit(job)
+    if args.no_wait:
+        print(job_id)
+        return EXIT_OK
+    bar = update = None
+    if job.kind in ("bulk", "revoke") and not args.json:
+        bar, update = _progress_bar(f"{job.kind} {job_id[:12]}")
+    try:
+        res = client.wait(job_id, timeout=args.timeout, on_progress=update)
+    except JobTimeout as e:
+        raise CliError(f"{e}; check later with: cancelable status {job_id}", EXIT_TIMEOUT) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    d = as_dict(res)
+    print(json.dumps(d, indent=2, sort_keys=True) if args.json else result_summary(res))
+    if d.get("status") != "succeeded":
+        return EXIT_FAILED
+    return EXIT_REJECT if d.get("kind") == "verify" and d.get("decision") == "reject" else EXIT_OK
+
+
+def upload_files(client: Any, args: argparse.Namespace) -> int:
+    _require(args, "tenant")
+    images = [client.local_image(args.tenant, f) for f in args.files]  # all checked before the first upload
+    for uri in client.upload(images):
+        print(uri)
+    return EXIT_OK
+
+
+def show_status(client: Any, args: argparse.Namespace) -> int:
+    from worker.contracts import check_job_id
+
+    try:
+        check_job_id(args.job_id)
+    except ValueError as e:
+        raise CliError(f"cancelable status: {e}") from None
+    st = client.status(args.job_id)
+    if st["state"] == "unknown":
+        raise CliError(
+            f"unknown job {args.job_id}: never queued here, its records expired, or a fan-out child not started yet",
+            EXIT_NOT_FOUND,
+        )
+    print(json.dumps(st, indent=2, sort_keys=True, default=str) if args.json else status_summary(args.job_id, st))
+    return EXIT_OK
+
+
+def show_subject(client: Any, args: argparse.Namespace) -> int:
+    state = client.subject(args.subject_tenant, args.subject_id)
+    if state is None:
+        raise CliError(f"no subject {args.subject_tenant}/{args.subject_id}: nothing enrolled", EXIT_NOT_FOUND)
+    d = state.as_dict()
+    print(json.dumps(d, indent=2, sort_keys=True) if args.json else subject_summary(d))
+    return EXIT_OK
+
+
+def redrive_jobs(client: Any, args: argparse.Namespace) -> int:
+    """Queue dead-lettered jobs again (``Client.redrive``); prints one line per job. Exit 1 if any could not be."""
+    ids = list(args.job_ids) + (client.dead_letters() if args.all_dead else [])
+    if not ids:
+        raise CliError("cancelable redrive: give job IDs or --all-dead")
+    failed = 0
+    for job_id in dict.fromkeys(ids):
+        try:
+            client.redrive(job_id)
+            print(f"{job_id}: queued again")
+        except Exception as e:  # noqa: BLE001 - one bad ID must not stop the others
+            failed += 1
+            print(f"{job_id}: not re-driven ({e})")
+    return EXIT_FAILED if failed else EXIT_OK

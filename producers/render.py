@@ -1,0 +1,108 @@
+"""Human-readable one-screen summaries of results, job status and subject state (what the CLI prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def as_dict(res: Any) -> dict[str, Any]:
+    return res if isinstance(res, dict) else res.model_dump(mode="json")
+
+
+def _error(d: dict[str, Any]) -> str:
+    err = d["error"]
+    text = f" ({err['code']}: {err['message']})"
+    if err["code"] == "no_template" and d.get("subject"):
+        text += (
+            f"\n  nothing is enrolled for {d['tenant']}/{d['subject']}; "
+            f"see `cancelable subject {d['tenant']} {d['subject']}`"
+        )
+    return text
+
+
+def result_summary(res: Any) -> str:
+    """A job result (model or wire dict) -> a few lines."""
+    d = as_dict(res)
+    kind, status = d.get("kind"), d.get("status")
+    head = f"{kind} {d.get('job_id')}: {status}"
+    if d.get("error") and kind not in ("bulk", "revoke"):
+        return head + _error(d)
+    if kind == "revoke" and d.get("error") and not d.get("subjects_done"):
+        return head + _error(d)  # nothing was reissued: no version numbers to show
+    if d.get("error"):
+        head += f" ({d['error']['code']}: {d['error']['message']})"
+    if kind == "enroll":
+        return (  # the manifest is the committed version; the artefacts it lists are in --json
+            f"{head}; version {d['version']} of {d['tenant']}/{d['subject']} (key {d['key_id']} v{d['key_version']}"
+            f"{', existing' if d.get('created') is False else ''})\n  manifest {d['manifest_uri']}\n"
+            f"  (the committed version: lists the template and {len(d.get('image_uris', []))} cancelable images)"
+        )
+    if kind == "verify":
+        return (
+            f"{head}; score {d['score']:.4f} vs threshold {d['threshold']:.4f} -> {d['decision'].upper()} "
+            f"(template version {d['version']}, key {d['key_id']} v{d['key_version']})"
+        )
+    if kind == "revoke":
+        extra = ""
+        if d.get("subject") and d.get("new_version") is not None:
+            extra = (
+                f"; revoked versions {d.get('revoked_versions')} -> new version {d.get('new_version')} "
+                f"(key {d.get('new_key_id')} v{d.get('new_key_version')})\n  manifest {d.get('manifest_uri')}"
+            )
+        return (
+            f"{head}; subjects {d['subjects_done']}/{d['subjects_total']} reissued, {d['subjects_failed']} failed"
+            + extra
+        )
+    if kind == "bulk":
+        return f"{head}; {d['succeeded']} succeeded, {d['failed']} failed of {d['total']}" + (
+            f"; errors {d['errors_by_code']}" if d.get("errors_by_code") else ""
+        )
+    return head
+
+
+def status_summary(job_id: str, st: dict[str, Any]) -> str:
+    """``Client.status`` output -> lines."""
+    lines = [f"job {job_id}: {st['state']} (attempts {st['attempts']})"]
+    p = st.get("progress")
+    if p:
+        total = "?" if p["total"] is None else p["total"]
+        lines.append(
+            f"  {p['kind']}: total {total}, succeeded {p['succeeded']}, failed {p['failed']}, pending "
+            f"{'?' if p['pending'] is None else p['pending']}"
+        )
+        lines += [f"    failed {code}: {n}" for code, n in sorted(p["failed_codes"].items())]
+    if "dead_letter" in st:
+        lines.append(f"  dead-lettered: {st['dead_letter']}")
+    if "result" in st:
+        lines.append("  " + result_summary(st["result"]).replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def subject_summary(s: dict[str, Any]) -> str:
+    """``SubjectState.as_dict()`` -> lines."""
+    lines = [f"subject {s['tenant']}/{s['subject']}"]
+    if s["current_version"] is None:
+        lines.append("  current version  none (nothing committed yet)")
+    else:
+        lines.append(
+            f"  current version  {s['current_version']} (key {s['current_key_id']} v{s['current_key_version']}, "
+            f"committed {s['current_committed_at']})"
+        )
+        lines.append(f"  manifest         {s['current_manifest_uri']}")
+    if s["key_id"] is not None:
+        lines.append(
+            f"  key version      {s['key_id']} v{s['key_version']}" + (" (key revoked)" if s["key_revoked"] else "")
+        )
+    lines.append(f"  versions         {', '.join(map(str, s['versions'])) or 'none'}")
+    if not s["revoked"]:
+        lines.append("  revoked versions none")
+    else:
+        lines.append(f"  revoked versions {', '.join(str(r['version']) for r in s['revoked'])}")
+        for r in s["revoked"]:
+            by = f", replaced by {r['replaced_by']}" if r["replaced_by"] is not None else ""
+            purged = ", images purged" if r["images_purged"] else ""
+            lines.append(
+                f"    version {r['version']} (key {r['key_id']} v{r['key_version']}) revoked {r['revoked_at']}{by}"
+                f"{purged}: {r['reason']}"
+            )
+    return "\n".join(lines)

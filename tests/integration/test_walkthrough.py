@@ -1,0 +1,158 @@
+"""The README's newcomer walk-through, replayed: the ```console block between ``<!-- walkthrough:start -->`` and
+``<!-- walkthrough:end -->`` is run command by command in one bash session, against a real stack started by
+``infra/stack.sh up --worker`` (its own ports and state directory), and every output line the README shows must
+appear in that command's output, in order (``…`` matches anything within a line; a line ``…`` alone skips lines).
+
+The only rewrites: ``.stack/`` (in commands) -> the test's state directory, ``photos/`` -> a folder holding the
+sample faces (../shared/data/faces-smoke/obama-biden), the default S3 port 8333 (in output) -> the test stack's.
+The stack's dev key gets the fixed public test material of the lite tests (tests/integration/
+test_worker_enroll_verify.py ``_fixed_keyring``, key k1): at the lite bundle's EER operating point a fresh random key
+can flip a decision, so the README's ACCEPT/REJECT would not be reproducible.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_stack import REPO, Stack, make_stack  # noqa: F401 - make_stack is a fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+README = REPO / "README.md"
+SHARED = Path(os.environ.get("CANCELABLE_SHARED_DIR", REPO.parent / "shared"))
+FACES = SHARED / "data" / "faces-smoke" / "obama-biden"
+MARK = "@@walkthrough-command-done@@"
+
+
+def transcript(text: str) -> list[tuple[str, list[str]]]:
+    """(command, expected output lines) for each ``$ `` line of the walk-through block."""
+    block = text.split("<!-- walkthrough:start -->", 1)[1].split("<!-- walkthrough:end -->", 1)[0]
+    body = block.split("```console\n", 1)[1].split("```", 1)[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in body.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif steps:
+            steps[-1][1].append(line)
+    return steps
+
+
+def _pattern(line: str) -> re.Pattern[str]:
+    return re.compile(".*?".join(re.escape(part) for part in line.split("…")) + r"\s*")
+
+
+def missing_lines(expected: list[str], output: str) -> list[str]:
+    """Expected lines not found in ``output`` in order (``…`` wildcards; a bare ``…`` line is skipped)."""
+    lines = output.splitlines()
+    i, missing = 0, []
+    for want in expected:
+        if want.strip() in ("…", ""):
+            continue
+        pat = _pattern(want)
+        j = next((k for k in range(i, len(lines)) if pat.fullmatch(lines[k])), None)
+        if j is None:
+            missing.append(want)
+        else:
+            i = j + 1
+    return missing
+
+
+def test_transcript_parser_finds_the_walkthrough() -> None:
+    steps = transcript(README.read_text())
+    commands = [c for c, _ in steps]
+    assert any(c.startswith("infra/stack.sh up") for c in commands)
+    assert sum("cancelable verify" in c for c in commands) >= 3 and any("cancelable revoke" in c for c in commands)
+    assert any("cancelable subject" in c for c in commands)
+    # the matcher itself: order matters, wildcards stay within a line
+    assert missing_lines(["a …", "c"], "a b\nc\n") == []
+    assert missing_lines(["c", "a …"], "a b\nc\n") == ["a …"]
+    assert missing_lines(["exit 5"], "exit 0\n") == ["exit 5"]
+
+
+def _fixed_dev_key(stack: Stack, key_id: str) -> None:
+    material = hashlib.sha256(b"lite-test-key:k1").digest()  # the lite tests' fixed public key k1
+    keys = {key_id: {"b64": base64.b64encode(material).decode()}}
+    stack.dir.mkdir(parents=True, exist_ok=True)
+    path = stack.dir / "keyring.json"
+    path.write_text(json.dumps({"format": "cancelable-keyring/1", "keys": keys}))
+    path.chmod(0o600)
+
+
+def test_readme_walkthrough_replays(make_stack, tmp_path: Path) -> None:  # noqa: F811 - fixture
+    if not FACES.is_dir():
+        pytest.skip(f"sample faces not found at {FACES} (set CANCELABLE_SHARED_DIR); the walk-through enrols them")
+    photos = tmp_path / "photos"
+    shutil.copytree(FACES, photos)
+    stack = make_stack()
+    _fixed_dev_key(stack, "dev-key-1")
+    env = {
+        **stack.env,
+        "STACK_WORKER_WAIT_S": "300",
+        "CANCELABLE_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+
+    def paths(s: str) -> str:
+        return s.replace("photos/", f"{photos}/")
+
+    steps = [
+        (paths(c).replace(".stack/", f"{stack.dir}/"), [paths(x).replace(":8333", f":{stack.s3_port}") for x in out])
+        for c, out in transcript(README.read_text())
+    ]
+    script = "exec 2>&1\n" + "\n".join(f"{c}\necho {MARK}" for c, _ in steps)  # as a terminal shows it
+    r = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
+    if os.environ.get("CANCELABLE_WALKTHROUGH_OUT"):  # to refresh the README: the whole session as it ran
+        Path(os.environ["CANCELABLE_WALKTHROUGH_OUT"]).write_text(r.stdout.replace(MARK + "\n", ""))
+    outputs = r.stdout.split(MARK)
+    assert len(outputs) >= len(steps), f"the walk-through stopped early:\n{r.stdout}\n{r.stderr}"
+    failures = []
+    for (cmd, expected), out in zip(steps, outputs, strict=False):
+        miss = missing_lines(expected, out)
+        if miss:
+            failures.append(f"$ {cmd}\n  missing: {miss}\n  got:\n{out}")
+    assert not failures, "\n\n".join(failures) + f"\n\nstderr:\n{r.stderr}\nlogs:\n{stack.log_tails()}"
+    # nothing of the walk-through leaks into the repository
+    assert not (REPO / "photos").exists()
+
+
+def test_demo_prints_committed_paths_and_the_clis_threshold(make_stack, tmp_path: Path) -> None:  # noqa: F811
+    """``make demo``'s script on a real stack: every job runs (exit 0), what it prints as stored is committed
+    (versions/..., never a staging/ path), and its verify lines are the CLI's own (threshold 0.8696, 4 decimals)."""
+    if not FACES.is_dir():
+        pytest.skip(f"sample faces not found at {FACES} (set CANCELABLE_SHARED_DIR)")
+    stack = make_stack()
+    _fixed_dev_key(stack, "dev-key-1")
+    env = {
+        **stack.env,
+        "STACK_WORKER_WAIT_S": "300",
+        "CANCELABLE_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "CANCELABLE_SHARED_DIR": str(SHARED),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    script = f'infra/stack.sh up --worker >/dev/null && set -a && . "{stack.dir}/env" && set +a && '
+    script += ".venv/bin/python scripts/demo.py; rc=$?; infra/stack.sh down >/dev/null; exit $rc"
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout, r.stderr, stack.log_tails())
+    assert "staging/" not in r.stdout, r.stdout
+    assert "committed s3://cancelable/tenants/demo/subjects/obama/versions/0000000001.json" in r.stdout
+    assert "committed s3://cancelable/tenants/demo/subjects/obama/versions/0000000002.json" in r.stdout
+    verify_lines = [line for line in r.stdout.splitlines() if "verify " in line and "vs threshold" in line]
+    assert len(verify_lines) == 3 and all("vs threshold 0.8696 -> " in line for line in verify_lines), r.stdout
+    assert "uploads/" in r.stdout and "s3://cancelable-inputs/tenants/demo/" in r.stdout

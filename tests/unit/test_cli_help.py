@@ -1,0 +1,56 @@
+"""The ``cancelable`` parser: every option explains itself, exit codes and manifest formats are in ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from producers.cli import EXIT_CODES, build_parser
+from producers.commands import EXIT_BY_NAME
+
+
+def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_option_and_argument_has_help_text():
+    missing = []
+    for name, sp in _subparsers(build_parser()).items():
+        for a in sp._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            if not (a.help or "").strip():
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+    assert not missing, f"options without help text: {missing}"
+
+
+def test_subcommands_are_the_documented_ones():
+    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"}
+    assert set(_subparsers(build_parser())) == expected
+
+
+@pytest.mark.parametrize("command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"])
+def test_help_lists_the_exit_codes(command):
+    text = _subparsers(build_parser())[command].format_help()
+    assert "exit status:" in text and "REJECTED" in text
+    for code in EXIT_BY_NAME.values():
+        assert f"\n  {code}  " in text
+
+
+def test_exit_codes_are_distinct_and_reject_is_its_own():
+    assert len(set(EXIT_BY_NAME.values())) == len(EXIT_BY_NAME)
+    assert EXIT_BY_NAME["ok"] == 0 and EXIT_BY_NAME["reject"] not in (0, EXIT_BY_NAME["failed"])
+    assert EXIT_CODES.count("\n") == len(EXIT_BY_NAME)
+
+
+def test_bulk_help_documents_the_manifest_formats():
+    text = _subparsers(build_parser())["bulk"].format_help()
+    assert "subject,image[,key_id]" in text and '{"subject": "alice", "images": [' in text
+    assert "(?P<subject>...)" in text and "cancelable upload" in text
+
+
+def test_subject_takes_tenant_and_subject_positionally():
+    args = build_parser().parse_args(["subject", "acme", "alice", "--json"])
+    assert (args.subject_tenant, args.subject_id, args.json) == ("acme", "alice", True)
