@@ -820,6 +820,7 @@ def test_up_is_idempotent_and_down_leaves_a_preexisting_redis(stack_with_foreign
     assert "stopping" not in stack.run("down").stdout  # nothing left to stop
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(120)
 def test_up_never_uses_a_redis_without_a_password(make_stack, foreign_redis) -> None:
     """The machine's own unauthenticated Redis on the stack's port: ``up`` stops with a clear message, starts
@@ -835,6 +836,7 @@ def test_up_never_uses_a_redis_without_a_password(make_stack, foreign_redis) -> 
     assert alive(redis_pid) and redis.Redis(port=redis_port, socket_timeout=2).get("stack-test:mine") == b"keep"
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_redis_keeps_acknowledged_writes_across_sigkill(make_stack) -> None:
     """AOF with appendfsync everysec: what was acknowledged more than a second before a SIGKILL is there after the
@@ -863,6 +865,7 @@ def test_redis_keeps_acknowledged_writes_across_sigkill(make_stack) -> None:
     stack.run("down")
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(420)
 def test_up_worker_starts_redis_and_worker_and_down_stops_them_all(make_stack, tmp_path) -> None:
     import redis
