@@ -19,7 +19,6 @@ from worker.contracts import (
     BulkJob,
     BulkManifest,
     EnrollJob,
-    JobStatus,
     RevokeJob,
     VerifyJob,
     job_from_wire,
@@ -108,7 +107,7 @@ class Client:
     @property
     def input_bucket(self) -> str:
         """Where local photos are uploaded (``s3.input_bucket``, default ``<bucket>-inputs``)."""
-        from worker.storage.inputs import InputPolicy
+        from worker.contracts.inputs import InputPolicy
 
         return InputPolicy.from_settings(self.settings.s3).input_bucket
 
@@ -373,11 +372,6 @@ def _guess_format(uri: str) -> str:
     if low.endswith("/"):
         return "prefix"
     raise MalformedJobError("cannot tell the manifest format from its name; pass --format csv|jsonl|prefix")
-
-
-def is_terminal(result: Any) -> bool:
-    status = result.get("status") if isinstance(result, dict) else getattr(result, "status", None)
-    return status is not None and JobStatus(status).terminal
 
 
 def dumps(result: Any) -> str:

@@ -58,9 +58,7 @@ STAGES: tuple[str, ...] = (
     "download",
     "decode",
     "align",
-    "encode",
-    "optimise",
-    "decode_image",
+    "optimise",  # the engine call: encode, mix, optimise, decode and embed (one batched call)
     "template",
     "upload",
     "key",

@@ -255,12 +255,6 @@ def settings_secrets(settings: Any) -> list[str]:
 
 SCRUBBER = Scrubber()
 
-
-def register_secrets(*values: str | bytes | None) -> None:
-    """Add run-time secrets (e.g. a key provider's material) to the process scrubber."""
-    SCRUBBER.add_secrets(values)
-
-
 # --- Sentry -------------------------------------------------------------------------------------------------------
 def init_sentry(settings: Any, transport: Any = None, **options: Any) -> bool:
     """Initialise Sentry from ``settings.sentry`` (dsn, environment, release, traces_sample_rate).
@@ -369,6 +363,18 @@ LOG_FORMAT = (
 )
 
 
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra={...}`` fields of a record (scrubbed like the message)."""
+    return {
+        k: SCRUBBER.scrub(v, k)
+        for k, v in vars(record).items()
+        if k not in _RECORD_FIELDS and k not in ("job_id", "job_type") and not k.startswith("_")
+    }
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (``CANCELABLE_LOG_FORMAT=json``): time, level, logger, process, job ID and type,
     message and, for errors, the (scrubbed) traceback."""
@@ -385,9 +391,10 @@ class JsonFormatter(logging.Formatter):
             "job_type": getattr(record, "job_type", "-"),
             "message": record.getMessage(),
         }
+        out.update({k: v for k, v in _extras(record).items() if k not in out})
         if record.exc_text:
             out["traceback"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def _formatter() -> logging.Formatter:
@@ -401,7 +408,12 @@ class _TextFormatter(logging.Formatter):
         for name in ("job_id", "job_type"):  # records that did not pass the filter (another handler's)
             if not hasattr(record, name):
                 setattr(record, name, "-")
-        return super().format(record)
+        text = super().format(record)
+        extras = _extras(record)
+        if extras:  # extra={...} fields would otherwise be lost in plain text
+            head, nl, rest = text.partition("\n")
+            text = head + " (" + ", ".join(f"{k}={v}" for k, v in sorted(extras.items())) + ")" + nl + rest
+        return text
 
 
 def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any = None) -> logging.Handler:
@@ -453,22 +465,3 @@ def install_redaction(logger: logging.Logger | None = None) -> None:
         if not any(isinstance(f, RedactionFilter) for f in h.filters):
             h.addFilter(RedactionFilter(SCRUBBER))
             h.setFormatter(_formatter())  # Celery's own handlers: the same line format, job ID included
-
-
-def install_celery_hooks(settings: Any) -> None:
-    """Connect Sentry and log redaction to Celery's start signals (an alternative to calling ``setup_logging`` and
-    ``init_sentry`` from your own ``worker_init`` handler, which does the same).
-
-    ``worker_init`` (main process, before the pool forks; children inherit the client, whose sender thread restarts
-    per pid) initialises Sentry; ``after_setup_logger`` / ``after_setup_task_logger`` add the redaction filter to
-    the handlers Celery installs when it takes over the root logger.
-    """
-    from celery import signals
-
-    def _on_worker_init(**_: Any) -> None:
-        SCRUBBER.add_secrets(settings_secrets(settings))
-        init_sentry(settings)
-
-    SCRUBBER.add_secrets(settings_secrets(settings))
-    signals.worker_init.connect(_on_worker_init, weak=False)
-    _connect_celery_logging()

@@ -60,7 +60,7 @@ class S3Settings(_Group):
     """Where producers put source images (default ``<bucket>-inputs``); a tenant reads ``tenants/<tenant>/`` in it."""
     input_allow: dict[str, list[str]] = Field(default_factory=dict)
     """Extra input prefixes per tenant (JSON: ``{"acme": ["s3://acme-photos/"], "*": [...]}``; ``{tenant}`` is
-    replaced). See ``worker.storage.inputs``; entries in the output bucket are refused at start-up."""
+    replaced). See ``worker.contracts.inputs``; entries in the output bucket are refused at start-up."""
     prefix: str = ""
     """Optional key prefix inside the bucket (no leading or trailing slash)."""
     sse: Literal["none", "AES256", "aws:kms"] = "none"
@@ -84,7 +84,7 @@ class S3Settings(_Group):
             raise ValueError("s3.sse=aws:kms needs s3.sse_kms_key_id (CANCELABLE_S3__SSE_KMS_KEY_ID)")
         if self.sse != "aws:kms" and self.sse_kms_key_id:
             raise ValueError("s3.sse_kms_key_id is set but s3.sse is not aws:kms")
-        from worker.storage.inputs import InputPolicy
+        from worker.contracts.inputs import InputPolicy
 
         InputPolicy.from_settings(self)  # validates the allow-list (never the output bucket)
         if self.input_bucket is not None and self.input_bucket == self.bucket:
@@ -147,10 +147,7 @@ class WorkerSettings(_Group):
     """Largest accepted source image object."""
     max_pixels: int = Field(default=40_000_000, ge=64 * 64)
     """Largest accepted decoded image (width x height); guards against decompression bombs."""
-    max_images_per_subject: int = Field(default=32, ge=1, le=1024)
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
-    bulk_chunk_size: int = Field(default=64, ge=1, le=10_000)
-    concurrency: int = Field(default=1, ge=1, le=256)
     sweep_staging_interval: int = Field(default=3600, ge=0)
     """Seconds between Celery beat's ``sweep_staging`` runs (0: no periodic sweep). Objects a crashed commit left in
     staging are deleted once older than the visibility timeout."""
@@ -180,8 +177,6 @@ class MetricsSettings(_Group):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9808, ge=0, le=65535)
-    multiproc_dir: Path | None = None
-    """``PROMETHEUS_MULTIPROC_DIR`` for prefork workers; ``None`` lets the metrics module choose."""
 
 
 class SentrySettings(_Group):
@@ -290,10 +285,6 @@ class Settings(BaseSettings):
             _FileSuffixSource(settings_cls),
             NestedSecretsSettingsSource(file_secret_settings),
         )
-
-    def redacted(self) -> dict[str, Any]:
-        """A JSON-able dump for logs and ``status`` output: secrets shown as ``**********``."""
-        return self.model_dump(mode="json")
 
 
 class SettingsError(ValueError):

@@ -16,7 +16,7 @@ OUT = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 SERVER_ERRORS = (
     'outcome=~"failed|dead_lettered",error_code!~"invalid_image|image_too_large|unsupported_format|no_face|'
-    'multiple_faces|invalid_tensor|unknown_key|revoked_key|no_template|object_not_found|malformed_job"'
+    'multiple_faces|invalid_tensor|unknown_key|revoked_key|no_template|object_not_found|forbidden_input|malformed_job"'
 )
 
 
@@ -142,8 +142,8 @@ def fleet() -> list[tuple[str, list[Panel]]]:
                 *[
                     Panel(
                         f"Stage latency p{q}",
-                        f"{q}th percentile wall time of each pipeline stage (download, decode, align, encode, "
-                        f"optimise, decode_image, template, upload, key).",
+                        f"{q}th percentile wall time of each pipeline stage (download, decode, align, "
+                        f"optimise, template, upload, key).",
                         [
                             (
                                 f"histogram_quantile(0.{q}, sum by (le, stage) "

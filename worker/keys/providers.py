@@ -266,12 +266,6 @@ class LocalKeyring(KeyProvider):
         self._stamp: tuple[int, int] | None = None
         self.__material: dict[str, bytes] = {}
 
-    @classmethod
-    def create_if_missing(cls, path: Path, key_ids: list[str], registry: KeyRegistry | None = None) -> LocalKeyring:
-        """Dev stack helper: make sure ``path`` holds ``key_ids`` (adding random keys), then open it."""
-        write_keyring(path, key_ids)
-        return cls(path, registry)
-
     def _load(self) -> dict[str, bytes]:
         try:
             st = self._path.stat()

@@ -107,9 +107,5 @@ def dead_letter_key(tenant: str, job_id: str) -> str:
     return f"{dead_letters_prefix(tenant)}{check_job_id(job_id)}.json"
 
 
-def job_prefix(tenant: str, job_id: str) -> str:
-    return f"{_t(tenant)}/jobs/{check_job_id(job_id)}/"
-
-
 def key_state_key(tenant: str, key_id: str) -> str:
     return f"{_t(tenant)}/keys/{key_id_path(key_id)}/state.json"

@@ -93,7 +93,3 @@ def _on_worker_process_init(**_: Any) -> None:
             get_runtime().engine()
         except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the child stays up
             log.error("model load failed in worker child: %s", type(e).__name__)
-
-
-def consumes_engine() -> bool:
-    return ENGINE_QUEUE in _consumes or not _consumes

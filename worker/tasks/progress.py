@@ -157,13 +157,6 @@ class JobBook:
     def set_total(self, job_id: str, total: int) -> None:
         self.set_fields(job_id, total=int(total))
 
-    def add_total(self, job_id: str, n: int) -> int:
-        """Grow the total as a streaming producer discovers items (bulk); returns the new total."""
-        key = self._k("job", job_id)
-        v = self.r.hincrby(key, "total", int(n))
-        self.r.expire(key, self.ttl)
-        return int(v)
-
     def mark_succeeded(self, job_id: str, item_ids: list[str]) -> None:
         if not item_ids:
             return
