@@ -58,10 +58,12 @@ ours() {  # ours NAME -> prints the PID if the recorded process is still the one
   IFS=$'\t' read -r pid start <"$f" || return 1
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(proc_start "$pid")" = "$start" ] && echo "$pid"
 }
-spawn() {  # spawn NAME LOG CMD... : start detached in its own session, record the PID
+spawn() {  # spawn NAME LOG CMD... : start detached in its own session, record the PID; the log is appended to
+  # (a restart keeps the evidence of the previous run; `up` marks where each run starts)
   local name="$1" log="$2"; shift 2
   mkdir -p "$STACK/pids" "$(dirname "$log")"
-  setsid "$@" >"$log" 2>&1 </dev/null &
+  printf '\n==== stack.sh: %s started %s ====\n' "$name" "$(date -u +%FT%TZ)" >>"$log"
+  setsid "$@" >>"$log" 2>&1 </dev/null &
   local pid=$!
   sleep 0.2
   printf '%s\t%s\n' "$pid" "$(proc_start "$pid")" >"$(pidfile "$name")"
@@ -207,7 +209,11 @@ worker_ping() {  # asks the broker: slow (imports the app), used by status and f
      -d "$WORKER_NAME" -t 5 2>/dev/null)" || return 1
   [[ "$out" == *pong* ]]
 }
-worker_ready() { ours worker >/dev/null && grep -q "$WORKER_NAME ready" "$STACK/logs/worker.log"; }
+worker_ready() {  # "ready" after the last start marker only: the log is appended to across runs
+  ours worker >/dev/null &&
+    sed -n '/^==== stack.sh: worker started/h; /^==== stack.sh: worker started/!H; ${x;p}' "$STACK/logs/worker.log" |
+    grep -q "$WORKER_NAME ready"
+}
 
 # --- services -----------------------------------------------------------------------------------------------------
 up_redis() {
