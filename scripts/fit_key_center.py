@@ -1,5 +1,5 @@
 """Write a lite bundle's ``engine.key_target_center``: the dlib recognizer's mean embedding direction over the TRAIN
-chips (the engine rotates key targets about it; docs/notes/engine.md). ``train_lite.py`` finalize does the same for
+chips (the engine rotates key targets about it; docs/decisions.md). ``train_lite.py`` finalize does the same for
 a new bundle; this script adds it to an existing one without touching its weights (the manifest is not hashed).
 
 Run: ``.venv/bin/python scripts/fit_key_center.py worker/bundles/lite`` (about 3 min on one core; needs the chips

@@ -175,7 +175,7 @@ def finalize(state: dict, cfg: dict, chips: np.ndarray, train_idx: np.ndarray, o
             emb_sum += feats.double().sum(0)
             c, _ = e.encode_parts(x, feats * math.sqrt(e.identity_dim) if e.identity_dim else None)
             codes.append(c)
-    # the engine rotates key targets about the recognizer's mean direction (docs/notes/engine.md)
+    # the engine rotates key targets about the recognizer's mean direction (docs/decisions.md)
     center = torch.nn.functional.normalize(emb_sum, dim=0)
     codes_t = torch.cat(codes)
     fit_gaussian_mapping(g, e, codes_t)

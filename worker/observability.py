@@ -363,6 +363,18 @@ LOG_FORMAT = (
 )
 
 
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra={...}`` fields of a record (scrubbed like the message)."""
+    return {
+        k: SCRUBBER.scrub(v, k)
+        for k, v in vars(record).items()
+        if k not in _RECORD_FIELDS and k not in ("job_id", "job_type") and not k.startswith("_")
+    }
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (``CANCELABLE_LOG_FORMAT=json``): time, level, logger, process, job ID and type,
     message and, for errors, the (scrubbed) traceback."""
@@ -379,9 +391,10 @@ class JsonFormatter(logging.Formatter):
             "job_type": getattr(record, "job_type", "-"),
             "message": record.getMessage(),
         }
+        out.update({k: v for k, v in _extras(record).items() if k not in out})
         if record.exc_text:
             out["traceback"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def _formatter() -> logging.Formatter:
@@ -395,7 +408,12 @@ class _TextFormatter(logging.Formatter):
         for name in ("job_id", "job_type"):  # records that did not pass the filter (another handler's)
             if not hasattr(record, name):
                 setattr(record, name, "-")
-        return super().format(record)
+        text = super().format(record)
+        extras = _extras(record)
+        if extras:  # extra={...} fields would otherwise be lost in plain text
+            head, nl, rest = text.partition("\n")
+            text = head + " (" + ", ".join(f"{k}={v}" for k, v in sorted(extras.items())) + ")" + nl + rest
+        return text
 
 
 def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any = None) -> logging.Handler:

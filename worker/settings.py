@@ -60,7 +60,7 @@ class S3Settings(_Group):
     """Where producers put source images (default ``<bucket>-inputs``); a tenant reads ``tenants/<tenant>/`` in it."""
     input_allow: dict[str, list[str]] = Field(default_factory=dict)
     """Extra input prefixes per tenant (JSON: ``{"acme": ["s3://acme-photos/"], "*": [...]}``; ``{tenant}`` is
-    replaced). See ``worker.storage.inputs``; entries in the output bucket are refused at start-up."""
+    replaced). See ``worker.contracts.inputs``; entries in the output bucket are refused at start-up."""
     prefix: str = ""
     """Optional key prefix inside the bucket (no leading or trailing slash)."""
     sse: Literal["none", "AES256", "aws:kms"] = "none"
@@ -84,7 +84,7 @@ class S3Settings(_Group):
             raise ValueError("s3.sse=aws:kms needs s3.sse_kms_key_id (CANCELABLE_S3__SSE_KMS_KEY_ID)")
         if self.sse != "aws:kms" and self.sse_kms_key_id:
             raise ValueError("s3.sse_kms_key_id is set but s3.sse is not aws:kms")
-        from worker.storage.inputs import InputPolicy
+        from worker.contracts.inputs import InputPolicy
 
         InputPolicy.from_settings(self)  # validates the allow-list (never the output bucket)
         if self.input_bucket is not None and self.input_bucket == self.bucket:

@@ -1,6 +1,8 @@
 """Real services for integration tests, each owned by the test session: its own redis-server, its own SeaweedFS
-(``weed mini`` with credentials, loopback only, telemetry off) and a moto server for KMS, on free ports, torn down at
-the end. Tests that need a service skip with a clear reason when its binary is missing.
+(``weed mini`` hardened like ``infra/stack.sh`` runs it: S3 credentials, ``-disableHttp``, JWT-signed volume/filer
+HTTP and mutual TLS on gRPC from ``infra/seaweedfs/gen-security.sh``, loopback only, telemetry off) and a moto
+server for KMS, on free ports, torn down at the end. Tests that need a service skip with a clear reason when its
+binary is missing.
 
 Fixtures:
 
@@ -241,8 +243,21 @@ def weed_binary() -> str | None:
     return _which("weed", "CANCELABLE_WEED_BIN")
 
 
+GEN_SECURITY = REPO / "infra" / "seaweedfs" / "gen-security.sh"
+
+
+def write_seaweed_security(conf_dir: Path) -> Path:
+    """``security.toml`` + certificates for ``weed`` started with ``cwd=conf_dir`` (the same generator the stack
+    uses): JWT keys for volume and filer HTTP, gRPC mutual TLS. Returns the TOML's path."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found (infra/seaweedfs/gen-security.sh makes SeaweedFS's gRPC certificates with it)")
+    subprocess.run(["bash", str(GEN_SECURITY), str(conf_dir)], check=True, capture_output=True, timeout=60)
+    return conf_dir / "security.toml"
+
+
 def start_seaweed(workdir: Path, bucket: str = "cancelable-test") -> SeaweedService:
-    """``weed mini`` on free loopback ports, S3 identities from a generated config file, ``bucket`` created."""
+    """``weed mini`` on free loopback ports, S3 identities from a generated config file, ``bucket`` created; only the
+    S3 gateway serves unauthenticated clients (``-disableHttp``, ``security.toml`` in its working directory)."""
     binary = weed_binary()
     if binary is None:
         pytest.skip(
@@ -272,6 +287,7 @@ def start_seaweed(workdir: Path, bucket: str = "cancelable-test") -> SeaweedServ
             )
         )
         cfg.chmod(0o600)
+        write_seaweed_security(d)  # weed reads ./security.toml: it runs with cwd=d
         argv = [
             binary,
             "mini",
@@ -294,6 +310,7 @@ def start_seaweed(workdir: Path, bucket: str = "cancelable-test") -> SeaweedServ
             "-webdav=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            "-disableHttp",
             f"-bucket={bucket}",
         ]
         proc = _spawn(argv, d / "weed.log", cwd=d)

@@ -6,15 +6,27 @@ metrics port included: ``STACK_METRICS_PORT``, which the script writes into its 
 
 Processes and sockets are read from ``/proc`` (no ``ss`` or psutil needed): a started service is every process in
 the session of its recorded PID (the script starts each with ``setsid``), e.g. the worker and its pool child.
+
+Authentication (issue 10, "unauthenticated access to every port the stack opens: refused"): every TCP listener of
+every started process is classified and probed as a stranger would (Redis without AUTH, S3 anonymous and with wrong
+keys, filer/volume/master/admin HTTP for list/read/write/delete, each gRPC port in plaintext, in TLS without a client
+certificate and with a certificate from another CA), and through the authenticated path (Redis with the password,
+S3 with the keys, gRPC with the stack's certificate, ``weed shell`` with its ``security.toml``). A listener nobody
+classified fails the test. The read-only status pages SeaweedFS 4.48 cannot close are listed in ``OPEN_STATUS`` and
+checked to carry no object data (docs/operations.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import re
+import secrets as pysecrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -218,6 +230,20 @@ class Stack:
         d = self.dir / "secrets"
         return (d / "s3_access_key_id").read_text().strip(), (d / "s3_secret_access_key").read_text().strip()
 
+    def redis_url(self) -> str:
+        return (self.dir / "secrets" / "redis_url").read_text().strip()
+
+    def redis_password(self) -> str:
+        return (self.dir / "secrets" / "redis_password").read_text().strip()
+
+    def jwt_keys(self) -> list[str]:
+        """The four SeaweedFS JWT signing keys from the generated security.toml."""
+        toml = (self.dir / "seaweedfs-conf" / "security.toml").read_text()
+        return re.findall(r'^key = "([0-9a-f]{64})"$', toml, re.M)
+
+    def all_secrets(self) -> list[str]:
+        return [self.secrets()[1], self.redis_password(), *self.jwt_keys()]
+
     def s3(self, access: str | None = None, secret: str | None = None, unsigned: bool = False):  # noqa: ANN201
         import boto3
         from botocore import UNSIGNED
@@ -315,27 +341,31 @@ def make_stack(tmp_path: Path) -> Iterator:
         assert alive(sys_redis_before), "the system Redis on 6379 is gone"
 
 
-@pytest.fixture
-def foreign_redis(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    """A redis-server this test starts itself, not the script: ``(port, pid)``."""
+@contextlib.contextmanager
+def own_redis(d: Path, port: int, password: str | None = None) -> Iterator[int]:
+    """A redis-server this test starts itself (not the script) on ``port``, with ``password`` if given (from a
+    config file, not the command line); yields its PID."""
     import redis
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not found (apt-get install redis-server)")
-    port = free_port(set())
-    d = tmp_path / "foreign-redis"
-    d.mkdir()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(d)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    d.mkdir(parents=True)
+    conf = d / "redis.conf"
+    text = f'port {port}\nbind 127.0.0.1\nsave ""\ndir "{d}"\n'
+    conf.write_text(text + (f'requirepass "{password}"\n' if password else ""))
+    conf.chmod(0o600)
+    proc = subprocess.Popen(
+        ["redis-server", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
             with contextlib.suppress(redis.RedisError):
-                if redis.Redis(port=port, socket_timeout=1).ping():
+                if redis.Redis(port=port, password=password, socket_timeout=1).ping():
                     break
             assert proc.poll() is None and time.monotonic() < deadline, "own redis-server did not start"
             time.sleep(0.1)
-        yield port, proc.pid
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -343,6 +373,14 @@ def foreign_redis(tmp_path: Path) -> Iterator[tuple[int, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def foreign_redis(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """A redis-server without a password that this test starts itself, not the script: ``(port, pid)``."""
+    port = free_port(set())
+    with own_redis(tmp_path / "foreign-redis", port) as pid:
+        yield port, pid
 
 
 # --- checks ----------------------------------------------------------------------------------------------------------
@@ -410,6 +448,7 @@ def assert_settings_work(stack: Stack, exported: dict[str, str], monkeypatch: py
     assert s.s3.bucket == BUCKETS[0]
     assert s.keys.keyring_path and Path(s.keys.keyring_path).is_file()
     assert s.s3.input_bucket == BUCKETS[1]
+    assert s.redis.require_url() == stack.redis_url()
     assert redis.Redis.from_url(s.redis.require_url(), socket_timeout=2).ping()
     c = make_s3_client(s.s3.model_copy(update={"max_attempts": 1}))
     key = f"stack-test/{uuid.uuid4().hex}"
@@ -442,20 +481,44 @@ def assert_s3_auth(stack: Stack) -> None:
             status = e.value.response["ResponseMetadata"]["HTTPStatusCode"]
             code = e.value.response["Error"].get("Code")
             assert status == 403, f"{what} {op}: expected 403, got {status} {code}"
+            assert code in S3_REFUSALS, f"{what} {op}: unexpected error code {code}"
     listed = {o["Key"] for o in good.list_objects_v2(Bucket=BUCKETS[0]).get("Contents", [])}
     assert probe not in listed, "a refused put still stored its object"
 
 
-def assert_state_private(stack: Stack) -> None:
-    """State dir 0700, secret-bearing files not readable by others, the secret in no output or log."""
+PRIVATE_FILES = (
+    "env",
+    "keyring.json",
+    "seaweedfs-s3.json",
+    "secrets/s3_access_key_id",
+    "secrets/s3_secret_access_key",
+    "secrets/redis_password",
+    "secrets/redis_url",
+    "secrets/aws-credentials",
+    "seaweedfs-conf/security.toml",
+    "seaweedfs-conf/tls/node.key",
+)
+
+
+def assert_state_private(stack: Stack, started: dict[str, tuple[int, str]] | None = None) -> None:
+    """State dir 0700, secret-bearing files not readable by others, no secret (S3 key, Redis password, SeaweedFS JWT
+    keys) in the env file, the script's output, a log, or the command line of a started process."""
     assert stat.S_IMODE(stack.dir.stat().st_mode) == 0o700
-    for f in ("env", "keyring.json", "seaweedfs-s3.json", "secrets/s3_access_key_id", "secrets/s3_secret_access_key"):
+    for f in PRIVATE_FILES + (("redis/redis.conf",) if (stack.dir / "redis" / "redis.conf").exists() else ()):
         mode = stat.S_IMODE((stack.dir / f).stat().st_mode)
         assert mode & 0o077 == 0, f"{f} is readable by others ({oct(mode)})"
-    _, sk = stack.secrets()
-    assert sk not in (stack.dir / "env").read_text(), "the env file carries the secret itself (expected *_FILE)"
+    assert not (stack.dir / "seaweedfs-conf" / "tls" / "ca.key").exists(), "the CA key was kept"
+    found = stack.all_secrets()
+    assert len(found) == 6, "expected the S3 secret, the Redis password and four JWT keys"
+    env_text = (stack.dir / "env").read_text()
+    assert not [s for s in found if s in env_text], "the env file carries a secret itself (expected *_FILE)"
     texts = stack.outputs + [p.read_text(errors="replace") for p in (stack.dir / "logs").glob("*.log")]
-    assert not [t for t in texts if sk in t], "the S3 secret key appears in the script's output or a log"
+    assert not [t for t in texts for s in found if s in t], "a secret appears in the script's output or a log"
+    for name, (pid, _) in (started or {}).items():
+        for member in session_members(pid):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{member}/cmdline").read_bytes().decode(errors="replace")
+                assert not [s for s in found if s in argv], f"{name} (pid {member}) has a secret on its command line"
 
 
 def assert_stopped(stack: Stack, started: dict[str, tuple[int, str]]) -> None:
@@ -465,18 +528,263 @@ def assert_stopped(stack: Stack, started: dict[str, tuple[int, str]]) -> None:
     assert not list((stack.dir / "pids").glob("*.pid")), "PID files left after down"
 
 
+# --- strangers on every port ---------------------------------------------------------------------------------------
+S3_REFUSALS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS frame
+# Read-only pages weed 4.48 serves to anyone whatever the configuration (docs/operations.md); they may answer, but
+# must not carry object data. service -> paths.
+OPEN_STATUS = {
+    "master": ("/", "/cluster/status", "/cluster/healthz"),
+    "volume": ("/status", "/healthz"),
+    "admin": ("/health", "/metrics"),
+}
+
+
+def http_probe(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):  # noqa: ANN201
+    """``(status, body)`` of one plain HTTP request, or ``("refused"|<error name>, b"")``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read(1 << 20)
+    except ConnectionRefusedError:
+        return "refused", b""
+    except (http.client.HTTPException, OSError) as e:
+        return type(e).__name__, b""
+    finally:
+        conn.close()
+
+
+def redis_raw(port: int, *commands: bytes) -> list[bytes]:
+    """First reply line of each inline command on one fresh connection, without AUTH."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        f = s.makefile("rb")
+        for c in commands:
+            s.sendall(c + b"\r\n")
+            out.append(f.readline().rstrip())
+    return out
+
+
+def _h2_settings(sock: socket.socket) -> bool:
+    """Sends the HTTP/2 preface; True if the peer answers with a SETTINGS frame (a gRPC server talking to us)."""
+    data = b""
+    try:
+        sock.sendall(H2_PREFACE)
+        while len(data) < 9:
+            chunk = sock.recv(9 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except (OSError, ssl.SSLError):
+        return False
+    return len(data) == 9 and data[3] == 0x04
+
+
+def grpc_answers(port: int, tls: bool, ca: Path, cert: tuple[Path, Path] | None = None) -> bool:
+    """Does the gRPC server on ``port`` speak HTTP/2 to us: in plaintext, or over TLS with ``cert`` (or none)?"""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    raw.settimeout(5)
+    try:
+        if not tls:
+            return _h2_settings(raw)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(str(ca))
+        ctx.set_alpn_protocols(["h2"])
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        try:
+            s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        except (OSError, ssl.SSLError):
+            return False
+        with s:
+            return _h2_settings(s)
+    finally:
+        raw.close()
+
+
+def weed_shell(stack: Stack, cwd: Path, command: str, timeout: float) -> str:
+    """``weed shell`` (a real SeaweedFS gRPC client) run in ``cwd``: it reads ./security.toml from there."""
+    master, _, filer, _, _ = stack.weed_ports
+    argv = [stack.env["CANCELABLE_WEED_BIN"], "shell", f"-master=127.0.0.1:{master}", f"-filer=127.0.0.1:{filer}"]
+    try:
+        r = subprocess.run(argv, input=command + "\nexit\n", cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        return r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        return (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+
+
+def assert_every_port_refuses_strangers(stack: Stack, started: dict[str, tuple[int, str]], tmp: Path) -> None:
+    """Every TCP port the started processes listen on refuses unauthenticated list/read/write; the authenticated
+    paths work; a listener this check does not know fails it."""
+    import redis
+    from botocore.exceptions import ClientError
+
+    socks = assert_loopback_only(stack, started)
+    listening = {s[3] for s in socks if s[1].startswith("tcp")}
+    master, volume, filer, s3_port, admin = stack.weed_ports
+    metrics = int(stack.env["CANCELABLE_METRICS__PORT"])
+    checked: set[int] = set()
+    conf = stack.dir / "seaweedfs-conf"
+
+    # An object only the authenticated path may touch: several volume chunks (weed mini splits at 4 MiB).
+    bucket, key = BUCKETS[0], f"stack-test/secret-{uuid.uuid4().hex}.bin"
+    marker = f"OBJECT-DATA-{uuid.uuid4().hex}".encode()
+    body = marker + os.urandom(9 << 20) + marker
+    good = stack.s3()
+    good.put_object(Bucket=bucket, Key=key, Body=body)
+
+    # Redis: nothing without AUTH, wrong password refused, the stack's URL works.
+    if stack.redis_port in listening:
+        for reply in redis_raw(stack.redis_port, b"PING", b"KEYS *", b"SET stranger 1", b"CONFIG GET requirepass"):
+            assert reply.startswith(b"-NOAUTH"), f"redis answered a client without AUTH: {reply!r}"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=stack.redis_port, password="wrong-" + pysecrets.token_hex(8), socket_timeout=2).ping()
+        r = redis.Redis.from_url(stack.redis_url(), socket_timeout=2)
+        assert r.ping() and r.get("stranger") is None
+        assert r.config_get("appendonly")["appendonly"] == "yes"
+        assert r.config_get("appendfsync")["appendfsync"] == "everysec"
+        assert r.config_get("protected-mode")["protected-mode"] == "yes"
+        checked.add(stack.redis_port)
+
+    # S3: 403 AccessDenied-family for anonymous, wrong secret and unknown key; reads too.
+    assert_s3_auth(stack)
+    _, sk = stack.secrets()
+    for client in (stack.s3(unsigned=True), stack.s3(secret=sk[::-1] + "x")):
+        for call in (
+            lambda c: c.get_object(Bucket=bucket, Key=key),
+            lambda c: c.delete_object(Bucket=bucket, Key=key),
+            lambda c: c.list_buckets(),
+        ):
+            with pytest.raises(ClientError) as e:
+                call(client)
+            assert e.value.response["Error"].get("Code") in S3_REFUSALS, e.value.response["Error"]
+    assert s3_port in listening
+    checked.add(s3_port)
+
+    # The authenticated gRPC client finds the object's volume chunks; the same client without the certificate
+    # (a directory with no security.toml) gets nothing.
+    meta = weed_shell(stack, conf, f"fs.meta.cat /buckets/{bucket}/{key}", timeout=60)
+    fids = re.findall(r'"fileId":\s*"(\d+,[0-9a-f]+)"', meta)
+    assert len(fids) >= 2, f"weed shell with the stack's security.toml could not read the metadata:\n{meta[-2000:]}"
+    stranger_dir = tmp / "stranger"
+    stranger_dir.mkdir(exist_ok=True)
+    meta = weed_shell(stack, stranger_dir, f"fs.meta.cat /buckets/{bucket}/{key}", timeout=15)
+    assert "fileId" not in meta, "weed shell without a client certificate read the filer metadata"
+
+    def refused(port: int, method: str, path: str, data: bytes | None = None, hdrs: dict | None = None) -> None:
+        status, text = http_probe(port, method, path, data, hdrs)
+        assert not (isinstance(status, int) and status < 400), f"{method} :{port}{path} -> {status} {text[:200]!r}"
+        assert marker not in text
+
+    multipart = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+    form = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\nstranger\r\n--XyZ--\r\n'
+    # Filer HTTP: no listing, no read, no write, no delete.
+    for method, path, data, hdrs in (
+        ("GET", "/", None, None),
+        ("GET", "/buckets/", None, None),
+        ("GET", f"/buckets/{bucket}/", None, None),
+        ("GET", f"/buckets/{bucket}/stack-test/?pretty=y", None, None),
+        ("GET", f"/buckets/{bucket}/{key}", None, None),
+        ("HEAD", f"/buckets/{bucket}/{key}", None, None),
+        ("PUT", f"/buckets/{bucket}/stack-test/stranger.txt", b"stranger", None),
+        ("POST", f"/buckets/{bucket}/stack-test/", form, multipart),
+        ("DELETE", f"/buckets/{bucket}/{key}", None, None),
+        ("DELETE", f"/buckets/{bucket}/?recursive=true", None, None),
+    ):
+        refused(filer, method, path, data, hdrs)
+    checked.add(filer)
+    # Volume HTTP: the object's chunks cannot be read, overwritten or deleted without a signed token.
+    for fid in fids[:2]:
+        for method, data in (("GET", None), ("HEAD", None), ("PUT", b"stranger"), ("POST", form), ("DELETE", None)):
+            refused(volume, method, f"/{fid}", data, multipart if method == "POST" else None)
+    refused(volume, "GET", "/ui/index.html")
+    refused(volume, "GET", "/")
+    checked.add(volume)
+    # Master HTTP: no assign (write tokens), no submit, no lookup, no volume or collection admin.
+    vid = fids[0].split(",")[0]
+    for method, path, data, hdrs in (
+        ("GET", "/dir/assign", None, None),
+        ("POST", "/dir/assign?count=1", None, None),
+        ("POST", "/submit", form, multipart),
+        ("GET", f"/dir/lookup?volumeId={vid}", None, None),
+        ("GET", f"/dir/lookup?fileId={fids[0]}&read=yes", None, None),
+        ("GET", f"/{fids[0]}", None, None),
+        ("GET", "/dir/status", None, None),
+        ("GET", "/vol/status", None, None),
+        ("GET", "/vol/grow?count=1", None, None),
+        ("GET", "/vol/vacuum", None, None),
+        ("GET", f"/col/delete?collection={bucket}", None, None),
+    ):
+        refused(master, method, path, data, hdrs)
+    checked.add(master)
+    # Admin HTTP: no UI, no API.
+    for path in ("/", "/login", "/api/cluster/topology", "/api/s3/buckets", "/api/users", "/maintenance"):
+        refused(admin, "GET", path)
+    refused(admin, "POST", "/api/s3/buckets", b'{"name":"stranger"}', {"Content-Type": "application/json"})
+    checked.add(admin)
+    # What stays open is read-only status without object data.
+    for service, port in (("master", master), ("volume", volume), ("admin", admin)):
+        for path in OPEN_STATUS[service]:
+            status, text = http_probe(port, "GET", path)
+            assert marker not in text, f"{service} {path} shows object data"
+    # gRPC (+10000): not in plaintext, not over TLS without a certificate or with another CA's; yes with ours.
+    other = tmp / "other-ca"
+    subprocess.run(["bash", str(REPO / "infra/seaweedfs/gen-security.sh"), str(other)], check=True, timeout=60)
+    ca, ours_cert = conf / "tls" / "ca.crt", (conf / "tls" / "node.crt", conf / "tls" / "node.key")
+    grpc_ports = {p + 10000 for p in stack.weed_ports} & listening
+    assert {master + 10000, volume + 10000, filer + 10000} <= grpc_ports, f"gRPC listeners: {sorted(grpc_ports)}"
+    for port in sorted(grpc_ports):
+        assert not grpc_answers(port, tls=False, ca=ca), f"gRPC :{port} answers in plaintext"
+        assert not grpc_answers(port, tls=True, ca=ca), f"gRPC :{port} answers a TLS client without a certificate"
+        foreign = (other / "tls" / "node.crt", other / "tls" / "node.key")
+        assert not grpc_answers(port, tls=True, ca=ca, cert=foreign), f"gRPC :{port} accepts another CA's certificate"
+        assert grpc_answers(port, tls=True, ca=ca, cert=ours_cert), f"gRPC :{port} refuses the stack's certificate"
+    checked |= grpc_ports
+    # Worker metrics (Prometheus scrape, read-only by design): no job data in it.
+    if metrics in listening:
+        status, text = http_probe(metrics, "GET", "/metrics")
+        assert status == 200 and marker not in text
+        checked.add(metrics)
+
+    unknown = listening - checked
+    assert not unknown, f"listeners nobody checked for authentication: {sorted(unknown)} (of {socks})"
+    # Nothing a stranger tried changed anything.
+    assert good.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+    keys = {o["Key"] for o in good.list_objects_v2(Bucket=bucket, Prefix="stack-test/").get("Contents", [])}
+    assert keys == {key}, f"a stranger's write landed: {keys}"
+    good.delete_object(Bucket=bucket, Key=key)
+
+
 # --- tests -----------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def stack_with_foreign_redis(make_stack, tmp_path: Path) -> Iterator[tuple[Stack, int]]:
+    """A stack whose port holds a redis-server this test started with the stack's password (written into the
+    stack's secrets before ``up``, as a previous ``up`` would have): ``(stack, redis pid)``."""
+    port = free_port(set())
+    stack = make_stack(redis_port=port)
+    (stack.dir / "secrets").mkdir(parents=True)
+    stack.dir.chmod(0o700)
+    (stack.dir / "secrets").chmod(0o700)
+    password = pysecrets.token_hex(32)
+    f = stack.dir / "secrets" / "redis_password"
+    f.write_text(password + "\n")
+    f.chmod(0o600)
+    with own_redis(tmp_path / "foreign-redis-pw", port, password) as pid:
+        yield stack, pid
+
+
 @pytest.mark.timeout(300)
-def test_up_is_idempotent_and_down_leaves_a_preexisting_redis(make_stack, foreign_redis, monkeypatch) -> None:
+def test_up_is_idempotent_and_down_leaves_a_preexisting_redis(stack_with_foreign_redis, monkeypatch) -> None:
     import redis
 
-    redis_port, redis_pid = foreign_redis
-    r = redis.Redis(port=redis_port, socket_timeout=2)
+    stack, redis_pid = stack_with_foreign_redis
+    redis_port = stack.redis_port
+    r = redis.Redis(port=redis_port, password=stack.redis_password(), socket_timeout=2)
     r.set("stack-test:mine", b"keep")
-    stack = make_stack(redis_port=redis_port)
 
     out = stack.run("up").stdout
-    assert f"already running on 127.0.0.1:{redis_port} (not ours; left alone)" in out, out
+    assert f"already running on 127.0.0.1:{redis_port} with the stack's password (not ours; left alone)" in out, out
     started = stack.pidfiles()
     assert set(started) == {"seaweedfs"}, f"expected only SeaweedFS to be started, got {started}"
     weed_pid = started["seaweedfs"][0]
@@ -486,17 +794,20 @@ def test_up_is_idempotent_and_down_leaves_a_preexisting_redis(make_stack, foreig
     assert ("seaweedfs", "tcp", "127.0.0.1", stack.s3_port, weed_pid) in socks, f"S3 port not among {socks}"
     assert_s3_auth(stack)
     exported = sourced_env(stack)
-    assert exported["CANCELABLE_REDIS__URL"] == f"redis://127.0.0.1:{redis_port}/0"
+    assert "CANCELABLE_REDIS__URL" not in exported, "the Redis URL (with its password) belongs in a file"
+    assert exported["CANCELABLE_REDIS__URL_FILE"] == str(stack.dir / "secrets" / "redis_url")
+    assert stack.redis_url() == f"redis://:{stack.redis_password()}@127.0.0.1:{redis_port}/0"
     assert_settings_work(stack, exported, monkeypatch)
     assert_aws_env_works(stack, exported)
-    assert_state_private(stack)
+    assert_state_private(stack, started)
 
-    secrets_before = stack.secrets()
+    secrets_before, jwt_before = stack.secrets(), stack.jwt_keys()
     pid_text = (stack.dir / "pids" / "seaweedfs.pid").read_text()
     out = stack.run("up").stdout
     assert "seaweedfs: running (ours)" in out and "not ours; left alone" in out, out
     assert stack.pidfiles() == started and (stack.dir / "pids" / "seaweedfs.pid").read_text() == pid_text
     assert stack.secrets() == secrets_before, "a second up changed the S3 credentials"
+    assert stack.jwt_keys() == jwt_before, "a second up changed the SeaweedFS keys"
     assert sorted(assert_loopback_only(stack, started)) == sorted(socks), "a second up changed the listeners"
     stack.s3().head_bucket(Bucket=BUCKETS[0])
 
@@ -509,8 +820,54 @@ def test_up_is_idempotent_and_down_leaves_a_preexisting_redis(make_stack, foreig
     assert "stopping" not in stack.run("down").stdout  # nothing left to stop
 
 
+@pytest.mark.faults
+@pytest.mark.timeout(120)
+def test_up_never_uses_a_redis_without_a_password(make_stack, foreign_redis) -> None:
+    """The machine's own unauthenticated Redis on the stack's port: ``up`` stops with a clear message, starts
+    nothing, and the foreign Redis is untouched."""
+    import redis
+
+    redis_port, redis_pid = foreign_redis
+    redis.Redis(port=redis_port, socket_timeout=2).set("stack-test:mine", b"keep")
+    stack = make_stack(redis_port=redis_port)
+    r = stack.run("up", check=False)
+    assert r.returncode != 0 and "Redis without a password; the stack never uses one" in r.stderr, (r.stdout, r.stderr)
+    assert stack.pidfiles() == {}, "started something next to a Redis it refused"
+    assert alive(redis_pid) and redis.Redis(port=redis_port, socket_timeout=2).get("stack-test:mine") == b"keep"
+
+
+@pytest.mark.faults
 @pytest.mark.timeout(300)
-def test_up_worker_starts_redis_and_worker_and_down_stops_them_all(make_stack) -> None:
+def test_redis_keeps_acknowledged_writes_across_sigkill(make_stack) -> None:
+    """AOF with appendfsync everysec: what was acknowledged more than a second before a SIGKILL is there after the
+    restart (the old configuration lost the last minute)."""
+    import redis
+
+    stack = make_stack()
+    stack.run("up")
+    pid = stack.pidfiles()["redis"][0]
+    r = redis.Redis.from_url(stack.redis_url(), socket_timeout=5)
+    pipe = r.pipeline(transaction=False)
+    for i in range(500):
+        pipe.set(f"stack-test:k{i}", i)
+    pipe.execute()
+    time.sleep(2.5)  # > 1 s: everysec has synced
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while session_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not session_members(pid)
+    out = stack.run("up").stdout
+    assert f"redis: started on 127.0.0.1:{stack.redis_port}" in out, out
+    r = redis.Redis.from_url(stack.redis_url(), socket_timeout=5)
+    values = r.mget([f"stack-test:k{i}" for i in range(500)])
+    assert values == [str(i).encode() for i in range(500)], f"lost {sum(v is None for v in values)} of 500 keys"
+    stack.run("down")
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(420)
+def test_up_worker_starts_redis_and_worker_and_down_stops_them_all(make_stack, tmp_path) -> None:
     import redis
 
     stack = make_stack()
@@ -525,13 +882,13 @@ def test_up_worker_starts_redis_and_worker_and_down_stops_them_all(make_stack) -
     metrics_port = int(stack.env["CANCELABLE_METRICS__PORT"])
     for want in (("redis", stack.redis_port), ("seaweedfs", stack.s3_port), ("worker", metrics_port)):
         assert want in by_service, f"{want} not among {socks}"
-    assert redis.Redis(port=stack.redis_port, socket_timeout=2).ping()
-    assert_s3_auth(stack)
+    assert redis.Redis.from_url(stack.redis_url(), socket_timeout=2).ping()
+    assert_every_port_refuses_strangers(stack, started, tmp_path)
 
     status = stack.run("status").stdout
     for name in SERVICES:
         assert f"{name}: up (ours, pid {started[name][0]})" in status, status
-    assert_state_private(stack)
+    assert_state_private(stack, started)
 
     out = stack.run("down").stdout
     assert all(f"stopping {n}" in out for n in SERVICES), out

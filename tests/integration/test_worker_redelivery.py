@@ -401,3 +401,46 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
     assert sent == [child_job_id(job.job_id, "line", n) for n in (first, last)]
     p = rt.book.progress(job.job_id)
     assert p.total == 3 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
+
+
+def test_reconcile_counts_missed_bulk_children_and_syncs_dead_letters(rt) -> None:
+    """The beat task repairs what a Redis outage can leave behind: children whose results are stored but whose
+    report to the bulk parent was lost, and dead letters that never reached S3."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import EnrollResult, JobStatus, child_job_id, to_wire
+    from worker.tasks import control_tasks
+
+    book = rt.book
+    parent = new_id("bk")
+    book.open_job(parent, "bulk", tenant="acme", attempts=1)
+    children = [child_job_id(parent, "line", n) for n in (1, 2, 3)]
+    for cid in children:
+        res = EnrollResult(job_id=cid, tenant="acme", subject=cid[-8:], status=JobStatus.SUCCEEDED, version=1)
+        book.save_result(cid, to_wire(res))
+    book.mark_succeeded(parent, children[:1])  # the reports of children 2 and 3 were lost
+    book.set_total(parent, 3)
+    book.set_fields(parent, listing="done")
+    dl = new_id("dl")
+    book.add_dead_letter(
+        dl,
+        {
+            "job_id": dl,
+            "job_kind": "enroll",
+            "tenant": "acme",
+            "attempts": 3,
+            "error_code": "storage_error",
+            "message": "",
+            "job": {},
+            "s3_uri": None,
+        },
+    )
+
+    assert book.get_result(parent) is None
+    out = control_tasks.reconcile(idle_s=0.0)
+    assert out == {"dead_letters_synced": 1, "bulk_children_repaired": 2}
+    final = book.get_result(parent)
+    assert final is not None and final["status"] == "succeeded" and final["succeeded"] == 3
+    assert rt.store.exists(f"tenants/acme/dead-letters/{dl}.json")
+    assert book.get_dead_letter(dl)["s3_uri"].endswith(f"{dl}.json")
+    assert control_tasks.reconcile(idle_s=0.0) == {"dead_letters_synced": 0, "bulk_children_repaired": 0}

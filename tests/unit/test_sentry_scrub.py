@@ -268,3 +268,21 @@ def test_redaction_survives_celery_taking_over_the_root_logger(settings, tmp_pat
         "seed [Filtered] via https://s3.example.com/cancelable/t1/s1/img.jpg?[Filtered]" in out
     )  # ...the filter stayed
     assert_clean(out)
+
+
+def test_log_lines_carry_the_job_and_extra_fields_scrubbed(settings):
+    stream = io.StringIO()
+    handler = setup_logging(settings, level="INFO", stream=stream)
+    try:
+        log = logging.getLogger("worker.test")
+        with job_scope(JOB_ID, "enroll"):
+            log.info("committed version", extra={"tenant": "acme", "version": 3, "seed": SEED.hex()})
+            log.warning("Received unregistered task.\nThe full contents of the message body was:\n{'tenant': 'acme'}")
+        log.info("outside any job")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert f"[job {JOB_ID} enroll]: committed version (seed={FILTERED}, tenant=acme, version=3)" in lines[0]
+    assert "message body not logged" in lines[1] and "'tenant'" not in stream.getvalue()
+    assert "[job - -]: outside any job" in lines[-1]
+    assert SEED.hex() not in stream.getvalue()

@@ -21,7 +21,7 @@ class EngineConfig:
     """Engine settings. Defaults follow the reference (lr 0.01, 50 steps, x0.8 at 75 % and 90 %, 10/10/0.15).
 
     split: "code" (released code), "readme" (authors' README / FALCO) or an explicit ``LayerSplit``.
-    key_target / w_key: the consistency-over-time term (docs/notes/engine.md); w_key is only used when on.
+    key_target / w_key: the consistency-over-time term (docs/decisions.md); w_key is only used when on.
     key_target_center: the identity model's mean embedding direction (from the bundle manifest); when set, the key
     rotation turns embeddings about it instead of about the origin (``keylatent.key_rotation_about``).
     mixed_precision: bf16 autocast around the networks inside the optimisation loop, CUDA only; latents, Adam

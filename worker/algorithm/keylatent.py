@@ -121,7 +121,7 @@ def key_target(e_orig: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
     ``rotation`` is (D, D) or per-sample (B, D, D). A rotation keeps cosines, so images of one person (close
     ``e_orig``) get close targets, other people stay apart, and different keys send one person to unrelated
-    targets. R_key is invertible: whoever holds the key can map a target back to ``e_orig`` (see docs/notes).
+    targets. R_key is invertible: whoever holds the key can map a target back to ``e_orig`` (see docs/decisions.md).
     """
     # float64 and an explicit per-row product-sum: a row's target must not depend on how many rows share the call
     # (a BLAS gemm and gemv round differently, and Adam can amplify such differences in near-zero gradients)

@@ -623,16 +623,49 @@ def sweep_staging(tenant: str | None = None) -> dict[str, Any]:
     return {"subjects": swept, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
 
 
+def _repair_bulk(rt: Any, parent: str) -> int:
+    """Count the finished children a bulk parent missed (a report lost to a Redis outage): every row whose child
+    has a stored terminal result but is not counted is reported now. Returns the number repaired."""
+    from worker.contracts import EnrollResult
+    from worker.tasks.fanout import report_bulk_child
+
+    book = rt.book
+    f = book.get_fields(parent)
+    total = int(f.get("total") or 0)
+    failed = set(book.failures(parent, limit=total + 1))
+    repaired = 0
+    for line in range(1, total + 1):
+        cid = child_job_id(parent, "line", line)
+        if cid in failed or book.is_item_done(parent, cid):
+            continue
+        raw = book.get_result(cid)
+        if raw is not None and raw.get("kind") == "enroll":
+            report_bulk_child(rt, parent, cid, EnrollResult.model_validate(raw))
+            repaired += 1
+    return repaired
+
+
 @app.task(name=TASK_RECONCILE)
-def reconcile(limit: int = 1000) -> dict[str, Any]:
-    """Periodic repair (Celery beat): dead letters recorded only in Redis while S3 was down are written to S3.
-    Safe to run twice; touches only records whose ``s3_uri`` is still empty."""
+def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
+    """Periodic repair (Celery beat), safe to run twice:
+
+    - dead letters recorded only in Redis while S3 was down are written to S3;
+    - bulk parents idle for ``idle_s`` with their listing done get the children they missed counted (and are
+      finalised when that completes them). Results are stored before acks (``common._finish``), so this is the
+      belt to those braces.
+    """
     from worker.storage.deadletters import write_dead_letter
     from worker.storage.records import DeadLetter
     from worker.tasks.runtime import get_runtime
 
     rt = get_runtime()
     book = rt.book
+    repaired = 0
+    for parent in book.open_jobs(limit):
+        f = book.get_fields(parent)
+        idle = time.time() - float(f.get("updated") or 0) > idle_s
+        if f.get("kind") == "bulk" and f.get("listing") == "done" and idle:
+            repaired += _repair_bulk(rt, parent)
     synced = 0
     for job_id in book.dead_letters(limit):
         rec = book.get_dead_letter(job_id)
@@ -642,9 +675,9 @@ def reconcile(limit: int = 1000) -> dict[str, Any]:
         uri = write_dead_letter(rt.store, DeadLetter.model_validate(fields))
         book.add_dead_letter(job_id, {**rec, "s3_uri": uri})
         synced += 1
-    if synced:
-        log.info("reconcile: %d dead letters written to S3", synced)
-    return {"dead_letters_synced": synced}
+    if synced or repaired:
+        log.info("reconcile: %d dead letters written to S3, %d bulk children counted", synced, repaired)
+    return {"dead_letters_synced": synced, "bulk_children_repaired": repaired}
 
 
 __all__ = ["bulk", "ping", "reconcile", "revoke", "sweep_staging", "NoTemplateError"]

@@ -36,7 +36,7 @@ def fetch_and_prepare(rt: Any, engine: Any, tenant: str, refs: list[S3Ref], job_
     validate, decode and align every image; the first bad image fails the whole job with its code."""
     import torch
 
-    from worker.storage.inputs import InputPolicy
+    from worker.contracts.inputs import InputPolicy
     from worker.storage.records import SourceImage
 
     w = rt.settings.worker

@@ -1,0 +1,79 @@
+"""The module boundaries of docs/INTERFACES.md, checked on the source: every import, lazy ones (inside functions)
+included, since a lazy import of boto3 in ``algorithm`` is still a dependency of ``algorithm``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+THIRD_PARTY_IO = {"celery", "kombu", "boto3", "botocore", "redis"}
+
+# layer -> (layers of this project it may import, third-party roots it must never import)
+RULES: dict[str, tuple[set[str], set[str]]] = {
+    "worker.errors": (set(), THIRD_PARTY_IO | {"torch"}),
+    "worker.contracts": ({"worker.contracts", "worker.errors"}, THIRD_PARTY_IO | {"torch", "numpy"}),
+    "worker.settings": ({"worker.contracts", "worker.errors"}, THIRD_PARTY_IO | {"torch"}),
+    "worker.models": ({"worker.models", "worker.errors"}, THIRD_PARTY_IO),
+    "worker.algorithm": ({"worker.algorithm", "worker.models", "worker.errors"}, THIRD_PARTY_IO),
+    "worker.keys": (
+        {"worker.keys", "worker.contracts", "worker.errors", "worker.storage", "worker.settings"},
+        {"torch", "celery", "kombu"},
+    ),
+    "worker.storage": ({"worker.storage", "worker.contracts", "worker.errors", "worker.settings"}, {"torch", "celery"}),
+    "producers": (
+        {"producers", "worker.contracts", "worker.errors", "worker.settings", "worker.storage", "worker.tasks"},
+        {"torch"},
+    ),
+}
+# the one documented exception to "producers depend on contracts": queue names/Celery config and the Redis job book
+PRODUCER_TASK_MODULES = {"worker.tasks.config", "worker.tasks.progress"}
+
+
+def _modules() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in [*REPO.glob("worker/**/*.py"), *REPO.glob("producers/**/*.py")]:
+        name = ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        imports: set[str] = set()
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Import):
+                imports.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imports.add(node.module)
+                imports.update(f"{node.module}.{a.name}" for a in node.names if node.module in ("worker",))
+        out[name] = imports
+    return out
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "worker" and len(parts) > 1 else parts[0]
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("layer", sorted(RULES))
+def test_layer_imports_only_what_interfaces_md_allows(layer: str) -> None:
+    allowed, forbidden = RULES[layer]
+    bad = []
+    for module, imports in MODULES.items():
+        if _layer(module) != layer:
+            continue
+        for imp in imports:
+            target = _layer(imp)
+            if target in ("worker", "producers") or target.startswith("worker."):
+                if target != layer and target not in allowed and imp != "worker":
+                    bad.append(f"{module} -> {imp}")
+                if layer == "producers" and target == "worker.tasks" and imp not in PRODUCER_TASK_MODULES:
+                    bad.append(f"{module} -> {imp}")
+            elif imp.split(".")[0] in forbidden:
+                bad.append(f"{module} -> {imp}")
+    assert not bad, "imports across the documented boundaries:\n" + "\n".join(sorted(bad))
+
+
+def test_the_graph_has_the_modules_it_checks() -> None:
+    layers = {_layer(m) for m in MODULES}
+    assert set(RULES) <= layers  # a renamed package must not make a rule vacuous
