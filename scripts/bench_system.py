@@ -8,16 +8,16 @@ submit
     process (jobs made by a generator), reporting jobs/s and the process's peak RSS.
 
 bulk
-    A 1,000,000-row JSONL manifest streamed by a real control worker process (``celery worker -Q control -c 1``,
-    chunk 500, fan-out time budget 20 s so it hands over to continuations along the way). No engine worker: a
-    drainer empties the engine queue (counting what it removes) so the backpressure pause never triggers; what is
-    measured is manifest reading + child building + publishing. Prints rows/s (submit to ``listing=done``, all
-    children counted), the control worker's peak RSS (pool child and main process), and the continuation start cost:
-    the wall time of one continuation (ranged GET, one chunk of 500 rows sent, hand-over) resuming at cursor 0 and
-    near the end of the manifest, in-process against the same services; plus, for contrast, a continuation from a
-    cursor saved without a byte offset (what every continuation did before: re-read and re-parse from row 0).
+    A 1,000,000-row JSONL manifest, then a CSV one, streamed by a real control worker process (``celery worker -Q
+    control -c 1``, chunk 500, fan-out time budget 20 s so it hands over to continuations along the way). No engine
+    worker: a drainer empties the engine queue (counting what it removes) so the backpressure pause never triggers; what
+    is measured is manifest reading + child building + publishing. Prints rows/s (submit to ``listing=done``, all
+    children counted), the control worker's peak RSS (pool child and main process), and the continuation start cost: the
+    wall time of one continuation (ranged GET, one chunk of 500 rows sent, hand-over) resuming at cursor 0 and near the
+    end of the manifest, in-process against the same services; plus, for contrast, a continuation from a cursor saved
+    without a byte offset (what every continuation did before: re-read and re-parse from row 0).
 
-Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--skip-submit] [--skip-bulk]
+Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--formats jsonl,csv] [--skip-submit] [--skip-bulk]
 """
 
 from __future__ import annotations
@@ -139,17 +139,24 @@ def bench_submit(env: dict[str, str], sizes: list[tuple[str, int]]) -> list[dict
 
 
 # --- bulk -------------------------------------------------------------------------------------------------------------
-def manifest_line(i: int) -> bytes:
+CSV_HEADER = b"subject,image\n"
+
+
+def manifest_line(i: int, fmt: str) -> bytes:
+    if fmt == "csv":
+        return f"s{i:07d},s3://bench-inputs/in/{i:07d}.jpg\n".encode()
     return (json.dumps({"subject": f"s{i:07d}", "images": [f"s3://bench-inputs/in/{i:07d}.jpg"]}) + "\n").encode()
 
 
-def write_manifest(path: Path, rows: int) -> list[int]:
+def write_manifest(path: Path, rows: int, fmt: str) -> list[int]:
     """The manifest file; returns the byte offset after every 1000th row (offsets[k] = after row 1000*k)."""
-    offsets = [0]
-    pos = 0
+    head = CSV_HEADER if fmt == "csv" else b""
+    offsets = [len(head)]
+    pos = len(head)
     with path.open("wb") as f:
+        f.write(head)
         for i in range(1, rows + 1):
-            line = manifest_line(i)
+            line = manifest_line(i, fmt)
             f.write(line)
             pos += len(line)
             if i % 1000 == 0:
@@ -194,16 +201,20 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int) -> dict[str, Any]:
+def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int, fmt: str) -> dict[str, Any]:
     import redis
 
     s3 = svc.client()
-    path = work / "manifest.jsonl"
+    path = work / f"manifest.{fmt}"
+    uri = f"s3://bench/manifests/bench.{fmt}"
     t = time.perf_counter()
-    offsets = write_manifest(path, rows)
-    s3.upload_file(str(path), "bench", "manifests/bench.jsonl")
-    size = path.stat().st_size
-    print(f"  manifest: {rows} rows, {size / 1e6:.1f} MB, written and uploaded in {time.perf_counter() - t:.1f} s")
+    offsets = write_manifest(path, rows, fmt)
+    s3.upload_file(str(path), "bench", f"manifests/bench.{fmt}")
+    path.unlink()
+    print(
+        f"  {fmt} manifest: {rows} rows, {offsets[-1] / 1e6:.1f} MB, written and uploaded in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
 
     log = work / "control.log"
     argv = [str(VENV_BIN / "celery"), "-A", "worker.tasks.app", "worker", "-Q", "control", "-c", "1"]
@@ -222,7 +233,7 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int) -
         drainer = Drainer(url)
         drainer.start()
         peak = {"child": 0.0, "main": 0.0}
-        job = client.bulk_job("acme", "k1", "s3://bench/manifests/bench.jsonl", chunk_size=BULK_CHUNK)
+        job = client.bulk_job("acme", "k1", uri, chunk_size=BULK_CHUNK)
         t0 = time.perf_counter()
         client.submit(job)
         while True:
@@ -265,11 +276,11 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int) -
             worker.wait(20)
         except subprocess.TimeoutExpired:
             worker.kill()
-    res["continuation"] = bench_continuation(url, svc, offsets, rows)
+    res["continuation"] = bench_continuation(url, svc, offsets, rows, fmt, uri)
     return res
 
 
-def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int) -> dict[str, Any]:
+def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: str, uri: str) -> dict[str, Any]:
     """One continuation (one chunk sent, then hand-over) resuming at cursor 0 / near the end; and from a cursor
     without a byte offset (the old way: re-read from row 0). In-process, against the same Redis and SeaweedFS."""
     import redis
@@ -293,11 +304,11 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int) -> dic
         job = job_from_wire(
             {
                 "kind": "bulk",
-                "job_id": f"bench-cont-{tag}-{cursor}",
+                "job_id": f"bench-cont-{fmt}-{tag}-{cursor}",
                 "tenant": "acme",
                 "key_id": "k1",
                 "chunk_size": BULK_CHUNK,
-                "manifest": {"format": "jsonl", "uri": "s3://bench/manifests/bench.jsonl"},
+                "manifest": {"format": fmt, "uri": uri},
             }
         )
         key = f"cf:job:{job.job_id}"
@@ -306,7 +317,13 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int) -> dic
             fields: dict[Any, Any] = {"kind": "bulk", "state": "running", "cursor": str(cursor)}
             if with_offset:
                 k = cursor // 1000
-                fields.update(resume_index=str(cursor), resume_offset=str(offsets[k]), resume_lines=str(cursor))
+                head = len(CSV_HEADER) if fmt == "csv" else 0
+                fields.update(
+                    resume_index=str(cursor),
+                    resume_offset=str(offsets[k]),
+                    resume_lines=str(cursor + (1 if head else 0)),
+                    header_bytes=str(head),
+                )
             r.hset(key, mapping=fields)
         r.delete("engine")
         t = time.perf_counter()
@@ -357,6 +374,7 @@ def main() -> None:
     ap.add_argument("--submit-sizes", default="submit:10000,submit_many:10000,submit_many:100000")
     ap.add_argument("--skip-submit", action="store_true")
     ap.add_argument("--skip-bulk", action="store_true")
+    ap.add_argument("--formats", default="jsonl,csv", help="bulk manifest formats to stream")
     args = ap.parse_args()
     print(f"system benchmark: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-system-") as tmp:
@@ -369,8 +387,9 @@ def main() -> None:
                 sizes = [(m, int(n)) for m, n in (x.split(":") for x in args.submit_sizes.split(","))]
                 bench_submit(env, sizes)
             if not args.skip_bulk:
-                print("bulk streaming (JSONL manifest, real control worker, engine queue drained):", flush=True)
-                bench_bulk(env, url, svc, work, args.rows)
+                print("bulk streaming (real control worker, engine queue drained):", flush=True)
+                for fmt in args.formats.split(","):
+                    bench_bulk(env, url, svc, work, args.rows, fmt)
         finally:
             for p in procs:
                 if p is not None:
