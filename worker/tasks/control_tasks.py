@@ -519,8 +519,10 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
         )
         pending, bad = [], {}
 
+    last_line = 0
     for row, state in _rows(rt, job, resume, info):
         row_index += 1
+        last_line = row.line
         if state is not None:
             safe = _Resume(row_index, state[0], state[1], info["header_bytes"])
         if row_index <= cursor:
@@ -558,7 +560,9 @@ def _bulk(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continu
                 return _bulk_status(rt, job, attempt, started, None)
     flush(row_index)
     book.set_total(job.job_id, row_index)
-    book.set_fields(job.job_id, listing="done")
+    # the highest line a child ID can name (CSV groups several lines per child): the reconciler walks up to it
+    last_line = max(last_line, int(book.get_fields(job.job_id).get("last_line") or 0))
+    book.set_fields(job.job_id, listing="done", last_line=last_line)
     final = maybe_finalize_bulk(rt, job.job_id)
     return _bulk_status(rt, job, attempt, started, final)
 
@@ -631,17 +635,14 @@ def _repair_bulk(rt: Any, parent: str) -> int:
 
     book = rt.book
     f = book.get_fields(parent)
-    total = int(f.get("total") or 0)
-    failed = set(book.failures(parent, limit=total + 1))
+    last_line = int(f.get("last_line") or f.get("total") or 0)
     repaired = 0
-    for line in range(1, total + 1):
-        cid = child_job_id(parent, "line", line)
-        if cid in failed or book.is_item_done(parent, cid):
-            continue
-        raw = book.get_result(cid)
-        if raw is not None and raw.get("kind") == "enroll":
-            report_bulk_child(rt, parent, cid, EnrollResult.model_validate(raw))
-            repaired += 1
+    for start in range(1, last_line + 1, 1000):  # one pipelined round trip per 1,000 lines
+        ids = [child_job_id(parent, "line", n) for n in range(start, min(start + 1000, last_line + 1))]
+        for cid, raw in book.unreported_children(parent, ids):
+            if raw.get("kind") == "enroll":
+                report_bulk_child(rt, parent, cid, EnrollResult.model_validate(raw))
+                repaired += 1
     return repaired
 
 

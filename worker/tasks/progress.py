@@ -216,6 +216,22 @@ class JobBook:
         raw = self.r.hgetall(self._k("job", job_id, "chunks"))
         return [json.loads(v) for _, v in sorted(((int(_s(k)), v) for k, v in raw.items()))]
 
+    def unreported_children(self, job_id: str, child_ids: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        """Of ``child_ids``, those with a stored result that ``job_id`` has not counted (neither succeeded nor
+        failed), with the result; one pipelined round trip."""
+        pipe = self.r.pipeline()
+        for cid in child_ids:
+            pipe.sismember(self._k("job", job_id, "succeeded"), cid)
+            pipe.hexists(self._k("job", job_id, "failed"), cid)
+            pipe.get(self._k("result", cid))
+        flat = pipe.execute()
+        out = []
+        for i, cid in enumerate(child_ids):
+            done, failed, raw = flat[3 * i : 3 * i + 3]
+            if not done and not failed and raw is not None:
+                out.append((cid, json.loads(raw)))
+        return out
+
     def is_item_done(self, job_id: str, item_id: str) -> bool:
         return bool(self.r.sismember(self._k("job", job_id, "succeeded"), item_id))
 
