@@ -311,6 +311,10 @@ def start_seaweed(workdir: Path, bucket: str = "cancelable-test") -> SeaweedServ
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-disableHttp",
+            # every test bucket is a collection with volumes of its own: small volumes and a fixed ceiling, so that a
+            # full run never meets "no free volumes left" (auto = free disk / 1 GiB: 76 here, far fewer on a full disk)
+            "-master.volumeSizeLimitMB=16",
+            "-volume.max=2000",
             f"-bucket={bucket}",
         ]
         proc = _spawn(argv, d / "weed.log", cwd=d)

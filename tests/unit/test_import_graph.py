@@ -28,8 +28,9 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
         {"torch"},
     ),
 }
-# the one documented exception to "producers depend on contracts": queue names/Celery config and the Redis job book
-PRODUCER_TASK_MODULES = {"worker.tasks.config", "worker.tasks.progress"}
+# the documented exception to "producers depend on contracts": queue names/Celery config, the Redis job book and the
+# pipelined message templates (all free of torch and of the task modules)
+PRODUCER_TASK_MODULES = {"worker.tasks.config", "worker.tasks.progress", "worker.tasks.publish"}
 
 
 def _modules() -> dict[str, set[str]]:
