@@ -62,10 +62,19 @@ def fit_stats(model: KeyMapModel, real: torch.Tensor, gen, dlib, n_gen: int, g: 
     model.gen_basis.copy_(b)
     model.gen_std.copy_(s)
     m = model.mean_dir
-    share = float(((model.identity_component(real) @ model.gen_basis).pow(2).sum(1)
-                   / model.identity_component(real).pow(2).sum(1)).mean())
-    return {"real_cos_to_mean": float((real @ m).mean()), "gen_cos_to_mean": float((ge @ m).mean()),
-            "n_real": len(real), "n_gen": len(ge), "real_share_in_gen_topk": share}
+    share = float(
+        (
+            (model.identity_component(real) @ model.gen_basis).pow(2).sum(1)
+            / model.identity_component(real).pow(2).sum(1)
+        ).mean()
+    )
+    return {
+        "real_cos_to_mean": float((real @ m).mean()),
+        "gen_cos_to_mean": float((ge @ m).mean()),
+        "n_real": len(real),
+        "n_gen": len(ge),
+        "real_share_in_gen_topk": share,
+    }
 
 
 def main() -> None:
@@ -123,8 +132,18 @@ def main() -> None:
 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "stats": stats,
-                    "log": log, "rng": g.get_state(), "args": vars(args)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "stats": stats,
+                "log": log,
+                "rng": g.get_state(),
+                "args": vars(args),
+            },
+            tmp,
+        )
         tmp.replace(ckpt_path)
 
     last_ckpt = time.time()
@@ -133,7 +152,7 @@ def main() -> None:
     while not args.finalize_only and step < args.steps and (stop is None or dt.datetime.now(dt.UTC) < stop):
         b = args.batch
         idx = torch.randint(0, len(real_c), (b,), generator=g)
-        c = (real_c[idx] @ haar(args.k, g).T)
+        c = real_c[idx] @ haar(args.k, g).T
         t = torch.nn.functional.normalize(c, dim=-1)
         nu = torch.randn(b // 2, args.nuisance_dim, generator=g).repeat_interleave(2, 0)[:b]
         z = model(t, nu)
@@ -150,8 +169,12 @@ def main() -> None:
         for k_, v in (("id", l_id), ("nce", l_nce), ("prior", l_prior)):
             run_avg[k_] = 0.95 * run_avg.get(k_, float(v.detach())) + 0.05 * float(v.detach())
         if step % 10 == 0:
-            rec = {"step": step, "time": time.time() - t0, **{k_: round(v, 4) for k_, v in run_avg.items()},
-                   "znorm": round(float(z.detach().pow(2).mean().sqrt()), 3)}
+            rec = {
+                "step": step,
+                "time": time.time() - t0,
+                **{k_: round(v, 4) for k_, v in run_avg.items()},
+                "znorm": round(float(z.detach().pow(2).mean().sqrt()), 3),
+            }
             log.append(rec)
             print(json.dumps(rec), flush=True)
         if time.time() - last_ckpt > args.ckpt_every:
@@ -160,8 +183,9 @@ def main() -> None:
     save()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_keymap(model, out / "keymap.pt", {"steps": step, "stats": stats, "args": vars(args),
-                                           "final": log[-1] if log else None})
+    save_keymap(
+        model, out / "keymap.pt", {"steps": step, "stats": stats, "args": vars(args), "final": log[-1] if log else None}
+    )
     print(f"wrote {out / 'keymap.pt'} at step {step}", flush=True)
 
 

@@ -69,12 +69,28 @@ class KeyMapModel(nn.Module):
     input_size = 150  # the engine's input crop: dlib chip, 150 px (what the identity model reads)
     alignment = "dlib-chip"
 
-    def __init__(self, emb_dim: int = 128, k: int = 32, nuisance_dim: int = 16, hidden: int = 512, depth: int = 3,
-                 z_dim: int = 100, nuisance_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        emb_dim: int = 128,
+        k: int = 32,
+        nuisance_dim: int = 16,
+        hidden: int = 512,
+        depth: int = 3,
+        z_dim: int = 100,
+        nuisance_scale: float = 1.0,
+        prior_weight: float = 0.05,
+    ) -> None:
         super().__init__()
         self.emb_dim, self.k, self.nuisance_dim, self.hidden, self.depth, self.z_dim = (
-            emb_dim, k, nuisance_dim, hidden, depth, z_dim)
+            emb_dim,
+            k,
+            nuisance_dim,
+            hidden,
+            depth,
+            z_dim,
+        )
         self.nuisance_scale = float(nuisance_scale)
+        self.prior_weight = float(prior_weight)
         self.register_buffer("mean_dir", F.normalize(torch.ones(emb_dim), dim=0))
         self.register_buffer("real_basis", torch.eye(emb_dim)[:, :k].clone())
         self.register_buffer("real_std", torch.ones(k))
@@ -89,8 +105,16 @@ class KeyMapModel(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def config(self) -> dict[str, Any]:
-        return {"emb_dim": self.emb_dim, "k": self.k, "nuisance_dim": self.nuisance_dim, "hidden": self.hidden,
-                "depth": self.depth, "z_dim": self.z_dim, "nuisance_scale": self.nuisance_scale}
+        return {
+            "emb_dim": self.emb_dim,
+            "k": self.k,
+            "nuisance_dim": self.nuisance_dim,
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "z_dim": self.z_dim,
+            "nuisance_scale": self.nuisance_scale,
+            "prior_weight": self.prior_weight,
+        }
 
     # --- identity space -----------------------------------------------------------------------------------------
     def identity_component(self, e: torch.Tensor) -> torch.Tensor:
@@ -129,20 +153,22 @@ def identity_loss(model: KeyMapModel, e_out: torch.Tensor, target: torch.Tensor)
 
 def save_keymap(model: KeyMapModel, path: Path, extra: dict[str, Any] | None = None) -> None:
     state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
-    torch.save({"format_version": FORMAT_VERSION, "config": model.config(), "state": state,
-                "meta": dict(extra or {})}, path)
+    torch.save(
+        {"format_version": FORMAT_VERSION, "config": model.config(), "state": state, "meta": dict(extra or {})}, path
+    )
 
 
 def load_keymap(path: Path, config: dict | None = None) -> KeyMapModel:
-    """``keymap.pt`` (written by ``save_keymap``) -> ``KeyMapModel``. ``config`` overrides runtime knobs
-    (``nuisance_scale``) only."""
+    """``keymap.pt`` (written by ``save_keymap``) -> ``KeyMapModel``. ``config`` (the manifest component's) may set
+    the runtime knobs ``nuisance_scale`` and ``prior_weight`` (the engine's refinement prior)."""
     from worker.models.bundle import load_strict, read_checkpoint, sub_dict
 
     ckpt = read_checkpoint(Path(path))
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointLayoutError(f"{Path(path).name}: not a keymap checkpoint (format_version {FORMAT_VERSION})")
     cfg = dict(sub_dict(ckpt, "config", Path(path)))
-    if config and "nuisance_scale" in config:
-        cfg["nuisance_scale"] = float(config["nuisance_scale"])
+    for knob in ("nuisance_scale", "prior_weight"):
+        if config and knob in config:
+            cfg[knob] = float(config[knob])
     model = KeyMapModel(**cfg)
     return load_strict(model, sub_dict(ckpt, "state", Path(path)), Path(path), "keymap")
