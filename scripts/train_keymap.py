@@ -180,13 +180,42 @@ def main() -> None:
         if time.time() - last_ckpt > args.ckpt_every:
             save()
             last_ckpt = time.time()
-    save()
+    if not args.finalize_only:  # a finalize beside a running training must not overwrite its checkpoint
+        save()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_keymap(
         model, out / "keymap.pt", {"steps": step, "stats": stats, "args": vars(args), "final": log[-1] if log else None}
     )
     print(f"wrote {out / 'keymap.pt'} at step {step}", flush=True)
+    write_bundle_manifest(out)
+    print(f"wrote {out / 'manifest.json'}", flush=True)
+
+
+def write_bundle_manifest(out: Path, engine: dict | None = None) -> Path:
+    """``<out>/manifest.json``: the packaged DCGAN (pkg://, hash pinned), the key map, dlib's ResNet; engine advice
+    kept from an existing manifest (steps, lr, verify threshold) unless given."""
+    from worker.models.bundle import manifest_for, sha256_file
+
+    mpath = out / "manifest.json"
+    old = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    components = {
+        "generator": {"format": "dcgan-gan-face-generate", "path": DCGAN_PATH, "config": {"z_dim": 100, "ngf": 64}},
+        "encoder": {"format": "keymap-mlp", "path": "keymap.pt", "config": {}},
+        "identity": {
+            "format": "dlib-resnet",
+            "path": "pkg://face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat",
+            "config": {"embedding_dim": 128, "input_size": 150},
+        },
+    }
+    bundle_id = "keymap-dcgan64-" + sha256_file(out / "keymap.pt")[:12]
+    manifest = manifest_for(out, components, bundle_id)
+    manifest["engine"] = engine or old.get("engine") or {"steps": 20, "lr": 0.05, "key_target": False}
+    for extra in ("calibration",):
+        if extra in old:
+            manifest[extra] = old[extra]
+    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+    return mpath
 
 
 if __name__ == "__main__":
