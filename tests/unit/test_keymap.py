@@ -183,8 +183,11 @@ def test_engine_rejects_bad_inputs() -> None:
 
 
 # --- the shipped bundle (needs the gan-face-generate and face_recognition_models packages) -------------------------
+KEYMAP_MANIFEST = REPO / "worker" / "bundles" / "keymap" / "manifest.json"
+
+
 @pytest.mark.skipif(
-    importlib.util.find_spec("gan_face_generate") is None or not (REPO / "worker/bundles/keymap/manifest.json").is_file(),
+    importlib.util.find_spec("gan_face_generate") is None or not KEYMAP_MANIFEST.is_file(),
     reason="gan-face-generate not installed (scripts/bootstrap.sh installs it with --no-deps) or no keymap bundle",
 )
 def test_shipped_keymap_bundle_loads_with_pinned_hashes() -> None:
@@ -196,3 +199,10 @@ def test_shipped_keymap_bundle_loads_with_pinned_hashes() -> None:
     assert isinstance(eng, KeymapEngine) and eng.input_size == 150 and eng.output_size == 64
     r = eng.enroll(torch.zeros(1, 3, 150, 150), SEED_A)
     assert r.images.shape == (1, 3, 64, 64)
+
+
+def test_engine_reinversion_attack_shapes() -> None:
+    eng = tiny_engine()
+    c = eng.enroll(faces(2), SEED_A).images
+    nokey, keyknown = eng.reinversion_attack(c, [SEED_A, SEED_A], steps=2)
+    assert nokey.shape == keyknown.shape == (2, 3, 64, 64)
