@@ -39,6 +39,16 @@ def pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vt[:k].T.float().contiguous(), (s[:k] / (len(x) - 1) ** 0.5).float()
 
 
+def z_spread_penalty(z: torch.Tensor) -> torch.Tensor:
+    """Anti-collapse in the generator's latent space: codes of a batch should look like independent N(0, I) draws
+    (pairwise cosine ~0, batch mean ~0). The key map otherwise converges to one region of z (one average face
+    family that the in-loss recognizer separates but another recognizer does not)."""
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    cos = zn @ zn.T
+    off = cos[~torch.eye(len(z), dtype=torch.bool)]
+    return off.pow(2).mean() + z.mean(0).pow(2).mean()
+
+
 def haar(k: int, g: torch.Generator) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
     s = torch.sign(torch.diagonal(r))
@@ -91,6 +101,7 @@ def main() -> None:
     ap.add_argument("--w-nce", type=float, default=0.2)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--w-prior", type=float, default=0.1)
+    ap.add_argument("--w-unif", type=float, default=1.0, help="anti-collapse in z: mean pairwise cos^2 + |mean z|^2/d")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM")
     ap.add_argument("--ckpt-every", type=float, default=180.0)
@@ -160,13 +171,14 @@ def main() -> None:
         l_id = identity_loss(model, e, t).mean()
         l_nce = info_nce(model.gen_coords(e), t, args.tau)
         l_prior = prior_penalty(z).mean()
-        loss = l_id + args.w_nce * l_nce + args.w_prior * l_prior
+        l_unif = z_spread_penalty(z)
+        loss = l_id + args.w_nce * l_nce + args.w_prior * l_prior + args.w_unif * l_unif
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.mlp.parameters(), 1.0)
         opt.step()
         step += 1
-        for k_, v in (("id", l_id), ("nce", l_nce), ("prior", l_prior)):
+        for k_, v in (("id", l_id), ("nce", l_nce), ("prior", l_prior), ("unif", l_unif)):
             run_avg[k_] = 0.95 * run_avg.get(k_, float(v.detach())) + 0.05 * float(v.detach())
         if step % 10 == 0:
             rec = {
