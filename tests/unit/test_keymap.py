@@ -206,3 +206,10 @@ def test_engine_reinversion_attack_shapes() -> None:
     c = eng.enroll(faces(2), SEED_A).images
     nokey, keyknown = eng.reinversion_attack(c, [SEED_A, SEED_A], steps=2)
     assert nokey.shape == keyknown.shape == (2, 3, 64, 64)
+
+
+def test_keymap_is_an_embedded_bundle_name() -> None:
+    from worker.tasks.runtime import resolve_bundle_dir
+
+    assert resolve_bundle_dir("keymap") == REPO / "worker" / "bundles" / "keymap"
+    assert resolve_bundle_dir("lite") == REPO / "worker" / "bundles" / "lite"
