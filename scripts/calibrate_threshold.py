@@ -249,13 +249,13 @@ def run(engine: Any, ids: list[Identity], pairs: list[tuple[int, int]], args: ar
 
 
 def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, dict[str, Any]]:
-    from worker.algorithm.pipeline import Engine
+    from worker.algorithm.keymap_engine import build_engine as make_engine
     from worker.evaluation.cli import deployed_config
     from worker.models.bundle import load_bundle
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     config = deployed_config(bundle_dir, steps or None, None)
-    engine = Engine(load_bundle(bundle_dir, "cpu"), config, "cpu")
+    engine = make_engine(load_bundle(bundle_dir, "cpu"), config, "cpu")
     log(f"bundle {manifest['bundle_id']} at {bundle_dir}; engine {engine.fingerprint}, {config.steps} steps")
     return engine, manifest
 

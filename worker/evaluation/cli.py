@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--threshold-pool", type=int, default=1000, help="photos of this many identities give original non-mated pairs"
     )
-    run.add_argument("--split", default="val", choices=("val", "train", "all"), help="identity split (default val)")
+    run.add_argument(
+        "--split",
+        default="val",
+        choices=("val", "train", "all", "holdout"),
+        help="identity split (default val; holdout = sha256 %% 10 == 3, never trained on, real second photos)",
+    )
     run.add_argument("--identities", type=int, default=50, help="number of identities (before sharding)")
     run.add_argument("--keys", type=int, default=3, help="key versions per identity (>= 3)")
     run.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the engine's, 50)")
@@ -93,7 +98,7 @@ def deployed_config(bundle_dir: Path, steps: int | None, key_target: bool | None
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from worker.algorithm.pipeline import Engine
+    from worker.algorithm.keymap_engine import build_engine
     from worker.evaluation.evaluator import Evaluator
     from worker.evaluation.protocols import RunConfig, run_shard
     from worker.models.bundle import load_bundle, sha256_file
@@ -126,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     device = torch.device(args.device)
     bundle = load_bundle(args.bundle, device)
-    engine = Engine(bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device)
+    engine = build_engine(bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device)
     local_out = Path(args.out) if not args.out.startswith("s3://") else REPO / "reports" / "eval-s3-staging"
     shard_dir = local_out / "shards" / f"{i}-of-{n}"
     run_shard(engine, judge, cfg, shard_dir, extra_meta={"evaluator": evaluator_info})

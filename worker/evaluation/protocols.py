@@ -37,7 +37,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from worker.evaluation.evaluator import load_rgb
-from worker.models.lite import is_validation_identity  # the project's one identity split rule
+from worker.models.lite import is_lite_holdout_identity, is_validation_identity  # the project's identity split rules
 
 TENANT = "eval"
 RECORDS = "records.npz"
@@ -87,7 +87,7 @@ class Judge(Protocol):
 class RunConfig:
     data_dir: str
     pairs_file: str | None = None
-    split: str = "val"  # "val", "train" or "all" (worker.models.lite.is_validation_identity)
+    split: str = "val"  # "val", "train", "all" or "holdout" (worker.models.lite: sha256 % 10 == 0 / != 0 / 3)
     identities: int = 50
     keys: int = 3
     steps: int | None = None  # None: the engine config's default
@@ -106,8 +106,8 @@ class RunConfig:
             raise ValueError("the protocols need at least 3 keys")
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError("shard index must be in [0, shard count)")
-        if self.split not in ("val", "train", "all"):
-            raise ValueError("split must be val, train or all")
+        if self.split not in ("val", "train", "all", "holdout"):
+            raise ValueError("split must be val, train, all or holdout")
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
@@ -121,6 +121,8 @@ def list_identities(data_dir: str | Path, split: str = "val", limit: int | None 
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         val = is_validation_identity(d.name)
         if (split == "val" and not val) or (split == "train" and val):
+            continue
+        if split == "holdout" and not is_lite_holdout_identity(d.name):  # never trained on; many have 2+ photos
             continue
         photos = sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if photos:
@@ -335,7 +337,11 @@ def run_shard(
             faces_a = torch.stack([p[3] for p in part]).to(engine.device)
             recon = engine.generator.synthesis(engine.encoder(faces_a).float()).float().clamp(-1, 1).cpu()
         c1 = torch.stack([enrolled[i * cfg.keys].images[0] for i in range(n)])
-        nokey, keyknown = reinversion_attack(engine, c1, [s[0] for s in seeds], cfg.attack_steps)
+        attack = getattr(engine, "reinversion_attack", None)  # an engine family may bring its own strongest attack
+        if attack is not None:
+            nokey, keyknown = attack(c1, [s[0] for s in seeds], cfg.attack_steps)
+        else:
+            nokey, keyknown = reinversion_attack(engine, c1, [s[0] for s in seeds], cfg.attack_steps)
         t_engine += time.time() - te
         tj = time.time()
         batch: dict[str, list[np.ndarray]] = {

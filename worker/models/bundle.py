@@ -52,6 +52,8 @@ FORMATS: dict[str, str] = {
     "lite-generator": "worker.models.lite:load_lite_generator",
     "lite-encoder": "worker.models.lite:load_lite_encoder",
     "dlib-resnet": "worker.models.dlib_resnet:load_dlib_resnet",
+    "dcgan-gan-face-generate": "worker.models.dcgan:load_dcgan",
+    "keymap-mlp": "worker.algorithm.keymap:load_keymap",
 }
 
 # Which protocol each role must satisfy once loaded (checked by attribute names, see worker.models.base).

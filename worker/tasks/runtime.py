@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 LITE_BUNDLE_DIR = REPO / "worker" / "bundles" / "lite"
+EMBEDDED_BUNDLES = {"lite": LITE_BUNDLE_DIR, "keymap": REPO / "worker" / "bundles" / "keymap"}
 
 
 @dataclass
@@ -40,10 +41,10 @@ class LoadedEngine:
 
 
 def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
-    """``engine.bundle`` setting -> local bundle directory (``lite`` = the embedded default; ``s3://`` synced into
-    ``cache_dir`` through ``store``)."""
-    if spec == "lite":
-        return LITE_BUNDLE_DIR
+    """``engine.bundle`` setting -> local bundle directory (``lite`` / ``keymap`` = the embedded bundles; ``s3://``
+    synced into ``cache_dir`` through ``store``)."""
+    if spec in EMBEDDED_BUNDLES:
+        return EMBEDDED_BUNDLES[spec]
     if spec.startswith("s3://"):
         from worker.storage.bundles import sync_bundle
 
@@ -107,7 +108,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
     import torch
 
     from worker import metrics
-    from worker.algorithm.pipeline import Engine
+    from worker.algorithm.keymap_engine import build_engine
     from worker.models.bundle import load_bundle
 
     torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
@@ -118,7 +119,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
     with metrics.model_load_timer(device.type if device.type in metrics.DEVICE_TYPES else "cpu"):
         bundle = load_bundle(directory, device)
         config = engine_config_from(settings, manifest)
-        engine = Engine(bundle, config, device)
+        engine = build_engine(bundle, config, device)  # the bundle's generator family picks the engine class
     seconds = time.perf_counter() - start
     # what a template records about how it was made; ``fingerprint`` must match at verify time
     algorithm = dict(config.result_fields())

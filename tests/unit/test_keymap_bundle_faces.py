@@ -1,0 +1,64 @@
+"""The shipped keymap bundle on real faces, through the engine as a worker runs it (engine scores, bundle threshold):
+genuine accepted; after revoke + reissue the reissued template does not match the revoked one, the old and the new
+probes of the subject stay apart across versions, and an impostor is rejected under the reissued key.
+
+Needs ../shared (faces), the installed gan-face-generate package and the committed bundle; skips otherwise.
+Keys are fixed public test keys (deterministic)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "worker" / "bundles" / "keymap"
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gan_face_generate") is None or not (BUNDLE / "manifest.json").is_file(),
+    reason="gan-face-generate not installed (scripts/bootstrap.sh installs it with --no-deps) or no keymap bundle",
+)
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    import torch
+
+    from worker.algorithm.keymap_engine import build_engine
+    from worker.evaluation.cli import deployed_config
+    from worker.models.bundle import load_bundle
+
+    torch.set_num_threads(1)
+    engine = build_engine(load_bundle(BUNDLE), deployed_config(BUNDLE, None, None))
+    threshold = json.loads((BUNDLE / "manifest.json").read_text())["engine"]["verify_threshold"]
+    return engine, float(threshold)
+
+
+def test_revoke_reissue_and_impostor_with_keymap_bundle(deployed, smoke_faces) -> None:
+    from worker.evaluation.evaluator import load_rgb
+    from worker.keys.derive import derive_seed
+
+    engine, threshold = deployed
+    face = {k: engine.prepare(load_rgb(p)) for k, p in smoke_faces.items()}
+    material = hashlib.sha256(b"keymap-test-key").digest()
+    v1, v2 = (derive_seed(material, "acme", "alice", v) for v in (1, 2))
+    import torch
+
+    enrolled1 = engine.enroll(torch.stack([face["obama"], face["obama2"]]), v1)
+    enrolled2 = engine.enroll(torch.stack([face["obama"], face["obama2"]]), v2)  # reissue after revoking v1
+    genuine2 = engine.probe(face["obama3"], v2)
+    impostor2 = engine.probe(face["biden"], v2)
+    old_probe = engine.probe(face["obama3"], v1)
+    scores = {
+        "genuine_v2": engine.score(genuine2.embedding, enrolled2.template),
+        "impostor_v2": engine.score(impostor2.embedding, enrolled2.template),
+        "reissued_vs_revoked": engine.score(enrolled1.template, enrolled2.template),
+        "v1_probe_vs_v2_template": engine.score(old_probe.embedding, enrolled2.template),
+    }
+    assert scores["genuine_v2"] >= threshold, scores
+    assert scores["impostor_v2"] < threshold, scores
+    assert scores["reissued_vs_revoked"] < threshold, scores
+    assert scores["v1_probe_vs_v2_template"] < threshold, scores

@@ -1,0 +1,247 @@
+"""The engine of the "keymap" generator family (embedded DCGAN bundle): same API as ``pipeline.Engine``.
+
+Per image (subjects batched; every image is optimised independently, so results do not depend on the batch):
+
+1. identity   e = dlib(face) on the 150 px dlib chip (the in-loss recognizer; never the evaluation judge)
+2. key        t = key transform of e in whitened identity coordinates (``keymap.KeyMapModel.targets``), with the
+              subject seed's rotation; nuisance code from the same seed
+3. start      z0 = key map MLP(t, nuisance): the start already carries the key-transformed identity
+4. refine     ``config.steps`` Adam steps (lr ``config.lr``) on z: 1 - cos(c_g(G(z)), t) + w_prior (|z|^2/d - 1)^2
+5. decode     G(z), 64 px; template = normalised mean of the dlib embeddings of the subject's outputs
+
+A probe is transformed toward its own key target, never toward a stored template. Seeds are never logged.
+``generator``, ``encoder`` (image -> z through the key map with the identity rotation: the bundle's best
+reconstruction of a face without a key), ``split`` and ``config`` exist so the evaluation harness can treat it like
+the layer-mixing engine (its re-inversion attack then optimises z, the single "layer").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.algorithm.config import EngineConfig
+from worker.algorithm.keylatent import SEED_BYTES
+from worker.algorithm.keymap import KeyMapModel, identity_loss, key_nuisance, key_rotation, prior_penalty
+from worker.algorithm.mix import LayerSplit
+from worker.algorithm.pipeline import EnrollResult, ProbeResult
+from worker.errors import BundleError, InvalidTensorError, KeyError_
+
+
+class KeyMapEncoder(torch.nn.Module):
+    """Image (B, 3, 150, 150) dlib chips -> z (B, 1, z_dim) with NO key (identity rotation, zero nuisance)."""
+
+    def __init__(self, identity: Any, keymap: KeyMapModel) -> None:
+        super().__init__()
+        self.identity, self.keymap = identity, keymap
+        self.input_size = keymap.input_size
+        self.alignment = keymap.alignment
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.identity.embed(images, self.alignment)
+        t = self.keymap.targets(e, None)
+        return self.keymap(t, torch.zeros(len(t), self.keymap.nuisance_dim, device=t.device))[:, None, :]
+
+
+class KeymapEngine:
+    """Cancelable faces from a key-transformed identity target and a learned key map. One per worker process."""
+
+    family = "keymap"
+
+    def __init__(
+        self,
+        bundle: Any,
+        config: EngineConfig | None = None,
+        device: torch.device | str | None = None,
+        prior_weight: float | None = None,
+    ):
+        for role in ("generator", "encoder", "identity"):
+            if getattr(bundle, role, None) is None:
+                raise BundleError(f"the engine needs a bundle with a {role}")
+        if not isinstance(bundle.encoder, KeyMapModel):
+            raise BundleError("the keymap engine needs a keymap-mlp encoder component")
+        self.bundle = bundle
+        self.config = config or EngineConfig()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.generator = bundle.generator
+        self.keymap: KeyMapModel = bundle.encoder
+        self.identity = bundle.identity
+        for model in (self.generator, self.keymap, self.identity):
+            model.to(self.device).eval().requires_grad_(False)
+        if int(self.generator.z_dim) != self.keymap.z_dim:
+            raise BundleError(f"key map gives z of {self.keymap.z_dim}; the generator takes {self.generator.z_dim}")
+        if int(self.identity.embedding_dim) != self.keymap.emb_dim:
+            raise BundleError("key map and identity model disagree on the embedding size")
+        self.prior_weight = float(prior_weight if prior_weight is not None else self.keymap.prior_weight)
+        self.encoder = KeyMapEncoder(self.identity, self.keymap)
+        self.split = LayerSplit(n_latent=1, from_key=(), trainable=(0,), name="keymap")
+        self.input_size = int(self.keymap.input_size)
+        self.output_size = int(self.generator.resolution)
+        self.embedding_dim = int(self.identity.embedding_dim)
+
+    @property
+    def fingerprint(self) -> str:
+        knobs = {"config": self.config.result_fields(), "keymap": self.keymap.config(), "prior": self.prior_weight}
+        digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{getattr(self.bundle, 'bundle_id', 'unknown')}:{digest}"
+
+    # --- public API (as pipeline.Engine) ------------------------------------------------------------------------
+    def prepare(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
+        from worker.models.dlib_face import prepare_face
+
+        crop = prepare_face(image_rgb_uint8, self.input_size, self.keymap.alignment)
+        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+
+    def enroll(self, faces: torch.Tensor, seed: bytes) -> EnrollResult:
+        return self([(faces, seed)])[0]
+
+    def probe(self, face: torch.Tensor, seed: bytes) -> ProbeResult:
+        if not isinstance(face, torch.Tensor) or face.dim() != 3:
+            raise InvalidTensorError(f"probe face must be a (3, {self.input_size}, {self.input_size}) tensor")
+        r = self([(face[None], seed)])[0]
+        return ProbeResult(image=r.images[0], embedding=r.embeddings[0])
+
+    def enroll_many(self, subjects: Sequence[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+        checked = [(self._check_faces(f), self._check_seed(s)) for f, s in subjects]
+        out: list[EnrollResult] = []
+        for chunk in self._chunks(checked):
+            out.extend(self._run(chunk))
+        return out
+
+    def score(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        for t in (a, b):
+            if not isinstance(t, torch.Tensor) or t.shape != (self.embedding_dim,) or not t.is_floating_point():
+                raise InvalidTensorError(f"score expects two float ({self.embedding_dim},) tensors")
+        return float(F.cosine_similarity(a.detach().float().cpu(), b.detach().float().cpu(), dim=0))
+
+    def __call__(self, subjects: Sequence[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+        return self._run([(self._check_faces(f), self._check_seed(s)) for f, s in subjects])
+
+    # --- steps ----------------------------------------------------------------------------------------------------
+    def start_latents(self, faces: torch.Tensor, seeds: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-3 for one image per seed: (z0 (B, z_dim), targets (B, k))."""
+        km = self.keymap
+        with torch.no_grad():
+            e = self.identity.embed(faces.to(self.device), km.alignment).float()
+            rots = torch.stack([key_rotation(s, km.k) for s in seeds]).to(self.device)
+            nu = torch.stack([key_nuisance(s, km.nuisance_dim) for s in seeds]).to(self.device)
+            t = km.targets(e, rots)
+            return km(t, nu), t
+
+    def refine(self, z0: torch.Tensor, t: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Step 4: per-sample Adam on z (the loss is a sum of per-sample terms: batch-independent)."""
+        steps = self.config.steps if steps is None else steps
+        z = z0.detach().clone().requires_grad_(True)
+        if steps <= 0:
+            return z.detach()
+        sched = self.config.schedule()
+        opt = torch.optim.Adam([z], lr=self.config.lr)
+        marks = {int(round(m * steps)) for m in sched.milestones}
+        for i in range(steps):
+            if i in marks:
+                for group in opt.param_groups:
+                    group["lr"] *= sched.decay
+            e = self.identity.embed(self.generator(z), self.generator.alignment)
+            loss = (identity_loss(self.keymap, e, t) + self.prior_weight * prior_penalty(z)).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return z.detach()
+
+    def reinversion_attack(
+        self, cancel_images: torch.Tensor, seeds: Sequence[bytes], steps: int = 50
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The strongest re-inversion this bundle allows, for the evaluation (``protocols.reinversion_attack`` is
+        built for layer mixing). Returns (no_key, key_known), images (B, 3, 64, 64) on the CPU.
+
+        - no key: read the cancelable face's identity with the in-loss recognizer and decode it through the key map
+          without a key (``encoder``): ``G(E(x_c))``.
+        - key known: the attacker holds the seed, hence the rotation: the cancelable face's generator coordinates
+          ``c_g(x_c)`` (~ the key target) are rotated back, ``Q^T c_g``, which estimates the ORIGINAL identity's
+          direction; decode it through the key map without a key, then refine ``steps`` steps toward it.
+        """
+        km = self.keymap
+        x = cancel_images.to(self.device).float()
+        with torch.no_grad():
+            e = self.identity.embed(x, self.generator.alignment).float()
+            zero = torch.zeros(len(x), km.nuisance_dim, device=self.device)
+            no_key = self.generator(km(km.targets(e, None), zero))
+            rots = torch.stack([key_rotation(s, km.k) for s in seeds]).to(self.device, torch.float64)
+            c = km.gen_coords(e).to(torch.float64)
+            back = F.normalize((rots.transpose(1, 2) * c[:, None, :]).sum(-1), dim=-1).float()
+            z0 = km(back, zero)
+        z = self.refine(z0, back, steps)
+        with torch.no_grad():
+            key_known = self.generator(z)
+        return no_key.float().clamp(-1, 1).cpu(), key_known.float().clamp(-1, 1).cpu()
+
+    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+        if not subjects:
+            return []
+        counts = [len(f) for f, _ in subjects]
+        faces = torch.cat([f for f, _ in subjects]).to(self.device)
+        seeds = [s for (f, s) in subjects for _ in range(len(f))]
+        z0, t = self.start_latents(faces, seeds)
+        z = self.refine(z0, t)
+        with torch.no_grad():
+            images = self.generator(z).float().clamp(-1.0, 1.0)
+            emb = F.normalize(self.identity.embed(images, self.generator.alignment).float(), dim=-1)
+        images, emb = images.cpu(), emb.cpu()
+        out: list[EnrollResult] = []
+        start = 0
+        for n in counts:
+            e = emb[start : start + n]
+            out.append(EnrollResult(images[start : start + n].clone(), e.clone(), F.normalize(e.mean(0), dim=0)))
+            start += n
+        return out
+
+    def _check_faces(self, faces: object) -> torch.Tensor:
+        r = self.input_size
+        if not isinstance(faces, torch.Tensor):
+            raise InvalidTensorError(f"faces must be a torch tensor, got {type(faces).__name__}")
+        if not faces.is_floating_point():
+            raise InvalidTensorError(f"faces must be a float tensor in [-1, 1], got {faces.dtype}")
+        if faces.dim() != 4 or faces.shape[0] < 1 or tuple(faces.shape[1:]) != (3, r, r):
+            raise InvalidTensorError(f"faces must have shape (N, 3, {r}, {r}), got {tuple(faces.shape)}")
+        faces = faces.detach().to(torch.float32)
+        if not bool(torch.isfinite(faces).all()):
+            raise InvalidTensorError("faces contain NaN or infinite values")
+        tol = self.config.input_tolerance
+        if float(faces.min()) < -1.0 - tol or float(faces.max()) > 1.0 + tol:
+            raise InvalidTensorError("faces must have values in [-1, 1]")
+        return faces.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def _check_seed(seed: object) -> bytes:
+        if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
+            raise KeyError_(f"a key seed must be {SEED_BYTES} bytes")
+        return bytes(seed)
+
+    def _chunks(self, subjects: list[tuple[torch.Tensor, bytes]]) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
+        limit = self.config.max_batch_images
+        chunk: list[tuple[torch.Tensor, bytes]] = []
+        size = 0
+        for item in subjects:
+            n = len(item[0])
+            if chunk and size + n > limit:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(item)
+            size += n
+        if chunk:
+            yield chunk
+
+
+def build_engine(bundle: Any, config: EngineConfig | None = None, device: torch.device | str | None = None) -> Any:
+    """The engine for a loaded bundle: ``KeymapEngine`` when its encoder is a key map, else ``pipeline.Engine``."""
+    if isinstance(getattr(bundle, "encoder", None), KeyMapModel):
+        return KeymapEngine(bundle, config, device)
+    from worker.algorithm.pipeline import Engine
+
+    return Engine(bundle, config, device)
