@@ -68,6 +68,11 @@ class KeyMapModel(nn.Module):
 
     input_size = 150  # the engine's input crop: dlib chip, 150 px (what the identity model reads)
     alignment = "dlib-chip"
+    mean_dir: torch.Tensor  # registered buffers (state_dict entries), declared for the type checker
+    real_basis: torch.Tensor
+    real_std: torch.Tensor
+    gen_basis: torch.Tensor
+    gen_std: torch.Tensor
 
     def __init__(
         self,

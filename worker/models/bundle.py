@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ _ROLE_PROTOCOL = {
 
 
 # --- checkpoint helpers shared by the format loaders ---------------------------------------------------------------
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 def read_checkpoint(path: Path, config: Mapping[str, Any] | None = None) -> Any:
     """``torch.load`` on CPU with ``weights_only=True``.
 
@@ -97,7 +100,7 @@ def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_strict(module: nn.Module, state: Mapping[str, Any], path: Path, what: str) -> nn.Module:
+def load_strict(module: ModuleT, state: Mapping[str, Any], path: Path, what: str) -> ModuleT:
     """``module.load_state_dict(state, strict=True)``, turning every mismatch into ``CheckpointLayoutError``.
 
     BatchNorm ``num_batches_tracked`` counters may be absent (checkpoints saved before PyTorch 0.4.1); they carry no

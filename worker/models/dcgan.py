@@ -76,4 +76,5 @@ def load_dcgan(path: Path, config: dict | None = None) -> DCGANGenerator:
     gen = DCGANGenerator(int(config.get("z_dim", 100)), int(config.get("ngf", 64)))
     ckpt = read_checkpoint(Path(path), config)
     state = sub_dict(ckpt, str(config.get("state_key", "netG_state_dict")), Path(path))
-    return load_strict(gen, state, Path(path), "gan-face-generate DCGAN generator")
+    load_strict(gen, state, Path(path), "gan-face-generate DCGAN generator")
+    return gen
