@@ -20,12 +20,16 @@ class _Task:
 
 
 @pytest.fixture
-def rt(make_settings, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+    """In-process runtime on its own Redis database (flushed afterwards): the children these bulks queue and the
+    parents they leave open must not reach other tests' workers or progress metrics."""
     from worker.tasks import runtime
 
-    r = runtime.Runtime(make_settings(bucket=s3_bucket))
+    url = redis_url.rsplit("/", 1)[0] + "/4"
+    r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}))
     monkeypatch.setattr(runtime, "_runtime", r)
     yield r
+    r.redis.flushdb()
 
 
 def _job(rt, fmt: str, body: bytes, chunk_size: int):
@@ -168,10 +172,12 @@ def test_a_continuation_starts_with_a_ranged_get_at_its_byte_offset(rt, monkeypa
 
 def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -> None:
     """The pre-rendered list items of bulk children equal those Celery's ``send_task`` pushes (delivery tag aside)."""
+    import redis
+
     from worker.contracts import EnrollJob, child_job_id, to_wire
     from worker.tasks import control_tasks
 
-    r = rt.redis
+    r = redis.Redis.from_url(control_tasks.app.conf.broker_url)  # where the app publishes (drained below)
     parent = "bk-template-check"
     pending = [
         (

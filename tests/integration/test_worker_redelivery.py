@@ -143,12 +143,16 @@ class _FakeTask:
 
 
 @pytest.fixture
-def rt(make_settings, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+    """An in-process runtime on its own Redis database (flushed afterwards): the fan-out jobs these tests open and
+    leave unfinished must not show up in other tests' progress metrics and alerts."""
     from worker.tasks import runtime
 
-    r = runtime.Runtime(make_settings(bucket=s3_bucket, worker={"max_attempts": 3}))
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}, worker={"max_attempts": 3}))
     monkeypatch.setattr(runtime, "_runtime", r)
     yield r
+    r.redis.flushdb()
 
 
 def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
