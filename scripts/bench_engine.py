@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from worker.algorithm.config import EngineConfig  # noqa: E402
 from worker.algorithm.keylatent import key_latent  # noqa: E402

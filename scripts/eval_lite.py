@@ -35,7 +35,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from worker.evaluation.evaluator import DETECTOR_FILE, Evaluator, default_model_dir, load_rgb  # noqa: E402
 from worker.evaluation.metrics import far_at, threshold_at_far  # noqa: E402

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from worker.models.dlib_resnet import load_dlib_resnet  # noqa: E402
 from worker.models.lite import lite_split  # noqa: E402

@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from worker.models.lite import lite_split  # noqa: E402
 

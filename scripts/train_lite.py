@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -48,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from worker.models.lite import (  # noqa: E402
     LiteEncoder,
