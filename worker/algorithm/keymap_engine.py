@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
-from worker.algorithm.keylatent import SEED_BYTES
 from worker.algorithm.keymap import KeyMapModel, identity_loss, key_nuisance, key_rotation, prior_penalty
 from worker.algorithm.mix import LayerSplit
-from worker.algorithm.pipeline import EnrollResult, ProbeResult
-from worker.errors import BundleError, InvalidTensorError, KeyError_
+from worker.algorithm.pipeline import EnrollResult, ProbeResult, check_faces, check_seed, pack_subjects
+from worker.errors import BundleError, InvalidTensorError
 
 
 class KeyMapEncoder(torch.nn.Module):
@@ -202,40 +201,14 @@ class KeymapEngine:
         return out
 
     def _check_faces(self, faces: object) -> torch.Tensor:
-        r = self.input_size
-        if not isinstance(faces, torch.Tensor):
-            raise InvalidTensorError(f"faces must be a torch tensor, got {type(faces).__name__}")
-        if not faces.is_floating_point():
-            raise InvalidTensorError(f"faces must be a float tensor in [-1, 1], got {faces.dtype}")
-        if faces.dim() != 4 or faces.shape[0] < 1 or tuple(faces.shape[1:]) != (3, r, r):
-            raise InvalidTensorError(f"faces must have shape (N, 3, {r}, {r}), got {tuple(faces.shape)}")
-        faces = faces.detach().to(torch.float32)
-        if not bool(torch.isfinite(faces).all()):
-            raise InvalidTensorError("faces contain NaN or infinite values")
-        tol = self.config.input_tolerance
-        if float(faces.min()) < -1.0 - tol or float(faces.max()) > 1.0 + tol:
-            raise InvalidTensorError("faces must have values in [-1, 1]")
-        return faces.clamp(-1.0, 1.0)
+        return check_faces(faces, self.input_size, self.config.input_tolerance)
 
     @staticmethod
     def _check_seed(seed: object) -> bytes:
-        if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
-            raise KeyError_(f"a key seed must be {SEED_BYTES} bytes")
-        return bytes(seed)
+        return check_seed(seed)
 
     def _chunks(self, subjects: list[tuple[torch.Tensor, bytes]]) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
-        limit = self.config.max_batch_images
-        chunk: list[tuple[torch.Tensor, bytes]] = []
-        size = 0
-        for item in subjects:
-            n = len(item[0])
-            if chunk and size + n > limit:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(item)
-            size += n
-        if chunk:
-            yield chunk
+        return pack_subjects(subjects, self.config.max_batch_images)
 
 
 def build_engine(bundle: Any, config: EngineConfig | None = None, device: torch.device | str | None = None) -> Any:

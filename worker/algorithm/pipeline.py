@@ -226,38 +226,52 @@ class Engine:
         return contextlib.nullcontext()
 
     def _check_faces(self, faces: object) -> torch.Tensor:
-        r = self.input_size
-        if not isinstance(faces, torch.Tensor):
-            raise InvalidTensorError(f"faces must be a torch tensor, got {type(faces).__name__}")
-        if not faces.is_floating_point():
-            raise InvalidTensorError(f"faces must be a float tensor in [-1, 1], got {faces.dtype}")
-        if faces.dim() != 4 or faces.shape[0] < 1 or tuple(faces.shape[1:]) != (3, r, r):
-            raise InvalidTensorError(f"faces must have shape (N, 3, {r}, {r}), got {tuple(faces.shape)}")
-        faces = faces.detach().to(self.dtype)
-        if not bool(torch.isfinite(faces).all()):
-            raise InvalidTensorError("faces contain NaN or infinite values")
-        tol = self.config.input_tolerance
-        if float(faces.min()) < -1.0 - tol or float(faces.max()) > 1.0 + tol:
-            raise InvalidTensorError("faces must have values in [-1, 1]")
-        return faces.clamp(-1.0, 1.0)
+        return check_faces(faces, self.input_size, self.config.input_tolerance, self.dtype)
 
     @staticmethod
     def _check_seed(seed: object) -> bytes:
-        if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
-            raise KeyError_(f"a key seed must be {SEED_BYTES} bytes")
-        return bytes(seed)
+        return check_seed(seed)
 
     def _chunks(self, subjects: list[tuple[torch.Tensor, bytes]]) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
-        """Whole subjects, in order, packed greedily into batches of at most max_batch_images images."""
-        limit = self.config.max_batch_images
-        chunk: list[tuple[torch.Tensor, bytes]] = []
-        size = 0
-        for item in subjects:
-            n = len(item[0])
-            if chunk and size + n > limit:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(item)
-            size += n
-        if chunk:
+        return pack_subjects(subjects, self.config.max_batch_images)
+
+
+# --- input checks and packing, shared by every engine family ---------------------------------------------------
+def check_faces(faces: object, size: int, tolerance: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Validate aligned faces (N, 3, size, size) in [-1, 1] (``tolerance`` outside is clamped) -> ``dtype``."""
+    if not isinstance(faces, torch.Tensor):
+        raise InvalidTensorError(f"faces must be a torch tensor, got {type(faces).__name__}")
+    if not faces.is_floating_point():
+        raise InvalidTensorError(f"faces must be a float tensor in [-1, 1], got {faces.dtype}")
+    if faces.dim() != 4 or faces.shape[0] < 1 or tuple(faces.shape[1:]) != (3, size, size):
+        raise InvalidTensorError(f"faces must have shape (N, 3, {size}, {size}), got {tuple(faces.shape)}")
+    faces = faces.detach().to(dtype)
+    if not bool(torch.isfinite(faces).all()):
+        raise InvalidTensorError("faces contain NaN or infinite values")
+    if float(faces.min()) < -1.0 - tolerance or float(faces.max()) > 1.0 + tolerance:
+        raise InvalidTensorError("faces must have values in [-1, 1]")
+    return faces.clamp(-1.0, 1.0)
+
+
+def check_seed(seed: object) -> bytes:
+    """A 32-byte key seed (never echoed in the error: it is secret)."""
+    if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
+        raise KeyError_(f"a key seed must be {SEED_BYTES} bytes")
+    return bytes(seed)
+
+
+def pack_subjects(
+    subjects: list[tuple[torch.Tensor, bytes]], limit: int
+) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
+    """Whole subjects, in order, packed greedily into batches of at most ``limit`` images."""
+    chunk: list[tuple[torch.Tensor, bytes]] = []
+    size = 0
+    for item in subjects:
+        n = len(item[0])
+        if chunk and size + n > limit:
             yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += n
+    if chunk:
+        yield chunk
