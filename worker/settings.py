@@ -70,6 +70,9 @@ class S3Settings(_Group):
     """botocore retry attempts (standard mode) for transient S3 faults."""
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=30.0, gt=0)
+    max_pool_connections: int = Field(default=32, ge=1, le=1024)
+    """HTTP connections kept per S3 client; at least the threads that share one (a key revocation's listing reads
+    with 16)."""
 
     @field_validator("prefix")
     @classmethod

@@ -38,6 +38,7 @@ from worker.errors import (
 )
 from worker.keys.derive import MIN_KEY_BYTES, SEED_BYTES, derivation_message, seed_from_mac
 from worker.storage import layout
+from worker.storage.keyindex import KeyIndex
 from worker.storage.records import KeyStateRecord, SubjectKeyRecord, utcnow
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class KeyRegistry:
                     )
                 return cur[0]
             rec = SubjectKeyRecord(tenant=tenant, subject=subject, key_id=key_id, key_version=1)
+            KeyIndex(self.store).pending(tenant, key_id, subject)  # before the record: the key's index stays complete
             try:
                 self.store.put_json(layout.subject_key_state(tenant, subject), rec, if_none_match=True)
                 return rec
@@ -159,6 +161,9 @@ class KeyRegistry:
                     },
                 ],
             )
+            if new.key_id != rec.key_id:  # before the record: the old key's index stops vouching, the new one lists
+                KeyIndex(self.store).departing(tenant, rec.key_id, subject, job_id)
+                KeyIndex(self.store).pending(tenant, new.key_id, subject)
             try:
                 self.store.put_json(layout.subject_key_state(tenant, subject), new, if_match=etag)
                 return new

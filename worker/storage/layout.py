@@ -11,6 +11,8 @@
     tenants/{tenant}/dead-letters/{job_id}.json
     tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (bulk reports, revoke progress snapshots)
     tenants/{tenant}/keys/{key_id_path}/state.json   key state for this tenant (active / revoked + reason)
+    tenants/{tenant}/keys/{key_id_path}/index.json   the key's subject index is complete (worker/storage/keyindex.py)
+    tenants/{tenant}/keys/{key_id_path}/subjects/{subject}~{kind}   subject index markers (empty objects)
 
 The input bucket (``s3.input_bucket``, never the bucket above) holds source images producers upload from local files:
 
@@ -109,3 +111,19 @@ def dead_letter_key(tenant: str, job_id: str) -> str:
 
 def key_state_key(tenant: str, key_id: str) -> str:
     return f"{_t(tenant)}/keys/{key_id_path(key_id)}/state.json"
+
+
+def key_index_prefix(tenant: str, key_id: str) -> str:
+    """Where a key's subject index markers live (one flat 'directory': one LIST page holds 1,000 markers)."""
+    return f"{_t(tenant)}/keys/{key_id_path(key_id)}/subjects/"
+
+
+INDEX_SEP = "~"  # never in a subject ID ([A-Za-z0-9._-]); sorts after every character allowed in one
+
+
+def key_index_marker(tenant: str, key_id: str, subject: str, kind: str) -> str:
+    return f"{key_index_prefix(tenant, key_id)}{check_name(subject, 'subject')}{INDEX_SEP}{kind}"
+
+
+def key_index_state(tenant: str, key_id: str) -> str:
+    return f"{_t(tenant)}/keys/{key_id_path(key_id)}/index.json"

@@ -51,6 +51,7 @@ from worker.errors import (
 )
 from worker.storage import layout
 from worker.storage.client import ObjectStore
+from worker.storage.keyindex import KeyIndex
 from worker.storage.records import (
     Artefact,
     CurrentPointer,
@@ -313,9 +314,10 @@ class TemplateStore:
                     self.store.put_json(key, new, if_none_match=True)
                 else:
                     self.store.put_json(key, new, if_match=p[1])
-                return
             except VersionConflictError:
                 continue
+            KeyIndex(self.store).committed(tenant, m.key_id, subject)  # the key's index: this subject is committed
+            return
         raise VersionConflictError(f"{tenant}/{subject}: current pointer kept changing ({POINTER_TRIES} tries)")
 
     def raise_fence(self, tenant: str, subject: str, key_epoch: int) -> bool:

@@ -75,34 +75,15 @@ def _send_chunk(rt: Any, job: Any, index: int, subjects: list[str]) -> None:
     app.send_task(TASK_REENROLL_CHUNK, args=[payload], task_id=chunk.job_id, queue=ENGINE_QUEUE, ignore_result=True)
 
 
-def _under_key(rt: Any, job: Any, subject: str) -> bool:
-    """Whether ``subject`` is to be reissued: its key record is under the revoked key (or was moved off it by this
-    job) and it has a committed version. Two S3 GETs."""
-    from worker.keys.providers import KeyRegistry
-    from worker.storage.templates import TemplateStore
+def _subjects_under_key(rt: Any, job: Any, start_after: str | None, use_index: bool) -> Iterator[tuple[str, bool]]:
+    """(subject, under the revoked key?) in listing order after ``start_after``: from the key's subject index where
+    it is complete, else every subject's records (``worker.storage.keyindex``; reads ``REVOKE_READ_THREADS`` at a
+    time)."""
+    from worker.storage.keyindex import subjects_under_key
 
-    rec = KeyRegistry(rt.store).subject_key(job.tenant, subject)
-    if rec is None:
-        return False
-    if rec.key_id != job.key_id and not any(h.get("job_id") == job.job_id for h in rec.history):
-        return False
-    return TemplateStore(rt.store).read_pointer(job.tenant, subject) is not None  # never committed: nothing to reissue
-
-
-def _subjects_under_key(rt: Any, job: Any, start_after: str | None) -> Iterator[tuple[str, bool]]:
-    """(subject, under the revoked key?) for the tenant's subjects in listing order after ``start_after``; the
-    per-subject reads run ``REVOKE_READ_THREADS`` at a time (boto3 clients are thread-safe)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from worker.storage.templates import TemplateStore
-
-    names = TemplateStore(rt.store).iter_subjects(job.tenant, start_after)
-    with ThreadPoolExecutor(REVOKE_READ_THREADS) as pool:
-        while True:
-            page = [n for _, n in zip(range(REVOKE_READ_THREADS * 4), names, strict=False)]
-            if not page:
-                return
-            yield from zip(page, pool.map(lambda s: _under_key(rt, job, s), page), strict=True)
+    return subjects_under_key(
+        rt.store, job.tenant, job.key_id, job.job_id, start_after, use_index=use_index, threads=REVOKE_READ_THREADS
+    )
 
 
 def _revoke(rt: Any, job: Any, attempt: int, started: datetime, task: Any, continuation: int) -> RevokeResult:
@@ -148,12 +129,18 @@ def _list_key_subjects(rt: Any, job: Any, task: Any, continuation: int) -> bool:
     fields = book.get_fields(job.job_id)
     cursor = fields.get("listing_cursor") or None
     index, total = int(fields.get("chunks_sent", "0")), int(fields.get("subjects_listed", "0"))
+    mode = fields.get("listing_mode") or ("scan" if cursor else None)  # a cursor is valid in its own mode only
+    if mode is None:
+        from worker.storage.keyindex import KeyIndex
+
+        mode = "index" if KeyIndex(rt.store).is_complete(job.tenant, job.key_id) else "scan"
+        book.set_fields(job.job_id, listing_mode=mode)
     size = rt.settings.worker.revoke_chunk_size
     budget = rt.settings.worker.fanout_budget
     t0 = time.monotonic()
     batch: list[str] = []
     last = cursor
-    for subject, hit in _subjects_under_key(rt, job, cursor):
+    for subject, hit in _subjects_under_key(rt, job, cursor, mode == "index"):
         last = subject
         if hit:
             batch.append(subject)
