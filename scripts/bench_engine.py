@@ -14,7 +14,16 @@ quality
     enrol-then-probe genuine vs impostor (TAR at FAR 1 %, EER), protection (cancelable vs original of the same
     person, share below the original-vs-original threshold at FAR 1 %), unlinkability D_sys (key A vs key B).
 
-Run: .venv/bin/python scripts/bench_engine.py speed [--steps 10] [--threads 1]
+speed on CUDA (``--device cuda``, or ``CANCELABLE_ENGINE__DEVICE=cuda`` / ``cuda:N`` when ``--device`` is not given)
+    images/s of Engine calls at batch 1, 8, 32 (``--gpu-batches``), each with mixed precision off and on (bf16
+    autocast in the optimisation loop, ``EngineConfig.mixed_precision``): best wall time of ``--repeats`` calls,
+    CUDA synchronised before and after, after a warm-up call per setting; plus peak GPU memory. Where CUDA is not
+    available it prints why and measures nothing (exit 0, so ``make bench`` goes on). ``--dry-run`` runs the same
+    code on the CPU with batches 1 and 2 and one step (mixed precision is CUDA-only, so both rows run in fp32): it
+    checks the path, its figures mean nothing.
+
+Run: .venv/bin/python scripts/bench_engine.py speed [--steps 10] [--threads 1] [--device cpu|cuda|cuda:N]
+     .venv/bin/python scripts/bench_engine.py speed --device cuda [--gpu-batches 1 8 32] [--dry-run]
      .venv/bin/python scripts/bench_engine.py quality [--bundle worker/bundles/lite] [--ids 12]
 """
 
@@ -156,6 +165,88 @@ def cmd_speed(args: argparse.Namespace) -> None:
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
+# --- speed on CUDA ---------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_rates(
+    bundle: Any, device: torch.device, batches: list[int], mixed: list[bool], steps: int, repeats: int
+) -> list[dict[str, Any]]:
+    """images/s of ``Engine`` calls (one subject of one image per batch slot) for each mixed-precision setting and
+    batch size: best wall time of ``repeats`` calls after a warm-up call, the device synchronised around each."""
+    rows = []
+    seeds = [bytes([i % 256, i // 256]) * 16 for i in range(max(batches))]
+    for mp in mixed:
+        cfg = EngineConfig(steps=steps, max_batch_images=max(batches), mixed_precision=mp)
+        engine = Engine(bundle, cfg, device)
+        r = engine.input_size
+        engine([(random_faces(1, r, 99), seeds[0])])  # warm-up: kernels, cuDNN/cuBLAS autotuning, allocator
+        for b in batches:
+            subjects = [(f[None], seeds[i]) for i, f in enumerate(random_faces(b, r, b))]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            best = float("inf")
+            for _ in range(repeats):
+                _sync(device)
+                t = time.perf_counter()
+                out = engine(subjects)
+                _sync(device)
+                best = min(best, time.perf_counter() - t)
+            assert len(out) == b
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            rows.append({"mixed_precision": mp, "batch": b, "seconds": best, "images_per_s": b / best, "peak_mb": peak})
+    return rows
+
+
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    """Why ``device`` (a CUDA device) cannot be benchmarked here, or None when it can."""
+    if not torch.cuda.is_available():
+        return f"torch.cuda.is_available() is False (torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{device} requested but only {torch.cuda.device_count()} CUDA device(s) visible"
+    return None
+
+
+def cmd_cuda(args: argparse.Namespace, device: torch.device) -> None:
+    torch.set_num_threads(args.threads)
+    if args.dry_run:
+        device, batches, steps, repeats = torch.device("cpu"), [1, 2], 1, 1
+        print(
+            f"DRY RUN on the CPU (the {args.device} path's code, batches {batches}, {steps} step): figures mean nothing"
+        )
+    else:
+        reason = cuda_unavailable_reason(device)
+        if reason is not None:
+            print(f"CUDA engine benchmark SKIPPED: engine device {device} but {reason}; nothing measured")
+            return
+        batches, steps, repeats = args.gpu_batches, args.steps, args.repeats
+    bundle, label = load_models(Path(args.bundle), device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"models: {label}; device {device} ({name}); torch {torch.__version__}; steps {steps}; best of {repeats}")
+    for row in device_rates(bundle, device, batches, [False, True], steps, repeats):
+        on = "on (bf16 autocast)" if device.type == "cuda" else "on (CUDA-only: fp32)"
+        mp = on if row["mixed_precision"] else "off (fp32)"
+        mem = "" if row["peak_mb"] is None else f", peak GPU memory {row['peak_mb']:.0f} MiB"
+        print(
+            f"mixed precision {mp:<20} batch {row['batch']:2d}: {row['images_per_s']:8.2f} images/s "
+            f"({row['seconds']:.3f} s per call, {row['images_per_s'] * steps:.0f} image-steps/s{mem})"
+        )
+
+
+def resolve_device(flag: str | None) -> torch.device:
+    """``--device``, else the deployment's ``engine.device`` (``CANCELABLE_ENGINE__DEVICE``; ``auto`` = CUDA when
+    available), else the CPU."""
+    if flag is not None:
+        return torch.device(flag)
+    from worker.settings import EngineSettings
+    from worker.tasks.runtime import pick_device
+
+    spec = os.environ.get("CANCELABLE_ENGINE__DEVICE", "cpu")
+    return pick_device(EngineSettings(device=spec).device)
+
+
 # --- quality ----------------------------------------------------------------------------------------------------------
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -253,7 +344,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality"])
     ap.add_argument("--bundle", default=str(LITE_DIR))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CANCELABLE_ENGINE__DEVICE, else cpu)")
+    ap.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes of the CUDA speed run")
+    ap.add_argument("--dry-run", action="store_true", help="run the CUDA speed path on the CPU, tiny (checks the code)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
@@ -263,7 +356,12 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", default=["code", "readme"])
     ap.add_argument("--w-key", type=float, default=10.0)
     args = ap.parse_args()
-    if args.mode == "speed":
+    device = resolve_device(args.device)
+    args.device = str(device)
+    if args.mode == "speed" and (device.type == "cuda" or args.dry_run):
+        args.steps = args.steps or 50
+        cmd_cuda(args, device)
+    elif args.mode == "speed":
         args.steps = args.steps or 10
         cmd_speed(args)
     else:
