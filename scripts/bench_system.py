@@ -17,7 +17,18 @@ bulk
     end of the manifest, in-process against the same services; plus, for contrast, a continuation from a cursor saved
     without a byte offset (what every continuation did before: re-read and re-parse from row 0).
 
+revoke
+    Key revocation scheduling: N subjects' S3 records are seeded directly with the storage classes (subject key record,
+    current pointer and the key's subject index markers, what enrolment and commit write; no engine work), then a
+    key-level revoke runs in-process against the same Redis and SeaweedFS: mark the key revoked, list its subjects,
+    send the re-enrolment chunks to the engine queue (left there, not run). Prints subjects/s from the first task's
+    start to ``listing=done`` (continuations run back to back), the hand-overs, and checks that every subject under
+    the key is in exactly one chunk on the queue and nothing else is. Runs the index listing at each size, the
+    record scan (no index: what a key without a complete index, or the code before it, does) at the first size, and a
+    hand-over run: a small time budget over the last size, so the listing hands over after every few chunks.
+
 Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--formats jsonl,csv] [--skip-submit] [--skip-bulk]
+     [--revoke-sizes 10000,20000] [--revoke-handover-budget 0.2] [--skip-revoke]
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ def start_services(work: Path) -> tuple[list[Any], str, Any]:
 def service_env(url: str, svc: Any, work: Path) -> dict[str, str]:
     from worker.keys.providers import write_keyring
 
-    write_keyring(work / "keyring.json", ["k1"])
+    write_keyring(work / "keyring.json", ["k1", "k2"])
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CANCELABLE_")}
     env.update(svc.env("bench"))
     env.update(
@@ -347,6 +358,170 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
     return out
 
 
+# --- revoke -----------------------------------------------------------------------------------------------------------
+SEED_THREADS = 16
+
+
+def seed_subjects(
+    store: Any, tenant: str, key_id: str, names: list[str], committed: bool = True, records: bool = True
+) -> None:
+    """What a first enrolment and its commit leave for each subject, written directly: index ``p`` and ``key.json``
+    (``KeyRegistry.ensure_subject_key``), ``current.json`` and index ``c`` (the commit's pointer move). Without
+    ``records``, only the two index markers (all a complete index's listing reads of a committed subject)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.storage import layout
+    from worker.storage.keyindex import KeyIndex
+    from worker.storage.records import CurrentPointer, SubjectKeyRecord
+
+    index = KeyIndex(store)
+
+    def one(s: str) -> None:
+        index.pending(tenant, key_id, s)
+        if records:
+            record = SubjectKeyRecord(tenant=tenant, subject=s, key_id=key_id, key_version=1)
+            store.put_json(layout.subject_key_state(tenant, s), record)
+        if committed:
+            if records:
+                pointer = CurrentPointer(
+                    version=1, manifest_key=layout.version_key(tenant, s, 1), job_id="bench-enrol-0001", key_epoch=1
+                )
+                store.put_json(layout.current_key(tenant, s), pointer)
+            index.committed(tenant, key_id, s)
+
+    with ThreadPoolExecutor(SEED_THREADS) as pool:
+        for _ in pool.map(one, names):
+            pass
+
+
+def queued_chunk_subjects(r: Any) -> list[str]:
+    """Every subject named by the re-enrolment chunks on the engine queue (Celery messages, protocol 2)."""
+    import base64
+
+    out: list[str] = []
+    for raw in r.lrange("engine", 0, -1):
+        env = json.loads(raw)
+        args = json.loads(base64.b64decode(env["body"]))[0]
+        out += args[0]["subjects"]
+    return out
+
+
+def run_key_revoke(rt: Any, r: Any, tenant: str, key_id: str, tag: str) -> dict[str, Any]:
+    """One key-level revoke's scheduling phase, in-process: the first task, then each continuation it hands over
+    to, back to back, until the listing is done."""
+    from worker.contracts import job_from_wire
+    from worker.tasks import control_tasks
+    from worker.tasks.common import now
+
+    class Task:
+        def __init__(self) -> None:
+            self.continued: list[dict[str, Any]] = []
+
+        def apply_async(self, **kw: Any) -> None:
+            self.continued.append(kw)
+
+    job = job_from_wire(
+        {
+            "kind": "revoke",
+            "job_id": f"bench-revoke-{tag}",
+            "tenant": tenant,
+            "key_id": key_id,
+            "new_key_id": "k2",
+            "reason": "bench",
+        }
+    )
+    r.delete("engine")
+    task = Task()
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    continuation = 0
+    while True:
+        control_tasks._revoke(rt, job, 1, now(), task, continuation)
+        if len(task.continued) == continuation:  # the listing finished instead of handing over
+            break
+        continuation += 1
+    dt = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    fields = rt.book.get_fields(job.job_id)
+    assert fields.get("listing") == "done", fields
+    return {
+        "seconds": dt,
+        "cpu": cpu,
+        "handovers": len(task.continued),
+        "chunks": int(fields["chunks_sent"]),
+        "listed": int(fields["subjects_listed"]),
+        "mode": fields.get("listing_mode"),
+        "queued": int(r.llen("engine")),
+    }
+
+
+def bench_revoke(
+    url: str, svc: Any, sizes: list[int], handover_budget: float, markers_only: bool = False
+) -> list[dict[str, Any]]:
+    import redis
+
+    from worker.settings import get_settings
+    from worker.storage import layout
+    from worker.storage.keyindex import KeyIndex
+    from worker.tasks import runtime
+
+    get_settings.cache_clear()
+    rt = runtime.Runtime(get_settings())
+    runtime._runtime = rt
+    r = redis.Redis.from_url(url)
+    budget = rt.settings.worker.fanout_budget
+    print(f"  (chunk size {rt.settings.worker.revoke_chunk_size}, fan-out time budget {budget:.0f} s)", flush=True)
+    out = []
+    runs: list[tuple[int, str, float | None]] = [(n, "index", None) for n in sizes]
+    if not markers_only:  # the scan reads the records
+        runs.insert(1, (sizes[0], "scan", None))
+    runs.append((sizes[-1], "index", handover_budget))
+    seeded: dict[int, str] = {}
+    for n, mode, small_budget in runs:
+        tenant = f"t{n}"
+        if n not in seeded:
+            subjects = [f"s{i:07d}" for i in range(n)]
+            extra = max(n // 100, 1)
+            t = time.perf_counter()
+            seed_subjects(rt.store, tenant, "k1", subjects, records=not markers_only)
+            seed_subjects(rt.store, tenant, "k9", [f"o{i:07d}" for i in range(extra)])  # under another key
+            seed_subjects(rt.store, tenant, "k1", [f"n{i:07d}" for i in range(extra)], committed=False)
+            KeyIndex(rt.store).mark_complete(tenant, "k1")  # index-aware writers from the start
+            dt = time.perf_counter() - t
+            objs = (2 if markers_only else 4) * n + 4 * extra + 2 * extra
+            what = " (index markers only: no key.json/current.json for them)" if markers_only else ""
+            print(
+                f"  seeded {n} subjects under the key{what} (+{extra} under another key, +{extra} never committed): "
+                f"{objs} objects in {dt:.1f} s ({objs / dt:.0f} PUT/s)",
+                flush=True,
+            )
+            seeded[n] = tenant
+        state = layout.key_index_state(tenant, "k1")
+        if mode == "scan":
+            rt.store.delete(state)
+        rt.settings.worker.fanout_time_budget = small_budget
+        try:
+            res = run_key_revoke(rt, r, tenant, "k1", f"{n}-{mode}-{int((small_budget or 0) * 1000)}ms")
+        finally:
+            rt.settings.worker.fanout_time_budget = None
+            if mode == "scan":
+                KeyIndex(rt.store).mark_complete(tenant, "k1")
+        got = queued_chunk_subjects(r)
+        r.delete("engine")
+        expected = [f"s{i:07d}" for i in range(n)]
+        once = len(got) == len(set(got)) == n and sorted(got) == expected
+        res.update(n=n, exactly_once=once, rate=n / res["seconds"])
+        out.append(res)
+        label = f"{res['mode']} listing" + (f", budget {small_budget} s" if small_budget is not None else "")
+        print(
+            f"  {label:<24} {n:>7} subjects: {res['rate']:>7.0f} subjects/s ({res['seconds']:.2f} s, process CPU "
+            f"{res['cpu']:.2f} s); {res['chunks']} chunks ({res['queued']} on the queue); {res['handovers']} "
+            f"hand-overs; every subject under the key in exactly one chunk, no other: {once}",
+            flush=True,
+        )
+    return out
+
+
 # --- main -------------------------------------------------------------------------------------------------------------
 def machine() -> str:
     cpu = "?"
@@ -374,6 +549,14 @@ def main() -> None:
     ap.add_argument("--skip-submit", action="store_true")
     ap.add_argument("--skip-bulk", action="store_true")
     ap.add_argument("--formats", default="jsonl,csv", help="bulk manifest formats to stream")
+    ap.add_argument("--skip-revoke", action="store_true")
+    ap.add_argument("--revoke-sizes", default="10000,20000", help="subjects under the revoked key, one run each")
+    ap.add_argument("--revoke-handover-budget", type=float, default=0.2, help="time budget (s) of the hand-over run")
+    ap.add_argument(
+        "--revoke-markers-only",
+        action="store_true",
+        help="seed only the index markers of the subjects under the key (what the index listing reads; no scan run)",
+    )
     args = ap.parse_args()
     print(f"system benchmark: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-system-") as tmp:
@@ -389,6 +572,12 @@ def main() -> None:
                 print("bulk streaming (real control worker, engine queue drained):", flush=True)
                 for fmt in args.formats.split(","):
                     bench_bulk(env, url, svc, work, args.rows, fmt)
+            if not args.skip_revoke:
+                print("key revocation scheduling (in-process, records seeded directly, chunks left on the queue):")
+                os.environ.update({k: v for k, v in env.items() if k.startswith("CANCELABLE_")})
+                os.environ.pop("CANCELABLE_WORKER__FANOUT_TIME_BUDGET", None)  # the default budget (half soft limit)
+                sizes = [int(x) for x in args.revoke_sizes.split(",")]
+                bench_revoke(url, svc, sizes, args.revoke_handover_budget, args.revoke_markers_only)
         finally:
             for p in procs:
                 if p is not None:
