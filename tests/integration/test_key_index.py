@@ -156,6 +156,11 @@ def test_backfill_indexes_subjects_enrolled_before_the_index(store: ObjectStore)
     counting = _CountingStore(store)
     assert sorted(_hits(counting, "k1", None, use_index=True)) == ["old1", "old2"]
     assert counting.read == {"old3"}
+    # the whole tenant at once: every key, including one no subject uses yet, is complete from then on
+    assert backfill_key_index(store, T, threads=4) == 4
+    assert index.is_complete(T, "k9") and index.is_complete(T, "k-unused")
+    assert _hits(store, "k9", None, use_index=True) == ["x"]
+    assert not KeyIndex(store).is_complete("other", "k1")
 
 
 def test_key_revocation_lists_through_a_complete_index_across_hand_overs(rt, monkeypatch: pytest.MonkeyPatch) -> None:

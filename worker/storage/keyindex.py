@@ -17,6 +17,7 @@ exactly as before. Markers are never deleted.
     tenants/{tenant}/keys/{key}/subjects/{subject}~c        committed: written AFTER ``current.json`` moved to a
                                                              version made under the key (pointers are never deleted)
     tenants/{tenant}/keys/{key}/index.json                  the index is complete for this tenant and key
+    tenants/{tenant}/keys/~index.json                       ... for every key of this tenant
 
 Why the answer is the records' answer:
 
@@ -29,10 +30,10 @@ Why the answer is the records' answer:
 - Anything else (``p`` only: an enrolment not committed, or a crash between a marker and the write it announces; a
   departure by another job) is read from S3: the subject's key.json, then its pointer.
 
-So a normal subject costs two markers in a LIST page (1,000 keys each) and no GET. The index is used only where
-``index.json`` exists: for a tenant's key in use before index-aware writers, build it with ``backfill_key_index``
-once every worker runs index-aware code (writers that change key.json during the backfill write their markers
-themselves). Without it, the listing reads every subject's records, as before.
+So a normal subject costs two markers in a LIST page (1,000 keys each) and no GET. The index is used only where it
+is marked complete: for a tenant with subjects from before index-aware writers, run ``backfill_key_index`` (one key,
+or all keys of the tenant at once) after every worker runs index-aware code (writers that change key.json during
+the backfill write their markers themselves). Without it, the listing reads every subject's records, as before.
 """
 
 from __future__ import annotations
@@ -94,13 +95,18 @@ class KeyIndex:
             log.warning("key index marker not written (the subject will be read instead): %s", e)
 
     def is_complete(self, tenant: str, key_id: str) -> bool:
-        return self.store.exists(layout.key_index_state(tenant, key_id))
-
-    def mark_complete(self, tenant: str, key_id: str, *, subjects: int | None = None) -> None:
-        self.store.put_json(
-            layout.key_index_state(tenant, key_id),
-            {"kind": "key_index", "complete": True, "since": utcnow().isoformat(), "backfilled_subjects": subjects},
+        """The key's index lists every subject under it: that key, or every key of the tenant, was marked."""
+        return self.store.exists(layout.key_index_state(tenant, key_id)) or self.store.exists(
+            layout.tenant_key_index_state(tenant)
         )
+
+    def mark_complete(self, tenant: str, key_id: str | None, *, subjects: int | None = None) -> None:
+        """Mark ``key_id``'s index complete, or (None) every key's of the tenant, present and future: once every
+        subject's current key is indexed and every writer is index-aware, a key can only gain subjects through
+        writers that mark them."""
+        key = layout.tenant_key_index_state(tenant) if key_id is None else layout.key_index_state(tenant, key_id)
+        record = {"kind": "key_index", "key_id": key_id, "complete": True, "since": utcnow().isoformat()}
+        self.store.put_json(key, {**record, "backfilled_subjects": subjects})
 
     def entries(self, tenant: str, key_id: str, start_after: str | None = None) -> Iterator[IndexEntry]:
         """The index's subjects in listing order (grouped markers), after subject ``start_after``."""
@@ -187,19 +193,22 @@ def subjects_under_key(
             pool.shutdown(cancel_futures=True)
 
 
-def backfill_key_index(store: ObjectStore, tenant: str, key_id: str, *, threads: int = READ_THREADS) -> int:
-    """Build ``key_id``'s index for ``tenant`` from the records (``p`` and, where a pointer exists, ``c`` for each
-    subject whose key.json names the key), then mark it complete. Run it once every writer is index-aware. Returns
-    the number of subjects indexed."""
+def backfill_key_index(
+    store: ObjectStore, tenant: str, key_id: str | None = None, *, threads: int = READ_THREADS
+) -> int:
+    """Build the index from the records: for each subject whose key.json names ``key_id`` (None: any key), ``p``
+    under that key and, where a pointer exists, ``c``; then mark ``key_id``'s index (None: every key of the tenant,
+    including keys no subject uses yet) complete. Run it once every writer is index-aware; safe to run again.
+    Returns the number of subjects indexed."""
     index = KeyIndex(store)
 
     def one(subject: str) -> int:
         rec = subject_key_record(store, tenant, subject)
-        if rec is None or rec.key_id != key_id:
+        if rec is None or (key_id is not None and rec.key_id != key_id):
             return 0
-        index.pending(tenant, key_id, subject)
+        index.pending(tenant, rec.key_id, subject)
         if has_pointer(store, tenant, subject):
-            index.committed(tenant, key_id, subject)
+            index.committed(tenant, rec.key_id, subject)
         return 1
 
     n = 0

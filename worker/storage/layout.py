@@ -12,6 +12,7 @@
     tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (bulk reports, revoke progress snapshots)
     tenants/{tenant}/keys/{key_id_path}/state.json   key state for this tenant (active / revoked + reason)
     tenants/{tenant}/keys/{key_id_path}/index.json   the key's subject index is complete (worker/storage/keyindex.py)
+    tenants/{tenant}/keys/~index.json         every key's subject index is complete (the tenant was backfilled)
     tenants/{tenant}/keys/{key_id_path}/subjects/{subject}~{kind}   subject index markers (empty objects)
 
 The input bucket (``s3.input_bucket``, never the bucket above) holds source images producers upload from local files:
@@ -127,3 +128,8 @@ def key_index_marker(tenant: str, key_id: str, subject: str, kind: str) -> str:
 
 def key_index_state(tenant: str, key_id: str) -> str:
     return f"{_t(tenant)}/keys/{key_id_path(key_id)}/index.json"
+
+
+def tenant_key_index_state(tenant: str) -> str:
+    """Every key of the tenant is indexed ('~' is quoted in a key ID's path segment, so no key's folder is this)."""
+    return f"{_t(tenant)}/keys/~index.json"
