@@ -28,7 +28,7 @@ revoke
     hand-over run: a small time budget over the last size, so the listing hands over after every few chunks.
 
 Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--formats jsonl,csv] [--skip-submit] [--skip-bulk]
-     [--revoke-sizes 10000,20000] [--revoke-handover-budget 0.2] [--skip-revoke]
+     [--revoke-sizes 10000,20000] [--revoke-handover-budget 0.2] [--revoke-markers-only] [--skip-revoke]
 """
 
 from __future__ import annotations
