@@ -23,7 +23,7 @@ def clean_env(monkeypatch):
 def test_defaults_are_valid():
     s = load_settings()
     assert s.worker.visibility_timeout > s.worker.task_time_limit
-    assert s.s3.sse == "none" and s.keys.provider == "local" and s.engine.bundle == "lite"
+    assert s.s3.sse == "none" and s.keys.provider == "local" and s.engine.bundle == "keymap"
     assert s.worker.soft_time_limit < s.worker.task_time_limit
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from worker.evaluation.evaluator import DETECTOR_FILE, RECOGNIZER_FILE, default_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BUNDLE = REPO / "worker" / "bundles" / "lite"
+DEFAULT_BUNDLE = REPO / "worker" / "bundles" / "keymap"
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="force the engine's consistency-over-time term on or off (default: as a worker deploys the bundle)",
     )
     run.add_argument("--attack-steps", type=int, default=50, help="inversion steps of the key-known attack")
-    run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: lite)")
+    run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: keymap)")
     run.add_argument("--eval-models", default=None, help="evaluator models (default ../shared/models/eval)")
     run.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: run only every n-th identity from i")
     run.add_argument(
