@@ -187,7 +187,10 @@ def resolve_path(directory: Path, raw: str) -> Path:
         try:
             root = resources.files(package)
         except (ModuleNotFoundError, TypeError) as exc:
-            raise BundleError(f"package {package!r} of {raw!r} is not installed") from exc
+            raise BundleError(
+                f"package {package!r} of {raw!r} is not installed (scripts/bootstrap.sh installs the embedded "
+                "bundles' packages; or choose another bundle with CANCELABLE_ENGINE__BUNDLE)"
+            ) from exc
         return Path(str(root.joinpath(rel)))
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", raw):
         raise BundleError(f"remote path {raw!r}: fetch it into a local bundle directory first (worker.storage)")
