@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from worker.evaluation.cli import build_parser, deployed_config
+from worker.bundle_config import deployed_config
+from worker.evaluation.cli import build_parser
 
 
 def _bundle(tmp_path: Path, engine: dict) -> Path:

@@ -79,41 +79,25 @@ def pick_device(spec: str) -> Any:
 
 
 def engine_config_from(settings: Any, manifest: dict[str, Any]) -> Any:
-    """EngineConfig = the bundle's recommended engine section (if any) + the deployment's settings on top."""
-    import dataclasses
+    """EngineConfig = the bundle's advice + the deployment's settings on top (``worker.bundle_config``)."""
+    from worker.bundle_config import engine_config
 
-    from worker.algorithm.config import EngineConfig
-
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
-    recommended = manifest.get("engine", {}) if isinstance(manifest.get("engine"), dict) else {}
-    kw: dict[str, Any] = {k: v for k, v in recommended.items() if k in known}
-    for k in ("lr_milestones",):
-        if k in kw and isinstance(kw[k], list):
-            kw[k] = tuple(kw[k])
-    explicit = settings.engine.model_fields_set
-    for ours, theirs in (
-        ("steps", "steps"),
-        ("mixed_precision", "mixed_precision"),
-        ("batch_size", "max_batch_images"),
-    ):
-        if ours in explicit or theirs not in kw:  # a deployment's explicit setting wins over the bundle's advice
-            kw[theirs] = getattr(settings.engine, ours)
-    return EngineConfig(**kw)
+    return engine_config(manifest, settings.engine)
 
 
 def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
     """Load the bundle and build the engine (minutes for the production bundle, about a second for lite)."""
-    import json
 
     import torch
 
     from worker import metrics
     from worker.algorithm.keymap_engine import build_engine
+    from worker.bundle_config import read_manifest
     from worker.models.bundle import load_bundle
 
     torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
     directory = check_bundle_present(settings.engine.bundle, settings.engine.bundle_cache_dir, store)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = read_manifest(directory)
     device = pick_device(settings.engine.device)
     start = time.perf_counter()
     with metrics.model_load_timer(device.type if device.type in metrics.DEVICE_TYPES else "cpu"):
@@ -138,15 +122,10 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
 
 
 def verify_threshold_from(settings: Any, manifest: dict[str, Any]) -> float:
-    """The deployment's ``engine.verify_threshold`` when set explicitly, else the bundle's recommended
-    ``engine.verify_threshold`` (manifest), else the settings default."""
-    explicit = "verify_threshold" in settings.engine.model_fields_set
-    recommended = (
-        manifest.get("engine", {}).get("verify_threshold") if isinstance(manifest.get("engine"), dict) else None
-    )
-    if not explicit and isinstance(recommended, int | float) and -1.0 <= float(recommended) <= 1.0:
-        return float(recommended)
-    return float(settings.engine.verify_threshold)
+    """The deployment's explicit ``engine.verify_threshold``, else the bundle's advice (``worker.bundle_config``)."""
+    from worker.bundle_config import verify_threshold
+
+    return verify_threshold(manifest, settings.engine)
 
 
 class Runtime:
