@@ -2,38 +2,23 @@
 
 A manifest may carry an ``engine`` section: advice from whoever built the bundle (layer split, key target center,
 steps, ``verify_threshold``, ...). A deployment's explicit setting wins over the advice; the advice wins over the
-settings' defaults. Workers (``worker.tasks.runtime``), ``cancelable-eval`` and ``cancelable-bundle`` all call
-these functions, so they evaluate and calibrate exactly what a worker deploys.
+settings' defaults. The manifest is read and checked by ``worker.models.bundle.read_manifest``. Workers
+(``worker.tasks.runtime``), ``cancelable-eval`` and ``cancelable-bundle`` all call these functions, so they evaluate
+and calibrate exactly what a worker deploys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from worker.algorithm.config import EngineConfig
-from worker.errors import BundleError
+from worker.models.bundle import read_manifest
 from worker.settings import EngineSettings
 
-MANIFEST_NAME = "manifest.json"
 # settings field -> EngineConfig field, for the settings a deployment may set over the bundle's advice
 _SETTINGS_TO_CONFIG = (("steps", "steps"), ("mixed_precision", "mixed_precision"), ("batch_size", "max_batch_images"))
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """``<directory>/manifest.json`` as a dict (structure is checked by ``worker.models.bundle`` at load)."""
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"model bundle manifest not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"model bundle manifest unreadable: {path}: {type(exc).__name__}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"model bundle manifest is not a JSON object: {path}")
-    return manifest
 
 
 def _advice(manifest: dict[str, Any]) -> dict[str, Any]:

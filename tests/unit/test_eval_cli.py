@@ -10,7 +10,9 @@ from worker.evaluation.cli import build_parser
 
 
 def _bundle(tmp_path: Path, engine: dict) -> Path:
-    (tmp_path / "manifest.json").write_text(json.dumps({"bundle_id": "b", "components": {}, "engine": engine}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"bundle_id": "b", "schema_version": 1, "components": {}, "engine": engine})
+    )
     return tmp_path
 
 

@@ -92,8 +92,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
 
     from worker import metrics
     from worker.algorithm.keymap_engine import build_engine
-    from worker.bundle_config import read_manifest
-    from worker.models.bundle import load_bundle
+    from worker.models.bundle import load_bundle, read_manifest
 
     torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
     directory = check_bundle_present(settings.engine.bundle, settings.engine.bundle_cache_dir, store)
