@@ -344,6 +344,8 @@ class RedactionFilter(logging.Filter):
         for marker in _BODY_DUMPS:  # Celery's unknown/invalid-message reports print the whole job: not its body
             if marker in message:
                 message = message.split(marker, 1)[0].rstrip() + " [message body not logged]"
+        if any(m in message for m in _SECRET_OUTPUTS):  # botocore's DEBUG dump of a GenerateMac body IS the seed
+            message = "Response body: <redacted: KMS secret output>"
         if record.name == "celery.app.trace" and " succeeded in " in message:
             message = message.split(": ", 1)[0]  # "Task ...[id] succeeded in 1.2s": the return value is the result
         job = _JOB.get()
@@ -362,6 +364,7 @@ class RedactionFilter(logging.Filter):
 
 
 _BODY_DUMPS = ("The full contents of the message", "The message body was", "The full contents of the body")
+_SECRET_OUTPUTS = ('"Mac"', '"Plaintext"')  # KMS response fields that carry secret output
 
 LOG_FORMAT = (
     "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [job %(job_id)s %(job_type)s tenant %(tenant)s]: "

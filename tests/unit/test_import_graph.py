@@ -19,7 +19,14 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
     "worker.models": ({"worker.models", "worker.errors"}, THIRD_PARTY_IO),
     "worker.algorithm": ({"worker.algorithm", "worker.models", "worker.errors"}, THIRD_PARTY_IO),
     "worker.keys": (
-        {"worker.keys", "worker.contracts", "worker.errors", "worker.storage", "worker.settings"},
+        {
+            "worker.keys",
+            "worker.contracts",
+            "worker.errors",
+            "worker.storage",
+            "worker.settings",
+            "worker.observability",
+        },
         {"torch", "celery", "kombu"},
     ),
     "worker.storage": ({"worker.storage", "worker.contracts", "worker.errors", "worker.settings"}, {"torch", "celery"}),
