@@ -285,9 +285,9 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
     import redis
 
     from worker.contracts import job_from_wire
+    from worker.service.clock import now
     from worker.settings import get_settings
     from worker.tasks import control_tasks, runtime
-    from worker.tasks.common import now
 
     get_settings.cache_clear()
     rt = runtime.Runtime(get_settings())

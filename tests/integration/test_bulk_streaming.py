@@ -53,8 +53,8 @@ def _job(rt, fmt: str, body: bytes, chunk_size: int):
 
 def _run(rt, monkeypatch, job, budget: float, max_tasks: int = 10_000) -> tuple[list[str], list[dict]]:
     """Run the bulk task and its continuations to the end; returns (child IDs sent, GET calls made)."""
+    from worker.service.clock import now
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     sent: list[str] = []
     gets: list[dict] = []

@@ -2,7 +2,7 @@
 
 ``revoke``: subject -> one re-enrolment chunk; whole key -> mark the key revoked, list the tenant's subjects under
 it, send them in chunks of ``worker.revoke_chunk_size`` to the engine queue. The parent returns a ``running``
-result; the last chunk writes the terminal one (``worker.tasks.fanout``).
+result; the last chunk writes the terminal one (``worker.service.fanout``).
 
 ``bulk``: stream the manifest (constant memory), send one ``enroll`` per subject with a deterministic child job ID,
 ``chunk_size`` at a time (one Redis round trip per chunk), saving a cursor (rows sent) and a resume point (byte
@@ -20,24 +20,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.contracts import (
-    BulkResult,
-    EnrollJob,
-    JobStatus,
-    ManifestRowError,
-    RevokeResult,
-    child_job_id,
-    iter_csv,
-    iter_jsonl,
-    iter_prefix,
-    to_wire,
-)
-from worker.errors import NoTemplateError
-from worker.tasks.app import app
-from worker.tasks.common import now, run_job
-from worker.tasks.config import (
+from worker.broker.config import (
     ENGINE_QUEUE,
     TASK_BULK,
     TASK_ENROLL,
@@ -47,8 +32,30 @@ from worker.tasks.config import (
     TASK_REVOKE,
     TASK_SWEEP_STAGING,
 )
-from worker.tasks.fanout import ReenrollChunk, maybe_finalize_bulk, maybe_finalize_revoke
-from worker.tasks.publish import MessageTemplate, TemplateMismatch, is_celery_send_task, pipelined, short_argsrepr
+from worker.broker.publish import MessageTemplate, TemplateMismatch, is_celery_send_task, pipelined, short_argsrepr
+from worker.contracts import (
+    BulkJob,
+    BulkResult,
+    EnrollJob,
+    JobStatus,
+    ManifestRowError,
+    ReenrollChunk,
+    RevokeJob,
+    RevokeResult,
+    child_job_id,
+    iter_csv,
+    iter_jsonl,
+    iter_prefix,
+    to_wire,
+)
+from worker.errors import NoTemplateError
+from worker.service.clock import now
+from worker.service.fanout import maybe_finalize_bulk, maybe_finalize_revoke
+from worker.tasks.app import app
+from worker.tasks.envelope import Delivery, JobTask
+
+if TYPE_CHECKING:
+    from worker.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -201,24 +208,32 @@ def _revoke_status(rt: Any, job: Any, attempt: int, started: datetime) -> Revoke
     )
 
 
-@app.task(name=TASK_REVOKE, bind=True)
-def revoke(self: Any, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
+class RevokeTask(JobTask[RevokeJob, RevokeResult]):
     """Start a revocation (``RevokeJob`` JSON) -> ``RevokeResult`` JSON (``running``; the final one is stored in
     Redis by the last re-enrolment chunk). ``continuation``: a key's subject listing handed over to a fresh task."""
-    if not isinstance(continuation, int) or continuation < 0:
-        kwargs["continuation"] = continuation
-        continuation = 0
-    return run_job(
-        self,
-        args,
-        kwargs,
-        kind="revoke",
-        job_type="revoke",
-        result_cls=RevokeResult,
-        handler=lambda rt, job, attempt, started: _revoke(rt, job, attempt, started, self, continuation),
-        ident=lambda j: {"subject": j.subject, "key_id": j.key_id, "reason": j.reason},
-        attempt_key=lambda j: j.job_id if continuation == 0 else f"{j.job_id}-c{continuation}",
-    )
+
+    name = TASK_REVOKE
+    job_model = RevokeJob
+    result_model = RevokeResult
+    job_type = "revoke"
+
+    def run(self, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(continuation, int) or continuation < 0:
+            kwargs["continuation"] = continuation
+            continuation = 0
+        return self.run_job(args, kwargs, Delivery(continuation=continuation))
+
+    def handle(self, rt: Runtime, job: RevokeJob, attempt: int, started: datetime, delivery: Delivery) -> RevokeResult:
+        return _revoke(rt, job, attempt, started, self, delivery.continuation)
+
+    def ident(self, job: RevokeJob) -> dict[str, Any]:
+        return {"subject": job.subject, "key_id": job.key_id, "reason": job.reason}
+
+    def attempt_key(self, job: RevokeJob, delivery: Delivery) -> str:
+        return job.job_id if delivery.continuation == 0 else f"{job.job_id}-c{delivery.continuation}"
+
+
+revoke = app.register_task(RevokeTask())
 
 
 # --- bulk -----------------------------------------------------------------------------------------------------------
@@ -585,24 +600,29 @@ def _bulk_status(rt: Any, job: Any, attempt: int, started: datetime, final: dict
     )
 
 
-@app.task(name=TASK_BULK, bind=True)
-def bulk(self: Any, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
+class BulkTask(JobTask[BulkJob, BulkResult]):
     """Stream a bulk manifest (``BulkJob`` JSON) into enroll tasks -> ``BulkResult`` JSON (``running`` until every
     enrolment finished; the last one stores the terminal result)."""
-    if not isinstance(continuation, int) or continuation < 0:
-        kwargs["continuation"] = continuation
-        continuation = 0
-    return run_job(
-        self,
-        args,
-        kwargs,
-        kind="bulk",
-        job_type="bulk",
-        result_cls=BulkResult,
-        handler=lambda rt, job, attempt, started: _bulk(rt, job, attempt, started, self, continuation),
-        ident=lambda j: {},
-        attempt_key=lambda j: f"{j.job_id}-c{continuation}",
-    )
+
+    name = TASK_BULK
+    job_model = BulkJob
+    result_model = BulkResult
+    job_type = "bulk"
+
+    def run(self, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(continuation, int) or continuation < 0:
+            kwargs["continuation"] = continuation
+            continuation = 0
+        return self.run_job(args, kwargs, Delivery(continuation=continuation))
+
+    def handle(self, rt: Runtime, job: BulkJob, attempt: int, started: datetime, delivery: Delivery) -> BulkResult:
+        return _bulk(rt, job, attempt, started, self, delivery.continuation)
+
+    def attempt_key(self, job: BulkJob, delivery: Delivery) -> str:
+        return f"{job.job_id}-c{delivery.continuation}"
+
+
+bulk = app.register_task(BulkTask())
 
 
 @app.task(name=TASK_PING)
@@ -631,7 +651,7 @@ def _repair_bulk(rt: Any, parent: str) -> int:
     """Count the finished children a bulk parent missed (a report lost to a Redis outage): every row whose child
     has a stored terminal result but is not counted is reported now. Returns the number repaired."""
     from worker.contracts import EnrollResult
-    from worker.tasks.fanout import report_bulk_child
+    from worker.service.fanout import report_bulk_child
 
     book = rt.book
     f = book.get_fields(parent)
@@ -652,7 +672,7 @@ def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
 
     - dead letters recorded only in Redis while S3 was down are written to S3;
     - bulk parents idle for ``idle_s`` with their listing done get the children they missed counted (and are
-      finalised when that completes them). Results are stored before acks (``common._finish``), so this is the
+      finalised when that completes them). Results are stored before acks (``JobTask._finish``), so this is the
       belt to those braces.
     """
     from worker.storage.deadletters import write_dead_letter
