@@ -142,6 +142,24 @@ class _FakeTask:
         self.continued.append(kw)
 
 
+def _bulk(rt, job, task, continuation: int):
+    """One run of the bulk task's service function, sending through the tasks' Celery dispatch."""
+    from worker.service import bulk
+    from worker.service.clock import now
+    from worker.tasks import control_tasks
+
+    return bulk.bulk(rt, job, 1, now(), control_tasks.CeleryDispatch(task, job.job_id, rt.redis), continuation)
+
+
+def _revoke(rt, job, task, continuation: int):
+    """One run of the revoke task's service function, sending through the tasks' Celery dispatch."""
+    from worker.service import revoke
+    from worker.service.clock import now
+    from worker.tasks import control_tasks
+
+    return revoke.revoke(rt, job, 1, now(), control_tasks.CeleryDispatch(task, job.job_id, rt.redis), continuation)
+
+
 @pytest.fixture
 def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
     """An in-process runtime on its own Redis database (flushed afterwards): the fan-out jobs these tests open and
@@ -251,7 +269,6 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     from worker_harness import job_id as new_id
 
     from worker.contracts import child_job_id, job_from_wire
-    from worker.service.clock import now
     from worker.tasks import control_tasks
 
     lines = [
@@ -274,15 +291,15 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     task = _FakeTask()
 
-    r1 = control_tasks._bulk(rt, job, 1, now(), task, 0)
+    r1 = _bulk(rt, job, task, 0)
     assert r1.status == "running" and rt.book.get_cursor(job.job_id) == 2
     assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2)]
     assert task.continued[-1]["kwargs"] == {"continuation": 1}
     # the continuation runs twice (a re-delivery): rows before the cursor are never sent again
-    control_tasks._bulk(rt, job, 1, now(), task, 1)
+    _bulk(rt, job, task, 1)
     assert rt.book.get_cursor(job.job_id) == 4
-    control_tasks._bulk(rt, job, 1, now(), task, 1)
-    control_tasks._bulk(rt, job, 1, now(), task, 2)
+    _bulk(rt, job, task, 1)
+    _bulk(rt, job, task, 2)
     assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2, 4, 5, 6)]
     p = rt.book.progress(job.job_id)
     assert p.total == 6 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
@@ -293,7 +310,6 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
     from worker_harness import job_id as new_id
 
     from worker.contracts import job_from_wire
-    from worker.service.clock import now
     from worker.tasks import control_tasks
 
     for key in ("in/p/alice/1.jpg", "in/p/alice/2.jpg", "in/p/bob/1.png", "in/p/readme.txt", "in/other/x.jpg"):
@@ -310,7 +326,7 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
     )
     sent: list[dict] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw))
-    res = control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    res = _bulk(rt, job, _FakeTask(), 0)
     assert res.status == "running" and res.total == 2
     jobs = {kw["args"][0]["subject"]: kw["args"][0]["images"] for kw in sent}
     assert jobs == {
@@ -327,7 +343,6 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
 
     from worker.contracts import job_from_wire
     from worker.keys.providers import KeyRegistry, write_keyring
-    from worker.service.clock import now
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
 
@@ -349,11 +364,11 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 3)
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     task = _FakeTask()
-    r = control_tasks._revoke(rt, job, 1, now(), task, 0)
+    r = _revoke(rt, job, task, 0)
     assert r.status == "running" and task.continued[-1]["kwargs"] == {"continuation": 1}
     assert [c["subjects"] for c in sent] == [under[:3]]
-    control_tasks._revoke(rt, job, 1, now(), task, 1)
-    control_tasks._revoke(rt, job, 1, now(), task, 2)
+    _revoke(rt, job, task, 1)
+    _revoke(rt, job, task, 2)
     assert [c["subjects"] for c in sent] == [under[:3], under[3:6], under[6:]]
     assert len(task.continued) == 2  # the last one finished the listing instead of handing over
     fields = rt.book.get_fields(job.job_id)
@@ -383,7 +398,6 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
     from worker_harness import job_id as new_id
 
     from worker.contracts import child_job_id, job_from_wire
-    from worker.service.clock import now
     from worker.tasks import control_tasks
 
     huge = "x" * 200_000
@@ -413,7 +427,7 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
     )
     sent: list[str] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
-    control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    _bulk(rt, job, _FakeTask(), 0)
     first, last = (2, 4) if fmt == "csv" else (1, 3)
     assert sent == [child_job_id(job.job_id, "line", n) for n in (first, last)]
     p = rt.book.progress(job.job_id)
