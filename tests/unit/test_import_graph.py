@@ -4,6 +4,8 @@ included, since a lazy import of boto3 in ``algorithm`` is still a dependency of
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,15 @@ def test_layer_imports_only_what_interfaces_md_allows(layer: str) -> None:
 def test_the_graph_has_the_modules_it_checks() -> None:
     layers = {_layer(m) for m in MODULES}
     assert set(RULES) <= layers  # a renamed package must not make a rule vacuous
+
+
+def test_the_service_loads_without_celery_redis_or_torch() -> None:
+    """The business logic can be imported (and run, with a runtime of one's own) without Celery, a Redis client or
+    torch: the static rules above also hold for what those modules pull in."""
+    mods = ["enrol", "verify", "reissue", "revoke", "bulk", "fanout", "engine", "runtime"]
+    code = (
+        f"import sys\nfor m in {mods!r}: __import__('worker.service.' + m)\n"
+        "print(sorted(m for m in ('celery', 'kombu', 'redis', 'torch', 'boto3') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
