@@ -285,9 +285,10 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
     import redis
 
     from worker.contracts import job_from_wire
+    from worker.service import bulk
+    from worker.service.clock import now
     from worker.settings import get_settings
     from worker.tasks import control_tasks, runtime
-    from worker.tasks.common import now
 
     get_settings.cache_clear()
     rt = runtime.Runtime(get_settings())
@@ -326,7 +327,7 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
             r.hset(key, mapping=fields)
         r.delete("engine")
         t = time.perf_counter()
-        control_tasks._bulk(rt, job, 1, now(), Task(), 1)
+        bulk.bulk(rt, job, 1, now(), control_tasks.CeleryDispatch(Task(), job.job_id, rt.redis), 1)
         dt = time.perf_counter() - t
         got = r.llen("engine")
         r.delete("engine")

@@ -169,7 +169,7 @@ def test_enroll_and_verify_with_kms_hmac_keys(service_env, seaweed, moto_kms: st
 def test_control_worker_runs_the_staging_sweep(dep: Deployment) -> None:
     """The beat-scheduled task, sent by name to a real worker: it visits the subject and keeps young orphans
     (deleting old ones is tested against S3 with a moved clock in test_storage_versions)."""
-    from worker.tasks.config import TASK_SWEEP_STAGING
+    from worker.broker.config import TASK_SWEEP_STAGING
 
     orphan = "tenants/acme/subjects/sweepme/staging/" + "a" * 32 + "/1/images/000.png"
     dep.s3.put_object(Bucket=dep.bucket, Key=orphan, Body=b"orphan")

@@ -153,7 +153,7 @@ def test_settings_import_is_light():
 
 def test_no_redis_url_is_a_clear_error_not_a_guessed_default():
     """Issue 10 item 14: nothing falls back to redis://127.0.0.1:6379 (it may be someone else's Redis)."""
-    from worker.tasks.config import connect_redis, make_celery
+    from worker.broker.config import connect_redis, make_celery
 
     s = load_settings()
     assert s.redis.url is None

@@ -19,7 +19,7 @@ evaluation). ``--pool holdout`` (default) samples the TRAIN identities the lite 
 (sha256(name) % 10 == 3); ``--pool train`` samples all TRAIN identities.
 
 The engine configuration is the one a default deployment gets: the bundle manifest's ``engine`` section with the
-worker's default settings on top (``worker.tasks.runtime.engine_config_from``); ``--steps`` overrides it like an
+worker's default settings on top (``worker.bundle_config.deployed_config``); ``--steps`` overrides it like an
 explicit ``CANCELABLE_ENGINE__STEPS`` would (the threshold then belongs to that engine fingerprint only).
 
 ``--write`` sets ``manifest["engine"]["verify_threshold"]`` and records how it was obtained in
@@ -95,7 +95,7 @@ def candidate_identities(data: Path, pool: str, min_photos: int) -> list[tuple[s
 
 def prepare_photo(engine: Any, path: Path) -> torch.Tensor | None:
     """Decode like the worker and align with the engine; None where the worker would reject the photo."""
-    from worker.tasks.images import decode_image
+    from worker.service.images import decode_image
 
     try:
         rgb = decode_image(path.read_bytes(), max_bytes=20_000_000, max_pixels=40_000_000, name=path.name)
