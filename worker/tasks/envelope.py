@@ -261,7 +261,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
                 log.warning("malformed %s message rejected", self.kind)
                 return _store_malformed(rt, malformed_result(args, self.kind, e), getattr(self.request, "id", None))
 
-            with job_scope(job.job_id, self.job_type):
+            with job_scope(job.job_id, self.job_type, getattr(job, "tenant", None)):
                 existing = rt.book.get_result(job.job_id)
                 if existing is not None:
                     tracker.outcome = "duplicate"
