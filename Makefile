@@ -1,5 +1,5 @@
 # The two commands a new user runs (see README.md):
-#   make demo   -- the main job end to end on the embedded lite bundle (starts venv, Redis, SeaweedFS, a worker)
+#   make demo   -- the main job end to end on the embedded keymap bundle (starts venv, Redis, SeaweedFS, a worker)
 #   make test   -- the test suite
 .PHONY: demo test venv lint stack-up stack-down bench
 

@@ -16,18 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.contracts import (
-    BulkJob,
-    BulkManifest,
-    EnrollJob,
-    RevokeJob,
-    VerifyJob,
-    job_from_wire,
-    result_from_wire,
-    to_wire,
-)
-from worker.errors import MalformedJobError
-from worker.tasks.config import (
+from worker.broker.config import (
     CONTROL_QUEUE,
     ENGINE_QUEUE,
     TASK_BULK,
@@ -40,8 +29,19 @@ from worker.tasks.config import (
     connect_store,
     make_celery,
 )
-from worker.tasks.progress import JobBook, JobProgress
-from worker.tasks.publish import PUBLISH_BATCH, MessageTemplate, TemplateMismatch, pipelined, short_argsrepr
+from worker.broker.publish import PUBLISH_BATCH, MessageTemplate, TemplateMismatch, pipelined, short_argsrepr
+from worker.contracts import (
+    BulkJob,
+    BulkManifest,
+    EnrollJob,
+    RevokeJob,
+    VerifyJob,
+    job_from_wire,
+    result_from_wire,
+    to_wire,
+)
+from worker.errors import MalformedJobError
+from worker.storage.jobbook import JobBook, JobProgress
 
 if TYPE_CHECKING:
     from producers.uploads import LocalImage
@@ -254,7 +254,7 @@ class Client:
     def submit_many(self, jobs: Iterable[Any], batch: int = PUBLISH_BATCH) -> list[str]:
         """``submit`` for many jobs, ``batch`` at a time: each batch is validated, then published in one Redis round
         trip (plus one for the submit markers). The list items are the ones ``submit`` pushes (same envelope, queue,
-        headers, task IDs; see ``worker.tasks.publish.MessageTemplate``). Returns the job IDs in order.
+        headers, task IDs; see ``worker.broker.publish.MessageTemplate``). Returns the job IDs in order.
 
         Constant memory in the number of jobs (``jobs`` may be a generator). A malformed job raises
         ``MalformedJobError`` before anything of its batch is queued; the batches before it are queued."""

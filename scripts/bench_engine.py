@@ -240,8 +240,8 @@ def resolve_device(flag: str | None) -> torch.device:
     available), else the CPU."""
     if flag is not None:
         return torch.device(flag)
+    from worker.service.engine import pick_device
     from worker.settings import EngineSettings
-    from worker.tasks.runtime import pick_device
 
     spec = os.environ.get("CANCELABLE_ENGINE__DEVICE", "cpu")
     return pick_device(EngineSettings(device=spec).device)

@@ -296,9 +296,10 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
     import redis
 
     from worker.contracts import job_from_wire
+    from worker.service import bulk
+    from worker.service.clock import now
     from worker.settings import get_settings
     from worker.tasks import control_tasks, runtime
-    from worker.tasks.common import now
 
     get_settings.cache_clear()
     rt = runtime.Runtime(get_settings())
@@ -337,7 +338,7 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
             r.hset(key, mapping=fields)
         r.delete("engine")
         t = time.perf_counter()
-        control_tasks._bulk(rt, job, 1, now(), Task(), 1)
+        bulk.bulk(rt, job, 1, now(), control_tasks.CeleryDispatch(Task(), job.job_id, rt.redis), 1)
         dt = time.perf_counter() - t
         got = r.llen("engine")
         r.delete("engine")
@@ -410,8 +411,9 @@ def run_key_revoke(rt: Any, r: Any, tenant: str, key_id: str, tag: str) -> dict[
     """One key-level revoke's scheduling phase, in-process: the first task, then each continuation it hands over
     to, back to back, until the listing is done."""
     from worker.contracts import job_from_wire
+    from worker.service import revoke
+    from worker.service.clock import now
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     class Task:
         def __init__(self) -> None:
@@ -436,7 +438,7 @@ def run_key_revoke(rt: Any, r: Any, tenant: str, key_id: str, tag: str) -> dict[
     cpu0 = time.process_time()
     continuation = 0
     while True:
-        control_tasks._revoke(rt, job, 1, now(), task, continuation)
+        revoke.revoke(rt, job, 1, now(), control_tasks.CeleryDispatch(task, job.job_id, rt.redis), continuation)
         if len(task.continued) == continuation:  # the listing finished instead of handing over
             break
         continuation += 1

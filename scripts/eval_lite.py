@@ -284,7 +284,7 @@ def main() -> None:
         try:
             from worker.algorithm.config import EngineConfig
             from worker.algorithm.pipeline import Engine
-            from worker.evaluation.cli import deployed_config
+            from worker.bundle_config import deployed_config
 
             torch.set_num_threads(2)
             # the configuration a worker deploys for this bundle (its manifest advice), without the attribute loss

@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from worker.algorithm.keymap_engine import build_engine
-    from worker.evaluation.cli import deployed_config
+    from worker.bundle_config import deployed_config
     from worker.evaluation.evaluator import load_rgb
     from worker.models.bundle import load_bundle
 

@@ -499,6 +499,17 @@ class ProgressSnapshot:
 ProgressSource = Callable[[], Iterable[ProgressSnapshot]]
 
 
+def open_job_snapshots(book: Any) -> list[ProgressSnapshot]:
+    """Progress of every open revoke/bulk job in ``book`` (a ``worker.storage.jobbook.JobBook``), for the metrics
+    collector (counts only, no IDs leave)."""
+    out = []
+    for job_id in book.open_jobs():
+        p = book.progress(job_id)
+        if p.kind in ("revoke", "bulk"):
+            out.append(ProgressSnapshot(kind=p.kind, done=p.done, total=p.total or 0, failed=p.failed))
+    return out
+
+
 class ProgressCollector:
     """Done/total items summed over all open revocation and bulk jobs, per kind; no job IDs in labels."""
 

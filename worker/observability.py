@@ -305,13 +305,14 @@ def _package_version() -> str | None:
         return None
 
 
-_JOB: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("cancelable_job", default=None)
+_JOB: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("cancelable_job", default=None)
 
 
 @contextlib.contextmanager
-def job_scope(job_id: str, job_type: str) -> Iterator[None]:
-    """Inside: every log line carries the job ID and type, and every Sentry event is tagged with them."""
-    token = _JOB.set((str(job_id), str(job_type)))
+def job_scope(job_id: str, job_type: str, tenant: str | None = None) -> Iterator[None]:
+    """Inside: every log line carries the job ID, job type and tenant, and every Sentry event is tagged with them.
+    (A tenant ID names a customer, not a person; subjects, keys and seeds are never put here.)"""
+    token = _JOB.set((str(job_id), str(job_type), str(tenant) if tenant else "-"))
     try:
         sentry_sdk = sys.modules.get("sentry_sdk")
         if sentry_sdk is None:
@@ -320,6 +321,8 @@ def job_scope(job_id: str, job_type: str) -> Iterator[None]:
         with sentry_sdk.isolation_scope() as scope:
             scope.set_tag("job_id", str(job_id))
             scope.set_tag("job_type", str(job_type))
+            if tenant:
+                scope.set_tag("tenant", str(tenant))
             yield
     finally:
         _JOB.reset(token)
@@ -341,10 +344,14 @@ class RedactionFilter(logging.Filter):
         for marker in _BODY_DUMPS:  # Celery's unknown/invalid-message reports print the whole job: not its body
             if marker in message:
                 message = message.split(marker, 1)[0].rstrip() + " [message body not logged]"
+        if any(m in message for m in _SECRET_OUTPUTS):  # botocore's DEBUG dump of a GenerateMac body IS the seed
+            message = "Response body: <redacted: KMS secret output>"
         if record.name == "celery.app.trace" and " succeeded in " in message:
             message = message.split(": ", 1)[0]  # "Task ...[id] succeeded in 1.2s": the return value is the result
         job = _JOB.get()
-        record.job_id, record.job_type = job if job is not None else ("-", "-")
+        job_id, job_type, tenant = job if job is not None else ("-", "-", "-")
+        record.job_id, record.job_type = job_id, job_type
+        record.tenant = tenant if tenant != "-" else str(getattr(record, "tenant", "-"))  # or the line's extra=
         record.msg = self.scrubber.scrub_text(message)
         record.args = None
         if record.exc_info and not record.exc_text:
@@ -357,9 +364,11 @@ class RedactionFilter(logging.Filter):
 
 
 _BODY_DUMPS = ("The full contents of the message", "The message body was", "The full contents of the body")
+_SECRET_OUTPUTS = ('"Mac"', '"Plaintext"')  # KMS response fields that carry secret output
 
 LOG_FORMAT = (
-    "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [job %(job_id)s %(job_type)s]: %(message)s"
+    "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [job %(job_id)s %(job_type)s tenant %(tenant)s]: "
+    "%(message)s"
 )
 
 
@@ -371,13 +380,13 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {
         k: SCRUBBER.scrub(v, k)
         for k, v in vars(record).items()
-        if k not in _RECORD_FIELDS and k not in ("job_id", "job_type") and not k.startswith("_")
+        if k not in _RECORD_FIELDS and k not in ("job_id", "job_type", "tenant") and not k.startswith("_")
     }
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line (``CANCELABLE_LOG_FORMAT=json``): time, level, logger, process, job ID and type,
-    message and, for errors, the (scrubbed) traceback."""
+    """One JSON object per line (``CANCELABLE_LOG_FORMAT=json``): time, level, logger, process, job ID, job type,
+    tenant, message and, for errors, the (scrubbed) traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         import json
@@ -389,6 +398,7 @@ class JsonFormatter(logging.Formatter):
             "process": f"{record.processName}[{record.process}]",
             "job_id": getattr(record, "job_id", "-"),
             "job_type": getattr(record, "job_type", "-"),
+            "tenant": getattr(record, "tenant", "-"),
             "message": record.getMessage(),
         }
         out.update({k: v for k, v in _extras(record).items() if k not in out})
@@ -405,7 +415,7 @@ def _formatter() -> logging.Formatter:
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        for name in ("job_id", "job_type"):  # records that did not pass the filter (another handler's)
+        for name in ("job_id", "job_type", "tenant"):  # records that did not pass the filter (another handler's)
             if not hasattr(record, name):
                 setattr(record, name, "-")
         text = super().format(record)

@@ -110,9 +110,9 @@ class KeysSettings(_Group):
 
 
 class EngineSettings(_Group):
-    bundle: str = "lite"
-    """``lite`` (the embedded default), ``keymap`` (the embedded DCGAN + key map bundle), a local directory, or
-    ``s3://bucket/prefix/`` (synced into the cache dir)."""
+    bundle: str = "keymap"
+    """``keymap`` (the embedded default: DCGAN + learned key map), ``lite`` (the first embedded bundle, kept for
+    comparison and tests), a local directory, or ``s3://bucket/prefix/`` (synced into the cache dir)."""
     bundle_cache_dir: Path = REPO / ".stack" / "bundles"
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""

@@ -51,10 +51,18 @@ def _job(rt, fmt: str, body: bytes, chunk_size: int):
     )
 
 
+def _bulk(rt, job, task, continuation: int):
+    """One run of the bulk task's service function, sending through the tasks' Celery dispatch."""
+    from worker.service import bulk
+    from worker.service.clock import now
+    from worker.tasks import control_tasks
+
+    return bulk.bulk(rt, job, 1, now(), control_tasks.CeleryDispatch(task, job.job_id, rt.redis), continuation)
+
+
 def _run(rt, monkeypatch, job, budget: float, max_tasks: int = 10_000) -> tuple[list[str], list[dict]]:
     """Run the bulk task and its continuations to the end; returns (child IDs sent, GET calls made)."""
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     sent: list[str] = []
     gets: list[dict] = []
@@ -70,7 +78,7 @@ def _run(rt, monkeypatch, job, budget: float, max_tasks: int = 10_000) -> tuple[
     task = _Task()
     for c in range(max_tasks):
         before = len(task.continued)
-        control_tasks._bulk(rt, job, 1, now(), task, c)
+        _bulk(rt, job, task, c)
         if len(task.continued) == before:
             return sent, gets
     raise AssertionError("bulk never finished")

@@ -57,8 +57,8 @@ def test_revoke_during_an_inflight_enrol_is_never_undone(dep: Deployment, tmp_pa
     """An enrolment derives its seed under key version n, a revocation of the subject commits n+1 meanwhile: the
     enrolment's commit is fenced off (marked revoked) and re-derived; the current version is always under the
     subject's newest key version and every version under an older one is marked revoked."""
-    from worker.tasks.config import TASK_ENROLL
-    from worker.tasks.progress import JobBook  # noqa: F401  (documents where attempts are counted)
+    from worker.broker.config import TASK_ENROLL
+    from worker.storage.jobbook import JobBook  # noqa: F401  (documents where attempts are counted)
 
     c = dep.client
     first = c.wait(c.submit(c.enroll_job("acme", "fence", [dep.faces["obama"]], "k1")), timeout=300)

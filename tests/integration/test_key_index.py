@@ -166,8 +166,9 @@ def test_backfill_indexes_subjects_enrolled_before_the_index(store: ObjectStore)
 def test_key_revocation_lists_through_a_complete_index_across_hand_overs(rt, monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.contracts import job_from_wire
     from worker.keys.providers import write_keyring
+    from worker.service import revoke as revoke_service
+    from worker.service.clock import now
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     class Task:
         def __init__(self) -> None:
@@ -192,7 +193,8 @@ def test_key_revocation_lists_through_a_complete_index_across_hand_overs(rt, mon
         task = Task()
         c = 0
         while True:
-            control_tasks._revoke(rt, job, 1, now(), task, c)
+            dispatch = control_tasks.CeleryDispatch(task, job.job_id, rt.redis)
+            revoke_service.revoke(rt, job, 1, now(), dispatch, c)
             if len(task.continued) == c:
                 break
             c += 1

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from worker_harness import Deployment, job_id, running
 
+from worker.broker.config import ENGINE_QUEUE, TASK_ENROLL, TASK_VERIFY
 from worker.contracts import JobStatus
-from worker.tasks.config import ENGINE_QUEUE, TASK_ENROLL, TASK_VERIFY
 
 pytestmark = pytest.mark.integration
 

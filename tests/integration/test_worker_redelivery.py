@@ -142,6 +142,24 @@ class _FakeTask:
         self.continued.append(kw)
 
 
+def _bulk(rt, job, task, continuation: int):
+    """One run of the bulk task's service function, sending through the tasks' Celery dispatch."""
+    from worker.service import bulk
+    from worker.service.clock import now
+    from worker.tasks import control_tasks
+
+    return bulk.bulk(rt, job, 1, now(), control_tasks.CeleryDispatch(task, job.job_id, rt.redis), continuation)
+
+
+def _revoke(rt, job, task, continuation: int):
+    """One run of the revoke task's service function, sending through the tasks' Celery dispatch."""
+    from worker.service import revoke
+    from worker.service.clock import now
+    from worker.tasks import control_tasks
+
+    return revoke.revoke(rt, job, 1, now(), control_tasks.CeleryDispatch(task, job.job_id, rt.redis), continuation)
+
+
 @pytest.fixture
 def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
     """An in-process runtime on its own Redis database (flushed afterwards): the fan-out jobs these tests open and
@@ -155,12 +173,43 @@ def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.Monkey
     r.redis.flushdb()
 
 
+def _envelope_task(handler, ident):
+    """An enroll ``JobTask`` whose ``handle`` is ``handler(rt, job, attempt, started)``; like ``_FakeTask``, it records
+    retries instead of publishing them."""
+    from types import SimpleNamespace
+
+    from worker.contracts import EnrollJob, EnrollResult
+    from worker.tasks.envelope import JobTask
+
+    class _Task(JobTask[EnrollJob, EnrollResult]):
+        name = "t.envelope"
+        job_model = EnrollJob
+        result_model = EnrollResult
+        job_type = "enroll"
+        request = None  # shadows Celery's property: set per instance below
+
+        def handle(self, rt_, job, attempt, started, delivery):  # noqa: ANN001, ANN202
+            return handler(rt_, job, attempt, started)
+
+        def ident(self, job):  # noqa: ANN001, ANN202
+            return ident(job)
+
+        def retry(self, exc: BaseException, countdown: float, max_retries: object = None) -> _Retry:
+            self.countdowns.append(countdown)
+            self.request.retries += 1
+            return _Retry(str(exc))
+
+    task = _Task()
+    task.request = SimpleNamespace(retries=0, id=None)
+    task.countdowns = []
+    return task
+
+
 def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
     from worker_harness import job_id as new_id
 
     from worker.contracts import EnrollResult, to_wire
     from worker.errors import StorageError
-    from worker.tasks.common import run_job
 
     job = {
         "kind": "enroll",
@@ -176,37 +225,28 @@ def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
         calls.append(attempt)
         raise StorageError("s3://bkt/a.jpg: SlowDown (HTTP 503)")
 
-    task = _FakeTask()
-    kw = dict(
-        kind="enroll",
-        job_type="enroll",
-        result_cls=EnrollResult,
-        handler=flaky,
-        ident=lambda j: {"subject": j.subject, "key_id": j.key_id},
-    )
+    task = _envelope_task(flaky, lambda j: {"subject": j.subject, "key_id": j.key_id})
     for _ in range(8):  # far more than max_attempts (3): transient faults are retried for a time window
         with pytest.raises(_Retry):
-            run_job(task, (job,), {}, **kw)
+            task.run(job)
     caps = [1, 2, 4, 8, 16, 30, 30, 30]  # exponential, capped at 30 s, jittered in [0.5, 1] x cap
     assert all(c / 2 <= d <= c for c, d in zip(caps, task.countdowns, strict=True)), task.countdowns
     assert calls == [1] * 8  # each clean transient failure gives its attempt back: attempts count crashes only
     rt.settings.worker.transient_retry_window = 0.0  # the window is over
-    out = run_job(task, (job,), {}, **kw)
+    out = task.run(job)
     assert out["status"] == "dead_lettered" and calls == [1] * 9
     assert rt.book.get_dead_letter(job["job_id"])["error_code"] == "storage_error"
     body, _ = rt.store.get(f"tenants/acme/dead-letters/{job['job_id']}.json")
     assert json.loads(body)["attempts"] == 1
     # the stored result answers any further delivery; the handler does not run again
-    assert run_job(task, (job,), {}, **kw) == out and calls == [1] * 9
+    assert task.run(job) == out and calls == [1] * 9
     assert "SlowDown" not in json.dumps(to_wire(EnrollResult.model_validate(out)))  # message trimmed to the code
 
 
 def test_bad_input_fails_once_without_retry(rt) -> None:
     from worker_harness import job_id as new_id
 
-    from worker.contracts import EnrollResult
     from worker.errors import NoFaceError
-    from worker.tasks.common import run_job
 
     job = {
         "kind": "enroll",
@@ -220,17 +260,8 @@ def test_bad_input_fails_once_without_retry(rt) -> None:
     def no_face(rt_, j, attempt, started):
         raise NoFaceError("s3://bkt/a.jpg: no face found")
 
-    task = _FakeTask()
-    out = run_job(
-        task,
-        (job,),
-        {},
-        kind="enroll",
-        job_type="enroll",
-        result_cls=EnrollResult,
-        handler=no_face,
-        ident=lambda j: {"subject": j.subject},
-    )
+    task = _envelope_task(no_face, lambda j: {"subject": j.subject})
+    out = task.run(job)
     assert out["status"] == "failed" and out["error"]["code"] == "no_face" and task.countdowns == []
 
 
@@ -239,7 +270,6 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
 
     from worker.contracts import child_job_id, job_from_wire
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     lines = [
         json.dumps({"subject": f"s{i}", "images": [f"s3://{rt.settings.s3.bucket}/in/{i}.jpg"]}) for i in range(1, 6)
@@ -261,15 +291,15 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     task = _FakeTask()
 
-    r1 = control_tasks._bulk(rt, job, 1, now(), task, 0)
+    r1 = _bulk(rt, job, task, 0)
     assert r1.status == "running" and rt.book.get_cursor(job.job_id) == 2
     assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2)]
     assert task.continued[-1]["kwargs"] == {"continuation": 1}
     # the continuation runs twice (a re-delivery): rows before the cursor are never sent again
-    control_tasks._bulk(rt, job, 1, now(), task, 1)
+    _bulk(rt, job, task, 1)
     assert rt.book.get_cursor(job.job_id) == 4
-    control_tasks._bulk(rt, job, 1, now(), task, 1)
-    control_tasks._bulk(rt, job, 1, now(), task, 2)
+    _bulk(rt, job, task, 1)
+    _bulk(rt, job, task, 2)
     assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2, 4, 5, 6)]
     p = rt.book.progress(job.job_id)
     assert p.total == 6 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
@@ -281,7 +311,6 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
 
     from worker.contracts import job_from_wire
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     for key in ("in/p/alice/1.jpg", "in/p/alice/2.jpg", "in/p/bob/1.png", "in/p/readme.txt", "in/other/x.jpg"):
         rt.store.put(key, b"x")
@@ -297,7 +326,7 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
     )
     sent: list[dict] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw))
-    res = control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    res = _bulk(rt, job, _FakeTask(), 0)
     assert res.status == "running" and res.total == 2
     jobs = {kw["args"][0]["subject"]: kw["args"][0]["images"] for kw in sent}
     assert jobs == {
@@ -316,7 +345,6 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     from worker.keys.providers import KeyRegistry, write_keyring
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     write_keyring(rt.settings.keys.keyring_path, ["k1", "k2"])
     reg = KeyRegistry(rt.store)
@@ -336,11 +364,11 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 3)
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     task = _FakeTask()
-    r = control_tasks._revoke(rt, job, 1, now(), task, 0)
+    r = _revoke(rt, job, task, 0)
     assert r.status == "running" and task.continued[-1]["kwargs"] == {"continuation": 1}
     assert [c["subjects"] for c in sent] == [under[:3]]
-    control_tasks._revoke(rt, job, 1, now(), task, 1)
-    control_tasks._revoke(rt, job, 1, now(), task, 2)
+    _revoke(rt, job, task, 1)
+    _revoke(rt, job, task, 2)
     assert [c["subjects"] for c in sent] == [under[:3], under[3:6], under[6:]]
     assert len(task.continued) == 2  # the last one finished the listing instead of handing over
     fields = rt.book.get_fields(job.job_id)
@@ -350,8 +378,8 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
 
 def test_tasks_retry_without_celerys_default_limit(make_settings) -> None:
     """Celery's default ``max_retries`` (3) would fail a task on its 4th transient fault without storing a result;
-    the app's tasks leave the limit to run_job's time window."""
-    from worker.tasks.config import make_celery
+    the app's tasks leave the limit to the envelope's time window (JobTask.run_job)."""
+    from worker.broker.config import make_celery
 
     app = make_celery(make_settings())
 
@@ -371,7 +399,6 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
 
     from worker.contracts import child_job_id, job_from_wire
     from worker.tasks import control_tasks
-    from worker.tasks.common import now
 
     huge = "x" * 200_000
     if fmt == "csv":
@@ -400,7 +427,7 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
     )
     sent: list[str] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
-    control_tasks._bulk(rt, job, 1, now(), _FakeTask(), 0)
+    _bulk(rt, job, _FakeTask(), 0)
     first, last = (2, 4) if fmt == "csv" else (1, 3)
     assert sent == [child_job_id(job.job_id, "line", n) for n in (first, last)]
     p = rt.book.progress(job.job_id)

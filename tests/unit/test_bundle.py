@@ -248,3 +248,25 @@ def test_production_manifest_template_is_valid_and_refuses_to_load(tmp_path):
     filled = manifest_for(d)
     assert all(len(c["sha256"]) == 64 for c in filled["components"].values())
     assert filled["bundle_id"] == manifest["bundle_id"]
+
+
+def test_rehash_keeps_the_engine_advice_and_calibration(bundle_dir: Path, tmp_path: Path) -> None:
+    """``cancelable-bundle rehash`` after replacing a weight file: new hashes, the threshold and advice kept."""
+    import shutil
+
+    from worker.bundletool.cli import main
+
+    bundle_dir = Path(shutil.copytree(bundle_dir, tmp_path / "b"))
+    mpath = bundle_dir / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["engine"] = {"verify_threshold": 0.91, "split": "readme"}
+    manifest["calibration"] = {"verify_threshold": {"tool": "cancelable-bundle calibrate-threshold"}}
+    mpath.write_text(json.dumps(manifest))
+    name, spec = next(iter(manifest["components"].items()))
+    target = resolve_path(bundle_dir, spec["path"])
+    target.write_bytes(target.read_bytes() + b"\0")  # a replaced weight file: the old hash no longer matches
+    assert main(["rehash", str(bundle_dir)]) == 0
+    after = json.loads(mpath.read_text())
+    assert after["engine"] == manifest["engine"] and after["calibration"] == manifest["calibration"]
+    assert after["components"][name]["sha256"] != spec["sha256"]
+    assert after["components"][name]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()

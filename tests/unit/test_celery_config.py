@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.tasks.config import (
+from worker.broker.config import (
     CONTROL_QUEUE,
     ENGINE_QUEUE,
     TASK_BULK,
@@ -126,8 +126,8 @@ def test_producer_import_is_light() -> None:
 
 
 def test_bundle_advice_applies_unless_the_deployment_set_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.service.engine import engine_config_from, verify_threshold_from
     from worker.settings import load_settings
-    from worker.tasks.runtime import engine_config_from, verify_threshold_from
 
     for k in [k for k in __import__("os").environ if k.upper().startswith("CANCELABLE_")]:
         monkeypatch.delenv(k)

@@ -54,3 +54,14 @@ def test_bulk_help_documents_the_manifest_formats():
 def test_subject_takes_tenant_and_subject_positionally():
     args = build_parser().parse_args(["subject", "acme", "alice", "--json"])
     assert (args.subject_tenant, args.subject_id, args.json) == ("acme", "alice", True)
+
+
+def test_bundle_tool_lists_its_commands_with_help() -> None:
+    from worker.bundletool.cli import build_parser
+
+    text = build_parser().format_help()
+    for command in ("calibrate-threshold", "fit-key-center", "rehash"):
+        assert command in text
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["calibrate-threshold"])  # the bundle is required
+    assert exc.value.code == 2

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from worker.evaluation.cli import build_parser, deployed_config
+from worker.bundle_config import deployed_config
+from worker.evaluation.cli import build_parser
 
 
 def _bundle(tmp_path: Path, engine: dict) -> Path:
-    (tmp_path / "manifest.json").write_text(json.dumps({"bundle_id": "b", "components": {}, "engine": engine}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"bundle_id": "b", "schema_version": 1, "components": {}, "engine": engine})
+    )
     return tmp_path
 
 

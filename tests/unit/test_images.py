@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from worker.errors import ImageTooLargeError, InvalidImageError, UnsupportedFormatError
-from worker.tasks.images import decode_image
+from worker.service.images import decode_image
 
 MAX_BYTES = 20_000_000
 MAX_PIXELS = 40_000_000

@@ -209,7 +209,7 @@ def test_engine_reinversion_attack_shapes() -> None:
 
 
 def test_keymap_is_an_embedded_bundle_name() -> None:
-    from worker.tasks.runtime import resolve_bundle_dir
+    from worker.service.engine import resolve_bundle_dir
 
     assert resolve_bundle_dir("keymap") == REPO / "worker" / "bundles" / "keymap"
     assert resolve_bundle_dir("lite") == REPO / "worker" / "bundles" / "lite"

@@ -28,7 +28,7 @@ def deployed():
     import torch
 
     from worker.algorithm.keymap_engine import build_engine
-    from worker.evaluation.cli import deployed_config
+    from worker.bundle_config import deployed_config
     from worker.models.bundle import load_bundle
 
     torch.set_num_threads(1)

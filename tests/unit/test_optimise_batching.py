@@ -17,6 +17,7 @@ import torch
 from tiny_models import person_faces, tiny_bundle
 
 from worker.algorithm.config import EngineConfig
+from worker.algorithm.engine_base import pack_subjects
 from worker.algorithm.optimise import AdamSchedule, adam_optimise
 from worker.algorithm.pipeline import Engine
 
@@ -74,11 +75,11 @@ def test_coupling_is_detected() -> None:
 
 
 def test_a_subject_is_never_split_across_chunks() -> None:
-    engine = Engine(tiny_bundle(), EngineConfig(max_batch_images=2))
-    chunks = list(engine._chunks([(torch.zeros(3, 3, 16, 16), SEEDS[0]), (torch.zeros(1, 3, 16, 16), SEEDS[1])]))
-    assert [[len(f) for f, _ in c] for c in chunks] == [[3], [1]]
-    chunks = list(engine._chunks([(torch.zeros(1, 3, 16, 16), s) for s in SEEDS]))
-    assert [[len(f) for f, _ in c] for c in chunks] == [[1, 1], [1]]
+    """``enroll_many`` packs whole subjects into batches of at most ``max_batch_images`` images."""
+    two = [(torch.zeros(3, 3, 16, 16), SEEDS[0]), (torch.zeros(1, 3, 16, 16), SEEDS[1])]
+    assert [[len(f) for f, _ in c] for c in pack_subjects(two, 2)] == [[3], [1]]
+    ones = [(torch.zeros(1, 3, 16, 16), s) for s in SEEDS]
+    assert [[len(f) for f, _ in c] for c in pack_subjects(ones, 2)] == [[1, 1], [1]]
 
 
 def test_schedule_milestones() -> None:

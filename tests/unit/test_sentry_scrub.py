@@ -282,7 +282,21 @@ def test_log_lines_carry_the_job_and_extra_fields_scrubbed(settings):
     finally:
         logging.getLogger().removeHandler(handler)
     lines = stream.getvalue().splitlines()
-    assert f"[job {JOB_ID} enroll]: committed version (seed={FILTERED}, tenant=acme, version=3)" in lines[0]
+    assert f"[job {JOB_ID} enroll tenant acme]: committed version (seed={FILTERED}, version=3)" in lines[0]
     assert "message body not logged" in lines[1] and "'tenant'" not in stream.getvalue()
-    assert "[job - -]: outside any job" in lines[-1]
+    assert "[job - - tenant -]: outside any job" in lines[-1]
     assert SEED.hex() not in stream.getvalue()
+
+
+def test_json_log_lines_carry_job_type_and_tenant_of_the_scope(settings, monkeypatch):
+    monkeypatch.setenv("CANCELABLE_LOG_FORMAT", "json")
+    stream = io.StringIO()
+    handler = setup_logging(settings, level="INFO", stream=stream)
+    try:
+        with job_scope(JOB_ID, "verify", tenant="acme"):
+            logging.getLogger("worker.test").info("scored", extra={"seed": SEED.hex()})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    line = json.loads(stream.getvalue().splitlines()[0])
+    assert (line["job_id"], line["job_type"], line["tenant"], line["message"]) == (JOB_ID, "verify", "acme", "scored")
+    assert line["seed"] == FILTERED and SEED.hex() not in stream.getvalue()

@@ -23,7 +23,7 @@ def clean_env(monkeypatch):
 def test_defaults_are_valid():
     s = load_settings()
     assert s.worker.visibility_timeout > s.worker.task_time_limit
-    assert s.s3.sse == "none" and s.keys.provider == "local" and s.engine.bundle == "lite"
+    assert s.s3.sse == "none" and s.keys.provider == "local" and s.engine.bundle == "keymap"
     assert s.worker.soft_time_limit < s.worker.task_time_limit
 
 
@@ -153,7 +153,7 @@ def test_settings_import_is_light():
 
 def test_no_redis_url_is_a_clear_error_not_a_guessed_default():
     """Issue 10 item 14: nothing falls back to redis://127.0.0.1:6379 (it may be someone else's Redis)."""
-    from worker.tasks.config import connect_redis, make_celery
+    from worker.broker.config import connect_redis, make_celery
 
     s = load_settings()
     assert s.redis.url is None

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
+from worker.algorithm.engine_base import EngineBase, EnrollResult, per_subject
 from worker.algorithm.keymap import KeyMapModel, identity_loss, key_nuisance, key_rotation, prior_penalty
 from worker.algorithm.mix import LayerSplit
-from worker.algorithm.pipeline import EnrollResult, ProbeResult, check_faces, check_seed, pack_subjects
-from worker.errors import BundleError, InvalidTensorError
+from worker.errors import BundleError
 
 
 class KeyMapEncoder(torch.nn.Module):
@@ -48,7 +47,7 @@ class KeyMapEncoder(torch.nn.Module):
         return self.keymap(t, torch.zeros(len(t), self.keymap.nuisance_dim, device=t.device))[:, None, :]
 
 
-class KeymapEngine:
+class KeymapEngine(EngineBase):
     """Cancelable faces from a key-transformed identity target and a learned key map. One per worker process."""
 
     family = "keymap"
@@ -89,38 +88,6 @@ class KeymapEngine:
         knobs = {"config": self.config.result_fields(), "keymap": self.keymap.config(), "prior": self.prior_weight}
         digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"{getattr(self.bundle, 'bundle_id', 'unknown')}:{digest}"
-
-    # --- public API (as pipeline.Engine) ------------------------------------------------------------------------
-    def prepare(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
-        from worker.models.dlib_face import prepare_face
-
-        crop = prepare_face(image_rgb_uint8, self.input_size, self.keymap.alignment)
-        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
-
-    def enroll(self, faces: torch.Tensor, seed: bytes) -> EnrollResult:
-        return self([(faces, seed)])[0]
-
-    def probe(self, face: torch.Tensor, seed: bytes) -> ProbeResult:
-        if not isinstance(face, torch.Tensor) or face.dim() != 3:
-            raise InvalidTensorError(f"probe face must be a (3, {self.input_size}, {self.input_size}) tensor")
-        r = self([(face[None], seed)])[0]
-        return ProbeResult(image=r.images[0], embedding=r.embeddings[0])
-
-    def enroll_many(self, subjects: Sequence[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
-        checked = [(self._check_faces(f), self._check_seed(s)) for f, s in subjects]
-        out: list[EnrollResult] = []
-        for chunk in self._chunks(checked):
-            out.extend(self._run(chunk))
-        return out
-
-    def score(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        for t in (a, b):
-            if not isinstance(t, torch.Tensor) or t.shape != (self.embedding_dim,) or not t.is_floating_point():
-                raise InvalidTensorError(f"score expects two float ({self.embedding_dim},) tensors")
-        return float(F.cosine_similarity(a.detach().float().cpu(), b.detach().float().cpu(), dim=0))
-
-    def __call__(self, subjects: Sequence[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
-        return self._run([(self._check_faces(f), self._check_seed(s)) for f, s in subjects])
 
     # --- steps ----------------------------------------------------------------------------------------------------
     def start_latents(self, faces: torch.Tensor, seeds: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,23 +159,7 @@ class KeymapEngine:
             images = self.generator(z).float().clamp(-1.0, 1.0)
             emb = F.normalize(self.identity.embed(images, self.generator.alignment).float(), dim=-1)
         images, emb = images.cpu(), emb.cpu()
-        out: list[EnrollResult] = []
-        start = 0
-        for n in counts:
-            e = emb[start : start + n]
-            out.append(EnrollResult(images[start : start + n].clone(), e.clone(), F.normalize(e.mean(0), dim=0)))
-            start += n
-        return out
-
-    def _check_faces(self, faces: object) -> torch.Tensor:
-        return check_faces(faces, self.input_size, self.config.input_tolerance)
-
-    @staticmethod
-    def _check_seed(seed: object) -> bytes:
-        return check_seed(seed)
-
-    def _chunks(self, subjects: list[tuple[torch.Tensor, bytes]]) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
-        return pack_subjects(subjects, self.config.max_batch_images)
+        return per_subject(images, emb, counts)
 
 
 def build_engine(bundle: Any, config: EngineConfig | None = None, device: torch.device | str | None = None) -> Any:

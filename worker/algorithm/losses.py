@@ -78,9 +78,7 @@ def idp_loss(
         return out
     dist = (e[ii] - e[jj]).norm(dim=-1)
     pair_group = groups[ii]
-    counts = torch.zeros(n_groups, dtype=e.dtype, device=e.device).index_add_(
-        0, pair_group, torch.ones_like(dist)
-    )
+    counts = torch.zeros(n_groups, dtype=e.dtype, device=e.device).index_add_(0, pair_group, torch.ones_like(dist))
     sums = out.index_add(0, pair_group, dist)
     return sums / counts.clamp_min(1.0)
 

@@ -17,20 +17,26 @@ never logged nor put in exception messages.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
-from worker.algorithm.keylatent import SEED_BYTES, key_latents, key_orthogonal, key_rotation_about, key_target
+from worker.algorithm.engine_base import (
+    EngineBase,
+    EnrollResult,
+    ProbeResult,
+    check_faces,
+    check_seed,
+    pack_subjects,
+    per_subject,
+)
+from worker.algorithm.keylatent import key_latents, key_orthogonal, key_rotation_about, key_target
 from worker.algorithm.losses import group_pairs, total_loss
 from worker.algorithm.mix import LayerSplit, assemble, mix, resolve_split
 from worker.algorithm.optimise import adam_optimise
-from worker.errors import BundleError, InvalidTensorError, KeyError_
+from worker.errors import BundleError
 from worker.models.base import AttributeModel, Encoder, Generator, IdentityModel
 
 KEY_TARGET_LABEL = "identity-target"
@@ -45,25 +51,7 @@ class BundleLike(Protocol):
     attribute: AttributeModel | None
 
 
-@dataclass
-class EnrollResult:
-    """One subject's result (CPU, float32 in either engine dtype): images (N, 3, G, G) in [-1, 1], embeddings
-    (N, D), template (D,)."""
-
-    images: torch.Tensor
-    embeddings: torch.Tensor
-    template: torch.Tensor
-
-
-@dataclass
-class ProbeResult:
-    """One probe's result (CPU, float32): image (3, G, G) in [-1, 1], embedding (D,)."""
-
-    image: torch.Tensor
-    embedding: torch.Tensor
-
-
-class Engine:
+class Engine(EngineBase):
     """FaceAnonyMixer on a model bundle. Not thread-safe (one engine per worker process)."""
 
     def __init__(
@@ -102,50 +90,6 @@ class Engine:
         """``<bundle_id>:<config fingerprint>``. Store it with a template: a probe must use an equal fingerprint."""
         return f"{getattr(self.bundle, 'bundle_id', 'unknown')}:{self.config.fingerprint()}"
 
-    # --- public API ---------------------------------------------------------------------------------------------
-    def prepare(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
-        """Detect exactly one face and align it to the encoder's crop: (H, W, 3) uint8 -> (3, R, R) in [-1, 1].
-
-        Raises InvalidTensorError / InvalidImageError (bad array), NoFaceError, MultipleFacesError.
-        """
-        from worker.models.dlib_face import prepare_face  # dlib is only needed on this path
-
-        crop = prepare_face(image_rgb_uint8, self.input_size, self.encoder.alignment)
-        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
-
-    def enroll(self, faces: torch.Tensor, seed: bytes) -> EnrollResult:
-        """All images of one subject, optimised together (L_idp ties them). faces (N, 3, R, R)."""
-        return self([(faces, seed)])[0]
-
-    def probe(self, face: torch.Tensor, seed: bytes) -> ProbeResult:
-        """One face captured later, anonymised alone under the subject's key. face (3, R, R)."""
-        if not isinstance(face, torch.Tensor) or face.dim() != 3:
-            raise InvalidTensorError(f"probe face must be a (3, {self.input_size}, {self.input_size}) tensor")
-        result = self([(face[None], seed)])[0]
-        return ProbeResult(image=result.images[0], embedding=result.embeddings[0])
-
-    def enroll_many(self, subjects: Sequence[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
-        """Many subjects, packed into as few optimisation batches as ``config.max_batch_images`` allows.
-
-        Results are in input order and equal (to fp32 rounding) what ``enroll`` gives each subject alone.
-        """
-        checked = [(self._check_faces(f), self._check_seed(s)) for f, s in subjects]
-        results: list[EnrollResult] = []
-        for chunk in self._chunks(checked):
-            results.extend(self._run(chunk))
-        return results
-
-    def score(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Cosine similarity of two embeddings or templates (D,)."""
-        for t in (a, b):
-            if not isinstance(t, torch.Tensor) or t.shape != (self.embedding_dim,) or not t.is_floating_point():
-                raise InvalidTensorError(f"score expects two float ({self.embedding_dim},) tensors")
-        return float(F.cosine_similarity(a.detach().float().cpu(), b.detach().float().cpu(), dim=0))
-
-    def __call__(self, subjects: Sequence[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
-        """Run steps 1-6 on ONE batch of subjects (no chunking; see ``enroll_many``)."""
-        return self._run([(self._check_faces(f), self._check_seed(s)) for f, s in subjects])
-
     # --- the numbered steps -------------------------------------------------------------------------------------
     def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
         if not subjects:
@@ -175,13 +119,7 @@ class Engine:
             # 6. templates
             emb = F.normalize(self.identity.embed(images, self.generator.alignment).to(self.dtype), dim=-1)
         images, emb = images.float().cpu(), emb.float().cpu()
-        out: list[EnrollResult] = []
-        start = 0
-        for n in counts:
-            e = emb[start : start + n]
-            out.append(EnrollResult(images[start : start + n].clone(), e.clone(), F.normalize(e.mean(0), dim=0)))
-            start += n
-        return out
+        return per_subject(images, emb, counts)
 
     def _loss_fn(
         self, faces: torch.Tensor, groups: torch.Tensor, n_groups: int, seeds: list[bytes], w_mixed: torch.Tensor
@@ -225,53 +163,5 @@ class Engine:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _check_faces(self, faces: object) -> torch.Tensor:
-        return check_faces(faces, self.input_size, self.config.input_tolerance, self.dtype)
 
-    @staticmethod
-    def _check_seed(seed: object) -> bytes:
-        return check_seed(seed)
-
-    def _chunks(self, subjects: list[tuple[torch.Tensor, bytes]]) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
-        return pack_subjects(subjects, self.config.max_batch_images)
-
-
-# --- input checks and packing, shared by every engine family ---------------------------------------------------
-def check_faces(faces: object, size: int, tolerance: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Validate aligned faces (N, 3, size, size) in [-1, 1] (``tolerance`` outside is clamped) -> ``dtype``."""
-    if not isinstance(faces, torch.Tensor):
-        raise InvalidTensorError(f"faces must be a torch tensor, got {type(faces).__name__}")
-    if not faces.is_floating_point():
-        raise InvalidTensorError(f"faces must be a float tensor in [-1, 1], got {faces.dtype}")
-    if faces.dim() != 4 or faces.shape[0] < 1 or tuple(faces.shape[1:]) != (3, size, size):
-        raise InvalidTensorError(f"faces must have shape (N, 3, {size}, {size}), got {tuple(faces.shape)}")
-    faces = faces.detach().to(dtype)
-    if not bool(torch.isfinite(faces).all()):
-        raise InvalidTensorError("faces contain NaN or infinite values")
-    if float(faces.min()) < -1.0 - tolerance or float(faces.max()) > 1.0 + tolerance:
-        raise InvalidTensorError("faces must have values in [-1, 1]")
-    return faces.clamp(-1.0, 1.0)
-
-
-def check_seed(seed: object) -> bytes:
-    """A 32-byte key seed (never echoed in the error: it is secret)."""
-    if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
-        raise KeyError_(f"a key seed must be {SEED_BYTES} bytes")
-    return bytes(seed)
-
-
-def pack_subjects(
-    subjects: list[tuple[torch.Tensor, bytes]], limit: int
-) -> Iterator[list[tuple[torch.Tensor, bytes]]]:
-    """Whole subjects, in order, packed greedily into batches of at most ``limit`` images."""
-    chunk: list[tuple[torch.Tensor, bytes]] = []
-    size = 0
-    for item in subjects:
-        n = len(item[0])
-        if chunk and size + n > limit:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += n
-    if chunk:
-        yield chunk
+__all__ = ["KEY_TARGET_LABEL", "Engine", "EnrollResult", "ProbeResult", "check_faces", "check_seed", "pack_subjects"]

@@ -1,5 +1,6 @@
 """Wire contracts: jobs, results, status and error codes, refs and identifiers. Imports neither torch nor boto3."""
 
+from worker.contracts.chunks import ChunkResult, ReenrollChunk
 from worker.contracts.codes import ErrorCode, JobStatus
 from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId, check_job_id, check_key_id, check_name, key_id_path
 from worker.contracts.jobs import (
@@ -26,6 +27,7 @@ __all__ = [
     "BulkJob",
     "BulkManifest",
     "BulkResult",
+    "ChunkResult",
     "EnrollJob",
     "EnrollResult",
     "ErrorCode",
@@ -36,6 +38,7 @@ __all__ = [
     "KeyId",
     "ManifestRow",
     "ManifestRowError",
+    "ReenrollChunk",
     "Result",
     "RevokeJob",
     "RevokeResult",

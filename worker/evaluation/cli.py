@@ -13,15 +13,13 @@ and every identity lives in exactly one shard.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from worker.evaluation.evaluator import DETECTOR_FILE, RECOGNIZER_FILE, default_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BUNDLE = REPO / "worker" / "bundles" / "lite"
+DEFAULT_BUNDLE = REPO / "worker" / "bundles" / "keymap"
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -61,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="force the engine's consistency-over-time term on or off (default: as a worker deploys the bundle)",
     )
     run.add_argument("--attack-steps", type=int, default=50, help="inversion steps of the key-known attack")
-    run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: lite)")
+    run.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: keymap)")
     run.add_argument("--eval-models", default=None, help="evaluator models (default ../shared/models/eval)")
     run.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: run only every n-th identity from i")
     run.add_argument(
@@ -79,26 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def deployed_config(bundle_dir: Path, steps: int | None, key_target: bool | None) -> Any:
-    """The EngineConfig a worker with default settings builds for this bundle (its manifest's ``engine`` advice:
-    split, key target center, ...), with this run's explicit overrides on top."""
-    import dataclasses
-    from types import SimpleNamespace
-
-    from worker.settings import EngineSettings
-    from worker.tasks.runtime import engine_config_from
-
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    engine = EngineSettings() if steps is None else EngineSettings(steps=steps)
-    settings = SimpleNamespace(engine=engine)
-    config = engine_config_from(settings, manifest)
-    return config if key_target is None else dataclasses.replace(config, key_target=key_target)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from worker.algorithm.keymap_engine import build_engine
+    from worker.bundle_config import deployed_config
     from worker.evaluation.evaluator import Evaluator
     from worker.evaluation.protocols import RunConfig, run_shard
     from worker.models.bundle import load_bundle, sha256_file

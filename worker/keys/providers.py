@@ -304,26 +304,15 @@ class LocalKeyring(KeyProvider):
 
 
 # --- AWS KMS -------------------------------------------------------------------------------------------------------
-class _RedactKmsSecrets(logging.Filter):
-    """botocore logs response bodies at DEBUG; a GenerateMac response body *is* the seed. Redact such records."""
-
-    MARKERS = ('"Mac"', '"Plaintext"')
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
-            return True
-        if any(m in msg for m in self.MARKERS):
-            record.msg, record.args = "Response body: <redacted: KMS secret output>", ()
-        return True
-
-
 def _install_redaction() -> None:
+    """botocore logs response bodies at DEBUG, and a GenerateMac response body *is* the seed: put the project's one
+    redaction filter on botocore's loggers, so such records are redacted before any handler sees them."""
+    from worker.observability import RedactionFilter
+
     for name in ("botocore.parsers", "botocore.endpoint", "botocore.hooks", "botocore.retryhandler"):
         lg = logging.getLogger(name)
-        if not any(isinstance(f, _RedactKmsSecrets) for f in lg.filters):
-            lg.addFilter(_RedactKmsSecrets())
+        if not any(isinstance(f, RedactionFilter) for f in lg.filters):
+            lg.addFilter(RedactionFilter())
 
 
 class KmsHmacProvider(KeyProvider):

@@ -187,7 +187,10 @@ def resolve_path(directory: Path, raw: str) -> Path:
         try:
             root = resources.files(package)
         except (ModuleNotFoundError, TypeError) as exc:
-            raise BundleError(f"package {package!r} of {raw!r} is not installed") from exc
+            raise BundleError(
+                f"package {package!r} of {raw!r} is not installed (scripts/bootstrap.sh installs the embedded "
+                "bundles' packages; or choose another bundle with CANCELABLE_ENGINE__BUNDLE)"
+            ) from exc
         return Path(str(root.joinpath(rel)))
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", raw):
         raise BundleError(f"remote path {raw!r}: fetch it into a local bundle directory first (worker.storage)")
@@ -329,9 +332,11 @@ def manifest_for(
     """A manifest dict with every file's SHA-256 computed.
 
     ``components`` maps name -> ``{"format", "path", "config"?}`` (any ``sha256`` given is replaced). Without it the
-    existing ``manifest.json`` of ``directory`` is re-hashed (e.g. to fill in ``FILL_IN`` placeholders).
+    existing ``manifest.json`` of ``directory`` is re-hashed (e.g. to fill in ``FILL_IN`` placeholders), keeping its
+    other sections (``engine`` advice, ``calibration``, ...).
     """
     directory = Path(directory)
+    existing: dict[str, Any] = {}
     if components is None:
         mpath = directory / MANIFEST_NAME
         if not mpath.is_file():
@@ -345,6 +350,7 @@ def manifest_for(
     if not bundle_id:
         bundle_id = directory.resolve().name
     out: dict[str, Any] = {"bundle_id": bundle_id, "schema_version": SCHEMA_VERSION, "components": {}}
+    out.update({k: v for k, v in existing.items() if k not in out})
     for name, spec in components.items():
         spec = dict(spec)
         path = resolve_path(directory, spec.get("path", ""))

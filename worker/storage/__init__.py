@@ -2,7 +2,7 @@
 letters, model-bundle sync. boto3 is imported lazily (inside ``make_s3_client``)."""
 
 from worker.storage import layout
-from worker.storage.bundles import resolve_bundle, sync_bundle
+from worker.storage.bundles import sync_bundle
 from worker.storage.client import ObjectInfo, ObjectStore, make_s3_client, sse_params
 from worker.storage.deadletters import iter_dead_letters, read_dead_letter, write_dead_letter
 from worker.storage.records import (
@@ -40,7 +40,6 @@ __all__ = [
     "layout",
     "make_s3_client",
     "read_dead_letter",
-    "resolve_bundle",
     "sse_params",
     "sync_bundle",
     "write_dead_letter",

@@ -22,10 +22,6 @@ LISTING = ".s3-listing.json"
 MAX_BUNDLE_BYTES = 20 * 1024**3
 
 
-def is_s3_bundle(spec: str) -> bool:
-    return spec.startswith("s3://")
-
-
 def sync_bundle(uri: str, cache_dir: Path, store: ObjectStore) -> Path:
     """Mirror every object under the ``s3://`` prefix ``uri`` into the cache; return the local directory.
 
@@ -72,18 +68,3 @@ def sync_bundle(uri: str, cache_dir: Path, store: ObjectStore) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def resolve_bundle(spec: str, cache_dir: Path, store: ObjectStore | None) -> str | Path:
-    """``engine.bundle`` -> what ``load_bundle`` takes: ``"lite"`` unchanged, a local path as ``Path``, an ``s3://``
-    prefix synced into ``cache_dir`` (needs ``store``)."""
-    if spec == "lite":
-        return spec
-    if is_s3_bundle(spec):
-        if store is None:
-            raise BundleError("an s3:// bundle needs an S3 store")
-        return sync_bundle(spec, cache_dir, store)
-    p = Path(spec).expanduser()
-    if not p.exists():
-        raise BundleError(f"bundle path {p} does not exist")
-    return p

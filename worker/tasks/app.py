@@ -20,8 +20,8 @@ from typing import Any
 
 from celery import signals
 
+from worker.broker.config import ENGINE_QUEUE, ConfigError, make_celery
 from worker.settings import SettingsError, get_settings
-from worker.tasks.config import ENGINE_QUEUE, ConfigError, make_celery
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _consumes: set[str] = set()
 
 
 def _progress_source() -> Any:
-    from worker.tasks.progress import open_job_snapshots
+    from worker.metrics import open_job_snapshots
     from worker.tasks.runtime import get_runtime
 
     return open_job_snapshots(get_runtime().book)
@@ -60,7 +60,7 @@ if settings.metrics.enabled:
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     from worker import observability
-    from worker.tasks.images import configure_pil
+    from worker.service.images import configure_pil
 
     observability.setup_logging(settings)
     observability.init_sentry(settings)
@@ -72,7 +72,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     _consumes.clear()
     _consumes.update(queues)
     if ENGINE_QUEUE in _consumes:
-        from worker.tasks.runtime import check_bundle_present
+        from worker.service.engine import check_bundle_present
 
         check_bundle_present(settings.engine.bundle)  # raises a BundleError with a clear message
     log.info("worker consuming %s", sorted(_consumes))
@@ -82,7 +82,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 def _on_worker_process_init(**_: Any) -> None:
     """In each pool child, after fork: fresh sockets/clients, and the models for engine workers."""
     from worker import observability
-    from worker.tasks.images import configure_pil
+    from worker.service.images import configure_pil
     from worker.tasks.runtime import get_runtime, reset_runtime
 
     reset_runtime()

@@ -147,8 +147,9 @@ def record_refused(task_id: Any, queue: str, raw: bytes, problem: str) -> None:
         job_id = check_job_id(task_id) if isinstance(task_id, str) else None
     except ValueError:
         job_id = None
-    record = {
-        "job_id": job_id or f"{POISON_KEY}-{sha[:32]}",
+    dead_id = job_id or f"{POISON_KEY}-{sha[:32]}"
+    record: dict[str, Any] = {
+        "job_id": dead_id,
         "job_kind": "unknown",
         "error_code": "malformed_job",
         "message": f"malformed task message on queue {queue}: {problem}",
@@ -160,7 +161,7 @@ def record_refused(task_id: Any, queue: str, raw: bytes, problem: str) -> None:
     }
     try:
         book = get_runtime().book
-        book.add_dead_letter(record["job_id"], {**record, "s3_uri": None})
+        book.add_dead_letter(dead_id, {**record, "s3_uri": None})
         if job_id is not None and book.get_result(job_id) is None:
             book.save_result(
                 job_id,
@@ -173,7 +174,7 @@ def record_refused(task_id: Any, queue: str, raw: bytes, problem: str) -> None:
                 },
             )
     except Exception as e:  # noqa: BLE001 - recording must never take the consumer down
-        log.error("could not record refused message %s: %s", record["job_id"], type(e).__name__)
+        log.error("could not record refused message %s: %s", dead_id, type(e).__name__)
 
 
 def body_problem(message: Any) -> str | None:

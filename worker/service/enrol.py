@@ -1,4 +1,5 @@
-"""What the engine tasks do, outside Celery: fetch + validate images, derive seeds, run the engine, commit versions.
+"""Enrolment, outside Celery: fetch + validate images, derive seeds, run the engine, commit versions, and the
+enrol-with-fence loop of an enrol job (``enroll``).
 
 Shapes: aligned faces (N, 3, R, R) float in [-1, 1] (R = encoder input size); cancelable images (N, 3, G, G) in
 [-1, 1] (G = generator resolution); embeddings (N, D); templates (D,).
@@ -11,33 +12,47 @@ import hashlib
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from worker import metrics
-from worker.contracts import S3Ref
-from worker.errors import BundleError, CancelableError, RevokedKeyError
-from worker.tasks.images import decode_image
+from worker.contracts import EnrollJob, EnrollResult, JobStatus, S3Ref
+from worker.errors import CancelableError, StaleKeyError
+from worker.keys.providers import KeyRegistry
+from worker.service.clock import now
+from worker.service.images import decode_image
+from worker.storage.records import SourceImage, TemplateRecord
+from worker.storage.templates import CommittedVersion, TemplateStore
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.algorithm.engine_base import EngineBase
+    from worker.algorithm.engine_base import EnrollResult as EngineOutput
+    from worker.service.engine import LoadedEngine
+    from worker.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+FENCE_RETRIES = 3
 
 
 @dataclass
 class PreparedImages:
     """Aligned faces (N, 3, R, R) and the provenance of each source image."""
 
-    faces: Any  # torch.Tensor
-    sources: list[Any]  # worker.storage.records.SourceImage
+    faces: torch.Tensor
+    sources: list[SourceImage]
 
 
-def fetch_and_prepare(rt: Any, engine: Any, tenant: str, refs: list[S3Ref], job_type: str) -> PreparedImages:
+def fetch_and_prepare(rt: Runtime, engine: EngineBase, tenant: str, refs: list[S3Ref], job_type: str) -> PreparedImages:
     """Check every reference against the tenant's input allow-list (before any S3 request), then download,
     validate, decode and align every image; the first bad image fails the whole job with its code."""
     import torch
 
     from worker.contracts.inputs import InputPolicy
-    from worker.storage.records import SourceImage
 
     w = rt.settings.worker
     policy = InputPolicy.from_settings(rt.settings.s3)
@@ -62,11 +77,12 @@ def fetch_and_prepare(rt: Any, engine: Any, tenant: str, refs: list[S3Ref], job_
     return PreparedImages(torch.stack(faces), sources)
 
 
-def encode_png(image: Any) -> bytes:
+def encode_png(image: torch.Tensor) -> bytes:
     """(3, G, G) float in [-1, 1] -> PNG bytes (RGB, 8 bit)."""
+    import torch
     from PIL import Image
 
-    a = ((image.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(dtype=__import__("torch").uint8)
+    a = ((image.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(dtype=torch.uint8)
     arr = np.ascontiguousarray(a.permute(1, 2, 0).numpy())
     buf = io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="PNG", optimize=False)
@@ -74,17 +90,17 @@ def encode_png(image: Any) -> bytes:
 
 
 def template_record(
-    loaded: Any,
+    loaded: LoadedEngine,
     *,
     tenant: str,
     subject: str,
     job_id: str,
     key_id: str,
     key_version: int,
-    result: Any,
-    sources: list[Any],
-) -> Any:
-    from worker.storage.records import TemplateRecord, encode_embedding
+    result: EngineOutput,
+    sources: list[SourceImage],
+) -> TemplateRecord:
+    from worker.storage.records import encode_embedding
 
     return TemplateRecord(
         tenant=tenant,
@@ -103,22 +119,20 @@ def template_record(
 
 
 def commit(
-    rt: Any,
-    loaded: Any,
+    rt: Runtime,
+    loaded: LoadedEngine,
     *,
     tenant: str,
     subject: str,
     job_id: str,
     key_id: str,
     key_version: int,
-    result: Any,
-    sources: list[Any],
+    result: EngineOutput,
+    sources: list[SourceImage],
     job_type: str,
     key_epoch: int | None = None,
-) -> Any:
+) -> CommittedVersion:
     """Encode and commit one subject's version (idempotent per ``job_id``; fenced by ``key_epoch``)."""
-    from worker.storage.templates import TemplateStore
-
     with metrics.stage_timer("template", job_type):
         rec = template_record(
             loaded,
@@ -137,25 +151,23 @@ def commit(
         )
 
 
-def key_registry(rt: Any) -> Any:
-    from worker.keys.providers import KeyRegistry
-
+def key_registry(rt: Runtime) -> KeyRegistry:
     return KeyRegistry(rt.store)
 
 
-def check_key(rt: Any, tenant: str, key_id: str) -> None:
+def check_key(rt: Runtime, tenant: str, key_id: str) -> None:
     """Unknown key, or key revoked for this tenant -> its error, before anything is downloaded or written."""
     with metrics.stage_timer("key", "enroll"):
         rt.keys.check_usable(tenant, key_id)
 
 
-def seed_for(rt: Any, key_id: str, tenant: str, subject: str, key_version: int, job_type: str) -> bytes:
+def seed_for(rt: Runtime, key_id: str, tenant: str, subject: str, key_version: int, job_type: str) -> bytes:
     with metrics.stage_timer("key", job_type):
         return rt.keys.seed_for(key_id, tenant, subject, key_version)
 
 
-def run_engine(loaded: Any, items: list[tuple[Any, bytes]], job_type: str) -> list[Any]:
-    """Batched enrolment of several subjects ((faces (N,3,R,R), seed) each) -> one EnrollResult per subject."""
+def run_engine(loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[EngineOutput]:
+    """Batched enrolment of several subjects ((faces (N,3,R,R), seed) each) -> one engine result per subject."""
     n = sum(int(f.shape[0]) for f, _ in items)
     metrics.batch_size(job_type, n)
     with metrics.stage_timer("optimise", job_type):
@@ -165,32 +177,60 @@ def run_engine(loaded: Any, items: list[tuple[Any, bytes]], job_type: str) -> li
     return out
 
 
-def verify_probe(rt: Any, loaded: Any, tenant: str, subject: str, probe: S3Ref) -> dict[str, Any]:
-    """Score ``probe`` against the subject's current template under the subject's current key version."""
-    import torch
-
-    from worker.storage.templates import TemplateStore
-
+def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> EnrollResult:
+    """Derive under the subject's current key epoch and commit; when a revocation fences the commit off
+    (``StaleKeyError``), re-derive under the new epoch (the images are fetched and aligned once)."""
     ts = TemplateStore(rt.store)
-    cur = ts.current(tenant, subject)  # NoTemplateError
-    m = cur.manifest
-    if cur.superseded or ts.is_revoked(tenant, subject, cur.version):
-        raise RevokedKeyError(f"current template of {tenant}/{subject} (version {cur.version}) is revoked")
-    tmpl = ts.load_template(m)
-    made_with = tmpl.algorithm.get("fingerprint") or f"{tmpl.bundle_id}:?"
-    if tmpl.bundle_id != loaded.bundle_id or (tmpl.algorithm.get("fingerprint") and made_with != loaded.fingerprint):
-        raise BundleError(
-            f"template version {cur.version} was made by engine {made_with}; this worker runs "
-            f"{loaded.fingerprint}: probes are only comparable under the same bundle and engine settings "
-            "(re-enrol, or route to a matching worker)"
-        )
-    seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
-    prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
-    metrics.batch_size("verify", 1)
-    with metrics.stage_timer("optimise", "verify"):
-        res = loaded.engine.probe(prepared.faces[0], seed)
-    metrics.optimisation_steps("verify", int(loaded.engine.config.steps))
-    metrics.images_processed(1, "succeeded", "verify")
-    # cosine; fp32 rounding can step just outside [-1, 1]
-    score = min(1.0, max(-1.0, loaded.engine.score(res.embedding, torch.from_numpy(tmpl.vector()))))
-    return {"version": cur.version, "key_id": m.key_id, "key_version": m.key_version, "score": score}
+    registry = key_registry(rt)
+    prepared = None
+    for _ in range(FENCE_RETRIES):
+        known = registry.subject_key(job.tenant, job.subject)
+        done = ts.find_committed(job.tenant, job.subject, job.job_id, known.epoch if known else 1)
+        try:
+            if done is not None:
+                ts.ensure_current(job.tenant, job.subject, done)
+                break
+            loaded = rt.engine()
+            check_key(rt, job.tenant, job.key_id)  # unknown / revoked key: fail before download or write
+            if prepared is None:
+                prepared = fetch_and_prepare(rt, loaded.engine, job.tenant, list(job.images), "enroll")
+            rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
+            seed = seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
+            (result,) = run_engine(loaded, [(prepared.faces, seed)], "enroll")
+            del seed
+            done = commit(
+                rt,
+                loaded,
+                tenant=job.tenant,
+                subject=job.subject,
+                job_id=job.job_id,
+                key_id=rec.key_id,
+                key_version=rec.key_version,
+                result=result,
+                sources=prepared.sources,
+                job_type="enroll",
+                key_epoch=rec.epoch,
+            )
+            break
+        except StaleKeyError:
+            log.info("enrol fenced off by a revocation; re-deriving under the new key version")
+            continue
+    else:
+        raise StaleKeyError(f"{job.tenant}/{job.subject}: revoked {FENCE_RETRIES} times while enrolling")
+    m = done.manifest
+    return EnrollResult(
+        job_id=job.job_id,
+        tenant=job.tenant,
+        subject=job.subject,
+        status=JobStatus.SUCCEEDED,
+        attempts=attempt,
+        started_at=started,
+        finished_at=now(),
+        version=done.version,
+        created=done.created,
+        key_id=m.key_id,
+        key_version=m.key_version,
+        manifest_uri=done.manifest_uri,
+        template_uri=done.template_uri,
+        image_uris=done.image_uris,
+    )

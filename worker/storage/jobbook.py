@@ -333,15 +333,3 @@ return c
 
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def open_job_snapshots(book: JobBook) -> list[Any]:
-    """Progress of every open revoke/bulk job, for the metrics collector (counts only, no IDs leave)."""
-    from worker.metrics import ProgressSnapshot
-
-    out = []
-    for job_id in book.open_jobs():
-        p = book.progress(job_id)
-        if p.kind in ("revoke", "bulk"):
-            out.append(ProgressSnapshot(kind=p.kind, done=p.done, total=p.total or 0, failed=p.failed))
-    return out

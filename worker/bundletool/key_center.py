@@ -2,8 +2,8 @@
 chips (the engine rotates key targets about it; docs/decisions.md). ``train_lite.py`` finalize does the same for
 a new bundle; this script adds it to an existing one without touching its weights (the manifest is not hashed).
 
-Run: ``.venv/bin/python scripts/fit_key_center.py worker/bundles/lite`` (about 3 min on one core; needs the chips
-from ``scripts/prepare_lfw.py``).
+Run: ``cancelable-bundle fit-key-center worker/bundles/lite`` (about 3 min on one core; needs the chips from
+``scripts/prepare_lfw.py``).
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from worker.models.dlib_resnet import load_dlib_resnet
+from worker.models.lite import lite_split
 
-from worker.models.dlib_resnet import load_dlib_resnet  # noqa: E402
-from worker.models.lite import lite_split  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--cache", type=Path, default=ROOT / "data-cache")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("bundle", type=Path, help="lite-family bundle directory")
+    ap.add_argument("--cache", type=Path, default=ROOT / "data-cache", help="where scripts/prepare_lfw.py put chips")
     ap.add_argument("--resolution", type=int, default=64)
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cancelable-bundle fit-key-center``: write ``engine.key_target_center`` into the bundle's manifest."""
     torch.set_num_threads(1)
     chips = np.load(args.cache / f"lfw_chips_{args.resolution}.npy")
     names = [ln.split("\t")[1] for ln in (args.cache / f"lfw_chips_{args.resolution}.tsv").read_text().splitlines()]
@@ -46,7 +48,4 @@ def main() -> None:
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"{path}: key_target_center from {len(train)} train chips")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -19,13 +19,13 @@ evaluation). ``--pool holdout`` (default) samples the TRAIN identities the lite 
 (sha256(name) % 10 == 3); ``--pool train`` samples all TRAIN identities.
 
 The engine configuration is the one a default deployment gets: the bundle manifest's ``engine`` section with the
-worker's default settings on top (``worker.tasks.runtime.engine_config_from``); ``--steps`` overrides it like an
+worker's default settings on top (``worker.bundle_config.deployed_config``); ``--steps`` overrides it like an
 explicit ``CANCELABLE_ENGINE__STEPS`` would (the threshold then belongs to that engine fingerprint only).
 
 ``--write`` sets ``manifest["engine"]["verify_threshold"]`` and records how it was obtained in
 ``manifest["calibration"]["verify_threshold"]`` (the manifest itself is not hashed; component files are).
 
-Run: nice -n 19 .venv/bin/python scripts/calibrate_threshold.py worker/bundles/lite [--ids 20] [--write]
+Run: ``nice -n 19 cancelable-bundle calibrate-threshold worker/bundles/keymap [--ids 20] [--write]``
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from worker.errors import CancelableError
 
-from worker.errors import CancelableError  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw-dev"
 TENANT = "calibration"
 KEY_VERSION = 1
@@ -96,7 +95,7 @@ def candidate_identities(data: Path, pool: str, min_photos: int) -> list[tuple[s
 
 def prepare_photo(engine: Any, path: Path) -> torch.Tensor | None:
     """Decode like the worker and align with the engine; None where the worker would reject the photo."""
-    from worker.tasks.images import decode_image
+    from worker.service.images import decode_image
 
     try:
         rgb = decode_image(path.read_bytes(), max_bytes=20_000_000, max_pixels=40_000_000, name=path.name)
@@ -147,7 +146,7 @@ def sample_identities(engine: Any, args: argparse.Namespace, key_material: bytes
 def impostor_pairs(ids: list[Identity], per_victim: int, seed: int) -> list[tuple[int, int]]:
     """(victim, attacker) pairs: each victim gets ``per_victim`` distinct other identities as attackers."""
     rng = random.Random(f"{seed}/impostors")
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for v in range(len(ids)):
         others = [a for a in range(len(ids)) if a != v]
         pairs.extend((v, a) for a in rng.sample(others, min(per_victim, len(others))))
@@ -248,7 +247,7 @@ def run(engine: Any, ids: list[Identity], pairs: list[tuple[int, int]], args: ar
 
 def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, dict[str, Any]]:
     from worker.algorithm.keymap_engine import build_engine as make_engine
-    from worker.evaluation.cli import deployed_config
+    from worker.bundle_config import deployed_config
     from worker.models.bundle import load_bundle
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
@@ -258,7 +257,9 @@ def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, di
     return engine, manifest
 
 
-def write_threshold(bundle_dir: Path, loaded_manifest: dict[str, Any], engine: Any, res: dict[str, Any], args) -> None:
+def write_threshold(
+    bundle_dir: Path, loaded_manifest: dict[str, Any], engine: Any, res: dict[str, Any], args: argparse.Namespace
+) -> None:
     path = bundle_dir / "manifest.json"
     manifest = json.loads(path.read_text())
     if manifest.get("bundle_id") != loaded_manifest.get("bundle_id"):
@@ -271,7 +272,7 @@ def write_threshold(bundle_dir: Path, loaded_manifest: dict[str, Any], engine: A
     manifest["engine"] = engine_section
     calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
     calibration["verify_threshold"] = {
-        "script": "scripts/calibrate_threshold.py",
+        "tool": "cancelable-bundle calibrate-threshold",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine_fingerprint": engine.fingerprint,
         "steps": engine.config.steps,
@@ -289,9 +290,8 @@ def write_threshold(bundle_dir: Path, loaded_manifest: dict[str, Any], engine: A
     os.replace(tmp, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path, nargs="?", default=ROOT / "worker" / "bundles" / "lite")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("bundle", type=Path, help="bundle directory (e.g. worker/bundles/keymap)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="lfw-dev directory")
     ap.add_argument("--pool", choices=("holdout", "train"), default="holdout")
     ap.add_argument("--ids", type=int, default=20, help="identities (each: 1 enrolment + 1 genuine probe)")
@@ -304,9 +304,12 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop probing after this long, use what is done")
     ap.add_argument("--json", type=Path, default=None, help="write the summary and the scores here")
     ap.add_argument("--write", action="store_true", help="store the threshold in the bundle manifest")
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cancelable-bundle calibrate-threshold``: calibrate, print the summary, optionally write the manifest."""
     if args.ids < 2 or args.impostors_per_id < 1 or not 0 < args.far < 1:
-        ap.error("need --ids >= 2, --impostors-per-id >= 1 and 0 < --far < 1")
+        raise SystemExit("need --ids >= 2, --impostors-per-id >= 1 and 0 < --far < 1")
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -355,7 +358,4 @@ def main() -> None:
     if args.write:
         write_threshold(args.bundle, manifest, engine, res, args)
         print(f"wrote engine.verify_threshold = {res['threshold']:.4f} to {args.bundle / 'manifest.json'}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -1,68 +1,37 @@
-"""Fan-out bookkeeping shared by the control tasks (revoke, bulk) and the engine tasks that finish their items.
+"""Fan-out bookkeeping shared by the control jobs (revoke, bulk) and the engine jobs that finish their items.
 
-Progress is idempotent Redis counters (``worker.tasks.progress.JobBook``), never chords: each finished item is a set
+Progress is idempotent Redis counters (``worker.storage.jobbook.JobBook``), never chords: each finished item is a set
 member, and whichever chunk (or the parent, when it learns the total last) sees done == total first wins a
-``SET NX`` and writes the job's terminal result.
+``SET NX`` and writes the job's terminal result. The wire models of a revocation's chunks are in
+``worker.contracts.chunks``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any
 
 from worker import metrics
 from worker.contracts import (
     BulkResult,
+    EnrollResult,
     ErrorCode,
     JobError,
     JobStatus,
     RevokeResult,
     to_wire,
 )
-from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId
-from worker.tasks.common import now
+from worker.service.clock import now
+
+if TYPE_CHECKING:
+    from worker.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-class ReenrollChunk(BaseModel):
-    """Internal message (control -> engine queue): re-enrol these subjects for revocation job ``parent_job_id``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: Literal[1] = 1
-    kind: Literal["reenroll_chunk"] = "reenroll_chunk"
-    job_id: JobId
-    parent_job_id: JobId
-    tenant: TenantId
-    subjects: list[SubjectId] = Field(min_length=1, max_length=10_000)
-    reason: str = Field(min_length=1, max_length=500)
-    new_key_id: KeyId | None = None
-    purge_old_images: bool = False
-
-
-class ChunkResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: Literal[1] = 1
-    kind: Literal["reenroll_chunk"] = "reenroll_chunk"
-    job_id: JobId
-    tenant: TenantId
-    parent_job_id: JobId | None = None
-    status: JobStatus
-    error: JobError | None = None
-    attempts: int = 1
-    started_at: Any = None
-    finished_at: Any = None
-    succeeded: int = 0
-    failed: int = 0
-
-
 # --- revoke ---------------------------------------------------------------------------------------------------------
-def maybe_finalize_revoke(rt: Any, parent_job_id: str) -> dict[str, Any] | None:
+def maybe_finalize_revoke(rt: Runtime, parent_job_id: str) -> dict[str, Any] | None:
     """Write the revoke job's terminal result if every subject is accounted for and nobody did it yet."""
     book = rt.book
     if not book.claim_finaliser(parent_job_id):
@@ -113,7 +82,7 @@ def maybe_finalize_revoke(rt: Any, parent_job_id: str) -> dict[str, Any] | None:
 
 
 # --- bulk -----------------------------------------------------------------------------------------------------------
-def report_bulk_child(rt: Any, parent_job_id: str, child_job_id: str, result: Any) -> None:
+def report_bulk_child(rt: Runtime, parent_job_id: str, child_job_id: str, result: EnrollResult) -> None:
     """An enrolment of bulk job ``parent_job_id`` reached a terminal state: count it, maybe finalise the bulk job."""
     book = rt.book
     status = JobStatus(result.status)
@@ -130,7 +99,7 @@ def report_bulk_child(rt: Any, parent_job_id: str, child_job_id: str, result: An
     maybe_finalize_bulk(rt, parent_job_id)
 
 
-def maybe_finalize_bulk(rt: Any, parent_job_id: str) -> dict[str, Any] | None:
+def maybe_finalize_bulk(rt: Runtime, parent_job_id: str) -> dict[str, Any] | None:
     book = rt.book
     f = book.get_fields(parent_job_id)
     if f.get("listing") != "done":

@@ -1,4 +1,4 @@
-"""Celery configuration shared by workers and producers (imports neither torch nor boto3).
+"""Celery configuration shared by workers and producers (imports neither torch nor boto3, nor any task module).
 
 Task names are the wire API: producers ``send_task`` by name and never import the task code. Routing is by name,
 so a producer that forgets ``queue=`` still lands on the right queue.
@@ -7,7 +7,10 @@ so a producer that forgets ``queue=`` still lands on the right queue.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.storage.client import ObjectStore
 
 ENGINE_QUEUE = "engine"  # GPU work: enroll, verify, re-enrolment chunks
 CONTROL_QUEUE = "control"  # fan-out, bulk streaming, bookkeeping
@@ -42,7 +45,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """The knobs this module needs; filled from ``worker.settings`` by ``worker.tasks.app``."""
+    """The knobs this module needs; filled from ``worker.settings`` by ``queue_settings``."""
 
     broker_url: str
     result_backend: str
@@ -160,7 +163,7 @@ def connect_redis(settings: Any) -> Any:
     return redis.Redis.from_url(settings.redis.require_url(), socket_timeout=10.0, socket_connect_timeout=5.0)
 
 
-def connect_store(settings: Any) -> Any:
+def connect_store(settings: Any) -> ObjectStore:
     """The S3 ``ObjectStore`` from ``settings.s3`` (imports boto3 only when called)."""
     from worker.storage.client import ObjectStore
 

@@ -1,0 +1,123 @@
+"""Which model bundle a worker runs and how its engine is built: the embedded bundles, ``s3://`` bundles synced to a
+cache, the engine settings (bundle advice + the deployment's explicit settings), the verify threshold, and the
+``LoadedEngine`` the service functions use. torch is imported only when an engine is loaded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.errors import BundleError
+
+if TYPE_CHECKING:
+    from worker.algorithm.engine_base import EngineBase
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+LITE_BUNDLE_DIR = REPO / "worker" / "bundles" / "lite"
+EMBEDDED_BUNDLES = {"lite": LITE_BUNDLE_DIR, "keymap": REPO / "worker" / "bundles" / "keymap"}
+
+
+@dataclass
+class LoadedEngine:
+    """The engine and what the template records need to say about it."""
+
+    engine: EngineBase  # Engine or KeymapEngine (``build_engine`` picks by bundle)
+    bundle_id: str
+    bundle_hashes: dict[str, str]
+    algorithm: dict[str, Any]
+    device: str
+    load_seconds: float
+    fingerprint: str = ""
+    verify_threshold: float = 0.5
+
+
+def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+    """``engine.bundle`` setting -> local bundle directory (``lite`` / ``keymap`` = the embedded bundles; ``s3://``
+    synced into ``cache_dir`` through ``store``)."""
+    if spec in EMBEDDED_BUNDLES:
+        return EMBEDDED_BUNDLES[spec]
+    if spec.startswith("s3://"):
+        from worker.storage.bundles import sync_bundle
+
+        if store is None or cache_dir is None:
+            raise BundleError("an s3:// bundle needs an S3 store and a cache directory")
+        return Path(sync_bundle(spec, cache_dir, store))
+    return Path(spec).expanduser()
+
+
+def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+    """Fail fast (in the worker's main process, before forking) when the bundle has no manifest."""
+    if spec.startswith("s3://") and store is None:
+        return Path(spec)
+    d = resolve_bundle_dir(spec, cache_dir, store)
+    if not (d / "manifest.json").is_file():
+        hint = (
+            " (the embedded lite bundle is not in this checkout; train it with scripts/train_lite.py or set "
+            "CANCELABLE_ENGINE__BUNDLE to a bundle directory)"
+            if spec == "lite"
+            else ""
+        )
+        raise BundleError(f"model bundle manifest not found: {d / 'manifest.json'}{hint}")
+    return d
+
+
+def pick_device(spec: str) -> Any:
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def engine_config_from(settings: Any, manifest: dict[str, Any]) -> Any:
+    """EngineConfig = the bundle's advice + the deployment's settings on top (``worker.bundle_config``)."""
+    from worker.bundle_config import engine_config
+
+    return engine_config(manifest, settings.engine)
+
+
+def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
+    """Load the bundle and build the engine (minutes for the production bundle, about a second for lite)."""
+    import torch
+
+    from worker import metrics
+    from worker.algorithm.keymap_engine import build_engine
+    from worker.models.bundle import load_bundle, read_manifest
+
+    torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
+    directory = check_bundle_present(settings.engine.bundle, settings.engine.bundle_cache_dir, store)
+    manifest = read_manifest(directory)
+    device = pick_device(settings.engine.device)
+    start = time.perf_counter()
+    with metrics.model_load_timer(device.type if device.type in metrics.DEVICE_TYPES else "cpu"):
+        bundle = load_bundle(directory, device)
+        config = engine_config_from(settings, manifest)
+        engine = build_engine(bundle, config, device)  # the bundle's generator family picks the engine class
+    seconds = time.perf_counter() - start
+    # what a template records about how it was made; ``fingerprint`` must match at verify time
+    algorithm = dict(config.result_fields())
+    algorithm["fingerprint"] = engine.fingerprint
+    log.info("engine loaded: %s on %s in %.1f s", engine.fingerprint, device, seconds)
+    return LoadedEngine(
+        engine,
+        bundle.bundle_id,
+        dict(bundle.hashes),
+        algorithm,
+        str(device),
+        seconds,
+        engine.fingerprint,
+        verify_threshold_from(settings, manifest),
+    )
+
+
+def verify_threshold_from(settings: Any, manifest: dict[str, Any]) -> float:
+    """The deployment's explicit ``engine.verify_threshold``, else the bundle's advice (``worker.bundle_config``)."""
+    from worker.bundle_config import verify_threshold
+
+    return verify_threshold(manifest, settings.engine)

@@ -1,0 +1,154 @@
+"""Revocation, outside Celery: the parent job of a revocation (``revoke``).
+
+Subject: check that a current version exists (else ``no_template``) and send one re-enrolment chunk. Whole key:
+mark the key revoked for the tenant, list the tenant's subjects under it and send them in chunks of
+``worker.revoke_chunk_size``; after the fan-out time budget the listing hands over to a continuation, which resumes
+from the saved cursor. Chunk payloads are saved in the job book, so a re-delivered parent re-sends the same chunks.
+The parent returns a ``running`` result; the last chunk writes the terminal one (``worker.service.fanout``).
+Messages go out through a ``Dispatch`` (``worker.service.runtime``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from worker.contracts import JobStatus, ReenrollChunk, RevokeJob, RevokeResult, child_job_id
+from worker.keys.providers import KeyRegistry
+from worker.service.fanout import maybe_finalize_revoke
+from worker.storage.keyindex import KeyIndex, subjects_under_key
+from worker.storage.templates import TemplateStore
+
+if TYPE_CHECKING:
+    from worker.service.runtime import Dispatch, Runtime
+
+log = logging.getLogger(__name__)
+
+REVOKE_READ_THREADS = 16  # concurrent per-subject S3 reads while listing a revoked key's subjects
+
+
+def _send_chunk(rt: Runtime, job: RevokeJob, dispatch: Dispatch, index: int, subjects: list[str]) -> None:
+    chunk = ReenrollChunk(
+        job_id=child_job_id(job.job_id, "chunk", index),
+        parent_job_id=job.job_id,
+        tenant=job.tenant,
+        subjects=subjects,
+        reason=job.reason,
+        new_key_id=job.new_key_id,
+        purge_old_images=job.purge_old_images,
+    )
+    payload = chunk.model_dump(mode="json")
+    rt.book.push_chunk(job.job_id, index, payload)
+    dispatch.send_chunk(payload)
+
+
+def _subjects_under_key(
+    rt: Runtime, job: RevokeJob, start_after: str | None, use_index: bool
+) -> Iterator[tuple[str, bool]]:
+    """(subject, under the revoked key?) in listing order after ``start_after``: from the key's subject index where
+    it is complete, else every subject's records (``worker.storage.keyindex``; reads ``REVOKE_READ_THREADS`` at a
+    time)."""
+    assert job.key_id is not None
+    return subjects_under_key(
+        rt.store, job.tenant, job.key_id, job.job_id, start_after, use_index=use_index, threads=REVOKE_READ_THREADS
+    )
+
+
+def revoke(
+    rt: Runtime, job: RevokeJob, attempt: int, started: datetime, dispatch: Dispatch, continuation: int
+) -> RevokeResult:
+    """Start (or, re-delivered or continued, carry on) a revocation; returns the ``running`` result unless the
+    revocation already finished (see the module docstring)."""
+    book = rt.book
+    fields: dict[str, str | int] = {
+        "tenant": job.tenant,
+        "reason": job.reason,
+        "attempts": attempt,
+        "subject": job.subject or "",
+        "key_id": job.key_id or "",
+        "new_key_id": job.new_key_id or "",
+    }
+    if job.new_key_id is not None:
+        rt.keys.check_usable(job.tenant, job.new_key_id)  # unknown / revoked replacement: fail before any change
+    if job.subject is not None:
+        TemplateStore(rt.store).current(job.tenant, job.subject)  # NoTemplateError before any state change
+    book.open_job(job.job_id, "revoke", **fields)
+    if book.get_fields(job.job_id).get("listing") == "done":
+        for i, payload in enumerate(book.chunks(job.job_id)):  # re-delivered parent: re-send, chunks are idempotent
+            dispatch.send_chunk(payload)
+            log.debug("re-sent chunk %d of %s", i, job.job_id)
+    elif job.subject is not None:
+        book.set_total(job.job_id, 1)
+        _send_chunk(rt, job, dispatch, 0, [job.subject])
+        book.set_fields(job.job_id, listing="done")
+    else:
+        if job.key_id is None:  # cannot happen: the contracts require a subject or a key
+            raise ValueError("a revocation names a subject or a key")
+        KeyRegistry(rt.store).revoke_key(job.tenant, job.key_id, reason=job.reason, job_id=job.job_id)
+        if not _list_key_subjects(rt, job, dispatch, continuation):
+            return _revoke_status(rt, job, attempt, started)  # handed over to a continuation
+    return _revoke_status(rt, job, attempt, started)
+
+
+def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continuation: int) -> bool:
+    """Send the subjects under the revoked key in chunks, from the saved cursor (the last subject listed). After a
+    time budget, save the cursor and re-queue the task as a continuation (returns False); True when the listing
+    is complete. A re-delivered continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
+    book = rt.book
+    fields = book.get_fields(job.job_id)
+    cursor = fields.get("listing_cursor") or None
+    index, total = int(fields.get("chunks_sent", "0")), int(fields.get("subjects_listed", "0"))
+    mode = fields.get("listing_mode") or ("scan" if cursor else None)  # a cursor is valid in its own mode only
+    if mode is None:
+        assert job.key_id is not None
+        mode = "index" if KeyIndex(rt.store).is_complete(job.tenant, job.key_id) else "scan"
+        book.set_fields(job.job_id, listing_mode=mode)
+    size = rt.settings.worker.revoke_chunk_size
+    budget = rt.settings.worker.fanout_budget
+    t0 = time.monotonic()
+    batch: list[str] = []
+    last = cursor
+    for subject, hit in _subjects_under_key(rt, job, cursor, mode == "index"):
+        last = subject
+        if hit:
+            batch.append(subject)
+        if len(batch) >= size:
+            _send_chunk(rt, job, dispatch, index, batch)
+            index, total, batch = index + 1, total + len(batch), []
+            book.set_fields(job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total)
+            if time.monotonic() - t0 > budget:
+                dispatch.continue_job(job, continuation + 1)
+                log.info("revoke %s: %d subjects listed, continuing in a new task", job.job_id, total)
+                return False
+    if batch:
+        _send_chunk(rt, job, dispatch, index, batch)
+        index, total = index + 1, total + len(batch)
+    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total)
+    book.set_total(job.job_id, total)
+    book.set_fields(job.job_id, listing="done")
+    return True
+
+
+def _revoke_status(rt: Runtime, job: RevokeJob, attempt: int, started: datetime) -> RevokeResult:
+    book = rt.book
+    final = maybe_finalize_revoke(rt, job.job_id)  # no subjects, or every chunk finished before the total was known
+    if final is not None:
+        return RevokeResult.model_validate(final)
+    p = book.progress(job.job_id)
+    return RevokeResult(
+        job_id=job.job_id,
+        tenant=job.tenant,
+        subject=job.subject,
+        key_id=job.key_id,
+        reason=job.reason,
+        status=JobStatus.RUNNING,
+        attempts=attempt,
+        started_at=started,
+        subjects_total=p.total or 0,
+        subjects_done=p.succeeded,
+        subjects_failed=p.failed,
+        new_key_id=job.new_key_id,
+    )

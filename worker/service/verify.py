@@ -1,0 +1,80 @@
+"""Verification, outside Celery: anonymise a probe under the subject's current key version and score it against
+the subject's current template. Writes nothing to S3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from worker import metrics
+from worker.contracts import JobStatus, S3Ref, VerifyJob, VerifyResult
+from worker.errors import BundleError, RevokedKeyError
+from worker.service.clock import now
+from worker.service.enrol import fetch_and_prepare, seed_for
+from worker.storage.templates import TemplateStore
+
+if TYPE_CHECKING:
+    from worker.service.engine import LoadedEngine
+    from worker.service.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    """A probe's score against the current template, and which version (and key version) it was scored against."""
+
+    version: int
+    key_id: str
+    key_version: int
+    score: float
+
+
+def verify_probe(rt: Runtime, loaded: LoadedEngine, tenant: str, subject: str, probe: S3Ref) -> ProbeScore:
+    """Score ``probe`` against the subject's current template under the subject's current key version."""
+    import torch
+
+    ts = TemplateStore(rt.store)
+    cur = ts.current(tenant, subject)  # NoTemplateError
+    m = cur.manifest
+    if cur.superseded or ts.is_revoked(tenant, subject, cur.version):
+        raise RevokedKeyError(f"current template of {tenant}/{subject} (version {cur.version}) is revoked")
+    tmpl = ts.load_template(m)
+    made_with = tmpl.algorithm.get("fingerprint") or f"{tmpl.bundle_id}:?"
+    if tmpl.bundle_id != loaded.bundle_id or (tmpl.algorithm.get("fingerprint") and made_with != loaded.fingerprint):
+        raise BundleError(
+            f"template version {cur.version} was made by engine {made_with}; this worker runs "
+            f"{loaded.fingerprint}: probes are only comparable under the same bundle and engine settings "
+            "(re-enrol, or route to a matching worker)"
+        )
+    seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
+    prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
+    metrics.batch_size("verify", 1)
+    with metrics.stage_timer("optimise", "verify"):
+        res = loaded.engine.probe(prepared.faces[0], seed)
+    metrics.optimisation_steps("verify", int(loaded.engine.config.steps))
+    metrics.images_processed(1, "succeeded", "verify")
+    # cosine; fp32 rounding can step just outside [-1, 1]
+    score = min(1.0, max(-1.0, loaded.engine.score(res.embedding, torch.from_numpy(tmpl.vector()))))
+    return ProbeScore(version=cur.version, key_id=m.key_id, key_version=m.key_version, score=score)
+
+
+def verify(rt: Runtime, job: VerifyJob, attempt: int, started: datetime) -> VerifyResult:
+    """A verify job: the probe's score and the decision against the job's threshold (else the engine's)."""
+    loaded = rt.engine()
+    out = verify_probe(rt, loaded, job.tenant, job.subject, job.probe)
+    threshold = job.threshold if job.threshold is not None else loaded.verify_threshold
+    return VerifyResult(
+        job_id=job.job_id,
+        tenant=job.tenant,
+        subject=job.subject,
+        status=JobStatus.SUCCEEDED,
+        attempts=attempt,
+        started_at=started,
+        finished_at=now(),
+        version=out.version,
+        key_id=out.key_id,
+        key_version=out.key_version,
+        score=out.score,
+        threshold=threshold,
+        decision="accept" if out.score >= threshold else "reject",
+    )
