@@ -24,6 +24,7 @@ from producers.commands import (
     EXIT_BY_NAME,
     EXIT_UNAVAILABLE,
     CliError,
+    index_keys,
     redrive_jobs,
     run_job,
     show_status,
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("job_ids", nargs="*", metavar="job_id", help="dead-lettered job IDs to queue again")
     rd.add_argument("--all-dead", action="store_true", help="every dead-lettered job recorded in Redis")
 
+    ix = _sub(
+        sub,
+        "index-keys",
+        "operators: build a tenant's key subject index from S3 and mark it complete (once per tenant, after upgrade)",
+    )
+    ix.add_argument("index_tenant", metavar="tenant", help="tenant ID")
+    ix.add_argument("key_id", nargs="?", help="one key only (default: every key of the tenant, present and future)")
+
     st = _sub(sub, "subject", "what is stored for a subject: current version, key version, revoked versions")
     st.add_argument("subject_tenant", metavar="tenant", help="tenant ID")
     st.add_argument("subject_id", metavar="subject", help="subject ID")
@@ -180,6 +189,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "subject": show_subject,
             "upload": upload_files,
             "redrive": redrive_jobs,
+            "index-keys": index_keys,
         }.get(args.command, run_job)
         return handler(client, args)
     except (MalformedJobError, SettingsError) as e:

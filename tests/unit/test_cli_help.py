@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from producers.cli import EXIT_CODES, build_parser
-from producers.commands import EXIT_BY_NAME
+from producers.commands import EXIT_BY_NAME, CliError
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -27,7 +27,7 @@ def test_every_option_and_argument_has_help_text():
 
 
 def test_subcommands_are_the_documented_ones():
-    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"}
+    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "index-keys"}
     assert set(_subparsers(build_parser())) == expected
 
 
@@ -65,3 +65,11 @@ def test_bundle_tool_lists_its_commands_with_help() -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["calibrate-threshold"])  # the bundle is required
     assert exc.value.code == 2
+
+
+def test_index_keys_takes_a_tenant_and_an_optional_key() -> None:
+    args = build_parser().parse_args(["index-keys", "acme"])
+    assert (args.command, args.index_tenant, args.key_id) == ("index-keys", "acme", None)
+    assert build_parser().parse_args(["index-keys", "acme", "k1"]).key_id == "k1"
+    with pytest.raises(CliError):
+        build_parser().parse_args(["index-keys"])
