@@ -199,7 +199,7 @@ def _engine(mode: str | None, steps: int = 3) -> KeymapEngine:
     return KeymapEngine(tiny_bundle(), EngineConfig(steps=steps, lr=0.05), mfn=term)
 
 
-@pytest.mark.parametrize("mode", ["rotate", "linked"])
+@pytest.mark.parametrize("mode", ["rotate", "linked", "raw"])
 def test_engine_with_mfn_term(mode: str) -> None:
     eng, off = _engine(mode), _engine(None)
     assert eng.fingerprint != off.fingerprint
@@ -211,7 +211,7 @@ def test_engine_with_mfn_term(mode: str) -> None:
     assert not torch.allclose(one.images, off([(faces[:1], SEED_A)])[0].images)  # the term changes the result
     z0, t = eng.start_latents(faces[:2], [SEED_A, SEED_B])
     t2 = eng.mfn_targets(faces[:2], [SEED_A, SEED_B], t)
-    assert t2 is not None and t2.shape == (2, 5)
+    assert t2 is not None and t2.shape == ((2, 12) if mode == "raw" else (2, 5))
     assert torch.allclose(t2.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert off.mfn_targets(faces[:2], [SEED_A, SEED_B], t) is None
 
@@ -266,3 +266,16 @@ def test_shipped_keymap_manifest_keeps_the_term_off() -> None:
     bundle = Path(__file__).resolve().parents[2] / "worker" / "bundles" / "keymap"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert mfn_term_from_manifest(bundle, manifest) is None
+
+
+def test_manifest_option_loads_the_real_file(tflite_path, tmp_path) -> None:
+    from worker.algorithm.keymap_mfn import mfn_term_from_manifest
+    from worker.errors import HashMismatchError
+    from worker.models.bundle import sha256_file
+
+    save_mfn_space(MfnSpace(emb_dim=192, k=8, k_dlib=32), tmp_path / "keymap_mfn.pt")
+    spec = {"weight": 0.5, "mode": "linked", "space": "keymap_mfn.pt", "tflite_sha256": sha256_file(tflite_path)}
+    term = mfn_term_from_manifest(tmp_path, {"engine": {"mfn": spec}})
+    assert term is not None and term.weight == 0.5 and term.mode == "linked" and term.space.k == 8
+    with pytest.raises(HashMismatchError):
+        mfn_term_from_manifest(tmp_path, {"engine": {"mfn": {**spec, "tflite_sha256": "0" * 64}}})

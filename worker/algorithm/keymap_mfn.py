@@ -14,6 +14,11 @@ Two ways to set the MFN target ``t2`` of a (face, key):
 - ``linked``: ``t2 = normalise(link t)``, the MFN identity a generated face with dlib target ``t`` has on average
   (no new key material; it asks the output to carry its key identity in both recognizers).
 
+- ``raw``: as ``rotate``, but the rotated identity is mapped back into the raw MFN embedding space of REAL faces
+  (un-whitened with ``V_r2``, ``s_r2``, plus the original's own component along ``m2``) and the loss is the raw
+  cosine ``1 - cos(MFN(G(z)), e_t)``: it also asks the output to lose the component every DCGAN face shares in MFN
+  space (``mu_g2``), which the centred coordinates of the other modes ignore.
+
 The engine's refinement then minimises ``dlib term + w_mfn (1 - cos(c_g2(G(z)), t2)) + prior``.
 """
 
@@ -31,7 +36,7 @@ from worker.errors import CheckpointLayoutError
 
 MFN_ROTATION_LABEL = "keymap-mfn-rotation"
 FORMAT_VERSION = 1
-MODES = ("rotate", "linked")
+MODES = ("rotate", "linked", "raw")
 
 
 def key_rotation_mfn(seed: bytes, k: int) -> torch.Tensor:
@@ -82,6 +87,16 @@ class MfnSpace(nn.Module):
         c = self.real_coords(e_real).to(torch.float64)
         r = rotations.to(device=c.device, dtype=torch.float64)
         return F.normalize((r * c[:, None, :]).sum(-1), dim=-1).to(torch.float32)
+
+    def raw_targets(self, e_real: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """``raw`` mode: real MFN embeddings (B, D), rotations (B, k, k) -> unit raw-space targets (B, D)."""
+        e = F.normalize(e_real.float(), dim=-1)
+        a = (e @ self.mean_dir).clamp(-1.0, 1.0)
+        c = self.real_coords(e).to(torch.float64)
+        r = rotations.to(device=c.device, dtype=torch.float64)
+        c = (r * c[:, None, :]).sum(-1).float()
+        u = F.normalize((c * self.real_std) @ self.real_basis.T, dim=-1)
+        return F.normalize(a[:, None] * self.mean_dir + (1 - a**2).clamp_min(0).sqrt()[:, None] * u, dim=-1)
 
     def linked_targets(self, t_dlib: torch.Tensor) -> torch.Tensor:
         """``linked`` mode: dlib unit targets (B, k_dlib) -> unit MFN targets (B, k)."""
@@ -137,11 +152,16 @@ class MfnTerm:
         with torch.no_grad():
             e = self.model.embed(faces, alignment).float()
         rots = torch.stack([key_rotation_mfn(s, self.space.k) for s in seeds]).to(e.device)
+        if self.mode == "raw":
+            return self.space.raw_targets(e, rots)
         return self.space.rotated_targets(e, rots)
 
     def loss(self, images: torch.Tensor, alignment: str, target: torch.Tensor) -> torch.Tensor:
         """Per-sample weighted MFN term of generated ``images``."""
-        return self.weight * mfn_loss(self.space, self.model.embed(images, alignment), target)
+        e = self.model.embed(images, alignment)
+        if self.mode == "raw":
+            return self.weight * (1.0 - F.cosine_similarity(e, target, dim=-1))
+        return self.weight * mfn_loss(self.space, e, target)
 
 
 def mfn_term_from_manifest(bundle_dir: Path, manifest: dict[str, Any], device: Any = "cpu") -> MfnTerm | None:
