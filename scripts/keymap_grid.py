@@ -37,7 +37,7 @@ def main() -> None:
     bundle = Path(args.bundle)
     from worker.models.bundle import load_bundle
 
-    engine = build_engine(load_bundle(bundle), deployed_config(bundle, None, None))
+    engine = build_engine(load_bundle(bundle), deployed_config(bundle, None, None), None, bundle)
     cols, origs = [], []
     for name, photos in list_identities(args.data, "holdout", 40):
         if len(photos) < 2:

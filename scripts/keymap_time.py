@@ -30,7 +30,7 @@ def main() -> None:
     from worker.evaluation.evaluator import load_rgb
     from worker.models.bundle import load_bundle
 
-    engine = build_engine(load_bundle(args.bundle), deployed_config(Path(args.bundle), None, None))
+    engine = build_engine(load_bundle(args.bundle), deployed_config(Path(args.bundle), None, None), None, args.bundle)
     rgb = load_rgb(args.image)
     t = time.perf_counter()
     face = engine.prepare(rgb)

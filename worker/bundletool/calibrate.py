@@ -252,7 +252,7 @@ def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, di
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     config = deployed_config(bundle_dir, steps or None, None)
-    engine = make_engine(load_bundle(bundle_dir, "cpu"), config, "cpu")
+    engine = make_engine(load_bundle(bundle_dir, "cpu"), config, "cpu", bundle_dir)
     log(f"bundle {manifest['bundle_id']} at {bundle_dir}; engine {engine.fingerprint}, {config.steps} steps")
     return engine, manifest
 

@@ -114,7 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     device = torch.device(args.device)
     bundle = load_bundle(args.bundle, device)
-    engine = build_engine(bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device)
+    engine = build_engine(
+        bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device, Path(args.bundle)
+    )
     local_out = Path(args.out) if not args.out.startswith("s3://") else REPO / "reports" / "eval-s3-staging"
     shard_dir = local_out / "shards" / f"{i}-of-{n}"
     run_shard(engine, judge, cfg, shard_dir, extra_meta={"evaluator": evaluator_info})

@@ -98,7 +98,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
     with metrics.model_load_timer(device.type if device.type in metrics.DEVICE_TYPES else "cpu"):
         bundle = load_bundle(directory, device)
         config = engine_config_from(settings, manifest)
-        engine = build_engine(bundle, config, device)  # the bundle's generator family picks the engine class
+        engine = build_engine(bundle, config, device, directory)  # the bundle's generator family picks the engine class
     seconds = time.perf_counter() - start
     # what a template records about how it was made; ``fingerprint`` must match at verify time
     algorithm = dict(config.result_fields())
