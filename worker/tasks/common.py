@@ -27,6 +27,7 @@ from typing import Any
 from worker import metrics
 from worker.contracts import ErrorCode, JobError, JobStatus, job_from_wire, to_wire
 from worker.errors import CancelableError, DeadLetteredError, MalformedJobError
+from worker.tasks.batcher import delivery_attempt
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def run_job(
 
             started = now()
             try:
-                res = handler(rt, job, attempt, started)
+                with delivery_attempt(attempt):  # a re-delivered job's engine work runs in a batch of its own
+                    res = handler(rt, job, attempt, started)
             except Exception as e:  # noqa: BLE001 - every error becomes a result, a retry or a dead letter
                 code = metrics.error_code_of(e)
                 if _is_transient(e):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from worker.contracts import EnrollResult, JobStatus, S3Ref, VerifyResult, child_job_id
 from worker.errors import CancelableError, MalformedJobError, StaleKeyError
-from worker.tasks import enrolment
+from worker.tasks import batcher, enrolment
 from worker.tasks.app import app
 from worker.tasks.common import now, run_job
 from worker.tasks.config import TASK_ENGINE_PING, TASK_ENROLL, TASK_REENROLL_CHUNK, TASK_VERIFY
@@ -47,7 +47,7 @@ def _enroll(rt: Any, job: Any, attempt: int, started: datetime) -> EnrollResult:
                 prepared = enrolment.fetch_and_prepare(rt, loaded.engine, job.tenant, list(job.images), "enroll")
             rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
             seed = enrolment.seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
-            (result,) = enrolment.run_engine(loaded, [(prepared.faces, seed)], "enroll")
+            (result,) = batcher.run_engine(rt, loaded, [(prepared.faces, seed)], "enroll")
             del seed
             done = enrolment.commit(
                 rt,
@@ -243,7 +243,7 @@ def _reenroll(rt: Any, chunk: ReenrollChunk, attempt: int, started: datetime) ->
 
     fresh = [it for it in todo if it["committed"] is None]
     if fresh:
-        results = enrolment.run_engine(loaded, [(it["prepared"].faces, it.pop("seed")) for it in fresh], "reenroll")
+        results = batcher.run_engine(rt, loaded, [(it["prepared"].faces, it.pop("seed")) for it in fresh], "reenroll")
         for it, result in zip(fresh, results, strict=True):
             it["committed"] = enrolment.commit(
                 rt,

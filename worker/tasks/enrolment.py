@@ -18,6 +18,7 @@ import numpy as np
 from worker import metrics
 from worker.contracts import S3Ref
 from worker.errors import BundleError, CancelableError, RevokedKeyError
+from worker.tasks import batcher
 from worker.tasks.images import decode_image
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,7 @@ def verify_probe(rt: Any, loaded: Any, tenant: str, subject: str, probe: S3Ref) 
         )
     seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
     prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
-    metrics.batch_size("verify", 1)
-    with metrics.stage_timer("optimise", "verify"):
-        res = loaded.engine.probe(prepared.faces[0], seed)
-    metrics.optimisation_steps("verify", int(loaded.engine.config.steps))
-    metrics.images_processed(1, "succeeded", "verify")
+    res = batcher.probe(rt, loaded, prepared.faces[0], seed)  # batched with other jobs' probes; metrics there
     # cosine; fp32 rounding can step just outside [-1, 1]
     score = min(1.0, max(-1.0, loaded.engine.score(res.embedding, torch.from_numpy(tmpl.vector()))))
     return {"version": cur.version, "key_id": m.key_id, "key_version": m.key_version, "score": score}
