@@ -249,10 +249,19 @@ class MicroBatcher:
                 for sub in batch:
                     self._pending.remove(sub)
                 self._running_since = self._clock()
+            cpu, wall = time.thread_time(), time.perf_counter()
             try:
                 self._run(batch)
             finally:
                 self._running_since = None
+            log.info(
+                "engine batch: %s, %d jobs, %d images, %.2f s, %.2f CPU s",
+                batch[0].lane,
+                len(batch),
+                sum(s.size for s in batch),
+                time.perf_counter() - wall,
+                time.thread_time() - cpu,
+            )
 
     def _run(self, batch: list[_Submission]) -> None:
         lane = batch[0].lane
