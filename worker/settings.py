@@ -70,6 +70,9 @@ class S3Settings(_Group):
     """botocore retry attempts (standard mode) for transient S3 faults."""
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=30.0, gt=0)
+    max_pool_connections: int = Field(default=32, ge=1, le=1024)
+    """HTTP connections one S3 client keeps open: at least the task threads of a threads-pool engine worker (16);
+    with fewer (botocore's default is 10) connections are opened and discarded all the time."""
 
     @field_validator("prefix")
     @classmethod

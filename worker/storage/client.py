@@ -33,6 +33,7 @@ def make_s3_client(s3: S3Settings) -> Any:
         read_timeout=s3.read_timeout,
         s3={"addressing_style": s3.addressing_style},
         signature_version="s3v4",
+        max_pool_connections=s3.max_pool_connections,
         # integrity checksums on every request are not supported the same way by every S3 implementation
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
