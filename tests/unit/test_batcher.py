@@ -289,3 +289,33 @@ def test_engine_batch_observes_the_size_of_every_real_engine_call() -> None:
     assert calls == [4, 3, 6, 1]  # packed by max_batch_images; a subject over the cap alone
     after = (sample("cancelable_batch_size_images_count"), sample("cancelable_batch_size_images_sum"))
     assert (after[0] - before[0], after[1] - before[1]) == (4, 14)
+
+
+def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from worker.tasks import batcher
+
+    inflight = InFlight()
+    monkeypatch.setattr(batcher, "INFLIGHT", inflight)
+    asked: list[str] = []
+
+    class FakeRedis:
+        depth: int | Exception = 10
+
+        def llen(self, name: str) -> int:
+            asked.append(name)
+            if isinstance(self.depth, Exception):
+                raise self.depth
+            return self.depth
+
+    r = FakeRedis()
+    rt = SimpleNamespace(redis=r)
+    inflight.started(submits=True)  # this thread: one engine task in flight
+    assert batcher.expected_submitters(rt) == 1 and asked == []  # capacity 1 (prefork child): never asks the broker
+    inflight.capacity = 4
+    assert batcher.expected_submitters(rt) == 4 and asked == ["engine"]  # 3 free slots, 10 messages waiting
+    r.depth = 1
+    assert batcher.expected_submitters(rt) == 2
+    r.depth = ConnectionError("broker away")
+    assert batcher.expected_submitters(rt) == 1

@@ -88,7 +88,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         check_bundle_present(settings.engine.bundle)  # raises a BundleError with a clear message
     log.info("worker consuming %s", sorted(_consumes))
     if _pool_name(sender) == "threads":
-        _start_threads_pool(settings)
+        _start_threads_pool(settings, int(getattr(sender, "concurrency", 1) or 1))
 
 
 def _pool_name(worker: Any) -> str:
@@ -103,10 +103,12 @@ def _pool_name(worker: Any) -> str:
     return next((alias for alias, path in ALIASES.items() if path == target), target)
 
 
-def _start_threads_pool(s: Any) -> None:
+def _start_threads_pool(s: Any, threads: int) -> None:
     """No fork: load the models now (the engine ping reports them loaded), and enforce the hard time limit."""
     from worker.tasks import batcher
     from worker.tasks.runtime import get_runtime
+
+    batcher.INFLIGHT.capacity = threads
 
     def batch_start() -> float | None:
         b = batcher.current_batcher()

@@ -68,6 +68,7 @@ class InFlight:
         self._lock = threading.Lock()
         self._tasks: dict[int, tuple[float, bool]] = {}
         self._listeners: list[Callable[[], None]] = []
+        self.capacity = 1  # task slots of this process (the threads pool's concurrency; 1: prefork child, solo)
 
     def started(self, submits: bool, clock: Callable[[], float] = time.monotonic) -> None:
         with self._lock:
@@ -82,6 +83,10 @@ class InFlight:
     def submitters(self) -> int:
         with self._lock:
             return sum(1 for _, submits in self._tasks.values() if submits)
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return max(0, self.capacity - len(self._tasks))
 
     def oldest_start(self) -> float | None:
         with self._lock:
@@ -224,28 +229,31 @@ class MicroBatcher:
             size += sub.size
         return batch, size >= self.max_images
 
-    def _wait_s(self, batch: list[_Submission], full: bool) -> float:
+    def _wait_s(self, batch: list[_Submission], full: bool, expected: int | None) -> float:
         """0 when ``batch`` should run now, else how long to wait at most before checking again."""
         if full or self._closed:
             return 0.0
-        if self._expected is not None and len(self._pending) >= self._expected():
-            return 0.0  # every engine task in flight is waiting here: nothing more can arrive
+        if expected is not None and len(self._pending) >= expected:
+            return 0.0  # every engine task in flight is waiting here and no more are coming
         return max(0.0, batch[0].enqueued + self.fill_timeout_s - self._clock())
 
     def _loop(self) -> None:
         while True:
+            # outside the lock: it may ask the broker (``engine_batcher``), and submitters must not wait for that
+            expected = self._expected() if self._expected is not None and self._pending else None
             with self._cond:
-                while True:
-                    if not self._pending:
-                        if self._closed:
-                            return
-                        self._cond.wait()
-                        continue
-                    batch, full = self._collect()
-                    wait = self._wait_s(batch, full)
-                    if wait <= 0:
-                        break
+                if not self._pending:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                    continue
+                if expected is None and self._expected is not None:
+                    continue  # work arrived after ``expected`` was skipped: ask it now
+                batch, full = self._collect()
+                wait = self._wait_s(batch, full, expected)
+                if wait > 0:
                     self._cond.wait(wait)
+                    continue
                 for sub in batch:
                     self._pending.remove(sub)
                 self._running_since = self._clock()
@@ -392,12 +400,28 @@ def engine_batcher(rt: Any, loaded: Any) -> MicroBatcher:
             lambda lane, items: engine_batch(loaded, lane, items),
             max_images=int(loaded.engine.config.max_batch_images),
             fill_timeout_s=float(s.batch_fill_timeout_ms) / 1000.0,
-            expected=INFLIGHT.submitters,
+            expected=lambda: expected_submitters(rt),
             merge=bool(s.micro_batching),
         )
         INFLIGHT.listen(batcher.wakeup)
         _current = (os.getpid(), rt, loaded, batcher)
         return batcher
+
+
+def expected_submitters(rt: Any) -> int:
+    """Engine tasks that will hand work to the batcher soon: those in flight, plus as many messages waiting on the
+    engine queue as this process has free task slots (a burst's first messages start before the consumer has
+    fetched the rest; without this the first of them would run as a small batch)."""
+    from worker.tasks.config import ENGINE_QUEUE
+
+    n = INFLIGHT.submitters()
+    free = INFLIGHT.free_slots()
+    if free > 0 and INFLIGHT.capacity > 1:
+        try:
+            n += min(free, int(rt.redis.llen(ENGINE_QUEUE)))
+        except Exception:  # noqa: BLE001 - broker unreachable: the fill timeout still bounds the wait
+            pass
+    return n
 
 
 def current_batcher() -> MicroBatcher | None:
