@@ -365,6 +365,7 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
 # --- engine micro-batching --------------------------------------------------------------------------------------------
 BATCH = 8  # max_batch_images of the benchmarked deployment
 ENGINE_BATCH_LOG = re.compile(r"engine batch: enroll, \d+ jobs, \d+ images, [\d.]+ s, ([\d.]+) CPU s")
+BATCH_WAIT_LOG = re.compile(r"engine batch: enroll, .* oldest job waited ([\d.]+) ms")
 ENGINE_THREADS = 2 * BATCH
 
 
@@ -542,7 +543,16 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
                 inside.append((r.finished_at - r.started_at).total_seconds())
             return statistics.median(lat), statistics.median(inside)
 
+        log_start = worker.log.stat().st_size
         out["lone_on"] = lone("on", client)
+        with worker.log.open("rb") as lf:
+            lf.seek(log_start)
+            waits = [float(m.group(1)) for m in BATCH_WAIT_LOG.finditer(lf.read().decode(errors="replace"))]
+        print(
+            f"  lone enrol, batching on: wait in the batcher before its engine call, max of {len(waits)} jobs "
+            f"(warm-up included): {max(waits, default=float('nan')):.1f} ms",
+            flush=True,
+        )
     finally:
         client.close()
         worker.stop()

@@ -257,18 +257,20 @@ class MicroBatcher:
                 for sub in batch:
                     self._pending.remove(sub)
                 self._running_since = self._clock()
+                waited = self._running_since - batch[0].enqueued
             cpu, wall = time.thread_time(), time.perf_counter()
             try:
                 self._run(batch)
             finally:
                 self._running_since = None
             log.info(
-                "engine batch: %s, %d jobs, %d images, %.2f s, %.2f CPU s",
+                "engine batch: %s, %d jobs, %d images, %.2f s, %.2f CPU s, oldest job waited %.1f ms",
                 batch[0].lane,
                 len(batch),
                 sum(s.size for s in batch),
                 time.perf_counter() - wall,
                 time.thread_time() - cpu,
+                waited * 1000.0,
             )
 
     def _run(self, batch: list[_Submission]) -> None:
