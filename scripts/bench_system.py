@@ -27,8 +27,22 @@ revoke
     record scan (no index: what a key without a complete index, or the code before it, does) at the first size, and a
     hand-over run: a small time budget over the last size, so the listing hands over after every few chunks.
 
+engine micro-batching
+    (a) A deep queue: ``--batch-jobs`` (64) one-photo enrol jobs queued at once (``submit_many``) for a real engine
+    worker, warmed up by one job, on the threads pool (``--pool threads -c 16``, ``max_batch_images`` 8, the lite
+    bundle on the CPU, 1 torch thread, ``--batch-steps`` optimisation steps). Prints the worker process's CPU
+    seconds per image (from /proc, from the first submit to the last result: download, decode, align, key, engine,
+    PNG, commit, Celery) next to the CPU seconds per image of ``Engine.enroll_many`` alone, in-process, on the same
+    aligned faces at the same batch size (the ratio; target <= 1.10), and the mean of the batch-size metric served
+    by the worker (target >= 0.9 x 8). The engine thread's CPU seconds come from the batcher's per-batch log line.
+    (b) A lone enrol on an idle worker, ``--lone-runs`` times each: threads pool with micro-batching on, the same
+    worker with ``engine.micro_batching=false``, and the prefork pool (before micro-batching), after one untimed
+    warm-up job; median end-to-end latency (submit to stored result, polled every 5 ms) and median time inside the
+    task.
+
 Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--formats jsonl,csv] [--skip-submit] [--skip-bulk]
      [--revoke-sizes 10000,20000] [--revoke-handover-budget 0.2] [--revoke-markers-only] [--skip-revoke]
+     [--skip-batching] [--batch-jobs 64] [--batch-steps 50] [--lone-runs 5] [--fill-timeout-ms 100]
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -524,6 +539,241 @@ def bench_revoke(
     return out
 
 
+# --- engine micro-batching --------------------------------------------------------------------------------------------
+BATCH = 8  # max_batch_images of the benchmarked deployment
+ENGINE_BATCH_LOG = re.compile(r"engine batch: enroll, \d+ jobs, \d+ images, [\d.]+ s, ([\d.]+) CPU s")
+BATCH_WAIT_LOG = re.compile(r"engine batch: enroll, .* oldest job waited ([\d.]+) ms")
+ENGINE_THREADS = 2 * BATCH
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) and of its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
+def batch_histogram(port: int) -> dict[str, float]:
+    """``sum`` and ``count`` of ``cancelable_batch_size_images{job_type="enroll"}`` served by a worker."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {"sum": 0.0, "count": 0.0}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "cancelable_batch_size_images":
+            for smp in fam.samples:
+                if smp.labels.get("job_type") == "enroll" and smp.name.endswith(("_sum", "_count")):
+                    out[smp.name.rsplit("_", 1)[1]] = smp.value
+    return out
+
+
+def engine_env(env: dict[str, str], work: Path, steps: int, fill_ms: int, port: int, tag: str) -> dict[str, str]:
+    e = dict(env)
+    e.update(
+        {
+            "CANCELABLE_ENGINE__BUNDLE": "lite",
+            "CANCELABLE_ENGINE__DEVICE": "cpu",
+            "CANCELABLE_ENGINE__STEPS": str(steps),
+            "CANCELABLE_ENGINE__BATCH_SIZE": str(BATCH),
+            "CANCELABLE_ENGINE__MIXED_PRECISION": "false",
+            "CANCELABLE_ENGINE__BATCH_FILL_TIMEOUT_MS": str(fill_ms),
+            "CANCELABLE_TORCH_THREADS": "1",
+            "CANCELABLE_METRICS__ENABLED": "true",
+            "CANCELABLE_METRICS__HOST": "127.0.0.1",
+            "CANCELABLE_METRICS__PORT": str(port),
+            "PROMETHEUS_MULTIPROC_DIR": str(work / f"prom-{tag}"),
+        }
+    )
+    return e
+
+
+def start_engine(env: dict[str, str], work: Path, tag: str, pool: str, concurrency: int) -> Any:
+    from worker_harness import start_worker
+
+    from producers.client import Client
+    from worker.tasks.runtime import reset_runtime
+
+    worker = start_worker(env, work / f"engine-{tag}.log", queues="engine", concurrency=concurrency, pool=pool)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("CANCELABLE_")})
+    from worker.settings import get_settings
+
+    get_settings.cache_clear()
+    reset_runtime()
+    client = Client()
+    deadline = time.monotonic() + 300
+    while True:
+        if not worker.alive():
+            raise RuntimeError(f"engine worker exited:\n{worker.tail()}")
+        try:
+            if client.ping(timeout=10, engine=True).get("engine_loaded"):
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"engine worker not ready:\n{worker.tail()}")
+        time.sleep(0.5)
+    return worker, client
+
+
+def inprocess_cpu_per_image(env: dict[str, str], photos: list[bytes], jobs: int) -> tuple[float, float]:
+    """CPU seconds per image (and wall seconds in all) of ``Engine.enroll_many`` on ``jobs`` one-image subjects,
+    batches of ``BATCH``, in this process (same settings, same aligned faces as the system run)."""
+    import secrets
+
+    from worker_harness import settings_from_env
+
+    from worker.service.images import decode_image
+    from worker.tasks.runtime import load_engine_from_settings
+
+    loaded = load_engine_from_settings(settings_from_env(env))
+    engine = loaded.engine
+    assert engine.config.max_batch_images == BATCH
+    faces = [engine.prepare(decode_image(b, max_bytes=1 << 25, max_pixels=40_000_000)) for b in photos]
+    subjects = [(faces[i % len(faces)][None], secrets.token_bytes(32)) for i in range(jobs)]
+    engine.enroll_many(subjects[:BATCH])  # warm-up (first-call allocations), not counted
+    cpu, wall = time.process_time(), time.perf_counter()
+    engine.enroll_many(subjects)
+    return (time.process_time() - cpu) / jobs, time.perf_counter() - wall
+
+
+def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+
+    from worker_harness import _faces_dir, jpeg_bytes
+
+    from worker.contracts import JobStatus
+
+    faces_dir = _faces_dir()
+    if faces_dir is None:
+        print("  skipped: sample faces (../shared/data/faces-smoke/obama-biden) not found")
+        return {}
+    s3 = svc.client()
+    inb = "bench-inputs"
+    if inb not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket=inb)
+    photos = [jpeg_bytes(p) for p in sorted(faces_dir.glob("*.jpg"))]
+    refs = []
+    for i, body in enumerate(photos):
+        s3.put_object(Bucket=inb, Key=f"tenants/acme/batch/{i}.jpg", Body=body)
+        refs.append(f"s3://{inb}/tenants/acme/batch/{i}.jpg")
+    n = args.batch_jobs
+    out: dict[str, Any] = {}
+
+    # (a) in-process engine first (nothing else of ours running), then the deep queue through the system
+    port = int(start_port())
+    e_on = engine_env(env, work, args.batch_steps, args.fill_timeout_ms, port, "on")
+    base_cpu, base_wall = inprocess_cpu_per_image(e_on, photos, n)
+    print(
+        f"  in-process Engine.enroll_many, {n} one-image subjects, batches of {BATCH}, {args.batch_steps} steps: "
+        f"{base_cpu:.3f} CPU s/image ({base_wall:.1f} s wall)",
+        flush=True,
+    )
+    worker, client = start_engine(e_on, work, "on", "threads", ENGINE_THREADS)
+    try:
+        client.run(client.enroll_job("acme", "deep-warm", [refs[0]], "k1"), timeout=600)  # lazy loads, not counted
+        h0 = batch_histogram(port)
+        jobs = [client.enroll_job("acme", f"deep{i:03d}", [refs[i % len(refs)]], "k1") for i in range(n)]
+        log_start = worker.log.stat().st_size
+        cpu0, t0 = cpu_seconds(worker.popen.pid), time.perf_counter()
+        client.submit_many(jobs)
+        results = [client.wait(j.job_id, timeout=3600, poll=0.05) for j in jobs]
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(worker.popen.pid) - cpu0
+        bad = [r for r in results if r.status != JobStatus.SUCCEEDED]
+        if bad:
+            raise RuntimeError(f"{len(bad)} deep-queue jobs did not succeed: {bad[0]}")
+        h1 = batch_histogram(port)
+        h = {k: h1[k] - h0[k] for k in h1}
+        mean = h["sum"] / h["count"] if h["count"] else 0.0
+        with worker.log.open("rb") as lf:
+            lf.seek(log_start)
+            engine_cpu = sum(float(m.group(1)) for m in ENGINE_BATCH_LOG.finditer(lf.read().decode(errors="replace")))
+        out["deep"] = {"cpu_per_image": cpu / n, "ratio": cpu / n / base_cpu, "batch_mean": mean, "wall": wall}
+        print(
+            f"  system, {n} one-photo enrol jobs queued at once (threads pool, {ENGINE_THREADS} task threads): "
+            f"{cpu / n:.3f} CPU s/image in the worker process = {cpu / n / base_cpu:.2f}x in-process "
+            f"(engine thread {engine_cpu / n:.3f} = {engine_cpu / n / base_cpu:.2f}x; the rest, download to commit and "
+            f"Celery: {(cpu - engine_cpu) / n:.3f}); {wall:.1f} s wall ({n / wall:.2f} images/s); batch-size metric: "
+            f"{h['count']:.0f} engine calls, mean {mean:.2f} images (max {BATCH}) = {mean / BATCH:.2f} x "
+            "max_batch_images",
+            flush=True,
+        )
+
+        # (b) lone enrol on the idle worker
+        def lone(tag: str, c: Any) -> tuple[float, float]:
+            lat, inside = [], []
+            c.run(c.enroll_job("acme", f"lone-{tag}-warm", [refs[0]], "k1"), timeout=600)  # lazy loads, not counted
+            for i in range(args.lone_runs):
+                time.sleep(0.5)  # idle
+                job = c.enroll_job("acme", f"lone-{tag}-{i}", [refs[i % len(refs)]], "k1")
+                t = time.perf_counter()
+                r = c.wait(c.submit(job), timeout=600, poll=0.005)
+                lat.append(time.perf_counter() - t)
+                if r.status != JobStatus.SUCCEEDED:
+                    raise RuntimeError(f"lone job failed: {r}")
+                inside.append((r.finished_at - r.started_at).total_seconds())
+            return statistics.median(lat), statistics.median(inside)
+
+        log_start = worker.log.stat().st_size
+        out["lone_on"] = lone("on", client)
+        with worker.log.open("rb") as lf:
+            lf.seek(log_start)
+            waits = [float(m.group(1)) for m in BATCH_WAIT_LOG.finditer(lf.read().decode(errors="replace"))]
+        print(
+            f"  lone enrol, batching on: wait in the batcher before its engine call, max of {len(waits)} jobs "
+            f"(warm-up included): {max(waits, default=float('nan')):.1f} ms",
+            flush=True,
+        )
+    finally:
+        client.close()
+        worker.stop()
+    for tag, pool, conc, extra in (
+        ("off", "threads", ENGINE_THREADS, {"CANCELABLE_ENGINE__MICRO_BATCHING": "false"}),
+        ("prefork", "prefork", 1, {}),
+    ):
+        port = int(start_port())
+        e = {**engine_env(env, work, args.batch_steps, args.fill_timeout_ms, port, tag), **extra}
+        worker, client = start_engine(e, work, tag, pool, conc)
+        try:
+            out[f"lone_{tag}"] = lone(tag, client)
+        finally:
+            client.close()
+            worker.stop()
+    labels = {
+        "on": f"threads pool, micro-batching on (fill timeout {args.fill_timeout_ms} ms)",
+        "off": "threads pool, engine.micro_batching=false",
+        "prefork": "prefork pool -c 1 (before micro-batching)",
+    }
+    for tag in ("on", "off", "prefork"):
+        lat, inside = out[f"lone_{tag}"]
+        print(
+            f"  lone enrol on an idle worker, {labels[tag]}: median {lat * 1000:.0f} ms end to end, "
+            f"{inside * 1000:.0f} ms in the task (median of {args.lone_runs})",
+            flush=True,
+        )
+    on, off = out["lone_on"][0], out["lone_off"][0]
+    print(
+        f"  lone enrol, batching on vs off: {on / off:.3f}x (bound: (off + fill timeout) x 1.05 = "
+        f"{(off + args.fill_timeout_ms / 1000) * 1.05 * 1000:.0f} ms; measured {on * 1000:.0f} ms)",
+        flush=True,
+    )
+    return out
+
+
+def start_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
 # --- main -------------------------------------------------------------------------------------------------------------
 def machine() -> str:
     cpu = "?"
@@ -559,6 +809,11 @@ def main() -> None:
         action="store_true",
         help="seed only the index markers of the subjects under the key (what the index listing reads; no scan run)",
     )
+    ap.add_argument("--skip-batching", action="store_true")
+    ap.add_argument("--batch-jobs", type=int, default=64, help="deep queue: one-photo enrol jobs")
+    ap.add_argument("--batch-steps", type=int, default=50, help="optimisation steps of the batching runs")
+    ap.add_argument("--lone-runs", type=int, default=5, help="lone enrol jobs per configuration")
+    ap.add_argument("--fill-timeout-ms", type=int, default=100, help="engine.batch_fill_timeout_ms")
     args = ap.parse_args()
     print(f"system benchmark: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-system-") as tmp:
@@ -580,6 +835,9 @@ def main() -> None:
                 os.environ.pop("CANCELABLE_WORKER__FANOUT_TIME_BUDGET", None)  # the default budget (half soft limit)
                 sizes = [int(x) for x in args.revoke_sizes.split(",")]
                 bench_revoke(url, svc, sizes, args.revoke_handover_budget, args.revoke_markers_only)
+            if not args.skip_batching:
+                print("engine micro-batching (lite bundle, CPU, 1 torch thread per process):", flush=True)
+                bench_batching(env, svc, work, args)
         finally:
             for p in procs:
                 if p is not None:

@@ -71,8 +71,8 @@ class S3Settings(_Group):
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=30.0, gt=0)
     max_pool_connections: int = Field(default=32, ge=1, le=1024)
-    """HTTP connections kept per S3 client; at least the threads that share one (a key revocation's listing reads
-    with 16)."""
+    """HTTP connections one S3 client keeps open: at least the threads that share it (a threads-pool engine
+    worker's 16 task threads, a key revocation's 16 listing readers); botocore's default is 10."""
 
     @field_validator("prefix")
     @classmethod
@@ -119,6 +119,13 @@ class EngineSettings(_Group):
     steps: int = Field(default=50, ge=1, le=10_000)
     batch_size: int = Field(default=8, ge=1, le=1024)
     mixed_precision: bool = False
+    micro_batching: bool = True
+    """Engine workers run the engine work of several jobs (enrol, verify, re-enrolment chunks; one lane per job
+    type) as one engine call of up to ``batch_size`` images (``worker.tasks.batcher``); it takes the ``threads``
+    pool (``Procfile``). false: one job per engine call, the behaviour before micro-batching."""
+    batch_fill_timeout_ms: float = Field(default=100.0, ge=0.0, le=10_000.0)
+    """Longest time the oldest waiting job waits for batch mates (a batch runs earlier when it is full or when every
+    engine task of the process is waiting for it, so a lone job on an idle worker is not delayed)."""
     verify_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
     """Cosine score at or above which a probe is accepted."""
 

@@ -72,6 +72,8 @@ class WorkerProc:
     log: Path
     env: dict[str, str]
     argv: list[str]
+    pool: str = "prefork"
+    concurrency: int = 1
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -109,7 +111,12 @@ class WorkerProc:
 
 
 def start_worker(
-    env: dict[str, str], log: Path, queues: str = "engine,control", concurrency: int = 1, name: str | None = None
+    env: dict[str, str],
+    log: Path,
+    queues: str = "engine,control",
+    concurrency: int = 1,
+    name: str | None = None,
+    pool: str = "prefork",
 ) -> WorkerProc:
     argv = [
         *CELERY,
@@ -121,7 +128,7 @@ def start_worker(
         "-c",
         str(concurrency),
         "--pool",
-        "prefork",
+        pool,
         "-n",
         f"{name or 'w' + uuid.uuid4().hex[:6]}@%h",
         "--without-gossip",
@@ -133,7 +140,7 @@ def start_worker(
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-    return WorkerProc(p, log, env, argv)
+    return WorkerProc(p, log, env, argv, pool, concurrency)
 
 
 def wait_ready(client: Any, worker: WorkerProc, timeout: float = 90.0, engine: bool = True) -> None:
@@ -234,7 +241,8 @@ class Deployment:
     def restart(self, timeout: float = 120.0, **extra_env: str) -> None:
         self.worker.stop()
         env = {**self.env, **extra_env}
-        self.worker = start_worker(env, self.worker.log, name="r" + uuid.uuid4().hex[:6])
+        w = self.worker
+        self.worker = start_worker(env, w.log, name="r" + uuid.uuid4().hex[:6], pool=w.pool, concurrency=w.concurrency)
         wait_ready(self.client, self.worker, timeout)
 
 
@@ -271,9 +279,12 @@ def deploy(
     *,
     bundle: Path | None = None,
     queues: str = "engine,control",
+    pool: str = "prefork",
+    concurrency: int = 1,
     **extra_env: str,
 ) -> Deployment:
-    """Upload the sample faces to a fresh bucket, create key ``k1`` (and ``k2``), start a worker, wait until ready."""
+    """Upload the sample faces to a fresh bucket, create key ``k1`` (and ``k2``), start a worker (``pool``,
+    ``concurrency``), wait until ready."""
     from producers.client import Client
     from worker.keys.providers import write_keyring
 
@@ -291,7 +302,7 @@ def deploy(
     write_keyring(keyring, ["k1", "k2"])
     settings = settings_from_env(env)
     client = Client(settings)
-    worker = start_worker(env, tmp / "worker.log", queues=queues)
+    worker = start_worker(env, tmp / "worker.log", queues=queues, pool=pool, concurrency=concurrency)
     try:
         wait_ready(client, worker, engine="engine" in queues)
     except Exception:

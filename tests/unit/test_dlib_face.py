@@ -209,3 +209,27 @@ def test_image_to_chip_matrix_is_dlibs_chip_geometry(lfw):
         ref = dlib_face.face_chip(rgb, face, 150)
         diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))[10:-10, 10:-10]
         assert diff.mean() < 0.7 and np.percentile(diff, 99) <= 1
+
+
+def test_prepare_face_from_many_threads_equals_one_thread(lfw: list[np.ndarray]) -> None:
+    """The threads pool aligns several jobs' photos at once: same crops (or the same errors) as one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = lfw[:8]
+
+    def one(rgb: np.ndarray) -> np.ndarray | str:
+        try:
+            return dlib_face.prepare_face(rgb, 64, "dlib-chip")
+        except (NoFaceError, MultipleFacesError) as e:
+            return type(e).__name__
+
+    alone = [one(im) for im in images]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            together = list(pool.map(one, images * 2))
+            for a, b in zip(alone * 2, together, strict=True):
+                assert type(a) is type(b)
+                if isinstance(a, np.ndarray):
+                    assert np.array_equal(a, b)
+                else:
+                    assert a == b

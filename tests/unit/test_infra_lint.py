@@ -124,7 +124,9 @@ def test_compose_invariants():
         ports[name] = s["environment"]["CANCELABLE_METRICS__PORT"]
     assert ports["engine"] != ports["control"]
     gpu = services["engine-gpu"]
-    assert gpu["command"][gpu["command"].index("--concurrency") + 1] == "1"  # one process per GPU
+    # one process per GPU: the threads pool (its task threads feed one engine thread, worker/tasks/batcher.py)
+    assert gpu["command"][gpu["command"].index("--pool") + 1] == "threads"
+    assert int(gpu["command"][gpu["command"].index("--concurrency") + 1]) >= 8  # at least one engine batch of jobs
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     for s in services.values():
         for p in s.get("ports", []):
@@ -293,7 +295,8 @@ def test_k8s_invariants():
         assert any(v["mountPath"] == "/tmp" for v in _container(dep)["volumeMounts"])  # PROMETHEUS_MULTIPROC_DIR
     c = _container(engine)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert c["args"][c["args"].index("--concurrency") + 1] == "1", "one worker process per GPU"
+    assert c["args"][c["args"].index("--pool") + 1] == "threads", "one worker process per GPU"
+    assert int(c["args"][c["args"].index("--concurrency") + 1]) >= 8, "task threads for at least one engine batch"
     assert c["args"][c["args"].index("-Q") + 1] == "engine"
     assert _container(control)["args"][_container(control)["args"].index("-Q") + 1] == "control"
 

@@ -341,7 +341,13 @@ class KmsHmacProvider(KeyProvider):
 
             kw: dict[str, Any] = {
                 "region_name": region,
-                "config": Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=10),
+                # 32 connections: one per task thread of a threads-pool engine worker (botocore's default is 10)
+                "config": Config(
+                    retries={"mode": "standard", "max_attempts": 4},
+                    connect_timeout=5,
+                    read_timeout=10,
+                    max_pool_connections=32,
+                ),
             }
             if endpoint_url:
                 kw["endpoint_url"] = endpoint_url

@@ -78,8 +78,19 @@ def _model_path(name: str) -> Path:
     return Path(face_recognition_models.__file__).parent / "models" / name
 
 
+_per_thread = threading.local()
+
+
 def _get(name: str) -> Any:
-    """Load a dlib model once per process: 'detector', 'sp5' or 'sp68'."""
+    """Load a dlib model once per process: 'detector' (once per THREAD: the HOG detector keeps scratch state, and
+    two threads running one detector find dozens of phantom faces), 'sp5' or 'sp68' (read-only, shared)."""
+    if name == "detector":
+        detector = getattr(_per_thread, "detector", None)
+        if detector is None:
+            import dlib
+
+            detector = _per_thread.detector = dlib.get_frontal_face_detector()
+        return detector
     model = _models.get(name)
     if model is not None:
         return model
@@ -88,9 +99,7 @@ def _get(name: str) -> Any:
         if model is None:
             import dlib
 
-            if name == "detector":
-                model = dlib.get_frontal_face_detector()
-            elif name == "sp5":
+            if name == "sp5":
                 model = dlib.shape_predictor(str(_model_path("shape_predictor_5_face_landmarks.dat")))
             elif name == "sp68":
                 model = dlib.shape_predictor(str(_model_path("shape_predictor_68_face_landmarks.dat")))

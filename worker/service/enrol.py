@@ -196,7 +196,7 @@ def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> Enro
                 prepared = fetch_and_prepare(rt, loaded.engine, job.tenant, list(job.images), "enroll")
             rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
             seed = seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
-            (result,) = run_engine(loaded, [(prepared.faces, seed)], "enroll")
+            (result,) = rt.run_engine(loaded, [(prepared.faces, seed)], "enroll")
             del seed
             done = commit(
                 rt,

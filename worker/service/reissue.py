@@ -16,7 +16,7 @@ from worker import metrics
 from worker.contracts import ChunkResult, JobStatus, ReenrollChunk, S3Ref, child_job_id
 from worker.errors import CancelableError
 from worker.service.clock import now
-from worker.service.enrol import PreparedImages, commit, fetch_and_prepare, key_registry, run_engine, seed_for
+from worker.service.enrol import PreparedImages, commit, fetch_and_prepare, key_registry, seed_for
 from worker.service.fanout import maybe_finalize_revoke
 from worker.storage import layout
 from worker.storage.templates import CommittedVersion, TemplateStore
@@ -136,7 +136,7 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
 
     fresh = [it for it in todo if it.committed is None]
     if fresh:
-        results = run_engine(loaded, [it.engine_input() for it in fresh], "reenroll")
+        results = rt.run_engine(loaded, [it.engine_input() for it in fresh], "reenroll")
         for it, result in zip(fresh, results, strict=True):
             it.committed = commit(
                 rt,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import torch
+
     from worker.contracts import BulkJob, RevokeJob
     from worker.keys.providers import KeyProvider
     from worker.service.engine import LoadedEngine
@@ -36,6 +38,12 @@ class Runtime(Protocol):
 
     def engine(self) -> LoadedEngine:
         """The loaded engine (loaded on first call; engine workers load it at start)."""
+        ...
+
+    def run_engine(self, loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[Any]:
+        """One engine call for ``items`` ((faces (N, 3, R, R), seed) per subject) -> one ``EnrollResult`` per subject,
+        in order. A worker may run them together with other jobs' subjects (``worker.tasks.batcher``); results do
+        not depend on batch mates. ``worker.service.enrol.run_engine`` is the engine call itself."""
         ...
 
 

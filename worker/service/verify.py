@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from worker import metrics
 from worker.contracts import JobStatus, S3Ref, VerifyJob, VerifyResult
 from worker.errors import BundleError, RevokedKeyError
 from worker.service.clock import now
@@ -48,13 +47,10 @@ def verify_probe(rt: Runtime, loaded: LoadedEngine, tenant: str, subject: str, p
         )
     seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
     prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
-    metrics.batch_size("verify", 1)
-    with metrics.stage_timer("optimise", "verify"):
-        res = loaded.engine.probe(prepared.faces[0], seed)
-    metrics.optimisation_steps("verify", int(loaded.engine.config.steps))
-    metrics.images_processed(1, "succeeded", "verify")
+    # a probe is a one-image subject, anonymised under its own key (batch mates, if any, do not change it)
+    (res,) = rt.run_engine(loaded, [(prepared.faces[0][None], seed)], "verify")
     # cosine; fp32 rounding can step just outside [-1, 1]
-    score = min(1.0, max(-1.0, loaded.engine.score(res.embedding, torch.from_numpy(tmpl.vector()))))
+    score = min(1.0, max(-1.0, loaded.engine.score(res.embeddings[0], torch.from_numpy(tmpl.vector()))))
     return ProbeScore(version=cur.version, key_id=m.key_id, key_version=m.key_version, score=score)
 
 

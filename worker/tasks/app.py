@@ -9,7 +9,9 @@ Start-up order in a prefork worker:
   this worker consumes the engine queue, remember which queues it consumes;
 - ``worker_process_init`` (each pool child, after fork): fresh per-process runtime; engine workers load the models
   here, once per child (``worker_proc_alive_timeout`` is raised so a slow load is not mistaken for a hung child).
-With ``--pool solo`` there is no fork and the models load lazily on the first engine task.
+With ``--pool threads`` (the engine worker's pool, for cross-job micro-batching: ``worker.tasks.batcher``) there is
+no fork either: the models load in ``worker_init``, and a watchdog enforces the hard time limit, which that pool does
+not. With ``--pool solo`` the models load lazily on the first engine task.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from celery import signals
 
-from worker.broker.config import ENGINE_QUEUE, ConfigError, make_celery
+from worker.broker.config import ENGINE_QUEUE, TASK_ENROLL, TASK_REENROLL_CHUNK, TASK_VERIFY, ConfigError, make_celery
 from worker.settings import SettingsError, get_settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ except (SettingsError, ConfigError) as _e:
     raise SystemExit(2) from None
 
 _consumes: set[str] = set()
+# tasks that hand engine work to the batcher (the batcher waits for them while they are in flight)
+_ENGINE_SUBMITTERS = frozenset({TASK_ENROLL, TASK_VERIFY, TASK_REENROLL_CHUNK})
 
 
 def _progress_source() -> Any:
@@ -76,6 +80,53 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
         check_bundle_present(settings.engine.bundle)  # raises a BundleError with a clear message
     log.info("worker consuming %s", sorted(_consumes))
+    if _pool_name(sender) == "threads":
+        _start_threads_pool(settings, int(getattr(sender, "concurrency", 1) or 1))
+
+
+def _pool_name(worker: Any) -> str:
+    """``prefork``, ``threads``, ``solo``, ... of the worker being started (the CLI gives a class or an alias)."""
+    from celery.concurrency import ALIASES, get_implementation
+
+    try:
+        cls = get_implementation(worker.pool_cls)
+    except Exception:  # noqa: BLE001 - unknown: behave as before
+        return "?"
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    return next((alias for alias, path in ALIASES.items() if path == target), target)
+
+
+def _start_threads_pool(s: Any, threads: int) -> None:
+    """No fork: load the models now (the engine ping reports them loaded), and enforce the hard time limit."""
+    from worker.tasks import batcher
+    from worker.tasks.runtime import get_runtime
+
+    batcher.INFLIGHT.capacity = threads
+
+    def batch_start() -> float | None:
+        b = batcher.current_batcher()
+        return b.running_since() if b is not None else None
+
+    batcher.Watchdog(float(s.worker.task_time_limit), [batcher.INFLIGHT.oldest_start, batch_start]).start()
+    if ENGINE_QUEUE in _consumes:
+        try:
+            get_runtime().engine()
+        except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the worker stays up
+            log.error("model load failed in the engine worker: %s", type(e).__name__)
+
+
+@signals.task_prerun.connect
+def _on_task_prerun(sender: Any = None, **_: Any) -> None:
+    from worker.tasks.batcher import INFLIGHT
+
+    INFLIGHT.started(submits=getattr(sender, "name", None) in _ENGINE_SUBMITTERS)
+
+
+@signals.task_postrun.connect
+def _on_task_postrun(**_: Any) -> None:
+    from worker.tasks.batcher import INFLIGHT
+
+    INFLIGHT.finished()
 
 
 @signals.worker_process_init.connect

@@ -35,6 +35,7 @@ from worker.contracts import ErrorCode, JobError, JobStatus, check_job_id, job_f
 from worker.errors import CancelableError, DeadLetteredError, MalformedJobError
 from worker.service.clock import now
 from worker.tasks.base import GuardedTask
+from worker.tasks.batcher import delivery_attempt
 
 if TYPE_CHECKING:
     from worker.service.runtime import Runtime
@@ -283,7 +284,8 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
 
                 started = now()
                 try:
-                    res = self.handle(rt, job, attempt, started, delivery)
+                    with delivery_attempt(attempt):  # a re-delivered job's engine work runs in a batch of its own
+                        res = self.handle(rt, job, attempt, started, delivery)
                 except Exception as e:  # noqa: BLE001 - every error becomes a result, a retry or a dead letter
                     code = metrics.error_code_of(e)
                     if _is_transient(e):

@@ -19,6 +19,8 @@ from worker.service.engine import LoadedEngine, load_engine_from_settings
 from worker.storage.jobbook import JobBook
 
 if TYPE_CHECKING:
+    import torch
+
     from worker.keys.providers import KeyProvider
     from worker.settings import Settings
     from worker.storage.client import ObjectStore
@@ -27,12 +29,14 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """Lazily created per-process resources."""
+    """Lazily created per-process resources, shared by the task threads of a ``threads`` pool: each is created
+    once under a lock (redis-py and boto3 clients are thread-safe once built; building them is not)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pid = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the engine (a load can take minutes; other threads wait for it)
+        self._init_lock = threading.RLock()  # the clients (the engine load itself uses ``store``)
         self._redis: Any = None
         self._store: ObjectStore | None = None
         self._keys: KeyProvider | None = None
@@ -42,7 +46,9 @@ class Runtime:
     def redis(self) -> Any:
         """The Redis client of the job book (and of the bulk task's queue-depth check)."""
         if self._redis is None:
-            self._redis = connect_redis(self.settings)
+            with self._init_lock:
+                if self._redis is None:
+                    self._redis = connect_redis(self.settings)
         return self._redis
 
     @property
@@ -52,7 +58,9 @@ class Runtime:
     @property
     def store(self) -> ObjectStore:
         if self._store is None:
-            self._store = connect_store(self.settings)
+            with self._init_lock:
+                if self._store is None:
+                    self._store = connect_store(self.settings)
         return self._store
 
     @property
@@ -60,7 +68,9 @@ class Runtime:
         if self._keys is None:
             from worker.keys.providers import make_key_provider
 
-            self._keys = make_key_provider(self.settings, self.store)
+            with self._init_lock:
+                if self._keys is None:
+                    self._keys = make_key_provider(self.settings, self.store)
         return self._keys
 
     def engine(self) -> LoadedEngine:
@@ -69,22 +79,44 @@ class Runtime:
                 self._engine = load_engine_from_settings(self.settings, self.store)
             return self._engine
 
+    def run_engine(self, loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[Any]:
+        """Through this process's micro-batcher (``worker.tasks.batcher``): with the threads pool, several jobs'
+        subjects run as one engine call; a lone job or a prefork child runs at once."""
+        from worker.tasks import batcher
+
+        return batcher.run_engine(self, loaded, items, job_type)
+
     @property
     def engine_loaded(self) -> bool:
         return self._engine is not None
 
 
 _runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # the prefork parent's metrics thread may hold the lock at the moment of a fork (progress collector)
+    global _runtime_lock
+    _runtime_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def get_runtime() -> Runtime:
-    """This process's runtime (created on first use; a forked child gets a fresh one)."""
+    """This process's runtime (created on first use, once even when task threads race; a forked child gets a
+    fresh one)."""
     global _runtime
-    if _runtime is None or _runtime.pid != os.getpid():
-        from worker.settings import get_settings
+    rt = _runtime
+    if rt is not None and rt.pid == os.getpid():
+        return rt
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            from worker.settings import get_settings
 
-        _runtime = Runtime(get_settings())
-    return _runtime
+            _runtime = Runtime(get_settings())
+        return _runtime
 
 
 def reset_runtime() -> None:

@@ -1,0 +1,321 @@
+"""The engine micro-batcher (``worker.tasks.batcher``) with a fake engine function: when a batch starts (cap, fill
+timeout, every submitter waiting), lanes, per-member failure isolation, result order, the watchdog."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from worker.tasks.batcher import InFlight, MicroBatcher, Watchdog, delivery_attempt, pack
+
+
+class FakeEngine:
+    """``run_batch(lane, items)``: an item is ``(images, tag)`` (``images`` a list: its length is the image count);
+    the result of an item is ``(lane, tag)``. Raises for any batch holding a tag in ``bad``."""
+
+    def __init__(self, bad: frozenset[str] = frozenset(), gate: threading.Event | None = None) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.bad = bad
+        self.gate = gate
+        self.lock = threading.Lock()
+
+    def __call__(self, lane: str, items: list[Any]) -> list[Any]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        tags = [tag for _, tag in items]
+        with self.lock:
+            self.calls.append((lane, tags))
+        if self.bad & set(tags):
+            raise ValueError("poison image")
+        return [(lane, tag) for tag in tags]
+
+    def batches(self) -> list[list[str]]:
+        with self.lock:
+            return [tags for _, tags in self.calls]
+
+
+def item(tag: str, n: int = 1) -> tuple[list[int], str]:
+    return [0] * n, tag
+
+
+class Submitter(threading.Thread):
+    def __init__(self, b: MicroBatcher, lane: str, items: list[Any], alone: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.b, self.lane, self.items, self.alone = b, lane, items, alone
+        self.result: list[Any] | None = None
+        self.error: BaseException | None = None
+        self.elapsed = 0.0
+
+    def run(self) -> None:
+        t = time.monotonic()
+        try:
+            self.result = self.b.submit(self.lane, self.items, alone=self.alone)
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+        self.elapsed = time.monotonic() - t
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def pending(b: MicroBatcher) -> int:
+    with b._cond:
+        return len(b._pending)
+
+
+def submit_in_order(b: MicroBatcher, specs: list[tuple[str, list[Any]]], alone: set[int] | None = None) -> list:
+    """Start one submitter per spec, each after the previous one is queued (or already taken by the engine)."""
+    threads = []
+    for i, (lane, items) in enumerate(specs):
+        t = Submitter(b, lane, items, alone=i in (alone or set()))
+        before = pending(b)
+        t.start()
+        wait_until(lambda t=t, before=before: pending(b) > before or not t.is_alive() or b.running_since() is not None)
+        threads.append(t)
+    for t in threads:
+        t.join(20)
+        assert not t.is_alive()
+    return threads
+
+
+def test_pack_keeps_members_whole_and_in_order() -> None:
+    assert pack([3, 3, 3, 1], 8) == [[0, 1], [2, 3]]
+    assert pack([10, 1, 1], 8) == [[0], [1, 2]]  # a member over the cap forms a group of its own
+    assert pack([], 8) == []
+    assert pack([1] * 5, 1) == [[0], [1], [2], [3], [4]]
+
+
+def test_cap_whole_submissions_and_each_gets_its_own_results_in_order() -> None:
+    gate = threading.Event()
+    eng = FakeEngine(gate=gate)
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: 1)
+    # the engine is held on the first (lone) submission so the next ones queue up behind it
+    first = Submitter(b, "enroll", [item("a0")])
+    first.start()
+    wait_until(lambda: b.running_since() is not None)
+    specs = [("enroll", [item(f"s{i}-x", 3), item(f"s{i}-y", 0)]) for i in range(5)]
+    threads = [Submitter(b, lane, items) for lane, items in specs]
+    for i, t in enumerate(threads):
+        t.start()
+        wait_until(lambda i=i: pending(b) == i + 1)
+    b._expected = lambda: 6  # six tasks in flight: only the cap starts a batch now
+    gate.set()
+    wait_until(lambda: pending(b) == 1)
+    time.sleep(0.1)
+    assert pending(b) == 1  # the last one waits for batch mates ...
+    b.close()  # ... until the batcher closes (or the fill timeout)
+    for t in [first, *threads]:
+        t.join(20)
+        assert t.error is None and not t.is_alive()
+    assert first.result == [("enroll", "a0")]
+    for i, t in enumerate(threads):
+        assert t.result == [("enroll", f"s{i}-x"), ("enroll", f"s{i}-y")]
+    # 3 images each, cap 8: two submissions per batch, never a split submission
+    assert eng.batches()[:3] == [["a0"], ["s0-x", "s0-y", "s1-x", "s1-y"], ["s2-x", "s2-y", "s3-x", "s3-y"]]
+    assert eng.batches()[3:] == [["s4-x", "s4-y"]]
+
+
+def test_fill_timeout_bounds_the_wait_and_gathers_what_arrives_meanwhile() -> None:
+    eng = FakeEngine()
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=0.5)  # no in-flight count: only the cap or the timeout
+    t0 = time.monotonic()
+    threads = [Submitter(b, "enroll", [item(f"j{i}")]) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert [t.result for t in threads] == [[("enroll", f"j{i}")] for i in range(3)]
+    assert eng.batches() == [sorted(eng.batches()[0])] and sorted(eng.batches()[0]) == ["j0", "j1", "j2"]
+    assert time.monotonic() - t0 >= 0.5  # waited for batch mates up to the fill timeout
+    assert min(t.elapsed for t in threads) >= 0.45
+
+
+def test_no_wait_once_every_task_in_flight_is_waiting() -> None:
+    eng = FakeEngine()
+    in_flight = {"n": 1}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: in_flight["n"])
+    (t,) = submit_in_order(b, [("enroll", [item("lone")])])
+    assert t.result == [("enroll", "lone")] and t.elapsed < 20  # a lone job does not wait for the 30 s fill timeout
+    # two tasks in flight: the first submission waits for the second, then both run together
+    in_flight["n"] = 2
+    ts = submit_in_order(b, [("enroll", [item("p")]), ("enroll", [item("q")])])
+    assert [x.result for x in ts] == [[("enroll", "p")], [("enroll", "q")]]
+    assert eng.batches() == [["lone"], ["p", "q"]]
+
+
+def test_wakeup_starts_a_batch_when_a_task_stops_being_in_flight() -> None:
+    eng = FakeEngine()
+    in_flight = {"n": 2}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: in_flight["n"])
+    t = Submitter(b, "enroll", [item("only")])
+    t.start()
+    wait_until(lambda: pending(b) == 1)
+    time.sleep(0.1)
+    assert t.is_alive()  # waiting for the other task in flight
+    in_flight["n"] = 1  # it finished without submitting (e.g. failed to decode its image)
+    b.wakeup()
+    t.join(20)
+    assert t.result == [("enroll", "only")] and t.elapsed < 20
+
+
+def test_lanes_are_never_mixed() -> None:
+    eng = FakeEngine()
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=0.2, expected=lambda: 4)
+    ts = submit_in_order(
+        b, [("enroll", [item("e1")]), ("verify", [item("v1")]), ("enroll", [item("e2")]), ("verify", [item("v2")])]
+    )
+    assert [t.result for t in ts] == [[("enroll", "e1")], [("verify", "v1")], [("enroll", "e2")], [("verify", "v2")]]
+    assert sorted(map(tuple, eng.batches())) == [("e1", "e2"), ("v1", "v2")]
+    assert {lane for lane, _ in eng.calls} == {"enroll", "verify"}
+
+
+def test_a_failing_member_fails_alone_and_its_batch_mates_succeed() -> None:
+    eng = FakeEngine(bad=frozenset({"poison"}))
+    in_flight = {"n": 3}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: in_flight["n"])
+    ts = submit_in_order(b, [("enroll", [item("ok1")]), ("enroll", [item("poison")]), ("enroll", [item("ok2")])])
+    assert ts[0].result == [("enroll", "ok1")] and ts[0].error is None
+    assert ts[2].result == [("enroll", "ok2")] and ts[2].error is None
+    assert isinstance(ts[1].error, ValueError) and ts[1].result is None
+    # one batched call that raised, then each member alone
+    assert eng.batches() == [["ok1", "poison", "ok2"], ["ok1"], ["poison"], ["ok2"]]
+    # the engine thread lives on
+    in_flight["n"] = 1
+    (t,) = submit_in_order(b, [("enroll", [item("after")])])
+    b2 = eng.batches()
+    assert t.result == [("enroll", "after")] and b2[-1] == ["after"]
+
+
+def test_a_lone_failure_is_not_run_twice() -> None:
+    eng = FakeEngine(bad=frozenset({"poison"}))
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=0.0)
+    (t,) = submit_in_order(b, [("enroll", [item("poison")])])
+    assert isinstance(t.error, ValueError) and eng.batches() == [["poison"]]
+
+
+def test_alone_submissions_and_batching_off_run_one_per_call() -> None:
+    eng = FakeEngine()
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: 3)
+    ts = submit_in_order(b, [("enroll", [item("a")]), ("enroll", [item("re")]), ("enroll", [item("b")])], alone={1})
+    assert [t.result for t in ts] == [[("enroll", "a")], [("enroll", "re")], [("enroll", "b")]]
+    assert ["re"] in eng.batches() and ["a", "b"] in eng.batches()
+
+    eng2 = FakeEngine()
+    off = MicroBatcher(eng2, max_images=8, fill_timeout_s=30.0, expected=lambda: 3, merge=False)
+    ts = submit_in_order(off, [("enroll", [item("x")]), ("enroll", [item("y")]), ("enroll", [item("z")])])
+    assert [t.result for t in ts] == [[("enroll", "x")], [("enroll", "y")], [("enroll", "z")]]
+    assert sorted(eng2.batches()) == [["x"], ["y"], ["z"]]
+
+
+def test_a_wrong_result_count_fails_the_submitters_instead_of_misrouting() -> None:
+    b = MicroBatcher(lambda lane, items: [None], max_images=8, fill_timeout_s=0.0, expected=lambda: 1)
+    with pytest.raises(RuntimeError, match="2 items"):
+        b.submit("enroll", [item("a"), item("b")])
+
+
+def test_delivery_attempt_is_scoped() -> None:
+    from worker.tasks import batcher
+
+    assert batcher._ATTEMPT.get() == 1
+    with delivery_attempt(3):
+        assert batcher._ATTEMPT.get() == 3
+    assert batcher._ATTEMPT.get() == 1
+
+
+def test_in_flight_counts_submitters_per_thread_and_notifies() -> None:
+    f = InFlight()
+    woken: list[int] = []
+    f.listen(lambda: woken.append(1))
+    f.started(submits=True, clock=lambda: 5.0)
+    other = threading.Thread(target=lambda: f.started(submits=False, clock=lambda: 3.0))
+    other.start()
+    other.join()
+    assert f.submitters() == 1 and f.oldest_start() == 3.0
+    f.finished()
+    assert f.submitters() == 0 and f.oldest_start() == 3.0 and len(woken) == 3
+
+
+def test_watchdog_fires_only_past_the_limit() -> None:
+    now = {"t": 100.0}
+    fired: list[int] = []
+    starts: dict[str, float | None] = {"task": None, "batch": None}
+    dog = Watchdog(
+        10.0,
+        [lambda: starts["task"], lambda: starts["batch"]],
+        on_overrun=lambda: fired.append(1),
+        clock=lambda: now["t"],
+    )
+    assert dog.check() is False  # nothing running
+    starts["task"] = 95.0
+    starts["batch"] = 99.0
+    assert dog.check() is False and not fired
+    now["t"] = 105.5  # the task started 10.5 s ago
+    assert dog.check() is True and fired == [1]
+
+
+def test_engine_batch_observes_the_size_of_every_real_engine_call() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from worker import metrics
+    from worker.tasks.batcher import engine_batch
+
+    calls: list[int] = []
+
+    def enroll_many(chunk: list[Any]) -> list[Any]:
+        calls.append(sum(len(f) for f, _ in chunk))
+        return [SimpleNamespace(n=len(f)) for f, _ in chunk]
+
+    loaded = SimpleNamespace(
+        engine=SimpleNamespace(config=SimpleNamespace(max_batch_images=4, steps=5), enroll_many=enroll_many)
+    )
+
+    def sample(name: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, {"job_type": "reenroll"}) or 0.0
+
+    before = (sample("cancelable_batch_size_images_count"), sample("cancelable_batch_size_images_sum"))
+    items = [(np.zeros((n, 3, 2, 2)), b"s" * 32) for n in (2, 2, 3, 6, 1)]
+    out = engine_batch(loaded, "reenroll", items)
+    assert [r.n for r in out] == [2, 2, 3, 6, 1]  # one result per subject, in order
+    assert calls == [4, 3, 6, 1]  # packed by max_batch_images; a subject over the cap alone
+    after = (sample("cancelable_batch_size_images_count"), sample("cancelable_batch_size_images_sum"))
+    assert (after[0] - before[0], after[1] - before[1]) == (4, 14)
+
+
+def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from worker.tasks import batcher
+
+    inflight = InFlight()
+    monkeypatch.setattr(batcher, "INFLIGHT", inflight)
+    asked: list[str] = []
+
+    class FakeRedis:
+        depth: int | Exception = 10
+
+        def llen(self, name: str) -> int:
+            asked.append(name)
+            if isinstance(self.depth, Exception):
+                raise self.depth
+            return self.depth
+
+    r = FakeRedis()
+    rt = SimpleNamespace(redis=r)
+    inflight.started(submits=True)  # this thread: one engine task in flight
+    assert batcher.expected_submitters(rt) == 1 and asked == []  # capacity 1 (prefork child): never asks the broker
+    inflight.capacity = 4
+    assert batcher.expected_submitters(rt) == 4 and asked == ["engine"]  # 3 free slots, 10 messages waiting
+    r.depth = 1
+    assert batcher.expected_submitters(rt) == 2
+    r.depth = ConnectionError("broker away")
+    assert batcher.expected_submitters(rt) == 1
