@@ -152,7 +152,9 @@ def commit(
 
 
 def key_registry(rt: Runtime) -> KeyRegistry:
-    return KeyRegistry(rt.store)
+    """The key provider's own registry (one per process), or one over the runtime's store."""
+    registry = getattr(rt.keys, "registry", None)
+    return registry if isinstance(registry, KeyRegistry) else KeyRegistry(rt.store)
 
 
 def check_key(rt: Runtime, tenant: str, key_id: str) -> None:
@@ -191,7 +193,9 @@ def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> Enro
                 ts.ensure_current(job.tenant, job.subject, done)
                 break
             loaded = rt.engine()
-            check_key(rt, job.tenant, job.key_id)  # unknown / revoked key: fail before download or write
+            # unknown / revoked key: fail before download or write. ``seed_for`` checks once more (one small GET), after
+            # the seconds the download and alignment take: the last check before a seed exists
+            check_key(rt, job.tenant, job.key_id)
             if prepared is None:
                 prepared = fetch_and_prepare(rt, loaded.engine, job.tenant, list(job.images), "enroll")
             rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
