@@ -37,7 +37,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.service.engine import LoadedEngine
+    from worker.tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +385,7 @@ def engine_batch(loaded: Any, lane: str, items: list[Any]) -> list[Any]:
     return results
 
 
-def engine_batcher(rt: Any, loaded: Any) -> MicroBatcher:
+def engine_batcher(rt: Runtime, loaded: LoadedEngine) -> MicroBatcher:
     """The batcher of this process for ``loaded`` (created on first use, after any fork)."""
     global _current
     with _lock:
@@ -404,7 +408,7 @@ def engine_batcher(rt: Any, loaded: Any) -> MicroBatcher:
         return batcher
 
 
-def expected_submitters(rt: Any) -> int:
+def expected_submitters(rt: Runtime) -> int:
     """Engine tasks that will hand work to the batcher soon: those in flight, plus as many messages waiting on the
     engine queue as this process has free task slots (a burst's first messages start before the consumer has
     fetched the rest; without this the first of them would run as a small batch)."""
@@ -426,7 +430,7 @@ def current_batcher() -> MicroBatcher | None:
     return cur[3] if cur is not None and cur[0] == os.getpid() else None
 
 
-def run_engine(rt: Any, loaded: Any, items: list[tuple[Any, bytes]], job_type: str) -> list[Any]:
+def run_engine(rt: Runtime, loaded: LoadedEngine, items: list[tuple[Any, bytes]], job_type: str) -> list[Any]:
     """``worker.service.enrol.run_engine`` through this process's batcher: ``[(faces (N, 3, R, R), seed)]`` ->
     one enrolment result per subject, in order (a re-delivered job's subjects run alone)."""
     return engine_batcher(rt, loaded).submit(job_type, items, alone=_ATTEMPT.get() > 1)
