@@ -60,6 +60,12 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1) -> torc
     return F.cross_entropy(logits, torch.arange(len(pred), device=pred.device))
 
 
+def identity_component(e: torch.Tensor, mean_dir: torch.Tensor) -> torch.Tensor:
+    """Embeddings (B, D) -> their normalised component orthogonal to the unit direction ``mean_dir`` (D,)."""
+    e = F.normalize(e.float(), dim=-1)
+    return e - (e @ mean_dir)[:, None] * mean_dir[None, :]
+
+
 class KeyMapModel(nn.Module):
     """Identity-space statistics + the MLP key map. The bundle's ``encoder`` component (format ``keymap-mlp``).
 
@@ -124,9 +130,7 @@ class KeyMapModel(nn.Module):
     # --- identity space -----------------------------------------------------------------------------------------
     def identity_component(self, e: torch.Tensor) -> torch.Tensor:
         """Embedding (B, D) -> its component orthogonal to the mean direction (B, D)."""
-        e = F.normalize(e.float(), dim=-1)
-        m = self.mean_dir
-        return e - (e @ m)[:, None] * m[None, :]
+        return identity_component(e, self.mean_dir)
 
     def real_coords(self, e: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings of real faces -> whitened top-k real coordinates (B, k)."""

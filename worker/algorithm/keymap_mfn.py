@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.algorithm.keylatent import key_orthogonal
+from worker.algorithm.keymap import identity_component
 from worker.errors import CheckpointLayoutError
 
 MFN_ROTATION_LABEL = "keymap-mfn-rotation"
@@ -72,9 +73,7 @@ class MfnSpace(nn.Module):
         return {"emb_dim": self.emb_dim, "k": self.k, "k_dlib": self.k_dlib}
 
     def identity_component(self, e: torch.Tensor) -> torch.Tensor:
-        e = F.normalize(e.float(), dim=-1)
-        m = self.mean_dir
-        return e - (e @ m)[:, None] * m[None, :]
+        return identity_component(e, self.mean_dir)
 
     def real_coords(self, e: torch.Tensor) -> torch.Tensor:
         return (self.identity_component(e) @ self.real_basis) / self.real_std
