@@ -29,12 +29,13 @@ revoke
 
 engine micro-batching
     (a) A deep queue: ``--batch-jobs`` (64) one-photo enrol jobs queued at once (``submit_many``) for a real engine
-    worker, warmed up by one job, on the threads pool (``--pool threads -c 16``, ``max_batch_images`` 8, the lite
-    bundle on the CPU, 1 torch thread, ``--batch-steps`` optimisation steps). Prints the worker process's CPU
-    seconds per image (from /proc, from the first submit to the last result: download, decode, align, key, engine,
-    PNG, commit, Celery) next to the CPU seconds per image of ``Engine.enroll_many`` alone, in-process, on the same
-    aligned faces at the same batch size (the ratio; target <= 1.10), and the mean of the batch-size metric served
-    by the worker (target >= 0.9 x 8). The engine thread's CPU seconds come from the batcher's per-batch log line.
+    worker, warmed up by one job, on the threads pool (``--pool threads -c 16``, ``max_batch_images`` 8, the
+    ``--bundle`` (lite) on the CPU, 1 torch thread, ``--batch-steps`` optimisation steps). Prints the worker
+    process's CPU seconds per image (from /proc, from the first submit to the last result: download, decode, align,
+    key, engine, PNG, commit, Celery) next to the CPU seconds per image of ``Engine.enroll_many`` alone, in-process,
+    on the same aligned faces at the same batch size (the ratio; target <= 1.10), and the mean of the batch-size
+    metric served by the worker (target >= 0.9 x 8). The engine thread's CPU seconds come from the batcher's
+    per-batch log line.
     (b) A lone enrol on an idle worker, ``--lone-runs`` times each: threads pool with micro-batching on, the same
     worker with ``engine.micro_batching=false``, and the prefork pool (before micro-batching), after one untimed
     warm-up job; median end-to-end latency (submit to stored result, polled every 5 ms) and median time inside the
@@ -43,6 +44,7 @@ engine micro-batching
 Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--formats jsonl,csv] [--skip-submit] [--skip-bulk]
      [--revoke-sizes 10000,20000] [--revoke-handover-budget 0.2] [--revoke-markers-only] [--skip-revoke]
      [--skip-batching] [--batch-jobs 64] [--batch-steps 50] [--lone-runs 5] [--fill-timeout-ms 100]
+     [--mate-wait-ms 5000] [--bundle lite] [--work DIR (keep the services' data and worker logs)]
 """
 
 from __future__ import annotations
@@ -574,16 +576,17 @@ def batch_histogram(port: int) -> dict[str, float]:
     return out
 
 
-def engine_env(env: dict[str, str], work: Path, steps: int, fill_ms: int, port: int, tag: str) -> dict[str, str]:
+def engine_env(env: dict[str, str], work: Path, args: argparse.Namespace, port: int, tag: str) -> dict[str, str]:
     e = dict(env)
     e.update(
         {
-            "CANCELABLE_ENGINE__BUNDLE": "lite",
+            "CANCELABLE_ENGINE__BUNDLE": args.bundle,
             "CANCELABLE_ENGINE__DEVICE": "cpu",
-            "CANCELABLE_ENGINE__STEPS": str(steps),
+            "CANCELABLE_ENGINE__STEPS": str(args.batch_steps),
             "CANCELABLE_ENGINE__BATCH_SIZE": str(BATCH),
             "CANCELABLE_ENGINE__MIXED_PRECISION": "false",
-            "CANCELABLE_ENGINE__BATCH_FILL_TIMEOUT_MS": str(fill_ms),
+            "CANCELABLE_ENGINE__BATCH_FILL_TIMEOUT_MS": str(args.fill_timeout_ms),
+            "CANCELABLE_ENGINE__BATCH_MATE_WAIT_MS": str(args.mate_wait_ms),
             "CANCELABLE_TORCH_THREADS": "1",
             "CANCELABLE_METRICS__ENABLED": "true",
             "CANCELABLE_METRICS__HOST": "127.0.0.1",
@@ -668,7 +671,7 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
 
     # (a) in-process engine first (nothing else of ours running), then the deep queue through the system
     port = int(start_port())
-    e_on = engine_env(env, work, args.batch_steps, args.fill_timeout_ms, port, "on")
+    e_on = engine_env(env, work, args, port, "on")
     base_cpu, base_wall = inprocess_cpu_per_image(e_on, photos, n)
     print(
         f"  in-process Engine.enroll_many, {n} one-image subjects, batches of {BATCH}, {args.batch_steps} steps: "
@@ -738,7 +741,7 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
         ("prefork", "prefork", 1, {}),
     ):
         port = int(start_port())
-        e = {**engine_env(env, work, args.batch_steps, args.fill_timeout_ms, port, tag), **extra}
+        e = {**engine_env(env, work, args, port, tag), **extra}
         worker, client = start_engine(e, work, tag, pool, conc)
         try:
             out[f"lone_{tag}"] = lone(tag, client)
@@ -746,7 +749,8 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
             client.close()
             worker.stop()
     labels = {
-        "on": f"threads pool, micro-batching on (fill timeout {args.fill_timeout_ms} ms)",
+        "on": f"threads pool, micro-batching on (fill timeout {args.fill_timeout_ms} ms, "
+        f"mate wait {args.mate_wait_ms} ms)",
         "off": "threads pool, engine.micro_batching=false",
         "prefork": "prefork pool -c 1 (before micro-batching)",
     }
@@ -812,12 +816,16 @@ def main() -> None:
     ap.add_argument("--skip-batching", action="store_true")
     ap.add_argument("--batch-jobs", type=int, default=64, help="deep queue: one-photo enrol jobs")
     ap.add_argument("--batch-steps", type=int, default=50, help="optimisation steps of the batching runs")
+    ap.add_argument("--bundle", default="lite", help="engine bundle of the batching runs (lite, keymap, a path)")
     ap.add_argument("--lone-runs", type=int, default=5, help="lone enrol jobs per configuration")
     ap.add_argument("--fill-timeout-ms", type=int, default=100, help="engine.batch_fill_timeout_ms")
+    ap.add_argument("--mate-wait-ms", type=int, default=5000, help="engine.batch_mate_wait_ms")
+    ap.add_argument("--work", type=Path, default=None, help="keep the services' data and the worker logs here")
     args = ap.parse_args()
     print(f"system benchmark: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-system-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.work is None else args.work
+        work.mkdir(parents=True, exist_ok=True)
         procs, url, svc = start_services(work)
         try:
             env = service_env(url, svc, work)
@@ -836,7 +844,7 @@ def main() -> None:
                 sizes = [int(x) for x in args.revoke_sizes.split(",")]
                 bench_revoke(url, svc, sizes, args.revoke_handover_budget, args.revoke_markers_only)
             if not args.skip_batching:
-                print("engine micro-batching (lite bundle, CPU, 1 torch thread per process):", flush=True)
+                print(f"engine micro-batching ({args.bundle} bundle, CPU, 1 torch thread per process):", flush=True)
                 bench_batching(env, svc, work, args)
         finally:
             for p in procs:

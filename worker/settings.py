@@ -124,8 +124,15 @@ class EngineSettings(_Group):
     type) as one engine call of up to ``batch_size`` images (``worker.tasks.batcher``); it takes the ``threads``
     pool (``Procfile``). false: one job per engine call, the behaviour before micro-batching."""
     batch_fill_timeout_ms: float = Field(default=100.0, ge=0.0, le=10_000.0)
-    """Longest time the oldest waiting job waits for batch mates (a batch runs earlier when it is full or when every
-    engine task of the process is waiting for it, so a lone job on an idle worker is not delayed)."""
+    """Longest time the oldest waiting job waits for batch mates that could come from the broker (a batch runs
+    earlier when it is full or when nothing more can arrive for it, so a lone job on an idle worker is not
+    delayed)."""
+    batch_mate_wait_ms: float = Field(default=5000.0, ge=0.0, le=60_000.0)
+    """Longest time the oldest waiting job waits, on an idle engine, for batch mates that tasks of the same worker
+    process are still preparing (download, decode, align). Those are certain to come, and one engine call of a full
+    batch costs about as much as one of a partial batch, so this is a latency bound rather than a guess; it matters
+    at the start of a burst, when many task threads share a few cores and all finish preparing at about the same
+    time."""
     verify_threshold: float = Field(default=0.5, ge=-1.0, le=1.0)
     """Cosine score at or above which a probe is accepted."""
 

@@ -1,16 +1,19 @@
 """The engine micro-batcher (``worker.tasks.batcher``) with a fake engine function: when a batch starts (cap, fill
-timeout, every submitter waiting), lanes, per-member failure isolation, result order, the watchdog."""
+timeout, mate wait, nothing more coming), lanes, per-member failure isolation, result order, the watchdog."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from worker.tasks.batcher import InFlight, MicroBatcher, Watchdog, delivery_attempt, pack
+from worker.tasks.batcher import Coming, InFlight, MicroBatcher, Watchdog, delivery_attempt, pack
+
+NOTHING = Coming({})
 
 
 class FakeEngine:
@@ -71,10 +74,18 @@ def pending(b: MicroBatcher) -> int:
         return len(b._pending)
 
 
-def submit_in_order(b: MicroBatcher, specs: list[tuple[str, list[Any]]], alone: set[int] | None = None) -> list:
-    """Start one submitter per spec, each after the previous one is queued (or already taken by the engine)."""
+def submit_in_order(
+    b: MicroBatcher,
+    specs: list[tuple[str, list[Any]]],
+    alone: set[int] | None = None,
+    coming: dict[str, Coming] | None = None,
+) -> list:
+    """Start one submitter per spec, each after the previous one is queued (or already taken by the engine). With
+    ``coming`` (what the batcher's ``expected`` reads), the specs not yet submitted are announced as preparing."""
     threads = []
     for i, (lane, items) in enumerate(specs):
+        if coming is not None:
+            coming["now"] = Coming(dict(Counter(spec_lane for spec_lane, _ in specs[i + 1 :])))
         t = Submitter(b, lane, items, alone=i in (alone or set()))
         before = pending(b)
         t.start()
@@ -96,7 +107,7 @@ def test_pack_keeps_members_whole_and_in_order() -> None:
 def test_cap_whole_submissions_and_each_gets_its_own_results_in_order() -> None:
     gate = threading.Event()
     eng = FakeEngine(gate=gate)
-    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: 1)
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: NOTHING)
     # the engine is held on the first (lone) submission so the next ones queue up behind it
     first = Submitter(b, "enroll", [item("a0")])
     first.start()
@@ -106,7 +117,7 @@ def test_cap_whole_submissions_and_each_gets_its_own_results_in_order() -> None:
     for i, t in enumerate(threads):
         t.start()
         wait_until(lambda i=i: pending(b) == i + 1)
-    b._expected = lambda: 6  # six tasks in flight: only the cap starts a batch now
+    b._expected = lambda: Coming({"enroll": 1})  # one task still preparing: only the cap starts a batch now
     gate.set()
     wait_until(lambda: pending(b) == 1)
     time.sleep(0.1)
@@ -139,37 +150,76 @@ def test_fill_timeout_bounds_the_wait_and_gathers_what_arrives_meanwhile() -> No
     assert max(t.elapsed for t in threads) >= 1.9  # the first submitter waited the whole fill timeout
 
 
-def test_no_wait_once_every_task_in_flight_is_waiting() -> None:
+def test_no_wait_once_nothing_more_can_come() -> None:
     eng = FakeEngine()
-    in_flight = {"n": 1}
-    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: in_flight["n"])
+    coming = {"now": NOTHING}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: coming["now"])
     (t,) = submit_in_order(b, [("enroll", [item("lone")])])
-    assert t.result == [("enroll", "lone")] and t.elapsed < 20  # a lone job does not wait for the 30 s fill timeout
-    # two tasks in flight: the first submission waits for the second, then both run together
-    in_flight["n"] = 2
-    ts = submit_in_order(b, [("enroll", [item("p")]), ("enroll", [item("q")])])
-    assert [x.result for x in ts] == [[("enroll", "p")], [("enroll", "q")]]
+    assert t.result == [("enroll", "lone")] and t.elapsed < 20  # a lone job does not wait for the 30 s bounds
+    # a second task still preparing: the first submission waits for it, then both run together
+    coming["now"] = Coming({"enroll": 1})
+    p = Submitter(b, "enroll", [item("p")])
+    p.start()
+    wait_until(lambda: pending(b) == 1)
+    time.sleep(0.1)
+    assert p.is_alive()
+    coming["now"] = NOTHING  # the second one hands its work over
+    (q,) = submit_in_order(b, [("enroll", [item("q")])])
+    p.join(20)
+    assert (p.result, q.result) == ([("enroll", "p")], [("enroll", "q")])
     assert eng.batches() == [["lone"], ["p", "q"]]
 
 
-def test_wakeup_starts_a_batch_when_a_task_stops_being_in_flight() -> None:
+def test_wakeup_starts_a_batch_when_a_task_stops_preparing() -> None:
     eng = FakeEngine()
-    in_flight = {"n": 2}
-    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: in_flight["n"])
+    coming = {"now": Coming({"enroll": 1})}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: coming["now"])
     t = Submitter(b, "enroll", [item("only")])
     t.start()
     wait_until(lambda: pending(b) == 1)
     time.sleep(0.1)
-    assert t.is_alive()  # waiting for the other task in flight
-    in_flight["n"] = 1  # it finished without submitting (e.g. failed to decode its image)
+    assert t.is_alive()  # waiting for the other task
+    coming["now"] = NOTHING  # it finished without submitting (e.g. failed to decode its image)
     b.wakeup()
     t.join(20)
     assert t.result == [("enroll", "only")] and t.elapsed < 20
 
 
+def test_mate_wait_bounds_the_wait_for_tasks_still_preparing_and_fill_timeout_for_the_broker() -> None:
+    eng = FakeEngine()
+    coming = {"now": Coming({"enroll": 1})}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=0.05, mate_wait_s=30.0, expected=lambda: coming["now"])
+    p = Submitter(b, "enroll", [item("p")])
+    p.start()
+    time.sleep(0.5)
+    assert p.is_alive() and pending(b) == 1  # 10x the fill timeout: still waiting for the mate being prepared
+    coming["now"] = NOTHING  # the mate hands its work over
+    (q,) = submit_in_order(b, [("enroll", [item("q")])])
+    p.join(20)
+    assert eng.batches() == [["p", "q"]] and q.result == [("enroll", "q")]
+    # only messages on the broker could come: the (short) fill timeout bounds the wait
+    coming["now"] = Coming({}, queued=3)
+    (r,) = submit_in_order(b, [("enroll", [item("r")])])
+    assert r.result == [("enroll", "r")] and r.elapsed < 20 and eng.batches()[-1] == ["r"]
+    # the mate wait is a bound too
+    b.mate_wait_s = 0.3
+    coming["now"] = Coming({"enroll": 1})
+    (s,) = submit_in_order(b, [("enroll", [item("s")])])
+    assert s.result == [("enroll", "s")] and 0.25 <= s.elapsed < 20
+
+
+def test_work_preparing_for_another_lane_is_not_waited_for() -> None:
+    eng = FakeEngine()
+    b = MicroBatcher(
+        eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: Coming({"enroll": 5})
+    )
+    (v,) = submit_in_order(b, [("verify", [item("probe")])])
+    assert v.result == [("verify", "probe")] and v.elapsed < 20  # five enrols on their way do not hold a verify
+
+
 def test_lanes_are_never_mixed() -> None:
     eng = FakeEngine()
-    b = MicroBatcher(eng, max_images=8, fill_timeout_s=0.2, expected=lambda: 4)
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=0.2, expected=lambda: Coming({"enroll": 1, "verify": 1}))
     ts = submit_in_order(
         b, [("enroll", [item("e1")]), ("verify", [item("v1")]), ("enroll", [item("e2")]), ("verify", [item("v2")])]
     )
@@ -180,16 +230,16 @@ def test_lanes_are_never_mixed() -> None:
 
 def test_a_failing_member_fails_alone_and_its_batch_mates_succeed() -> None:
     eng = FakeEngine(bad=frozenset({"poison"}))
-    in_flight = {"n": 3}
-    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: in_flight["n"])
-    ts = submit_in_order(b, [("enroll", [item("ok1")]), ("enroll", [item("poison")]), ("enroll", [item("ok2")])])
+    coming = {"now": NOTHING}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: coming["now"])
+    specs = [("enroll", [item("ok1")]), ("enroll", [item("poison")]), ("enroll", [item("ok2")])]
+    ts = submit_in_order(b, specs, coming=coming)
     assert ts[0].result == [("enroll", "ok1")] and ts[0].error is None
     assert ts[2].result == [("enroll", "ok2")] and ts[2].error is None
     assert isinstance(ts[1].error, ValueError) and ts[1].result is None
     # one batched call that raised, then each member alone
     assert eng.batches() == [["ok1", "poison", "ok2"], ["ok1"], ["poison"], ["ok2"]]
     # the engine thread lives on
-    in_flight["n"] = 1
     (t,) = submit_in_order(b, [("enroll", [item("after")])])
     b2 = eng.batches()
     assert t.result == [("enroll", "after")] and b2[-1] == ["after"]
@@ -204,20 +254,22 @@ def test_a_lone_failure_is_not_run_twice() -> None:
 
 def test_alone_submissions_and_batching_off_run_one_per_call() -> None:
     eng = FakeEngine()
-    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: 3)
-    ts = submit_in_order(b, [("enroll", [item("a")]), ("enroll", [item("re")]), ("enroll", [item("b")])], alone={1})
+    coming = {"now": NOTHING}
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, expected=lambda: coming["now"])
+    specs = [("enroll", [item("a")]), ("enroll", [item("re")]), ("enroll", [item("b")])]
+    ts = submit_in_order(b, specs, alone={1}, coming=coming)
     assert [t.result for t in ts] == [[("enroll", "a")], [("enroll", "re")], [("enroll", "b")]]
     assert ["re"] in eng.batches() and ["a", "b"] in eng.batches()
 
     eng2 = FakeEngine()
-    off = MicroBatcher(eng2, max_images=8, fill_timeout_s=30.0, expected=lambda: 3, merge=False)
+    off = MicroBatcher(eng2, max_images=8, fill_timeout_s=30.0, expected=lambda: Coming({"enroll": 2}), merge=False)
     ts = submit_in_order(off, [("enroll", [item("x")]), ("enroll", [item("y")]), ("enroll", [item("z")])])
     assert [t.result for t in ts] == [[("enroll", "x")], [("enroll", "y")], [("enroll", "z")]]
     assert sorted(eng2.batches()) == [["x"], ["y"], ["z"]]
 
 
 def test_a_wrong_result_count_fails_the_submitters_instead_of_misrouting() -> None:
-    b = MicroBatcher(lambda lane, items: [None], max_images=8, fill_timeout_s=0.0, expected=lambda: 1)
+    b = MicroBatcher(lambda lane, items: [None], max_images=8, fill_timeout_s=0.0, expected=lambda: NOTHING)
     with pytest.raises(RuntimeError, match="2 items"):
         b.submit("enroll", [item("a"), item("b")])
 
@@ -231,17 +283,32 @@ def test_delivery_attempt_is_scoped() -> None:
     assert batcher._ATTEMPT.get() == 1
 
 
-def test_in_flight_counts_submitters_per_thread_and_notifies() -> None:
+def test_in_flight_counts_tasks_preparing_per_lane_and_notifies() -> None:
     f = InFlight()
     woken: list[int] = []
     f.listen(lambda: woken.append(1))
-    f.started(submits=True, clock=lambda: 5.0)
-    other = threading.Thread(target=lambda: f.started(submits=False, clock=lambda: 3.0))
-    other.start()
-    other.join()
-    assert f.submitters() == 1 and f.oldest_start() == 3.0
+    f.started(lane="enroll", clock=lambda: 5.0)
+    release = threading.Event()
+    others = []
+    for lane, t in (("enroll", 4.0), (None, 3.0), ("verify", 6.0)):
+        ready = threading.Event()
+
+        def task(lane: str | None = lane, t: float = t, ready: threading.Event = ready) -> None:
+            f.started(lane=lane, clock=lambda: t)
+            ready.set()
+            release.wait(10)  # alive until the end: a finished thread's ident may be reused
+
+        others.append(threading.Thread(target=task))
+        others[-1].start()
+        ready.wait(10)
+    assert f.preparing() == {"enroll": 2, "verify": 1} and f.oldest_start() == 3.0
+    f.submitting()  # this thread hands its work over: no longer preparing, still running
+    assert f.preparing() == {"enroll": 1, "verify": 1} and f.oldest_start() == 3.0
     f.finished()
-    assert f.submitters() == 0 and f.oldest_start() == 3.0 and len(woken) == 3
+    assert f.preparing() == {"enroll": 1, "verify": 1} and len(woken) == 5
+    release.set()
+    for o in others:
+        o.join(10)
 
 
 def test_watchdog_fires_only_past_the_limit() -> None:
@@ -312,11 +379,13 @@ def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypa
 
     r = FakeRedis()
     rt = SimpleNamespace(redis=r)
-    inflight.started(submits=True)  # this thread: one engine task in flight
-    assert batcher.expected_submitters(rt) == 1 and asked == []  # capacity 1 (prefork child): never asks the broker
+    inflight.started(lane="enroll")  # this thread: one engine task in flight, preparing
+    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 0) and asked == []  # capacity 1: no broker
     inflight.capacity = 4
-    assert batcher.expected_submitters(rt) == 4 and asked == ["engine"]  # 3 free slots, 10 messages waiting
+    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 3) and asked == ["engine"]  # 3 free slots
     r.depth = 1
-    assert batcher.expected_submitters(rt) == 2
+    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 1)
     r.depth = ConnectionError("broker away")
-    assert batcher.expected_submitters(rt) == 1
+    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 0)
+    inflight.submitting()
+    assert batcher.expected_submitters(rt) == Coming({}, 0)

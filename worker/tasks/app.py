@@ -119,7 +119,8 @@ def _start_threads_pool(s: Any, threads: int) -> None:
 def _on_task_prerun(sender: Any = None, **_: Any) -> None:
     from worker.tasks.batcher import INFLIGHT
 
-    INFLIGHT.started(submits=getattr(sender, "name", None) in _ENGINE_SUBMITTERS)
+    submits = getattr(sender, "name", None) in _ENGINE_SUBMITTERS
+    INFLIGHT.started(lane=getattr(sender, "job_type", None) if submits else None)
 
 
 @signals.task_postrun.connect

@@ -9,9 +9,15 @@ thread goes on with its own results (commit, result, ack).
 A batch (per lane, i.e. per job type) is run when one of these holds:
 
 - it holds ``max_images`` images (whole submissions, oldest first: a submission is never split);
-- every engine task in flight in this process is waiting in the batcher (nothing else can arrive: a lone job on an
-  idle worker, or a prefork child, is never delayed);
-- the oldest submission has waited ``fill_timeout_s``.
+- nothing more can arrive for its lane: no engine task of this process is still preparing work for the lane
+  (download, decode, align) and no message waits on the broker for a free task slot. A lone job on an idle worker, or
+  a prefork child, is never delayed;
+- the oldest submission has waited ``mate_wait_s`` while tasks of this process are still preparing work for the lane
+  (they will arrive: only their own preparation time is waited for, so this bound may be long), or
+  ``fill_timeout_s`` while only messages on the broker could join (short: they may be taken by another worker).
+
+The engine thread runs one batch at a time, so these rules only decide when an IDLE engine starts a partial batch;
+while a batch runs, the next one fills by itself.
 
 Isolation: if a batched call raises, each submission of the batch is run again alone, so only the one that fails
 alone gets the error. A submission marked ``alone`` (a re-delivered message: its previous delivery crashed, maybe
@@ -37,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from worker.service.engine import LoadedEngine
@@ -64,29 +70,52 @@ def pack(sizes: list[int], limit: int) -> list[list[int]]:
 
 
 # --- which tasks are running in this process ---------------------------------------------------------------------
+class Coming(NamedTuple):
+    """Engine work that may still join a batch: ``preparing`` maps a lane to the tasks of this process that will
+    submit to it and have not yet; ``queued`` counts messages on the broker that this process has free task slots
+    for (their lane is not known until they run)."""
+
+    preparing: dict[str, int]
+    queued: int = 0
+
+
 class InFlight:
-    """Tasks running in this process (keyed by thread): how many of them may submit engine work, and when the
-    oldest started (for the watchdog). Fed by Celery's ``task_prerun`` / ``task_postrun`` signals."""
+    """Tasks running in this process (keyed by thread): which of them will still submit engine work, to which lane,
+    and when the oldest started (for the watchdog). Fed by Celery's ``task_prerun`` / ``task_postrun`` signals and
+    by ``run_engine`` (a task stops preparing when it submits)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tasks: dict[int, tuple[float, bool]] = {}
+        self._tasks: dict[int, tuple[float, str | None]] = {}  # thread -> (start, lane it will submit to, or None)
         self._listeners: list[Callable[[], None]] = []
         self.capacity = 1  # task slots of this process (the threads pool's concurrency; 1: prefork child, solo)
 
-    def started(self, submits: bool, clock: Callable[[], float] = time.monotonic) -> None:
+    def started(self, lane: str | None, clock: Callable[[], float] = time.monotonic) -> None:
+        """The task on this thread started; ``lane``: the job type it will submit engine work for (None: none)."""
         with self._lock:
-            self._tasks[threading.get_ident()] = (clock(), submits)
+            self._tasks[threading.get_ident()] = (clock(), lane)
         self._notify()
+
+    def submitting(self) -> None:
+        """The task on this thread hands its engine work over now (it is no longer preparing any)."""
+        with self._lock:
+            start = self._tasks.get(threading.get_ident())
+            if start is not None:
+                self._tasks[threading.get_ident()] = (start[0], None)
 
     def finished(self) -> None:
         with self._lock:
             self._tasks.pop(threading.get_ident(), None)
         self._notify()
 
-    def submitters(self) -> int:
+    def preparing(self) -> dict[str, int]:
+        """Lane -> tasks that will still submit to it."""
+        out: dict[str, int] = {}
         with self._lock:
-            return sum(1 for _, submits in self._tasks.values() if submits)
+            for _, lane in self._tasks.values():
+                if lane is not None:
+                    out[lane] = out.get(lane, 0) + 1
+        return out
 
     def free_slots(self) -> int:
         with self._lock:
@@ -144,9 +173,10 @@ class MicroBatcher:
     """Runs the submissions of many threads as few calls of ``run_batch(lane, items) -> results`` (one result per
     item, in order) on one engine thread. See the module docstring for when a batch starts.
 
-    ``size_of(item)``: images in an item (default ``len(item[0])``); ``expected()``: how many submitters are in
-    flight (None: unknown, wait for the cap or the fill timeout); ``merge=False``: one submission per call (batching
-    off, the old behaviour, still on the one engine thread).
+    ``size_of(item)``: images in an item (default ``len(item[0])``); ``expected()``: the work that may still come
+    (None: unknown, wait for the cap or the fill timeout); ``mate_wait_s``: how long the oldest submission waits for
+    batch mates still being prepared in this process (default: ``fill_timeout_s``); ``merge=False``: one submission
+    per call (batching off, the old behaviour, still on the one engine thread).
     """
 
     def __init__(
@@ -156,16 +186,18 @@ class MicroBatcher:
         max_images: int,
         fill_timeout_s: float,
         size_of: Callable[[Any], int] | None = None,
-        expected: Callable[[], int] | None = None,
+        expected: Callable[[], Coming] | None = None,
+        mate_wait_s: float | None = None,
         merge: bool = True,
         clock: Callable[[], float] = time.monotonic,
         name: str = "engine-batcher",
     ) -> None:
-        if max_images < 1 or fill_timeout_s < 0:
-            raise ValueError("max_images must be >= 1 and fill_timeout_s >= 0")
+        if max_images < 1 or fill_timeout_s < 0 or (mate_wait_s is not None and mate_wait_s < 0):
+            raise ValueError("max_images must be >= 1, fill_timeout_s and mate_wait_s >= 0")
         self._run_batch = run_batch
         self.max_images = max_images
         self.fill_timeout_s = fill_timeout_s
+        self.mate_wait_s = fill_timeout_s if mate_wait_s is None else mate_wait_s
         self._size_of = size_of or (lambda item: len(item[0]))
         self._expected = expected
         self._merge = merge
@@ -233,28 +265,34 @@ class MicroBatcher:
             size += sub.size
         return batch, size >= self.max_images
 
-    def _wait_s(self, batch: list[_Submission], full: bool, expected: int | None) -> float:
+    def _wait_s(self, batch: list[_Submission], full: bool, coming: Coming | None) -> float:
         """0 when ``batch`` should run now, else how long to wait at most before checking again."""
         if full or self._closed:
             return 0.0
-        if expected is not None and len(self._pending) >= expected:
-            return 0.0  # every engine task in flight is waiting here and no more are coming
-        return max(0.0, batch[0].enqueued + self.fill_timeout_s - self._clock())
+        if coming is None:
+            limit = self.fill_timeout_s
+        elif coming.preparing.get(batch[0].lane, 0) > 0:
+            limit = max(self.fill_timeout_s, self.mate_wait_s)  # batch mates are on their way in this process
+        elif coming.queued > 0:
+            limit = self.fill_timeout_s
+        else:
+            return 0.0  # nothing more can arrive for this lane
+        return max(0.0, batch[0].enqueued + limit - self._clock())
 
     def _loop(self) -> None:
         while True:
             # outside the lock: it may ask the broker (``engine_batcher``), and submitters must not wait for that
-            expected = self._expected() if self._expected is not None and self._pending else None
+            coming = self._expected() if self._expected is not None and self._pending else None
             with self._cond:
                 if not self._pending:
                     if self._closed:
                         return
                     self._cond.wait()
                     continue
-                if expected is None and self._expected is not None:
+                if coming is None and self._expected is not None:
                     continue  # work arrived after ``expected`` was skipped: ask it now
                 batch, full = self._collect()
-                wait = self._wait_s(batch, full, expected)
+                wait = self._wait_s(batch, full, coming)
                 if wait > 0:
                     self._cond.wait(wait)
                     continue
@@ -400,6 +438,7 @@ def engine_batcher(rt: Runtime, loaded: LoadedEngine) -> MicroBatcher:
             lambda lane, items: engine_batch(loaded, lane, items),
             max_images=int(loaded.engine.config.max_batch_images),
             fill_timeout_s=float(s.batch_fill_timeout_ms) / 1000.0,
+            mate_wait_s=float(s.batch_mate_wait_ms) / 1000.0,
             expected=lambda: expected_submitters(rt),
             merge=bool(s.micro_batching),
         )
@@ -408,20 +447,20 @@ def engine_batcher(rt: Runtime, loaded: LoadedEngine) -> MicroBatcher:
         return batcher
 
 
-def expected_submitters(rt: Runtime) -> int:
-    """Engine tasks that will hand work to the batcher soon: those in flight, plus as many messages waiting on the
-    engine queue as this process has free task slots (a burst's first messages start before the consumer has
-    fetched the rest; without this the first of them would run as a small batch)."""
+def expected_submitters(rt: Runtime) -> Coming:
+    """Engine work that will reach the batcher soon: the tasks of this process still preparing theirs (per lane),
+    and as many messages waiting on the engine queue as this process has free task slots (a burst's first messages
+    start before the consumer has fetched the rest)."""
     from worker.broker.config import ENGINE_QUEUE
 
-    n = INFLIGHT.submitters()
+    queued = 0
     free = INFLIGHT.free_slots()
     if free > 0 and INFLIGHT.capacity > 1:
         try:
-            n += min(free, int(rt.redis.llen(ENGINE_QUEUE)))
+            queued = min(free, int(rt.redis.llen(ENGINE_QUEUE)))
         except Exception:  # noqa: BLE001 - broker unreachable: the fill timeout still bounds the wait
             pass
-    return n
+    return Coming(INFLIGHT.preparing(), queued)
 
 
 def current_batcher() -> MicroBatcher | None:
@@ -433,4 +472,6 @@ def current_batcher() -> MicroBatcher | None:
 def run_engine(rt: Runtime, loaded: LoadedEngine, items: list[tuple[Any, bytes]], job_type: str) -> list[Any]:
     """``worker.service.enrol.run_engine`` through this process's batcher: ``[(faces (N, 3, R, R), seed)]`` ->
     one enrolment result per subject, in order (a re-delivered job's subjects run alone)."""
-    return engine_batcher(rt, loaded).submit(job_type, items, alone=_ATTEMPT.get() > 1)
+    b = engine_batcher(rt, loaded)
+    INFLIGHT.submitting()
+    return b.submit(job_type, items, alone=_ATTEMPT.get() > 1)
