@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -211,10 +213,12 @@ def test_image_to_chip_matrix_is_dlibs_chip_geometry(lfw):
         assert diff.mean() < 0.7 and np.percentile(diff, 99) <= 1
 
 
-def test_prepare_face_from_many_threads_equals_one_thread(lfw: list[np.ndarray]) -> None:
+def test_prepare_face_from_many_threads_equals_one_thread(lfw: list[np.ndarray], monkeypatch) -> None:
     """The threads pool aligns several jobs' photos at once: same crops (or the same errors) as one by one."""
     from concurrent.futures import ThreadPoolExecutor
 
+    pool4 = dlib_face.DetectorPool(4)  # four detections at once whatever this machine's CPU count
+    monkeypatch.setattr(dlib_face, "DETECTORS", pool4)
     images = lfw[:8]
 
     def one(rgb: np.ndarray) -> np.ndarray | str:
@@ -233,3 +237,28 @@ def test_prepare_face_from_many_threads_equals_one_thread(lfw: list[np.ndarray])
                     assert np.array_equal(a, b)
                 else:
                     assert a == b
+    assert 1 <= pool4.created <= 4
+
+
+def test_detector_pool_lends_each_detector_to_one_thread_and_creates_at_most_limit() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = dlib_face.DetectorPool(3)
+    lock = threading.Lock()
+    holders: dict[int, int] = {}  # id(detector) -> threads holding it now
+    peak = {"at_once": 0, "same_detector": 0}
+
+    def use(_: int) -> None:
+        with pool.detector() as det:
+            with lock:
+                holders[id(det)] = holders.get(id(det), 0) + 1
+                peak["at_once"] = max(peak["at_once"], sum(holders.values()))
+                peak["same_detector"] = max(peak["same_detector"], holders[id(det)])
+            time.sleep(0.01)
+            with lock:
+                holders[id(det)] -= 1
+
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(use, range(64)))
+    assert peak["same_detector"] == 1 and peak["at_once"] <= 3
+    assert 1 <= pool.created <= 3  # 16 threads, 64 detections: never more detectors than the limit

@@ -17,7 +17,10 @@ Measured on lfw-dev (docs/face-selection.md): failure to enrol 4.84 % with the e
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,19 +81,50 @@ def _model_path(name: str) -> Path:
     return Path(face_recognition_models.__file__).parent / "models" / name
 
 
-_per_thread = threading.local()
+class DetectorPool:
+    """dlib HOG detectors lent to one thread at a time: a detector keeps scratch state, and two threads running one
+    detector find dozens of phantom faces. Creating one costs about 0.3 CPU s, so detectors are reused, and at most
+    ``limit`` detections run at once (the CPUs this process may use: more would only share them), which also bounds
+    how many detectors are ever created (a worker's 16 task threads would otherwise create 16)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._slots = threading.BoundedSemaphore(self.limit)
+        self._lock = threading.Lock()
+        self._free: list[Any] = []
+        self.created = 0
+
+    @contextlib.contextmanager
+    def detector(self) -> Iterator[Any]:
+        with self._slots:
+            with self._lock:
+                det = self._free.pop() if self._free else None
+            if det is None:
+                import dlib
+
+                det = dlib.get_frontal_face_detector()
+                with self._lock:
+                    self.created += 1
+            try:
+                yield det
+            finally:
+                with self._lock:
+                    self._free.append(det)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+DETECTORS = DetectorPool(_usable_cpus())
 
 
 def _get(name: str) -> Any:
-    """Load a dlib model once per process: 'detector' (once per THREAD: the HOG detector keeps scratch state, and
-    two threads running one detector find dozens of phantom faces), 'sp5' or 'sp68' (read-only, shared)."""
-    if name == "detector":
-        detector = getattr(_per_thread, "detector", None)
-        if detector is None:
-            import dlib
-
-            detector = _per_thread.detector = dlib.get_frontal_face_detector()
-        return detector
+    """Load a dlib model once per process: 'sp5' or 'sp68' (read-only, shared). The HOG detector comes from
+    ``DETECTORS``."""
     model = _models.get(name)
     if model is not None:
         return model
@@ -140,7 +174,8 @@ def detect_faces(rgb: np.ndarray) -> list[DetectedFace]:
         scale = DETECT_MAX_SIDE / max(h, w)
         small = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
     upsample = 1 if max(small.shape[:2]) <= UPSAMPLE_BELOW_SIDE else 0
-    rects, scores, _ = _get("detector").run(small, upsample, 0.0)
+    with DETECTORS.detector() as detector:
+        rects, scores, _ = detector.run(small, upsample, 0.0)
     sp5 = _get("sp5")
     faces = []
     for rect, score in zip(rects, scores, strict=True):
