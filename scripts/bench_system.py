@@ -669,15 +669,22 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
     n = args.batch_jobs
     out: dict[str, Any] = {}
 
-    # (a) in-process engine first (nothing else of ours running), then the deep queue through the system
+    # (a) in-process engine (nothing else of ours running), the deep queue through the system, in-process again
+    # (the worker idle): the ratio is taken against the mean of the two in-process runs, which brackets the machine's
+    # drift over the run
     port = int(start_port())
     e_on = engine_env(env, work, args, port, "on")
-    base_cpu, base_wall = inprocess_cpu_per_image(e_on, photos, n)
-    print(
-        f"  in-process Engine.enroll_many, {n} one-image subjects, batches of {BATCH}, {args.batch_steps} steps: "
-        f"{base_cpu:.3f} CPU s/image ({base_wall:.1f} s wall)",
-        flush=True,
-    )
+
+    def inprocess(when: str) -> float:
+        cpu_s, wall_s = inprocess_cpu_per_image(e_on, photos, n)
+        print(
+            f"  in-process Engine.enroll_many ({when}), {n} one-image subjects, batches of {BATCH}, "
+            f"{args.batch_steps} steps: {cpu_s:.3f} CPU s/image ({wall_s:.1f} s wall)",
+            flush=True,
+        )
+        return cpu_s
+
+    base_before = inprocess("before")
     worker, client = start_engine(e_on, work, "on", "threads", ENGINE_THREADS)
     try:
         client.run(client.enroll_job("acme", "deep-warm", [refs[0]], "k1"), timeout=600)  # lazy loads, not counted
@@ -697,10 +704,11 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
         with worker.log.open("rb") as lf:
             lf.seek(log_start)
             engine_cpu = sum(float(m.group(1)) for m in ENGINE_BATCH_LOG.finditer(lf.read().decode(errors="replace")))
+        base_cpu = (base_before + inprocess("after, worker idle")) / 2
         out["deep"] = {"cpu_per_image": cpu / n, "ratio": cpu / n / base_cpu, "batch_mean": mean, "wall": wall}
         print(
             f"  system, {n} one-photo enrol jobs queued at once (threads pool, {ENGINE_THREADS} task threads): "
-            f"{cpu / n:.3f} CPU s/image in the worker process = {cpu / n / base_cpu:.2f}x in-process "
+            f"{cpu / n:.3f} CPU s/image in the worker process = {cpu / n / base_cpu:.2f}x in-process (mean of both) "
             f"(engine thread {engine_cpu / n:.3f} = {engine_cpu / n / base_cpu:.2f}x; the rest, download to commit and "
             f"Celery: {(cpu - engine_cpu) / n:.3f}); {wall:.1f} s wall ({n / wall:.2f} images/s); batch-size metric: "
             f"{h['count']:.0f} engine calls, mean {mean:.2f} images (max {BATCH}) = {mean / BATCH:.2f} x "
