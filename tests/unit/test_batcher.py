@@ -84,12 +84,16 @@ def submit_in_order(
     ``coming`` (what the batcher's ``expected`` reads), the specs not yet submitted are announced as preparing."""
     threads = []
     for i, (lane, items) in enumerate(specs):
+        if coming is not None:  # as the worker counts them: a task is preparing until it has submitted
+            coming["now"] = Coming(dict(Counter(spec_lane for spec_lane, _ in specs[i:])))
+        t = Submitter(b, lane, items, alone=i in (alone or set()))
+        with b._cond:
+            before = b._changes  # only this submission can change it meanwhile
+        t.start()
+        wait_until(lambda before=before: b._changes > before)
         if coming is not None:
             coming["now"] = Coming(dict(Counter(spec_lane for spec_lane, _ in specs[i + 1 :])))
-        t = Submitter(b, lane, items, alone=i in (alone or set()))
-        before = pending(b)
-        t.start()
-        wait_until(lambda t=t, before=before: pending(b) > before or not t.is_alive() or b.running_since() is not None)
+            b.wakeup()
         threads.append(t)
     for t in threads:
         t.join(20)
@@ -145,7 +149,8 @@ def test_fill_timeout_bounds_the_wait_and_gathers_what_arrives_meanwhile() -> No
     for t in threads:
         t.join(20)
     assert [t.result for t in threads] == [[("enroll", f"j{i}")] for i in range(3)]
-    assert eng.batches() == [sorted(eng.batches()[0])] and sorted(eng.batches()[0]) == ["j0", "j1", "j2"]
+    # one batch of all three (in the order the threads happened to submit)
+    assert len(eng.batches()) == 1 and sorted(eng.batches()[0]) == ["j0", "j1", "j2"]
     assert time.monotonic() - t0 >= 2.0  # waited for batch mates up to the fill timeout
     assert max(t.elapsed for t in threads) >= 1.9  # the first submitter waited the whole fill timeout
 
@@ -206,6 +211,22 @@ def test_mate_wait_bounds_the_wait_for_tasks_still_preparing_and_fill_timeout_fo
     coming["now"] = Coming({"enroll": 1})
     (s,) = submit_in_order(b, [("enroll", [item("s")])])
     assert s.result == [("enroll", "s")] and 0.25 <= s.elapsed < 20
+
+
+def test_a_lane_waiting_for_mates_does_not_hold_back_a_ready_lane() -> None:
+    eng = FakeEngine()
+    coming = {"now": Coming({"verify": 1, "enroll": 1})}
+    b = MicroBatcher(eng, max_images=2, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: coming["now"])
+    v = Submitter(b, "verify", [item("v1")])
+    v.start()
+    wait_until(lambda: pending(b) == 1)
+    es = submit_in_order(b, [("enroll", [item("e1")]), ("enroll", [item("e2")])])  # a full enrol batch behind it
+    assert [e.result for e in es] == [[("enroll", "e1")], [("enroll", "e2")]] and eng.batches() == [["e1", "e2"]]
+    assert v.is_alive()  # the older verify still waits for its mate
+    coming["now"] = NOTHING
+    b.wakeup()
+    v.join(20)
+    assert v.result == [("verify", "v1")] and eng.batches() == [["e1", "e2"], ["v1"]]
 
 
 def test_work_preparing_for_another_lane_is_not_waited_for() -> None:

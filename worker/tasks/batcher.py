@@ -207,6 +207,7 @@ class MicroBatcher:
         self._pending: list[_Submission] = []
         self._running_since: float | None = None
         self._closed = False
+        self._changes = 0  # bumped (under the lock) by every submission and wake-up
         self._thread: threading.Thread | None = None
 
     # --- task-thread side -------------------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ class MicroBatcher:
                 raise RuntimeError("engine batcher is closed")
             self._ensure_thread()
             self._pending.append(sub)
+            self._changes += 1
             self._cond.notify_all()
         sub.done.wait()
         if sub.error is not None:
@@ -231,6 +233,7 @@ class MicroBatcher:
     def wakeup(self) -> None:
         """Re-check whether a batch can start (the number of tasks in flight changed)."""
         with self._cond:
+            self._changes += 1
             self._cond.notify_all()
 
     def running_since(self) -> float | None:
@@ -249,14 +252,31 @@ class MicroBatcher:
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
 
-    def _collect(self) -> tuple[list[_Submission], bool]:
-        """The next batch: the oldest submission's lane, whole submissions in order up to ``max_images``; and
-        whether it is as full as it can get (cap reached, or the next submission of the lane does not fit)."""
-        first = self._pending[0]
-        if first.alone or not self._merge:
-            return [first], True
+    def _next(self, coming: Coming | None) -> tuple[list[_Submission] | None, float]:
+        """The batch to run now, lanes taken in the order of their oldest submission (None: no lane is ready), and
+        otherwise how long to wait at most before checking again. A lane waiting for batch mates never holds back
+        another lane's batch that is ready."""
+        wait = float("inf")
+        lanes: set[str] = set()
+        for first in self._pending:
+            if first.alone or not self._merge:
+                return [first], 0.0
+            if first.lane in lanes:
+                continue
+            lanes.add(first.lane)
+            batch, full = self._collect(first)
+            w = self._wait_s(batch, full, coming)
+            if w <= 0:
+                return batch, 0.0
+            wait = min(wait, w)
+        return None, wait
+
+    def _collect(self, first: _Submission) -> tuple[list[_Submission], bool]:
+        """The batch of ``first``'s lane (``first``: its oldest submission): whole submissions in order up to
+        ``max_images``; and whether it is as full as it can get (cap reached, or the next submission of the lane does
+        not fit)."""
         batch, size = [first], first.size
-        for sub in self._pending[1:]:
+        for sub in self._pending[self._pending.index(first) + 1 :]:
             if sub.lane != first.lane or sub.alone:
                 continue
             if size + sub.size > self.max_images:
@@ -281,19 +301,20 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while True:
+            with self._cond:
+                seen, ask = self._changes, self._expected is not None and bool(self._pending)
             # outside the lock: it may ask the broker (``engine_batcher``), and submitters must not wait for that
-            coming = self._expected() if self._expected is not None and self._pending else None
+            coming = self._expected() if ask and self._expected is not None else None
             with self._cond:
                 if not self._pending:
                     if self._closed:
                         return
                     self._cond.wait()
                     continue
-                if coming is None and self._expected is not None:
-                    continue  # work arrived after ``expected`` was skipped: ask it now
-                batch, full = self._collect()
-                wait = self._wait_s(batch, full, coming)
-                if wait > 0:
+                if self._expected is not None and (coming is None or self._changes != seen):
+                    continue  # work arrived or a task stopped while ``expected`` was asked: ask again
+                batch, wait = self._next(coming)
+                if batch is None:
                     self._cond.wait(wait)
                     continue
                 for sub in batch:
