@@ -36,7 +36,7 @@ def dep(service_env, seaweed, tmp_path: Path):
         CANCELABLE_METRICS__PORT=str(port),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
         # long enough that on a loaded CI box the jobs sent together meet in one batch; a batch still starts as
-        # soon as every job in flight is waiting for it
+        # soon as no job in flight is still preparing work for its lane
         CANCELABLE_ENGINE__BATCH_FILL_TIMEOUT_MS="3000",
     )
 
