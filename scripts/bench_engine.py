@@ -3,7 +3,11 @@
 speed (default)
     images/s of Engine calls (encode + optimise + decode + template) at batch 1, 4, 16 with the same step count,
     against a loop written the reference's way (one image at a time, a new optimizer per image, the ORIGINAL's
-    identity features recomputed at every step); plus the wall time to anonymise one face with 50 steps.
+    identity features recomputed at every step); plus the wall time to anonymise one face with 50 steps; plus the
+    engine against its compute floor: at batch ``--floor-batch`` (8, the deployment's) and the deployed 50 steps, the
+    engine call's CPU seconds per image-step (encode, key latents, optimise, decode, templates) against one step's
+    unavoidable work alone (generator synthesis and identity model, plus the attribute model when the bundle has one,
+    forward and backward to the trainable latents; no loss terms, optimiser or schedule). Target: <= 1.10x.
     Uses the lite bundle (worker/bundles/lite) when present, else a randomly initialised lite-sized generator and
     encoder with the real dlib ResNet identity model (labelled as such: same cost, meaningless faces).
 
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 from worker.algorithm.config import EngineConfig  # noqa: E402
-from worker.algorithm.keylatent import key_latent  # noqa: E402
+from worker.algorithm.keylatent import key_latent, key_latents  # noqa: E402
 from worker.algorithm.losses import anon_loss, attr_loss  # noqa: E402
 from worker.algorithm.mix import assemble, mix  # noqa: E402
 from worker.algorithm.pipeline import Engine  # noqa: E402
@@ -113,6 +117,58 @@ def reference_style(engine: Engine, faces: torch.Tensor, seeds: list[bytes]) -> 
     return outs
 
 
+def floor_step(engine: Engine, faces: torch.Tensor, seeds: list[bytes]) -> Any:
+    """One optimisation step's unavoidable work for ``faces`` (B, 3, R, R), one subject each: generator synthesis of
+    the mixed latents, identity embedding (and attribute tokens) of the result, backward to the trainable latents."""
+    gen, split = engine.generator, engine.split
+    with torch.no_grad():
+        w_real = engine.encoder(faces.to(engine.device)).float()
+    w_key = key_latents(gen, seeds, engine.config.truncation_psi).to(w_real.dtype)
+    w_mixed, w_train = mix(w_real, w_key, split)
+    w_train = w_train.detach().clone().requires_grad_(True)
+
+    def step() -> None:
+        img = gen.synthesis(assemble(w_mixed, w_train, split))
+        out = engine.identity.embed(img, gen.alignment).sum()
+        if engine.attribute is not None:
+            out = out + engine.attribute.tokens(img, gen.alignment).sum()
+        out.backward()
+        w_train.grad = None
+
+    return step
+
+
+def compute_floor(bundle: Any, device: torch.device, batch: int, repeats: int) -> None:
+    steps = 50
+    engine = Engine(bundle, EngineConfig(steps=steps, max_batch_images=64), device)
+    r = engine.input_size
+    seeds = [bytes([i % 256, 7]) * 16 for i in range(batch)]
+    faces = random_faces(batch, r, 11)
+    subjects = [(f[None], seeds[i]) for i, f in enumerate(faces)]
+    step = floor_step(engine, faces, seeds)
+    step()  # warm-up
+    floor_steps = 10
+    eng_cpu, floor_cpu = [], []
+    for _ in range(repeats):  # interleaved, best CPU time of each (1 thread: CPU time = time on an idle core)
+        c = time.process_time()
+        engine(subjects)
+        eng_cpu.append(time.process_time() - c)
+        c = time.process_time()
+        for _ in range(floor_steps):
+            step()
+        floor_cpu.append(time.process_time() - c)
+    per_eng = min(eng_cpu) / (batch * steps) * 1000.0
+    per_floor = min(floor_cpu) / (batch * floor_steps) * 1000.0
+    print(
+        f"compute floor, batch {batch}: {per_floor:.2f} ms CPU per image-step (generator + identity"
+        f"{' + attribute' if engine.attribute is not None else ''} model, forward and backward, nothing else)"
+    )
+    print(
+        f"engine, batch {batch}, {steps} steps (encode, key latents, optimise, decode, templates): {per_eng:.2f} ms "
+        f"CPU per image-step = {per_eng / per_floor:.2f}x the compute floor (target <= 1.10x)"
+    )
+
+
 def cmd_speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -162,6 +218,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t)
         ctimes.append(time.process_time() - c)
     print(f"one face, 50 steps, engine.probe: cpu {min(ctimes):.2f} s, wall best {min(times):.2f} s")
+    compute_floor(bundle, device, args.floor_batch, args.repeats)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
@@ -351,6 +408,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--floor-batch", type=int, default=8, help="batch of the compute-floor comparison (50 steps)")
     ap.add_argument("--ref-images", type=int, default=2)
     ap.add_argument("--ids", type=int, default=12)
     ap.add_argument("--splits", nargs="+", default=["code", "readme"])

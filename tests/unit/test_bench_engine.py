@@ -4,6 +4,7 @@ measuring function on the CPU with tiny models, the device choice from the setti
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -56,3 +57,12 @@ def test_dry_run_prints_a_row_per_setting(bench, monkeypatch, capsys) -> None:
     bench.main()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mixed precision")]
     assert len(lines) == 4 and all("images/s" in ln for ln in lines)
+
+
+def test_compute_floor_prints_the_floor_and_the_engine_against_it(bench, capsys) -> None:
+    bench.compute_floor(tiny_bundle(), torch.device("cpu"), batch=2, repeats=1)
+    out = capsys.readouterr().out
+    floor = re.search(r"compute floor, batch 2: ([\d.]+) ms CPU per image-step", out)
+    ratio = re.search(r"engine, batch 2, 50 steps .*: ([\d.]+) ms CPU per image-step = ([\d.]+)x the compute", out)
+    assert floor and ratio, out
+    assert float(floor.group(1)) > 0 and float(ratio.group(2)) > 0
