@@ -275,11 +275,32 @@ class Stack:
                     time.sleep(0.2)
 
 
+# What a developer's running stack writes on its own (Redis's AOF, SeaweedFS's volumes, logs) changes while the tests
+# run, whatever they do; what the tests could break is everything else: settings, secrets, keyring, PID files.
+_LIVE_STATE = ("redis/appendonlydir", "seaweedfs", "logs", "npm")
+
+
 def _snapshot(path: Path) -> dict[str, tuple[int, int]] | None:
-    """(size, mtime_ns) of everything under ``path``; None if it does not exist."""
+    """(size, mtime_ns) of the stack's own files under ``path`` (not what its running services write); None if
+    ``path`` does not exist."""
     if not path.exists():
         return None
-    return {str(p.relative_to(path)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in path.rglob("*")}
+    out = {}
+    for p in path.rglob("*"):
+        rel = p.relative_to(path)
+        if any(rel.is_relative_to(live) for live in _LIVE_STATE):
+            continue
+        out[str(rel)] = (p.lstat().st_size, p.lstat().st_mtime_ns)
+    return out
+
+
+def _stack_processes(path: Path) -> dict[str, bool]:
+    """Service name -> whether the process its PID file records is alive (a developer's stack may be running)."""
+    out = {}
+    for f in sorted((path / "pids").glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[f.stem] = alive(int(f.read_text().split("\t")[0]))
+    return out
 
 
 @pytest.fixture
@@ -299,6 +320,7 @@ def make_stack(tmp_path: Path) -> Iterator:
         pytest.skip(f"{VENV_PY} missing: infra/stack.sh runs the project's .venv (scripts/bootstrap.sh)")
 
     dev_state_before = _snapshot(REPO / ".stack")
+    dev_procs_before = _stack_processes(REPO / ".stack")
     sys_redis_before = system_redis_pid()
     stacks: list[Stack] = []
 
@@ -337,6 +359,7 @@ def make_stack(tmp_path: Path) -> Iterator:
                 stack.run("down", check=False)
             stack.kill_leftovers()
     assert _snapshot(REPO / ".stack") == dev_state_before, "the developer's .stack/ was modified"
+    assert _stack_processes(REPO / ".stack") == dev_procs_before, "a service of the developer's stack was stopped"
     if sys_redis_before is not None:
         assert alive(sys_redis_before), "the system Redis on 6379 is gone"
 
