@@ -39,7 +39,7 @@ BUCKET="${STACK_BUCKET:-cancelable}"
 INPUT_BUCKET="${STACK_INPUT_BUCKET:-cancelable-inputs}"
 DEV_KEY="${STACK_DEV_KEY:-dev-key-1}"
 WORKER_NAME="stack-worker@$(hostname)"
-WORKER_CMD="${STACK_WORKER_CMD:-$ROOT/.venv/bin/celery -A worker.tasks.app worker -Q engine,control -c 1 -l INFO -n $WORKER_NAME}"
+WORKER_CMD="${STACK_WORKER_CMD:-$ROOT/.venv/bin/celery -A worker.tasks.app worker -Q engine.interactive,engine,engine.bulk,control -c 1 -l INFO -n $WORKER_NAME}"
 WAIT_S="${STACK_WAIT_S:-120}"
 WORKER_WAIT_S="${STACK_WORKER_WAIT_S:-300}"
 

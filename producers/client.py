@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker.broker.config import (
     CONTROL_QUEUE,
+    ENGINE_BULK_QUEUE,
     ENGINE_QUEUE,
     TASK_BULK,
     TASK_ENGINE_PING,
@@ -53,6 +54,12 @@ TASK_FOR_KIND = {
     "revoke": (TASK_REVOKE, CONTROL_QUEUE),
     "bulk": (TASK_BULK, CONTROL_QUEUE),
 }
+
+
+def _route(kind: str, background: bool) -> tuple[str, str]:
+    """(task name, queue) of a job kind; ``background`` engine work goes to the bulk engine queue."""
+    name, queue = TASK_FOR_KIND[kind]
+    return (name, ENGINE_BULK_QUEUE) if background and queue == ENGINE_QUEUE else (name, queue)
 
 
 class JobTimeout(TimeoutError):
@@ -251,10 +258,12 @@ class Client:
         self.book.mark_submitted(str(job.job_id))
         return str(job.job_id)
 
-    def submit_many(self, jobs: Iterable[Any], batch: int = PUBLISH_BATCH) -> list[str]:
+    def submit_many(self, jobs: Iterable[Any], batch: int = PUBLISH_BATCH, *, background: bool = False) -> list[str]:
         """``submit`` for many jobs, ``batch`` at a time: each batch is validated, then published in one Redis round
         trip (plus one for the submit markers). The list items are the ones ``submit`` pushes (same envelope, queue,
         headers, task IDs; see ``worker.broker.publish.MessageTemplate``). Returns the job IDs in order.
+        ``background=True`` sends enrol and verify jobs to the bulk engine queue, behind every user's interactive
+        work (for back-office batches; ``cancelable bulk`` does this by itself).
 
         Constant memory in the number of jobs (``jobs`` may be a generator). A malformed job raises
         ``MalformedJobError`` before anything of its batch is queued; the batches before it are queued."""
@@ -268,7 +277,7 @@ class Client:
                 pushes: dict[str, list[str]] = {}
                 slow = []
                 for job in chunk:
-                    tpl = self._template(templates, job)
+                    tpl = self._template(templates, job, background)
                     if tpl is None:
                         slow.append(job)
                         continue
@@ -285,15 +294,17 @@ class Client:
                 if slow:  # Celery's envelope changed under the template: the generic path, still pipelined
                     with pipelined(self.app, batch) as p:
                         for job in slow:
-                            self._send(job, p)
+                            self._send(job, p, background)
                 chunk_ids = [str(job.job_id) for job in chunk]
                 self.book.mark_submitted_many(chunk_ids)
                 ids.extend(chunk_ids)
         return ids
 
-    def _template(self, templates: dict[str, MessageTemplate | None], job: Any) -> MessageTemplate | None:
+    def _template(
+        self, templates: dict[str, MessageTemplate | None], job: Any, background: bool = False
+    ) -> MessageTemplate | None:
         if job.kind not in templates:
-            name, queue = TASK_FOR_KIND[job.kind]
+            name, queue = _route(job.kind, background)
             try:
                 templates[job.kind] = MessageTemplate(
                     self.app,
@@ -311,8 +322,8 @@ class Client:
                 templates[job.kind] = None
         return templates[job.kind]
 
-    def _send(self, job: Any, producer: Any = None) -> None:
-        name, queue = TASK_FOR_KIND[job.kind]
+    def _send(self, job: Any, producer: Any = None, background: bool = False) -> None:
+        name, queue = _route(job.kind, background)
         # results are read from the workers' own Redis records (see ``result``), not Celery's result backend
         self.app.send_task(
             name,

@@ -65,6 +65,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT))
+from worker.broker.config import ENGINE_BULK_QUEUE, ENGINE_INTERACTIVE_QUEUE, ENGINE_QUEUES  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 
 BULK_CHUNK = 500
@@ -129,7 +132,7 @@ def _submit_child(mode: str, n: int) -> None:
     else:
         client.submit_many(jobs())
     dt = time.perf_counter() - t0
-    queued = int(client.redis.llen("engine"))
+    queued = int(client.redis.llen(ENGINE_INTERACTIVE_QUEUE))
     mem = int(client.redis.info("memory")["used_memory"]) - base  # queue items + submit markers
     print(
         json.dumps(
@@ -206,9 +209,9 @@ class Drainer(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.count += int(self.r.eval(self.SCRIPT, 1, "engine"))
+            self.count += int(self.r.eval(self.SCRIPT, 1, ENGINE_BULK_QUEUE))
             time.sleep(0.02)
-        self.count += int(self.r.eval(self.SCRIPT, 1, "engine"))
+        self.count += int(self.r.eval(self.SCRIPT, 1, ENGINE_BULK_QUEUE))
 
 
 def rss_mb(pid: int) -> float:
@@ -256,7 +259,7 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int, f
     try:
         client.ping(timeout=120)
         r = redis.Redis.from_url(url)
-        r.delete("engine")
+        r.delete(ENGINE_BULK_QUEUE)
         drainer = Drainer(url)
         drainer.start()
         peak = {"child": 0.0, "main": 0.0}
@@ -353,12 +356,12 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
                     header_bytes=str(head),
                 )
             r.hset(key, mapping=fields)
-        r.delete("engine")
+        r.delete(ENGINE_BULK_QUEUE)
         t = time.perf_counter()
         bulk.bulk(rt, job, 1, now(), control_tasks.CeleryDispatch(Task(), job.job_id, rt.redis), 1)
         dt = time.perf_counter() - t
-        got = r.llen("engine")
-        r.delete("engine")
+        got = r.llen(ENGINE_BULK_QUEUE)
+        r.delete(ENGINE_BULK_QUEUE)
         assert got == BULK_CHUNK, (tag, cursor, got)
         return dt
 
@@ -417,7 +420,7 @@ def queued_chunk_subjects(r: Any) -> list[str]:
     import base64
 
     out: list[str] = []
-    for raw in r.lrange("engine", 0, -1):
+    for raw in r.lrange(ENGINE_BULK_QUEUE, 0, -1):
         env = json.loads(raw)
         args = json.loads(base64.b64decode(env["body"]))[0]
         out += args[0]["subjects"]
@@ -449,7 +452,7 @@ def run_key_revoke(rt: Any, r: Any, tenant: str, key_id: str, tag: str) -> dict[
             "reason": "bench",
         }
     )
-    r.delete("engine")
+    r.delete(ENGINE_BULK_QUEUE)
     task = Task()
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -470,7 +473,7 @@ def run_key_revoke(rt: Any, r: Any, tenant: str, key_id: str, tag: str) -> dict[
         "chunks": int(fields["chunks_sent"]),
         "listed": int(fields["subjects_listed"]),
         "mode": fields.get("listing_mode"),
-        "queued": int(r.llen("engine")),
+        "queued": int(r.llen(ENGINE_BULK_QUEUE)),
     }
 
 
@@ -526,7 +529,7 @@ def bench_revoke(
             if mode == "scan":
                 KeyIndex(rt.store).mark_complete(tenant, "k1")
         got = queued_chunk_subjects(r)
-        r.delete("engine")
+        r.delete(ENGINE_BULK_QUEUE)
         expected = [f"s{i:07d}" for i in range(n)]
         once = len(got) == len(set(got)) == n and sorted(got) == expected
         res.update(n=n, exactly_once=once, rate=n / res["seconds"])
@@ -603,7 +606,9 @@ def start_engine(env: dict[str, str], work: Path, tag: str, pool: str, concurren
     from producers.client import Client
     from worker.tasks.runtime import reset_runtime
 
-    worker = start_worker(env, work / f"engine-{tag}.log", queues="engine", concurrency=concurrency, pool=pool)
+    worker = start_worker(
+        env, work / f"engine-{tag}.log", queues=",".join(ENGINE_QUEUES), concurrency=concurrency, pool=pool
+    )
     os.environ.update({k: v for k, v in env.items() if k.startswith("CANCELABLE_")})
     from worker.settings import get_settings
 

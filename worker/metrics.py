@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from worker.broker.config import CONTROL_QUEUE, ENGINE_QUEUES
+
 # prometheus_client picks its value class (in-memory or mmap files) when it is first imported, so the
 # multiprocess directory has to exist before that import.
 # ``CANCELABLE_METRICS__MULTIPROC_DIR`` (worker.settings) is honoured the same way when the launcher set only it.
@@ -65,7 +67,7 @@ STAGES: tuple[str, ...] = (
 )
 JOB_OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "dead_lettered", "duplicate")
 IMAGE_OUTCOMES: tuple[str, ...] = ("succeeded", "failed")
-QUEUES: tuple[str, ...] = ("engine", "control")
+QUEUES: tuple[str, ...] = (*ENGINE_QUEUES, CONTROL_QUEUE)
 PROGRESS_KINDS: tuple[str, ...] = ("revoke", "bulk")
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
 NO_ERROR = "none"

@@ -204,15 +204,15 @@ def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -
     ]
 
     def pushed() -> list[dict]:
-        raw = r.lrange("engine", 0, -1)
-        r.delete("engine")
+        raw = r.lrange("engine.bulk", 0, -1)
+        r.delete("engine.bulk")
         out = [json.loads(x) for x in reversed(raw)]
         for item in out:
             assert item["properties"].pop("delivery_tag")
             assert isinstance(item["headers"].pop("sent_at", 0.0), float)  # the worker's metrics stamp it
         return out
 
-    r.delete("engine")
+    r.delete("engine.bulk")
     fast = control_tasks._ChildSender(parent)
     fast.send(pending)
     assert fast.template is not None

@@ -38,6 +38,7 @@ from worker_harness import (
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
+ENGINE_Q = "engine.interactive,engine,engine.bulk"
 from test_infra_lint import all_queries  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -197,7 +198,7 @@ def test_prometheus_scrapes_a_real_worker(service_env, seaweed, tmp_path: Path) 
     write_keyring(Path(env["CANCELABLE_KEYS__KEYRING_PATH"]), ["k1", "k2"])
     client = Client(settings_from_env(env))
     # as deployed: an engine worker (prefork, 2 children = 2 model copies) and a control worker, each serving metrics
-    worker = start_worker(env, tmp_path / "engine.log", queues="engine", concurrency=2, name="engine")
+    worker = start_worker(env, tmp_path / "engine.log", queues=ENGINE_Q, concurrency=2, name="engine")
     control = start_worker(control_env, tmp_path / "control.log", queues="control", concurrency=1, name="control")
     prom = None
     try:
@@ -260,7 +261,7 @@ def test_prometheus_scrapes_a_real_worker(service_env, seaweed, tmp_path: Path) 
             'sum(cancelable_worker_processes{device_type="cpu"})': 2,
             'sum(cancelable_model_load_duration_seconds_count{device_type="cpu"})': 2,
             "sum(cancelable_jobs_in_flight)": 0,
-            'max(cancelable_queue_length_messages{queue="engine"})': 0,
+            'max(cancelable_queue_length_messages{queue=~"engine.*"})': 0,
             'max(cancelable_progress_open_jobs{kind="revoke"})': 0,
             "min(cancelable_redis_up)": 1,
         }

@@ -333,7 +333,7 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
         "alice": [f"s3://{b}/in/p/alice/1.jpg", f"s3://{b}/in/p/alice/2.jpg"],
         "bob": [f"s3://{b}/in/p/bob/1.png"],
     }
-    assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine" for kw in sent)
+    assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine.bulk" for kw in sent)
 
 
 def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> None:

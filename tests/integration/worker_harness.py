@@ -113,7 +113,7 @@ class WorkerProc:
 def start_worker(
     env: dict[str, str],
     log: Path,
-    queues: str = "engine,control",
+    queues: str = "engine.interactive,engine,engine.bulk,control",
     concurrency: int = 1,
     name: str | None = None,
     pool: str = "prefork",
@@ -278,7 +278,7 @@ def deploy(
     tmp: Path,
     *,
     bundle: Path | None = None,
-    queues: str = "engine,control",
+    queues: str = "engine.interactive,engine,engine.bulk,control",
     pool: str = "prefork",
     concurrency: int = 1,
     **extra_env: str,

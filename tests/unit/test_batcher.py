@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from worker.broker.config import ENGINE_BULK_QUEUE, ENGINE_QUEUES, LEGACY_ENGINE_QUEUE
 from worker.tasks.batcher import Coming, InFlight, MicroBatcher, Watchdog, delivery_attempt, pack
 
 NOTHING = Coming({})
@@ -46,9 +47,11 @@ def item(tag: str, n: int = 1) -> tuple[list[int], str]:
 
 
 class Submitter(threading.Thread):
-    def __init__(self, b: MicroBatcher, lane: str, items: list[Any], alone: bool = False) -> None:
+    def __init__(
+        self, b: MicroBatcher, lane: str, items: list[Any], alone: bool = False, background: bool = False
+    ) -> None:
         super().__init__(daemon=True)
-        self.b, self.lane, self.items, self.alone = b, lane, items, alone
+        self.b, self.lane, self.items, self.alone, self.background = b, lane, items, alone, background
         self.result: list[Any] | None = None
         self.error: BaseException | None = None
         self.elapsed = 0.0
@@ -56,7 +59,7 @@ class Submitter(threading.Thread):
     def run(self) -> None:
         t = time.monotonic()
         try:
-            self.result = self.b.submit(self.lane, self.items, alone=self.alone)
+            self.result = self.b.submit(self.lane, self.items, alone=self.alone, background=self.background)
         except BaseException as e:  # noqa: BLE001
             self.error = e
         self.elapsed = time.monotonic() - t
@@ -229,11 +232,42 @@ def test_a_lane_waiting_for_mates_does_not_hold_back_a_ready_lane() -> None:
     assert v.result == [("verify", "v1")] and eng.batches() == [["e1", "e2"], ["v1"]]
 
 
+def test_interactive_work_runs_before_background_work_queued_earlier_and_fills_batches_first() -> None:
+    gate = threading.Event()
+    eng = FakeEngine(gate=gate)
+    b = MicroBatcher(eng, max_images=2, fill_timeout_s=30.0, expected=lambda: NOTHING)
+    first = Submitter(b, "enroll", [item("a0")])  # holds the engine while the rest queues up behind it
+    first.start()
+    wait_until(lambda: b.running_since() is not None)
+    bulk = [Submitter(b, "enroll", [item(f"b{i}")], background=True) for i in range(4)]
+    users = [Submitter(b, "verify", [item("v1")]), Submitter(b, "enroll", [item("e1")])]
+    for i, t in enumerate([*bulk, *users]):  # every background submission is older than the interactive ones
+        t.start()
+        wait_until(lambda i=i: pending(b) == i + 1)
+    gate.set()
+    for t in [first, *bulk, *users]:
+        t.join(20)
+        assert t.error is None and not t.is_alive()
+    assert [t.result for t in users] == [[("verify", "v1")], [("enroll", "e1")]]
+    assert [t.result for t in bulk] == [[("enroll", f"b{i}")] for i in range(4)]
+    assert eng.batches() == [["a0"], ["v1"], ["e1", "b0"], ["b1", "b2"], ["b3"]]
+
+
+def test_background_flag_is_scoped_with_the_delivery() -> None:
+    from worker.tasks import batcher
+
+    assert batcher._BACKGROUND.get() is False
+    with delivery_attempt(1, background=True):
+        assert batcher._BACKGROUND.get() is True
+        with delivery_attempt(2):
+            assert batcher._BACKGROUND.get() is False
+        assert batcher._BACKGROUND.get() is True
+    assert batcher._BACKGROUND.get() is False
+
+
 def test_work_preparing_for_another_lane_is_not_waited_for() -> None:
     eng = FakeEngine()
-    b = MicroBatcher(
-        eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: Coming({"enroll": 5})
-    )
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: Coming({"enroll": 5}))
     (v,) = submit_in_order(b, [("verify", [item("probe")])])
     assert v.result == [("verify", "probe")] and v.elapsed < 20  # five enrols on their way do not hold a verify
 
@@ -390,22 +424,23 @@ def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypa
     asked: list[str] = []
 
     class FakeRedis:
-        depth: int | Exception = 10
+        depth: dict[str, int] | Exception = dict.fromkeys(ENGINE_QUEUES, 10)
 
         def llen(self, name: str) -> int:
             asked.append(name)
             if isinstance(self.depth, Exception):
                 raise self.depth
-            return self.depth
+            return self.depth.get(name, 0)
 
     r = FakeRedis()
     rt = SimpleNamespace(redis=r)
     inflight.started(lane="enroll")  # this thread: one engine task in flight, preparing
     assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 0) and asked == []  # capacity 1: no broker
     inflight.capacity = 4
-    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 3) and asked == ["engine"]  # 3 free slots
-    r.depth = 1
-    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 1)
+    # 3 free slots; every engine queue counts
+    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 3) and asked == list(ENGINE_QUEUES)
+    r.depth = {ENGINE_BULK_QUEUE: 1, LEGACY_ENGINE_QUEUE: 1}
+    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 2)
     r.depth = ConnectionError("broker away")
     assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 0)
     inflight.submitting()

@@ -12,7 +12,9 @@ import pytest
 
 from worker.broker.config import (
     CONTROL_QUEUE,
-    ENGINE_QUEUE,
+    ENGINE_BULK_QUEUE,
+    ENGINE_INTERACTIVE_QUEUE,
+    LEGACY_ENGINE_QUEUE,
     TASK_BULK,
     TASK_ENROLL,
     TASK_REENROLL_CHUNK,
@@ -47,7 +49,8 @@ def test_safe_defaults() -> None:
 
 def test_routes_by_name() -> None:
     routes = celery_config(_q())["task_routes"]
-    assert {routes[t]["queue"] for t in (TASK_ENROLL, TASK_VERIFY, TASK_REENROLL_CHUNK)} == {ENGINE_QUEUE}
+    assert {routes[t]["queue"] for t in (TASK_ENROLL, TASK_VERIFY)} == {ENGINE_INTERACTIVE_QUEUE}
+    assert routes[TASK_REENROLL_CHUNK]["queue"] == ENGINE_BULK_QUEUE
     assert {routes[t]["queue"] for t in (TASK_REVOKE, TASK_BULK)} == {CONTROL_QUEUE}
 
 
@@ -141,3 +144,15 @@ def test_bundle_advice_applies_unless_the_deployment_set_the_value(monkeypatch: 
     monkeypatch.setenv("CANCELABLE_ENGINE__VERIFY_THRESHOLD", "0.6")
     s = load_settings()
     assert engine_config_from(s, advice).steps == 7 and verify_threshold_from(s, advice) == 0.6
+
+
+def test_workers_poll_interactive_work_first_whatever_the_q_order() -> None:
+    from kombu.utils.scheduling import cycle_by_name
+
+    strategy = celery_config(_q())["broker_transport_options"]["queue_order_strategy"]
+    cycle = cycle_by_name(strategy)()
+    cycle.update([ENGINE_BULK_QUEUE, "other", CONTROL_QUEUE, LEGACY_ENGINE_QUEUE, ENGINE_INTERACTIVE_QUEUE])
+    expected = [ENGINE_INTERACTIVE_QUEUE, LEGACY_ENGINE_QUEUE, CONTROL_QUEUE, ENGINE_BULK_QUEUE, "other"]
+    assert cycle.consume(5) == expected
+    cycle.rotate(ENGINE_INTERACTIVE_QUEUE)  # kombu calls this after each message: the order must not change
+    assert cycle.consume(5) == expected

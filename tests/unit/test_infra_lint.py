@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from worker.broker.config import ENGINE_QUEUES
+
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 PROM = INFRA / "prometheus"
@@ -123,6 +125,9 @@ def test_compose_invariants():
         assert s["environment"]["PROMETHEUS_MULTIPROC_DIR"]
         ports[name] = s["environment"]["CANCELABLE_METRICS__PORT"]
     assert ports["engine"] != ports["control"]
+    for name in ("engine", "engine-gpu"):
+        cmd = services[name]["command"]
+        assert cmd[cmd.index("-Q") + 1] == ",".join(ENGINE_QUEUES), f"{name} consumes every engine queue"
     gpu = services["engine-gpu"]
     # one process per GPU: the threads pool (its task threads feed one engine thread, worker/tasks/batcher.py)
     assert gpu["command"][gpu["command"].index("--pool") + 1] == "threads"
@@ -297,13 +302,13 @@ def test_k8s_invariants():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert c["args"][c["args"].index("--pool") + 1] == "threads", "one worker process per GPU"
     assert int(c["args"][c["args"].index("--concurrency") + 1]) >= 8, "task threads for at least one engine batch"
-    assert c["args"][c["args"].index("-Q") + 1] == "engine"
+    assert c["args"][c["args"].index("-Q") + 1] == ",".join(ENGINE_QUEUES)
     assert _container(control)["args"][_container(control)["args"].index("-Q") + 1] == "control"
 
     so = _k8s_docs("keda.yaml", kind="ScaledObject")[0]["spec"]
     assert so["scaleTargetRef"]["name"] == "cancelable-engine"
-    trig = so["triggers"][0]
-    assert trig["type"] == "redis" and trig["metadata"]["listName"] == "engine"
+    assert all(t["type"] == "redis" for t in so["triggers"])
+    assert sorted(t["metadata"]["listName"] for t in so["triggers"]) == sorted(ENGINE_QUEUES), "every engine queue"
     assert so["cooldownPeriod"] >= engine["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     down = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= limit

@@ -332,18 +332,19 @@ def test_queue_collector_reads_celery_queues(private_redis):
     signals.before_task_publish.connect(m.stamp_sent_at, weak=False)
     t0 = time.time()
     for _ in range(3):
-        app.send_task("cancelable.enroll", args=[{}], queue="engine")
+        app.send_task("cancelable.enroll", args=[{}], queue="engine")  # a producer of an earlier release
+    app.send_task("cancelable.enroll", args=[{}], queue="engine.bulk")
     app.send_task("cancelable.revoke", args=[{}], queue="control", priority=6)
     coll = m.QueueCollector(client, clock=lambda: t0 + 30)
     fams = {f.name: f for f in coll.collect()}
     lengths = {s.labels["queue"]: s.value for s in fams["cancelable_queue_length_messages"].samples}
     ages = {s.labels["queue"]: s.value for s in fams["cancelable_queue_oldest_message_age_seconds"].samples}
-    assert lengths == {"engine": 3, "control": 1}
-    assert 29 <= ages["engine"] <= 31 and 29 <= ages["control"] <= 31
+    assert lengths == {"engine.interactive": 0, "engine": 3, "engine.bulk": 1, "control": 1}
+    assert 29 <= ages["engine"] <= 31 and 29 <= ages["control"] <= 31 and 29 <= ages["engine.bulk"] <= 31
     assert fams["cancelable_redis_up"].samples[0].value == 1
 
     # a message without the header is aged from when the collector first saw it
-    client.delete("engine", "control")
+    client.delete("engine", "engine.bulk", "control")
     client.lpush("engine", json.dumps({"body": "", "headers": {"id": "abc"}, "properties": {}}))
     now = [1000.0]
     coll = m.QueueCollector(client, clock=lambda: now[0])
@@ -351,7 +352,7 @@ def test_queue_collector_reads_celery_queues(private_redis):
     now[0] = 1042.0
     fams = {f.name: f for f in coll.collect()}
     ages = {s.labels["queue"]: s.value for s in fams["cancelable_queue_oldest_message_age_seconds"].samples}
-    assert ages == {"engine": 42.0, "control": 0.0}
+    assert ages == {"engine.interactive": 0.0, "engine": 42.0, "engine.bulk": 0.0, "control": 0.0}
 
 
 def test_queue_collector_reports_broker_down():

@@ -12,8 +12,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from worker.storage.client import ObjectStore
 
-ENGINE_QUEUE = "engine"  # GPU work: enroll, verify, re-enrolment chunks
+# GPU work is split by who waits for it. An engine worker consumes ENGINE_QUEUES in this order and always takes from
+# the first non-empty one (``worker.broker.order.QueueOrder``), so a user's enrol or verify never waits behind work
+# that a bulk job or a revocation queued before it.
+ENGINE_INTERACTIVE_QUEUE = "engine.interactive"  # enrol, verify: a person or a producer waits for the answer
+ENGINE_BULK_QUEUE = "engine.bulk"  # bulk enrolment children, re-enrolment chunks of a revocation
+LEGACY_ENGINE_QUEUE = "engine"  # the single engine queue of earlier releases: drained during an upgrade
+ENGINE_QUEUES: tuple[str, ...] = (ENGINE_INTERACTIVE_QUEUE, LEGACY_ENGINE_QUEUE, ENGINE_BULK_QUEUE)
+ENGINE_QUEUE = ENGINE_INTERACTIVE_QUEUE  # where enrol and verify are routed by name
 CONTROL_QUEUE = "control"  # fan-out, bulk streaming, bookkeeping
+WORKER_QUEUE_ORDER: tuple[str, ...] = (ENGINE_INTERACTIVE_QUEUE, LEGACY_ENGINE_QUEUE, CONTROL_QUEUE, ENGINE_BULK_QUEUE)
 
 TASK_ENROLL = "cancelable.enroll"
 TASK_VERIFY = "cancelable.verify"
@@ -29,7 +37,7 @@ TASK_ENGINE_PING = "cancelable.engine_ping"  # engine queue liveness (reports wh
 TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_ENROLL: {"queue": ENGINE_QUEUE},
     TASK_VERIFY: {"queue": ENGINE_QUEUE},
-    TASK_REENROLL_CHUNK: {"queue": ENGINE_QUEUE},
+    TASK_REENROLL_CHUNK: {"queue": ENGINE_BULK_QUEUE},
     TASK_REVOKE: {"queue": CONTROL_QUEUE},
     TASK_BULK: {"queue": CONTROL_QUEUE},
     TASK_PING: {"queue": CONTROL_QUEUE},
@@ -93,6 +101,8 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
             "visibility_timeout": q.visibility_timeout_s,
             "unacked_restore_interval": q.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # poll the consumed queues in a fixed order (interactive first), not round robin
+            "queue_order_strategy": "worker.broker.order:QueueOrder",
         },
         "result_backend_transport_options": {"visibility_timeout": q.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
@@ -154,6 +164,11 @@ def make_celery(settings: Any, *, name: str = "cancelable", include: list[str] |
     app = Celery(name, include=include or [], task_cls="worker.tasks.base:GuardedTask")
     app.conf.update(celery_config(queue_settings(settings)))
     return app
+
+
+def consumes_engine(queues: set[str] | frozenset[str]) -> bool:
+    """Whether a worker consuming ``queues`` runs engine work (loads the models)."""
+    return any(q in queues for q in ENGINE_QUEUES)
 
 
 def connect_redis(settings: Any) -> Any:

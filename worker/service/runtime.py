@@ -60,7 +60,7 @@ class Dispatch(Protocol):
         ...
 
     def engine_queue_depth(self) -> int:
-        """Messages waiting on the engine queue (0 when unknown: backpressure is best effort)."""
+        """Messages waiting on the bulk engine queue (0 when unknown: backpressure is best effort)."""
         ...
 
     def continue_job(self, job: RevokeJob | BulkJob, continuation: int, countdown: float | None = None) -> None:

@@ -1,4 +1,5 @@
-"""The Celery app of the worker fleet: ``celery -A worker.tasks.app worker -Q engine`` (or ``-Q control``).
+"""The Celery app of the worker fleet: ``celery -A worker.tasks.app worker -Q engine.interactive,engine,engine.bulk``
+(an engine worker; ``worker.broker.config.ENGINE_QUEUES``) or ``-Q control``.
 
 At import: settings are validated (clear message on error), the app is configured (JSON only, acks late, reject on
 worker lost, prefetch 1, visibility timeout checked against the hard time limit) and the signal handlers are
@@ -22,7 +23,15 @@ from typing import Any
 
 from celery import signals
 
-from worker.broker.config import ENGINE_QUEUE, TASK_ENROLL, TASK_REENROLL_CHUNK, TASK_VERIFY, ConfigError, make_celery
+from worker.broker.config import (
+    ENGINE_QUEUES,
+    TASK_ENROLL,
+    TASK_REENROLL_CHUNK,
+    TASK_VERIFY,
+    ConfigError,
+    consumes_engine,
+    make_celery,
+)
 from worker.settings import SettingsError, get_settings
 
 log = logging.getLogger(__name__)
@@ -72,10 +81,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     try:
         queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)  # type: ignore[union-attr]
     except Exception:  # noqa: BLE001 - older/odd consumers: assume everything
-        queues = {ENGINE_QUEUE}
+        queues = set(ENGINE_QUEUES)
     _consumes.clear()
     _consumes.update(queues)
-    if ENGINE_QUEUE in _consumes:
+    if consumes_engine(_consumes):
         from worker.service.engine import check_bundle_present
 
         check_bundle_present(settings.engine.bundle)  # raises a BundleError with a clear message
@@ -108,7 +117,7 @@ def _start_threads_pool(s: Any, threads: int) -> None:
         return b.running_since() if b is not None else None
 
     batcher.Watchdog(float(s.worker.task_time_limit), [batcher.INFLIGHT.oldest_start, batch_start]).start()
-    if ENGINE_QUEUE in _consumes:
+    if consumes_engine(_consumes):
         try:
             get_runtime().engine()
         except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the worker stays up
@@ -140,7 +149,7 @@ def _on_worker_process_init(**_: Any) -> None:
     reset_runtime()
     observability.init_sentry(settings)
     configure_pil(settings.worker.max_pixels)
-    if ENGINE_QUEUE in _consumes:
+    if consumes_engine(_consumes):
         try:
             get_runtime().engine()
         except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the child stays up

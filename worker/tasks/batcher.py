@@ -6,6 +6,10 @@ per-job work (key checks, download, decode, align, seed), then hands its subject
 blocks; ONE engine thread owns the model and runs the subjects of several jobs as one engine call, then every task
 thread goes on with its own results (commit, result, ack).
 
+Interactive work goes first: submissions of background work (bulk enrolment children, re-enrolment chunks; see
+``delivery_attempt``) are considered only after every interactive submission, both when choosing which lane runs
+next and when filling a batch, so a verify that arrives while bulk work is pending runs in the next batch.
+
 A batch (per lane, i.e. per job type) is run when one of these holds:
 
 - it holds ``max_images`` images (whole submissions, oldest first: a submission is never split);
@@ -144,15 +148,20 @@ INFLIGHT = InFlight()
 
 # the attempt number of the delivery running on this thread (``worker.tasks.envelope.JobTask.run_job`` sets it)
 _ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("cancelable_attempt", default=1)
+# whether that delivery is background work (bulk, re-enrolment), which yields to interactive work in the batcher
+_BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("cancelable_background", default=False)
 
 
 @contextlib.contextmanager
-def delivery_attempt(attempt: int) -> Iterator[None]:
-    """Mark the code inside as running delivery number ``attempt`` of its job (> 1: its engine work runs alone)."""
+def delivery_attempt(attempt: int, background: bool = False) -> Iterator[None]:
+    """Mark the code inside as running delivery number ``attempt`` of its job (> 1: its engine work runs alone);
+    ``background``: its engine work yields to interactive work."""
     token = _ATTEMPT.set(attempt)
+    token_bg = _BACKGROUND.set(background)
     try:
         yield
     finally:
+        _BACKGROUND.reset(token_bg)
         _ATTEMPT.reset(token)
 
 
@@ -164,6 +173,7 @@ class _Submission:
     size: int
     alone: bool
     enqueued: float
+    background: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Any] | None = None
     error: BaseException | None = None
@@ -211,12 +221,13 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
 
     # --- task-thread side -------------------------------------------------------------------------------------------
-    def submit(self, lane: str, items: list[Any], *, alone: bool = False) -> list[Any]:
+    def submit(self, lane: str, items: list[Any], *, alone: bool = False, background: bool = False) -> list[Any]:
         """Queue ``items`` (one job's subjects) and block until their results are ready (or re-raise the error their
-        engine call raised when run alone)."""
+        engine call raised when run alone). ``background``: runs only after the interactive submissions pending."""
         if not items:
             return []
-        sub = _Submission(lane, list(items), sum(self._size_of(it) for it in items), alone, self._clock())
+        size = sum(self._size_of(it) for it in items)
+        sub = _Submission(lane, list(items), size, alone, self._clock(), background)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine batcher is closed")
@@ -253,30 +264,31 @@ class MicroBatcher:
             self._thread.start()
 
     def _next(self, coming: Coming | None) -> tuple[list[_Submission] | None, float]:
-        """The batch to run now, lanes taken in the order of their oldest submission (None: no lane is ready), and
-        otherwise how long to wait at most before checking again. A lane waiting for batch mates never holds back
-        another lane's batch that is ready."""
+        """The batch to run now, lanes taken in the order of their oldest interactive submission, then of their
+        oldest background one (None: no lane is ready), and otherwise how long to wait at most before checking again.
+        A lane waiting for batch mates never holds back another lane's batch that is ready."""
         wait = float("inf")
         lanes: set[str] = set()
-        for first in self._pending:
+        order = sorted(self._pending, key=lambda sub: sub.background)  # stable: arrival order within each class
+        for first in order:
             if first.alone or not self._merge:
                 return [first], 0.0
             if first.lane in lanes:
                 continue
             lanes.add(first.lane)
-            batch, full = self._collect(first)
+            batch, full = self._collect(first, order)
             w = self._wait_s(batch, full, coming)
             if w <= 0:
                 return batch, 0.0
             wait = min(wait, w)
         return None, wait
 
-    def _collect(self, first: _Submission) -> tuple[list[_Submission], bool]:
-        """The batch of ``first``'s lane (``first``: its oldest submission): whole submissions in order up to
-        ``max_images``; and whether it is as full as it can get (cap reached, or the next submission of the lane does
-        not fit)."""
+    def _collect(self, first: _Submission, order: list[_Submission]) -> tuple[list[_Submission], bool]:
+        """The batch of ``first``'s lane (``first``: its first submission in ``order``, interactive before
+        background): whole submissions in that order up to ``max_images``; and whether it is as full as it can get
+        (cap reached, or the next submission of the lane does not fit)."""
         batch, size = [first], first.size
-        for sub in self._pending[self._pending.index(first) + 1 :]:
+        for sub in order[order.index(first) + 1 :]:
             if sub.lane != first.lane or sub.alone:
                 continue
             if size + sub.size > self.max_images:
@@ -472,13 +484,13 @@ def expected_submitters(rt: Runtime) -> Coming:
     """Engine work that will reach the batcher soon: the tasks of this process still preparing theirs (per lane),
     and as many messages waiting on the engine queue as this process has free task slots (a burst's first messages
     start before the consumer has fetched the rest)."""
-    from worker.broker.config import ENGINE_QUEUE
+    from worker.broker.config import ENGINE_QUEUES
 
     queued = 0
     free = INFLIGHT.free_slots()
     if free > 0 and INFLIGHT.capacity > 1:
         try:
-            queued = min(free, int(rt.redis.llen(ENGINE_QUEUE)))
+            queued = min(free, sum(int(rt.redis.llen(q)) for q in ENGINE_QUEUES))
         except Exception:  # noqa: BLE001 - broker unreachable: the fill timeout still bounds the wait
             pass
     return Coming(INFLIGHT.preparing(), queued)
@@ -495,4 +507,4 @@ def run_engine(rt: Runtime, loaded: LoadedEngine, items: list[tuple[Any, bytes]]
     one enrolment result per subject, in order (a re-delivered job's subjects run alone)."""
     b = engine_batcher(rt, loaded)
     INFLIGHT.submitting()
-    return b.submit(job_type, items, alone=_ATTEMPT.get() > 1)
+    return b.submit(job_type, items, alone=_ATTEMPT.get() > 1, background=_BACKGROUND.get())

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from worker.broker.config import (
-    ENGINE_QUEUE,
+    ENGINE_BULK_QUEUE,
     TASK_BULK,
     TASK_ENROLL,
     TASK_PING,
@@ -65,7 +65,7 @@ class _ChildSender:
                 self.template = MessageTemplate(
                     app,
                     TASK_ENROLL,
-                    ENGINE_QUEUE,
+                    ENGINE_BULK_QUEUE,
                     cid,
                     [payload],
                     short_argsrepr("enroll", cid),
@@ -88,7 +88,7 @@ class _ChildSender:
                     args=[payload],
                     kwargs={"parent": self.parent_id},
                     task_id=cid,
-                    queue=ENGINE_QUEUE,
+                    queue=ENGINE_BULK_QUEUE,
                     ignore_result=True,
                     argsrepr=short_argsrepr("enroll", cid),
                     producer=producer,
@@ -98,9 +98,9 @@ class _ChildSender:
 
 
 class CeleryDispatch:
-    """The service's ``Dispatch`` on Celery: re-enrolment chunks and enrol children go to the engine queue by task
-    name, a continuation is the sending task again under ``<job_id>-c<n>``. One per run of a fan-out task (the enrol
-    children's message template is built once per run)."""
+    """The service's ``Dispatch`` on Celery: re-enrolment chunks and enrol children go to the bulk engine queue
+    (behind interactive work), a continuation is the sending task again under ``<job_id>-c<n>``. One per run of a
+    fan-out task (the enrol children's message template is built once per run)."""
 
     def __init__(self, task: Any, parent_id: str, redis: Any) -> None:
         self.task = task
@@ -109,7 +109,7 @@ class CeleryDispatch:
 
     def send_chunk(self, payload: dict[str, Any]) -> None:
         app.send_task(
-            TASK_REENROLL_CHUNK, args=[payload], task_id=payload["job_id"], queue=ENGINE_QUEUE, ignore_result=True
+            TASK_REENROLL_CHUNK, args=[payload], task_id=payload["job_id"], queue=ENGINE_BULK_QUEUE, ignore_result=True
         )
 
     def send_enrolls(self, pending: list[tuple[str, dict[str, Any]]]) -> None:
@@ -117,7 +117,7 @@ class CeleryDispatch:
 
     def engine_queue_depth(self) -> int:
         try:
-            return int(self.redis.llen(ENGINE_QUEUE))
+            return int(self.redis.llen(ENGINE_BULK_QUEUE))
         except Exception:  # noqa: BLE001 - backpressure is best effort
             return 0
 

@@ -96,6 +96,9 @@ class ReenrollChunkTask(JobTask[ReenrollChunk, ChunkResult]):
     def reports_terminal(self, delivery: Delivery) -> bool:
         return True
 
+    def is_background(self, delivery: Delivery) -> bool:
+        return True
+
     def on_terminal(self, rt: Runtime, job: ReenrollChunk, result: ChunkResult, delivery: Delivery) -> None:
         reissue.chunk_finished(rt, job, result)
 

@@ -180,6 +180,14 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
         """Whether ``on_terminal`` has anything to do for this delivery (a stored result is only parsed then)."""
         return False
 
+    def is_background(self, delivery: Delivery) -> bool:
+        """Whether this delivery is background work (its engine work yields to interactive work): a bulk job's
+        child, or anything taken from the bulk engine queue."""
+        from worker.broker.config import ENGINE_BULK_QUEUE
+
+        info = getattr(self.request, "delivery_info", None) or {}
+        return bool(delivery.parent) or info.get("routing_key") == ENGINE_BULK_QUEUE
+
     def on_terminal(self, rt: Runtime, job: JobT, result: ResultT, delivery: Delivery) -> None:
         """After a terminal result was stored (and again on a re-delivery): report to a fan-out parent."""
 
@@ -284,7 +292,8 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
 
                 started = now()
                 try:
-                    with delivery_attempt(attempt):  # a re-delivered job's engine work runs in a batch of its own
+                    # a re-delivered job's engine work runs in a batch of its own; background work yields
+                    with delivery_attempt(attempt, background=self.is_background(delivery)):
                         res = self.handle(rt, job, attempt, started, delivery)
                 except Exception as e:  # noqa: BLE001 - every error becomes a result, a retry or a dead letter
                     code = metrics.error_code_of(e)
