@@ -167,8 +167,11 @@ class WorkerSettings(_Group):
     """Largest accepted decoded image (width x height); guards against decompression bombs."""
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
     sweep_staging_interval: int = Field(default=3600, ge=0)
-    """Seconds between Celery beat's ``sweep_staging`` runs (0: no periodic sweep). Objects a crashed commit left in
-    staging are deleted once older than the visibility timeout."""
+    """Seconds between Celery beat's ``sweep_staging`` and ``sweep_uploads`` runs (0: no periodic sweep). Objects a
+    crashed commit left in staging are deleted once older than the visibility timeout."""
+    upload_retention: int = Field(default=86400, ge=0)
+    """Seconds the CLI's uploaded source photos (``tenants/<t>/uploads/`` in the input bucket) are kept before
+    ``sweep_uploads`` deletes them, whatever became of their job (0: kept until deleted by hand)."""
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:

@@ -166,6 +166,28 @@ def test_enroll_and_verify_with_kms_hmac_keys(service_env, seaweed, moto_kms: st
         dep.client.close()
 
 
+def test_control_worker_expires_uploaded_photos_and_nothing_else(dep: Deployment) -> None:
+    """The beat-scheduled upload sweep on a real worker and SeaweedFS: the CLI's content-named uploads past the
+    retention are deleted, young ones kept, and a producer's own objects in the input bucket never touched."""
+    from worker.broker.config import TASK_SWEEP_UPLOADS
+
+    uploads = [f"tenants/{t}/uploads/{c * 32}.jpg" for t, c in (("acme", "a"), ("beta", "b"))]
+    own = ["tenants/acme/photos/uploads.jpg", "tenants/acme/uploads/not-a-hash.jpg", "elsewhere/x.jpg"]
+    for key in uploads + own:
+        dep.s3.put_object(Bucket=dep.input_bucket, Key=key, Body=b"photo")
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in dep.s3.list_objects_v2(Bucket=dep.input_bucket).get("Contents", [])}
+
+    young = dep.client.app.send_task(TASK_SWEEP_UPLOADS, kwargs={"older_than_s": 3600}).get(timeout=60)
+    assert young["seen"] == 2 and young["deleted"] == 0 and set(uploads) <= keys()
+    old = dep.client.app.send_task(TASK_SWEEP_UPLOADS, kwargs={"older_than_s": 0}).get(timeout=60)
+    assert old["seen"] == 2 and old["deleted"] == 2, old
+    left = keys()
+    assert not set(uploads) & left
+    assert set(own) <= left and "tenants/acme/obama.jpg" in left  # what producers put there themselves
+
+
 def test_control_worker_runs_the_staging_sweep(dep: Deployment) -> None:
     """The beat-scheduled task, sent by name to a real worker: it visits the subject and keeps young orphans
     (deleting old ones is tested against S3 with a moved clock in test_storage_versions)."""

@@ -30,7 +30,7 @@ from worker.broker.config import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _q(**kw: int) -> QueueSettings:
+def _q(**kw: int | bool) -> QueueSettings:
     base = {"visibility_timeout_s": 3600, "task_time_limit_s": 900, "task_soft_time_limit_s": 810}
     base.update(kw)
     return QueueSettings(broker_url="redis://127.0.0.1:1/0", result_backend="redis://127.0.0.1:1/0", **base)
@@ -59,8 +59,12 @@ def test_beat_schedules_the_staging_sweep_and_the_reconciler_on_the_control_queu
     entry = c["beat_schedule"]["sweep-staging"]
     assert entry["task"] == TASK_SWEEP_STAGING and entry["schedule"] == 600.0
     assert c["task_routes"][TASK_SWEEP_STAGING]["queue"] == CONTROL_QUEUE
+    assert c["beat_schedule"]["sweep-uploads"]["task"] == "cancelable.sweep_uploads"
+    assert "sweep-uploads" not in celery_config(_q(sweep_uploads=False))["beat_schedule"]
     off = celery_config(_q(sweep_staging_interval_s=0))["beat_schedule"]
-    assert "sweep-staging" not in off and off["reconcile"]["task"] == "cancelable.reconcile"  # always scheduled
+    assert (
+        "sweep-staging" not in off and "sweep-uploads" not in off and off["reconcile"]["task"] == "cancelable.reconcile"
+    )  # always scheduled
     assert c["task_routes"]["cancelable.reconcile"]["queue"] == CONTROL_QUEUE
 
 

@@ -30,6 +30,7 @@ TASK_REVOKE = "cancelable.revoke"
 TASK_BULK = "cancelable.bulk"
 TASK_PING = "cancelable.ping"  # control queue liveness
 TASK_SWEEP_STAGING = "cancelable.sweep_staging"  # periodic (Celery beat): orphaned staging objects
+TASK_SWEEP_UPLOADS = "cancelable.sweep_uploads"  # periodic (Celery beat): uploaded photos past their retention
 TASK_RECONCILE = "cancelable.reconcile"  # periodic (Celery beat): dead letters that missed S3 during an outage
 RECONCILE_INTERVAL_S = 60.0
 TASK_ENGINE_PING = "cancelable.engine_ping"  # engine queue liveness (reports whether the models are loaded)
@@ -42,6 +43,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_BULK: {"queue": CONTROL_QUEUE},
     TASK_PING: {"queue": CONTROL_QUEUE},
     TASK_SWEEP_STAGING: {"queue": CONTROL_QUEUE},
+    TASK_SWEEP_UPLOADS: {"queue": CONTROL_QUEUE},
     TASK_RECONCILE: {"queue": CONTROL_QUEUE},
     TASK_ENGINE_PING: {"queue": ENGINE_QUEUE},
 }
@@ -63,6 +65,7 @@ class QueueSettings:
     result_expires_s: int = 7 * 24 * 3600
     unacked_restore_interval_s: float = 10.0
     sweep_staging_interval_s: int = 3600
+    sweep_uploads: bool = True
 
 
 def check_queue_settings(q: QueueSettings) -> None:
@@ -137,6 +140,17 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
                 if q.sweep_staging_interval_s > 0
                 else {}
             ),
+            **(
+                {
+                    "sweep-uploads": {
+                        "task": TASK_SWEEP_UPLOADS,
+                        "schedule": float(q.sweep_staging_interval_s),
+                        "options": {"expires": float(q.sweep_staging_interval_s)},
+                    }
+                }
+                if q.sweep_staging_interval_s > 0 and q.sweep_uploads
+                else {}
+            ),
         },
     }
 
@@ -153,6 +167,7 @@ def queue_settings(settings: Any) -> QueueSettings:
         task_soft_time_limit_s=int(w.soft_time_limit),
         unacked_restore_interval_s=float(min(10.0, max(1.0, w.visibility_timeout / 10))),
         sweep_staging_interval_s=int(w.sweep_staging_interval),
+        sweep_uploads=int(w.upload_retention) > 0,
     )
 
 

@@ -10,7 +10,7 @@ Error messages carry bucket and key only, never object bodies.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -163,6 +163,18 @@ class ObjectStore:
             self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key))
         except Exception as e:  # noqa: BLE001
             self._raise(e, "delete", self.bucket, self.full_key(key))
+
+    def delete_many(self, bucket: str, keys: Sequence[str]) -> None:
+        """Delete absolute ``keys`` of ``bucket``, 1,000 per request (S3's limit); missing keys are not an error."""
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            try:
+                r = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            except Exception as e:  # noqa: BLE001
+                self._raise(e, "delete", bucket, batch[0]["Key"])
+            errors = r.get("Errors") or []
+            if errors:
+                raise StorageError(f"delete in s3://{bucket}: {len(errors)} of {len(batch)} objects not deleted")
 
     # --- reads ----------------------------------------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str]:

@@ -22,6 +22,7 @@ from worker.broker.config import (
     TASK_REENROLL_CHUNK,
     TASK_REVOKE,
     TASK_SWEEP_STAGING,
+    TASK_SWEEP_UPLOADS,
 )
 from worker.broker.publish import MessageTemplate, TemplateMismatch, is_celery_send_task, pipelined, short_argsrepr
 from worker.contracts import (
@@ -214,6 +215,25 @@ def sweep_staging(tenant: str | None = None) -> dict[str, Any]:
     return {"subjects": swept, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
 
 
+@app.task(name=TASK_SWEEP_UPLOADS)
+def sweep_uploads(older_than_s: float | None = None) -> dict[str, Any]:
+    """Delete the CLI's uploaded photos older than ``worker.upload_retention`` (or ``older_than_s``) from the input
+    bucket (``worker.storage.uploads``). Sent by Celery beat; safe to run twice."""
+    from worker.contracts.inputs import InputPolicy
+    from worker.storage.uploads import sweep_uploads as sweep
+    from worker.tasks.runtime import get_runtime
+
+    rt = get_runtime()
+    retention = float(rt.settings.worker.upload_retention if older_than_s is None else older_than_s)
+    if retention <= 0 and older_than_s is None:
+        return {"seen": 0, "deleted": 0, "seconds": 0.0}  # retention 0: uploads are kept
+    started = time.monotonic()
+    bucket = InputPolicy.from_settings(rt.settings.s3).input_bucket
+    seen, deleted = sweep(rt.store, bucket, older_than_s=retention)
+    log.info("upload sweep done", extra={"uploads": seen, "deleted": deleted})
+    return {"seen": seen, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
+
+
 def _repair_bulk(rt: Runtime, parent: str) -> int:
     """Count the finished children a bulk parent missed (a report lost to a Redis outage): every row whose child
     has a stored terminal result but is not counted is reported now. Returns the number repaired."""
@@ -268,4 +288,4 @@ def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
     return {"dead_letters_synced": synced, "bulk_children_repaired": repaired}
 
 
-__all__ = ["bulk", "ping", "reconcile", "revoke", "sweep_staging", "NoTemplateError"]
+__all__ = ["bulk", "ping", "reconcile", "revoke", "sweep_staging", "sweep_uploads", "NoTemplateError"]
