@@ -45,13 +45,25 @@ def test_every_metric_is_prefixed_with_a_unit_suffix_and_bounded_labels():
 
 
 def test_alerted_counters_start_at_zero():
-    for jt in m.JOB_TYPES:
-        assert m.REGISTRY.get_sample_value("cancelable_jobs_dead_lettered_total", {"job_type": jt}) is not None
-    for kind in m.PROGRESS_KINDS:
-        assert (
-            m.REGISTRY.get_sample_value("cancelable_fanout_items_total", {"kind": kind, "outcome": "failed"})
-            is not None
-        )
+    """Alert rules use increase() on these: a series that first appears at 1 would never fire. In a fresh process
+    (this one's registry has counted other tests' jobs) every alerted series exists at 0 before any job."""
+    code = (
+        "import json, worker.metrics as m\n"
+        "dl = [m.REGISTRY.get_sample_value('cancelable_jobs_dead_lettered_total', {'job_type': j})"
+        " for j in m.JOB_TYPES]\n"
+        "fo = [m.REGISTRY.get_sample_value('cancelable_fanout_items_total', {'kind': k, 'outcome': 'failed'})"
+        " for k in m.PROGRESS_KINDS]\n"
+        "print(json.dumps([dl, fo]))\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PROMETHEUS_MULTIPROC_DIR", "CANCELABLE_METRICS__MULTIPROC_DIR")
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=REPO)
+    dead_lettered, fanout_failed = json.loads(out.stdout)
+    assert dead_lettered == [0.0] * len(m.JOB_TYPES)
+    assert fanout_failed == [0.0] * len(m.PROGRESS_KINDS)
 
 
 def test_error_codes_are_the_error_hierarchy():

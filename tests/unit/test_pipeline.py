@@ -134,8 +134,14 @@ def test_invalid_faces_raise_invalid_tensor(engine: Engine, faces: object) -> No
 
 def test_inputs_just_outside_range_are_clamped_not_rejected(engine: Engine) -> None:
     faces = person_faces(1, 0)
-    faces[0, 0, 0, 0] = 1.0005
-    engine.enroll(faces, SEED_A)
+    faces[0, 0, 0, 0] = 1.0005  # resampling overshoot: a valid image, not bad input
+    faces[0, 1, 2, 3] = -1.0004
+    out = engine.enroll(faces, SEED_A)
+    clamped = engine.enroll(faces.clamp(-1.0, 1.0), SEED_A)
+    assert torch.equal(out.template, clamped.template)
+    assert torch.equal(out.images, clamped.images)
+    with pytest.raises(InvalidTensorError):  # far outside [-1, 1] is not an image in range: refused
+        engine.enroll(person_faces(1, 0) * 4.0, SEED_A)
 
 
 @pytest.mark.parametrize("seed", [b"", b"\x01" * 31, "x" * 32, None])
