@@ -277,18 +277,18 @@ class Stack:
 
 # What a developer's running stack writes on its own (Redis's AOF, SeaweedFS's volumes, logs) changes while the tests
 # run, whatever they do; what the tests could break is everything else: settings, secrets, keyring, PID files.
-_LIVE_STATE = ("redis/appendonlydir", "seaweedfs", "logs", "npm")
+_LIVE_STATE = ("redis/appendonlydir", "redis/dump.rdb", "redis/temp-", "seaweedfs", "logs", "npm")
 
 
 def _snapshot(path: Path) -> dict[str, tuple[int, int]] | None:
-    """(size, mtime_ns) of the stack's own files under ``path`` (not what its running services write); None if
-    ``path`` does not exist."""
+    """(size, mtime_ns) of the stack's own files under ``path`` (not what its running services write, nor
+    directories, whose times change with what they hold); None if ``path`` does not exist."""
     if not path.exists():
         return None
     out = {}
     for p in path.rglob("*"):
         rel = p.relative_to(path)
-        if any(rel.is_relative_to(live) for live in _LIVE_STATE):
+        if p.is_dir() or any(str(rel).startswith(live) for live in _LIVE_STATE):
             continue
         out[str(rel)] = (p.lstat().st_size, p.lstat().st_mtime_ns)
     return out
