@@ -37,7 +37,7 @@ EXIT_CODES = "exit status:\n" + "\n".join(
     for name, text in [
         ("ok", "done: the job succeeded (verify: ACCEPT); status/subject: found"),
         ("failed", "the job failed or was dead-lettered (the error code is printed)"),
-        ("bad_input", "bad input or configuration: nothing was queued"),
+        ("bad_input", "bad input or configuration: nothing was queued (revoke: also an unknown key ID)"),
         ("timeout", "timed out waiting (the job may still finish: cancelable status JOB_ID)"),
         ("unavailable", "cannot reach Redis or S3"),
         ("reject", "verify ran and REJECTED the probe (score below the threshold)"),

@@ -141,8 +141,15 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
     d = as_dict(res)
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else result_summary(res))
     if d.get("status") != "succeeded":
-        return EXIT_FAILED
+        return EXIT_BAD_INPUT if _refused_input(d) else EXIT_FAILED
     return EXIT_REJECT if d.get("kind") == "verify" and d.get("decision") == "reject" else EXIT_OK
+
+
+def _refused_input(d: dict[str, Any]) -> bool:
+    """A revocation the worker refused before changing anything because a key ID names no key (exit 2, bad input,
+    like a refusal before queueing: the producer cannot know the worker's keys itself)."""
+    err = d.get("error") or {}
+    return d.get("kind") == "revoke" and err.get("code") == "unknown_key" and not d.get("subjects_total")
 
 
 def upload_files(client: Any, args: argparse.Namespace) -> int:

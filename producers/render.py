@@ -49,6 +49,8 @@ def result_summary(res: Any) -> str:
                 f"; revoked versions {d.get('revoked_versions')} -> new version {d.get('new_version')} "
                 f"(key {d.get('new_key_id')} v{d.get('new_key_version')})\n  manifest {d.get('manifest_uri')}"
             )
+        if d.get("subjects_fenced"):
+            extra += f"; {d['subjects_fenced']} not yet enrolled moved to key {d.get('new_key_id')} (fenced)"
         return (
             f"{head}; subjects {d['subjects_done']}/{d['subjects_total']} reissued, {d['subjects_failed']} failed"
             + extra

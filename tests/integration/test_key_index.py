@@ -13,7 +13,7 @@ import pytest
 
 from worker.keys.providers import KeyRegistry
 from worker.storage import ObjectStore, TemplateStore, layout
-from worker.storage.keyindex import KeyIndex, backfill_key_index, subjects_under_key
+from worker.storage.keyindex import COMMITTED_UNDER, UNCOMMITTED_UNDER, KeyIndex, backfill_key_index, subjects_under_key
 from worker.storage.records import CurrentPointer, SourceImage, SubjectKeyRecord, TemplateRecord, encode_embedding
 
 T = "acme"
@@ -58,8 +58,12 @@ def _markers(store: ObjectStore, key_id: str) -> list[str]:
     return [o.key[len(prefix) :] for o in store.list(prefix)]
 
 
-def _hits(store: ObjectStore, key_id: str, job_id: str | None, use_index: bool) -> list[str]:
-    return [s for s, hit in subjects_under_key(store, T, key_id, job_id, use_index=use_index, threads=4) if hit]
+def _hits(
+    store: ObjectStore, key_id: str, job_id: str | None, use_index: bool, standing: str = COMMITTED_UNDER
+) -> list[str]:
+    """The subjects listed under ``key_id`` with ``standing`` (default: with a committed version, to reissue)."""
+    listed = subjects_under_key(store, T, key_id, job_id, use_index=use_index, threads=4)
+    return [s for s, st in listed if st == standing]
 
 
 class _CountingStore(ObjectStore):
@@ -124,6 +128,9 @@ def test_index_listing_gives_the_record_scan_answer_reading_only_undecided_subje
     assert sorted(_hits(counting, "k1", this, use_index=True)) == expected
     assert counting.read == {"uncommitted", "moved", "never-written", "lost-c", "half-moved"}
     assert sorted(_hits(store, "k1", this, use_index=False)) == expected  # the records say the same
+    # under the key with no committed version yet (a first enrolment maybe in flight): listed to be fenced
+    for use_index in (True, False):
+        assert _hits(store, "k1", this, use_index, UNCOMMITTED_UNDER) == ["uncommitted"]
     # another job: the subject "mine" was moved by someone else, so it is not under k1 any more
     assert sorted(_hits(store, "k1", "rev-later001", use_index=True)) == sorted(set(expected) - {"mine"})
     assert sorted(_hits(store, "k1", "rev-later001", use_index=False)) == sorted(set(expected) - {"mine"})
@@ -204,10 +211,16 @@ def test_key_revocation_lists_through_a_complete_index_across_hand_overs(rt, mon
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk
     chunks, handovers, fields = revoke("scan")  # no index.json: every subject's records are read, as before
     assert fields["listing_mode"] == "scan" and chunks == [under[:3], under[3:6], under[6:]] and handovers == 2
+    # the subject with no committed version: not reissued, moved to k2 and fenced (a fence-only pointer)
+    assert fields["subjects_fenced"] == "1"
+    assert KeyRegistry(rt.store).subject_key(T, "never-committed").key_id == "k2"  # type: ignore[union-attr]
+    fence = TemplateStore(rt.store).read_pointer(T, "never-committed")
+    assert fence is not None and fence[0].version is None and fence[0].key_epoch == 2
     KeyIndex(rt.store).mark_complete(T, "k1")
     chunks, handovers, fields = revoke("idx")
     assert fields["listing_mode"] == "index" and chunks == [under[:3], under[3:6], under[6:]] and handovers == 2
     assert fields["listing"] == "done" and fields["total"] == "7"
+    assert fields["subjects_fenced"] == "0"  # already moved off k1 by the first revocation
 
 
 @pytest.fixture

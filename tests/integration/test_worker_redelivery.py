@@ -338,7 +338,8 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
 
 def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> None:
     """A key with many subjects is listed across continuations: each picks up after the last subject listed (never
-    from the start), subjects under other keys or never committed are skipped, and every chunk is sent once."""
+    from the start), subjects under other keys are skipped, a subject never committed is fenced (not reissued), and
+    every chunk is sent once."""
     from worker_harness import job_id as new_id
 
     from worker.contracts import job_from_wire
@@ -373,6 +374,7 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     assert len(task.continued) == 2  # the last one finished the listing instead of handing over
     fields = rt.book.get_fields(job.job_id)
     assert fields["listing"] == "done" and rt.book.progress(job.job_id).total == 7
+    assert fields["subjects_fenced"] == "1"  # "never-committed": moved to k2 and fenced, nothing to reissue
     assert reg.is_revoked("acme", "k1") and not reg.is_revoked("beta", "k1")
 
 

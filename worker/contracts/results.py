@@ -80,6 +80,10 @@ class RevokeResult(_Result):
     subjects_total: int = Field(default=0, ge=0)
     subjects_done: int = Field(default=0, ge=0)
     subjects_failed: int = Field(default=0, ge=0)
+    subjects_fenced: int = Field(default=0, ge=0)
+    """Key revocation: subjects under the key with no committed version yet (a first enrolment possibly in flight),
+    moved to the new key and fenced so that nothing can become current under the revoked key; not in the counts
+    above (nothing to reissue)."""
     revoked_versions: list[int] = Field(default_factory=list)
     """Subject revocation: the version(s) marked revoked."""
     new_version: int | None = Field(default=None, ge=1)

@@ -23,6 +23,7 @@ from worker.errors import CancelableError, StaleKeyError
 from worker.keys.providers import KeyRegistry
 from worker.service.clock import now
 from worker.service.images import decode_image
+from worker.storage.keyindex import has_version
 from worker.storage.records import SourceImage, TemplateRecord
 from worker.storage.templates import CommittedVersion, TemplateStore
 
@@ -179,6 +180,31 @@ def run_engine(loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], jo
     return out
 
 
+def move_off_revoked_key(rt: Runtime, registry: KeyRegistry, ts: TemplateStore, job: EnrollJob) -> None:
+    """A subject whose key record names a key revoked for the tenant but that never had a committed version (an
+    enrolment under that key wrote the record after the revocation listed the tenant's subjects, then was refused):
+    move it to the job's key and fence it, as the revocation does for a subject it finds in that state
+    (``worker.service.revoke``). Without this the subject could never be enrolled again. A version under the
+    revoked key that slipped in meanwhile is marked revoked (the new version supersedes it)."""
+    known = registry.subject_key(job.tenant, job.subject)
+    if known is None or known.key_id == job.key_id or not registry.is_revoked(job.tenant, known.key_id):
+        return
+    if has_version(rt.store, job.tenant, job.subject):
+        return  # committed under the revoked key: the revocation reissues it (changing keys needs a revocation)
+    rt.keys.check_usable(job.tenant, job.key_id)  # the key it moves to: unknown / revoked -> fail, nothing written
+    rec = registry.bump_subject_key(
+        job.tenant,
+        job.subject,
+        reason="key revoked before any version was committed",
+        job_id=job.job_id,
+        new_key_id=job.key_id,
+    )
+    p = ts.raise_fence(job.tenant, job.subject, rec.epoch, fence_job=job.job_id)
+    if p is not None and p.version is not None:
+        ts.mark_revoked(job.tenant, job.subject, p.version, reason="key revoked", job_id=job.job_id)
+    log.info("a subject never committed moved off its revoked key to the enrolment's key")
+
+
 def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> EnrollResult:
     """Derive under the subject's current key epoch and commit; when a revocation fences the commit off
     (``StaleKeyError``), re-derive under the new epoch (the images are fetched and aligned once)."""
@@ -198,6 +224,7 @@ def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> Enro
             check_key(rt, job.tenant, job.key_id)
             if prepared is None:
                 prepared = fetch_and_prepare(rt, loaded.engine, job.tenant, list(job.images), "enroll")
+            move_off_revoked_key(rt, registry, ts, job)
             rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
             seed = seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
             (result,) = rt.run_engine(loaded, [(prepared.faces, seed)], "enroll")

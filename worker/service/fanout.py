@@ -49,6 +49,7 @@ def maybe_finalize_revoke(rt: Runtime, parent_job_id: str) -> dict[str, Any] | N
         "subjects_total": p.total or 0,
         "subjects_done": p.succeeded,
         "subjects_failed": p.failed,
+        "subjects_fenced": int(f.get("subjects_fenced", "0")),
         "attempts": int(f.get("attempts", "1")),
         "finished_at": now(),
     }

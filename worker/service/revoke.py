@@ -1,8 +1,11 @@
 """Revocation, outside Celery: the parent job of a revocation (``revoke``).
 
 Subject: check that a current version exists (else ``no_template``) and send one re-enrolment chunk. Whole key:
-mark the key revoked for the tenant, list the tenant's subjects under it and send them in chunks of
-``worker.revoke_chunk_size``; after the fan-out time budget the listing hands over to a continuation, which resumes
+refuse a key the key provider does not know and the tenant never used (``unknown_key``, nothing written), mark the
+key revoked for the tenant, list the tenant's subjects under it and send those with a committed version in chunks of
+``worker.revoke_chunk_size``; a subject under the key with no committed version yet (its first enrolment may be in
+flight) is fenced instead (``_fence_first_enrolment``): nothing under the revoked key can become current after the
+listing. After the fan-out time budget the listing hands over to a continuation, which resumes
 from the saved cursor. Chunk payloads are saved in the job book, so a re-delivered parent re-sends the same chunks.
 The parent returns a ``running`` result; the last chunk writes the terminal one (``worker.service.fanout``).
 Messages go out through a ``Dispatch`` (``worker.service.runtime``).
@@ -17,9 +20,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from worker.contracts import JobStatus, ReenrollChunk, RevokeJob, RevokeResult, child_job_id
+from worker.errors import RevokedKeyError, UnknownKeyError
 from worker.keys.providers import KeyRegistry
 from worker.service.fanout import maybe_finalize_revoke
-from worker.storage.keyindex import KeyIndex, subjects_under_key
+from worker.storage import layout
+from worker.storage.keyindex import COMMITTED_UNDER, UNCOMMITTED_UNDER, KeyIndex, subjects_under_key
 from worker.storage.templates import TemplateStore
 
 if TYPE_CHECKING:
@@ -47,10 +52,10 @@ def _send_chunk(rt: Runtime, job: RevokeJob, dispatch: Dispatch, index: int, sub
 
 def _subjects_under_key(
     rt: Runtime, job: RevokeJob, start_after: str | None, use_index: bool
-) -> Iterator[tuple[str, bool]]:
-    """(subject, under the revoked key?) in listing order after ``start_after``: from the key's subject index where
-    it is complete, else every subject's records (``worker.storage.keyindex``; reads ``REVOKE_READ_THREADS`` at a
-    time)."""
+) -> Iterator[tuple[str, str | None]]:
+    """(subject, standing under the revoked key: ``COMMITTED_UNDER``, ``UNCOMMITTED_UNDER`` or None) in listing
+    order after ``start_after``: from the key's subject index where it is complete, else every subject's records
+    (``worker.storage.keyindex``; reads ``REVOKE_READ_THREADS`` at a time)."""
     assert job.key_id is not None
     return subjects_under_key(
         rt.store, job.tenant, job.key_id, job.job_id, start_after, use_index=use_index, threads=REVOKE_READ_THREADS
@@ -73,6 +78,8 @@ def revoke(
     }
     if job.new_key_id is not None:
         rt.keys.check_usable(job.tenant, job.new_key_id)  # unknown / revoked replacement: fail before any change
+    if job.key_id is not None:
+        check_revocable_key(rt, job.tenant, job.key_id)  # unknown key: fail before any change
     if job.subject is not None:
         TemplateStore(rt.store).current(job.tenant, job.subject)  # NoTemplateError before any state change
     book.open_job(job.job_id, "revoke", **fields)
@@ -106,19 +113,25 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
         assert job.key_id is not None
         mode = "index" if KeyIndex(rt.store).is_complete(job.tenant, job.key_id) else "scan"
         book.set_fields(job.job_id, listing_mode=mode)
+    fenced = int(fields.get("subjects_fenced", "0"))
     size = rt.settings.worker.revoke_chunk_size
     budget = rt.settings.worker.fanout_budget
     t0 = time.monotonic()
     batch: list[str] = []
     last = cursor
-    for subject, hit in _subjects_under_key(rt, job, cursor, mode == "index"):
+    for subject, standing in _subjects_under_key(rt, job, cursor, mode == "index"):
         last = subject
-        if hit:
+        if standing == UNCOMMITTED_UNDER:
+            standing = COMMITTED_UNDER if _fence_first_enrolment(rt, job, subject) else None
+            fenced += int(standing is None)
+        if standing == COMMITTED_UNDER:
             batch.append(subject)
         if len(batch) >= size:
             _send_chunk(rt, job, dispatch, index, batch)
             index, total, batch = index + 1, total + len(batch), []
-            book.set_fields(job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total)
+            book.set_fields(
+                job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total, subjects_fenced=fenced
+            )
             if time.monotonic() - t0 > budget:
                 dispatch.continue_job(job, continuation + 1)
                 log.info("revoke %s: %d subjects listed, continuing in a new task", job.job_id, total)
@@ -126,10 +139,40 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     if batch:
         _send_chunk(rt, job, dispatch, index, batch)
         index, total = index + 1, total + len(batch)
-    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total)
+    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total, subjects_fenced=fenced)
     book.set_total(job.job_id, total)
     book.set_fields(job.job_id, listing="done")
     return True
+
+
+def check_revocable_key(rt: Runtime, tenant: str, key_id: str) -> None:
+    """``UnknownKeyError`` unless the key provider knows ``key_id`` (a key disabled there counts: revoking it is what
+    it is for) or the tenant's key index lists a subject under it (key material retired from the keyring before its
+    subjects were moved off it). Writes nothing."""
+    try:
+        if rt.keys.has_key(key_id):
+            return
+    except RevokedKeyError:
+        return
+    if next(iter(rt.store.list(layout.key_index_prefix(tenant, key_id))), None) is not None:
+        return
+    raise UnknownKeyError(f"key {key_id} is not known to the key provider nor used by tenant {tenant}; nothing changed")
+
+
+def _fence_first_enrolment(rt: Runtime, job: RevokeJob, subject: str) -> bool:
+    """A subject under the revoked key with no committed version: its first enrolment may be in flight. Move its
+    key record to the new key (``bump_subject_key``, idempotent per job) and write a fence-only pointer at the new
+    epoch (``TemplateStore.raise_fence``), so that an enrolment derived under the revoked key can never commit a
+    current version (it fails ``revoked_key``). Returns True when a first version was committed before the fence:
+    that subject is reissued like any other."""
+    rec = KeyRegistry(rt.store).bump_subject_key(
+        job.tenant, subject, reason=job.reason, job_id=job.job_id, new_key_id=job.new_key_id
+    )
+    p = TemplateStore(rt.store).raise_fence(job.tenant, subject, rec.epoch, fence_job=job.job_id)
+    if p is not None and p.version is not None:
+        return True
+    log.info("revoke %s: a subject with no committed version fenced off the revoked key", job.job_id)
+    return False
 
 
 def _revoke_status(rt: Runtime, job: RevokeJob, attempt: int, started: datetime) -> RevokeResult:
@@ -150,5 +193,6 @@ def _revoke_status(rt: Runtime, job: RevokeJob, attempt: int, started: datetime)
         subjects_total=p.total or 0,
         subjects_done=p.succeeded,
         subjects_failed=p.failed,
+        subjects_fenced=int(book.get_fields(job.job_id).get("subjects_fenced", "0")),
         new_key_id=job.new_key_id,
     )

@@ -1,7 +1,8 @@
 """Per-(tenant, key) subject index, and the listing of a key's subjects that a key revocation re-enrols.
 
 A key revocation must find every subject of the tenant whose ``key.json`` names the key (or that this revocation
-already moved off it) and that has a committed version. Reading two objects per subject (``key.json`` and
+already moved off it), and tell those with a committed version (reissued) from those without one yet (fenced: a
+first enrolment may be in flight; ``worker.service.revoke``). Reading two objects per subject (``key.json`` and
 ``current.json``) costs ~2 x 1.5 ms of client CPU per subject on this project's reference machine, so 10,000 subjects
 take ~50 s; the index answers the same question from LIST pages (1,000 markers each) for the common case.
 
@@ -28,7 +29,8 @@ Why the answer is the records' answer:
   which writes ``d.{job}`` first; a departure by this very job counts as under the key (the record check includes
   subjects this job moved, through their history); and ``current.json`` is never deleted.
 - Anything else (``p`` only: an enrolment not committed, or a crash between a marker and the write it announces; a
-  departure by another job) is read from S3: the subject's key.json, then its pointer.
+  departure by another job) is read from S3: the subject's key.json, then its pointer (a fence-only pointer, see
+  ``worker.storage.templates``, is no committed version).
 
 So a normal subject costs two markers in a LIST page (1,000 keys each) and no GET. The index is used only where it
 is marked complete: for a tenant with subjects from before index-aware writers, run ``backfill_key_index`` (one key,
@@ -137,19 +139,30 @@ def subject_key_record(store: ObjectStore, tenant: str, subject: str) -> Subject
     return SubjectKeyRecord.model_validate(data)
 
 
-def has_pointer(store: ObjectStore, tenant: str, subject: str) -> bool:
-    return store.exists(layout.current_key(tenant, subject))
+COMMITTED_UNDER, UNCOMMITTED_UNDER = "committed", "uncommitted"
+"""How a listed subject stands under the key: under it with a committed version (to reissue), or under it with none
+yet (its first enrolment may be in flight: the revocation fences it)."""
 
 
-def under_key(store: ObjectStore, tenant: str, subject: str, key_id: str, job_id: str | None) -> bool:
-    """From the records: ``subject``'s key.json names ``key_id`` (or revocation ``job_id`` moved it off that key)
-    and it has a committed version. Two requests."""
+def has_version(store: ObjectStore, tenant: str, subject: str) -> bool:
+    """The subject has a committed version: a pointer that names one (a fence-only pointer names none)."""
+    try:
+        data, _ = store.get_json(layout.current_key(tenant, subject))
+    except ObjectNotFoundError:
+        return False
+    return isinstance(data, dict) and data.get("version") is not None
+
+
+def standing_under_key(store: ObjectStore, tenant: str, subject: str, key_id: str, job_id: str | None) -> str | None:
+    """From the records: ``COMMITTED_UNDER`` / ``UNCOMMITTED_UNDER`` when ``subject``'s key.json names ``key_id`` (or
+    revocation ``job_id`` moved it off that key), with or without a committed version; None otherwise. Two
+    requests."""
     rec = subject_key_record(store, tenant, subject)
     if rec is None:
-        return False
+        return None
     if rec.key_id != key_id and not any(h.get("job_id") == job_id for h in rec.history):
-        return False
-    return has_pointer(store, tenant, subject)  # never committed: nothing to reissue
+        return None
+    return COMMITTED_UNDER if has_version(store, tenant, subject) else UNCOMMITTED_UNDER
 
 
 def subjects_under_key(
@@ -161,11 +174,11 @@ def subjects_under_key(
     *,
     use_index: bool,
     threads: int = READ_THREADS,
-) -> Iterator[tuple[str, bool]]:
-    """(subject, to be re-enrolled?) for every subject that may be under ``key_id``, in listing order after
-    ``start_after`` (a cursor from the same mode). ``use_index``: from the key's index (only where it is complete),
-    reading only the subjects it leaves undecided; otherwise every subject of the tenant, each read from S3. Reads
-    run ``threads`` at a time; results come back in listing order."""
+) -> Iterator[tuple[str, str | None]]:
+    """(subject, standing) for every subject that may be under ``key_id``, in listing order after ``start_after`` (a
+    cursor from the same mode); standing as ``standing_under_key``. ``use_index``: from the key's index (only where
+    it is complete), reading only the subjects it leaves undecided; otherwise every subject of the tenant, each read
+    from S3. Reads run ``threads`` at a time; results come back in listing order."""
     items: Iterator[tuple[str, bool]]
     if use_index:
         items = ((e.subject, e.decided(job_id)) for e in KeyIndex(store).entries(tenant, key_id, start_after))
@@ -178,16 +191,16 @@ def subjects_under_key(
             page = list(islice(items, PAGE if use_index else threads * 4))
             if not page:
                 return
-            reads: list[Future[bool] | None] = []
+            reads: list[Future[str | None] | None] = []
             for subject, decided in page:
                 if decided:
                     reads.append(None)
                     continue
                 if pool is None:
                     pool = ThreadPoolExecutor(threads)
-                reads.append(pool.submit(under_key, store, tenant, subject, key_id, job_id))
+                reads.append(pool.submit(standing_under_key, store, tenant, subject, key_id, job_id))
             for (subject, _), fut in zip(page, reads, strict=True):
-                yield subject, True if fut is None else fut.result()
+                yield subject, COMMITTED_UNDER if fut is None else fut.result()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -207,7 +220,7 @@ def backfill_key_index(
         if rec is None or (key_id is not None and rec.key_id != key_id):
             return 0
         index.pending(tenant, rec.key_id, subject)
-        if has_pointer(store, tenant, subject):
+        if has_version(store, tenant, subject):
             index.committed(tenant, rec.key_id, subject)
         return 1
 
@@ -225,8 +238,10 @@ __all__ = [
     "IndexEntry",
     "KeyIndex",
     "backfill_key_index",
-    "has_pointer",
+    "COMMITTED_UNDER",
+    "UNCOMMITTED_UNDER",
+    "has_version",
+    "standing_under_key",
     "subject_key_record",
     "subjects_under_key",
-    "under_key",
 ]

@@ -117,11 +117,15 @@ class CurrentPointer(_Rec):
     pointer's is refused: the check and the move are one conditional PUT of this object, so a revocation can never
     be overtaken by an enrolment that derived its seed before it. When ``key_epoch`` is above the epoch of the
     version it points at, that version's key was revoked and a reissue is in flight.
+
+    A *fence-only* pointer (``version`` None) is written by a key revocation for a subject under the revoked key that
+    has no committed version yet (its first enrolment may be in flight): the subject has no current version, and no
+    commit derived under an older epoch can ever create one. ``job_id`` is then the revocation's.
     """
 
     kind: Literal["current"] = "current"
-    version: int = Field(ge=1)
-    manifest_key: str
+    version: int | None = Field(default=None, ge=1)
+    manifest_key: str | None = None
     job_id: str
     key_epoch: int | None = Field(default=None, ge=1)
     updated_at: datetime = Field(default_factory=utcnow)

@@ -73,7 +73,8 @@ def read_subject(store: ObjectStore, tenant: str, subject: str) -> SubjectState 
     if key_rec is not None:
         st = _json(store, layout.key_state_key(tenant, key_rec.key_id))
         key_revoked = st is not None and KeyStateRecord.model_validate(st).state == "revoked"
-    cur = ts.get_manifest(tenant, subject, pointer[0].version) if pointer is not None else None
+    version = pointer[0].version if pointer is not None else None  # None: nothing, or fence-only (no version yet)
+    cur = ts.get_manifest(tenant, subject, version) if version is not None else None
     revoked = []
     for o in store.list(layout.revocations_prefix(tenant, subject)):
         data = _json(store, o.key)

@@ -18,7 +18,13 @@ holds the newest epoch any writer has seen; a revocation raises it (``raise_fenc
 key record and before re-enrolling. A commit whose epoch is below the pointer's is refused in the same conditional
 PUT that would move the pointer: its manifest is marked revoked (reason ``FENCED``) and ``StaleKeyError`` tells
 the job to re-derive. So an enrolment in flight during a revocation can never become current under the revoked key
-version, and a reissue can never be overtaken (tests/faults/test_revocation_fence.py).
+version, and a reissue can never be overtaken (tests/integration/test_faults_revocation.py).
+
+First enrolments and key revocations: a subject whose first commit has not happened yet has no pointer to fence. A
+key revocation that finds such a subject under the revoked key moves its ``key.json`` to the new key and writes a
+*fence-only* pointer (no version) at the new epoch with ``If-None-Match``; the first commit writes its pointer with
+``If-None-Match`` too, so exactly one of them wins: either the commit (then the revocation reissues the subject like
+any committed one) or the fence (then the enrolment's commit is refused as above and the job fails ``revoked_key``).
 
 Readers go pointer -> manifest -> artefacts, so they only ever see committed versions with every artefact written.
 
@@ -127,7 +133,7 @@ class TemplateStore:
     def current(self, tenant: str, subject: str) -> CommittedVersion:
         """The current version (with the pointer's fence epoch); raises ``NoTemplateError`` when there is none."""
         p = self.read_pointer(tenant, subject)
-        if p is None:
+        if p is None or p[0].version is None:  # none, or fence-only (a key revocation before any commit)
             raise NoTemplateError(f"no committed template for {tenant}/{subject}")
         m = self.get_manifest(tenant, subject, p[0].version)
         c = self._committed(tenant, subject, m, False)
@@ -252,7 +258,7 @@ class TemplateStore:
         )
 
         # 3. claim a slot, walking up from where neither this job nor its twins can have committed below
-        slot = max(first_free, (p[0].version + 1) if p else 1)
+        slot = max(first_free, ((p[0].version or 0) + 1) if p else 1)
         for _ in range(MAX_SLOTS):
             manifest = VersionManifest(
                 tenant=tenant,
@@ -301,7 +307,7 @@ class TemplateStore:
                 self.mark_revoked(tenant, subject, m.version, reason=FENCED, job_id=m.job_id)
                 raise StaleKeyError(f"{tenant}/{subject}: key revoked while the job ran (re-derive)")
             newer_epoch = ours is not None and (theirs is None or ours > theirs)
-            if p is not None and p[0].version >= m.version and not newer_epoch:
+            if p is not None and (p[0].version or 0) >= m.version and not newer_epoch:
                 return
             new = CurrentPointer(
                 version=m.version,
@@ -320,19 +326,34 @@ class TemplateStore:
             return
         raise VersionConflictError(f"{tenant}/{subject}: current pointer kept changing ({POINTER_TRIES} tries)")
 
-    def raise_fence(self, tenant: str, subject: str, key_epoch: int) -> bool:
+    def raise_fence(
+        self, tenant: str, subject: str, key_epoch: int, *, fence_job: str | None = None
+    ) -> CurrentPointer | None:
         """Raise the pointer's key epoch to ``key_epoch`` (never lowers it). From then on no commit derived under
-        an older epoch can become current. Returns False when the subject has no pointer (nothing to fence)."""
+        an older epoch can become current. Returns the pointer as it now stands, or None when the subject has no
+        pointer (nothing to fence).
+
+        ``fence_job``: where there is no pointer, create a fence-only one (no version, ``job_id`` = ``fence_job``)
+        with ``If-None-Match``, racing the first commit's own ``If-None-Match`` pointer write: exactly one wins. If
+        the commit won, its pointer is fenced like any other (and returned with its version)."""
         key = layout.current_key(tenant, subject)
         for _ in range(POINTER_TRIES):
             p = self.read_pointer(tenant, subject)
             if p is None:
-                return False
+                if fence_job is None:
+                    return None
+                fence = CurrentPointer(job_id=fence_job, key_epoch=key_epoch)
+                try:
+                    self.store.put_json(key, fence, if_none_match=True)
+                    return fence
+                except VersionConflictError:
+                    continue  # the first commit moved the pointer meanwhile: fence that one
             if (p[0].key_epoch or 0) >= key_epoch:
-                return True
+                return p[0]
+            raised = p[0].model_copy(update={"key_epoch": key_epoch})
             try:
-                self.store.put_json(key, p[0].model_copy(update={"key_epoch": key_epoch}), if_match=p[1])
-                return True
+                self.store.put_json(key, raised, if_match=p[1])
+                return raised
             except VersionConflictError:
                 continue
         raise VersionConflictError(f"{tenant}/{subject}: current pointer kept changing ({POINTER_TRIES} tries)")
