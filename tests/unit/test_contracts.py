@@ -124,6 +124,9 @@ def test_s3ref_is_a_string_on_the_wire():
         "s3://IN/a.jpg",
         "s3://abc/b/../c.jpg",
         "s3://abc/x\n",
+        "s3://abc/tenants/acme/..\\x.jpg",  # SeaweedFS reads the backslash as '/': a '..' segment
+        "s3://abc/a\\b.jpg",
+        "s3://abc/a\x85b.jpg",  # C1 control character
         "s3://a_b/c",
         "s3://192.168.1.1/x",
         "s3://inb//x",
