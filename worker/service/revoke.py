@@ -41,7 +41,7 @@ def _send_chunk(rt: Runtime, job: RevokeJob, dispatch: Dispatch, index: int, sub
         purge_old_images=job.purge_old_images,
     )
     payload = chunk.model_dump(mode="json")
-    rt.book.push_chunk(job.job_id, index, payload)
+    rt.book.push_chunk(job.ref, index, payload)
     dispatch.send_chunk(payload)
 
 
@@ -75,15 +75,15 @@ def revoke(
         rt.keys.check_usable(job.tenant, job.new_key_id)  # unknown / revoked replacement: fail before any change
     if job.subject is not None:
         TemplateStore(rt.store).current(job.tenant, job.subject)  # NoTemplateError before any state change
-    book.open_job(job.job_id, "revoke", **fields)
-    if book.get_fields(job.job_id).get("listing") == "done":
-        for i, payload in enumerate(book.chunks(job.job_id)):  # re-delivered parent: re-send, chunks are idempotent
+    book.open_job(job.ref, "revoke", **fields)
+    if book.get_fields(job.ref).get("listing") == "done":
+        for i, payload in enumerate(book.chunks(job.ref)):  # re-delivered parent: re-send, chunks are idempotent
             dispatch.send_chunk(payload)
             log.debug("re-sent chunk %d of %s", i, job.job_id)
     elif job.subject is not None:
-        book.set_total(job.job_id, 1)
+        book.set_total(job.ref, 1)
         _send_chunk(rt, job, dispatch, 0, [job.subject])
-        book.set_fields(job.job_id, listing="done")
+        book.set_fields(job.ref, listing="done")
     else:
         if job.key_id is None:  # cannot happen: the contracts require a subject or a key
             raise ValueError("a revocation names a subject or a key")
@@ -98,14 +98,14 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     time budget, save the cursor and re-queue the task as a continuation (returns False); True when the listing
     is complete. A re-delivered continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
     book = rt.book
-    fields = book.get_fields(job.job_id)
+    fields = book.get_fields(job.ref)
     cursor = fields.get("listing_cursor") or None
     index, total = int(fields.get("chunks_sent", "0")), int(fields.get("subjects_listed", "0"))
     mode = fields.get("listing_mode") or ("scan" if cursor else None)  # a cursor is valid in its own mode only
     if mode is None:
         assert job.key_id is not None
         mode = "index" if KeyIndex(rt.store).is_complete(job.tenant, job.key_id) else "scan"
-        book.set_fields(job.job_id, listing_mode=mode)
+        book.set_fields(job.ref, listing_mode=mode)
     size = rt.settings.worker.revoke_chunk_size
     budget = rt.settings.worker.fanout_budget
     t0 = time.monotonic()
@@ -118,7 +118,7 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
         if len(batch) >= size:
             _send_chunk(rt, job, dispatch, index, batch)
             index, total, batch = index + 1, total + len(batch), []
-            book.set_fields(job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total)
+            book.set_fields(job.ref, listing_cursor=last or "", chunks_sent=index, subjects_listed=total)
             if time.monotonic() - t0 > budget:
                 dispatch.continue_job(job, continuation + 1)
                 log.info("revoke %s: %d subjects listed, continuing in a new task", job.job_id, total)
@@ -126,18 +126,19 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     if batch:
         _send_chunk(rt, job, dispatch, index, batch)
         index, total = index + 1, total + len(batch)
-    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total)
-    book.set_total(job.job_id, total)
-    book.set_fields(job.job_id, listing="done")
+    book.set_fields(job.ref, chunks_sent=index, subjects_listed=total)
+    book.set_total(job.ref, total)
+    book.set_fields(job.ref, listing="done")
     return True
 
 
 def _revoke_status(rt: Runtime, job: RevokeJob, attempt: int, started: datetime) -> RevokeResult:
     book = rt.book
-    final = maybe_finalize_revoke(rt, job.job_id)  # no subjects, or every chunk finished before the total was known
+    # no subjects, or every chunk finished before the total was known
+    final = maybe_finalize_revoke(rt, job.tenant, job.job_id)
     if final is not None:
         return RevokeResult.model_validate(final)
-    p = book.progress(job.job_id)
+    p = book.progress(job.ref)
     return RevokeResult(
         job_id=job.job_id,
         tenant=job.tenant,
