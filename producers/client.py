@@ -445,7 +445,7 @@ def job_reference(job: Any) -> str:
     try:
         tenant, job_id = parse_job_ref(job)
     except ValueError as e:
-        raise MalformedJobError(f"{e} (job IDs are unique per tenant), got {job[:140]!r}") from None
+        raise MalformedJobError(f"a job is named TENANT/JOB_ID: {e}") from None
     return f"{tenant}/{job_id}"
 
 

@@ -161,7 +161,7 @@ def show_status(client: Any, args: argparse.Namespace) -> int:
     try:
         parse_job_ref(ref)
     except ValueError as e:
-        raise CliError(f"cancelable status: {e} (or JOB_ID --tenant TENANT)") from None
+        raise CliError(f"cancelable status: {e} (a job is named TENANT/JOB_ID, or JOB_ID --tenant TENANT)") from None
     st = client.status(ref)
     if st["state"] == "unknown":
         raise CliError(

@@ -52,7 +52,7 @@ def job_ref(tenant: str, job_id: str) -> str:
 def parse_job_ref(ref: str) -> tuple[str, str]:
     """``{tenant}/{job_id}`` -> ``(tenant, job_id)``; ``ValueError`` for anything else (a bare job ID included)."""
     if not isinstance(ref, str) or JOB_REF_SEP not in ref:
-        raise ValueError("a job is named TENANT/JOB_ID")
+        raise ValueError("no tenant in the job reference (job IDs are unique per tenant)")
     tenant, _, job_id = ref.partition(JOB_REF_SEP)
     return check_name(tenant, "tenant"), check_job_id(job_id)
 
