@@ -5,7 +5,7 @@
     cancelable revoke  --tenant T --subject S --reason "leaked"          (or --key K --new-key K2)
     cancelable bulk    --tenant T --key K manifest.csv|s3://b/m.jsonl|s3://b/prefix/ [--format prefix]
     cancelable upload  --tenant T a.jpg b.jpg                           (prints one s3:// reference per photo)
-    cancelable status  JOB_ID
+    cancelable status  TENANT/JOB_ID                                     (or JOB_ID --tenant T)
     cancelable subject TENANT SUBJECT
 
 Local photos are uploaded to the tenant's input prefix, ``s3://$CANCELABLE_S3__INPUT_BUCKET/tenants/T/uploads/``,
@@ -38,7 +38,7 @@ EXIT_CODES = "exit status:\n" + "\n".join(
         ("ok", "done: the job succeeded (verify: ACCEPT); status/subject: found"),
         ("failed", "the job failed or was dead-lettered (the error code is printed)"),
         ("bad_input", "bad input or configuration: nothing was queued (revoke: also an unknown key ID)"),
-        ("timeout", "timed out waiting (the job may still finish: cancelable status JOB_ID)"),
+        ("timeout", "timed out waiting (the job may still finish: cancelable status TENANT/JOB_ID)"),
         ("unavailable", "cannot reach Redis or S3"),
         ("reject", "verify ran and REJECTED the probe (score below the threshold)"),
         ("not_found", "status: unknown job ID; subject: nothing stored for that subject"),
@@ -139,11 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("files", nargs="+", help="local JPEG, PNG or WebP photos")
 
     s = _sub(sub, "status", "state of a job (bulk and revoke: progress by state)")
-    s.add_argument("job_id", help="the job ID printed when the job was queued")
+    s.add_argument(
+        "job_id",
+        metavar="TENANT/JOB_ID",
+        help="the job as printed when it was queued (job IDs are unique per tenant), or its job ID with --tenant",
+    )
+    s.add_argument("--tenant", help="the job's tenant, when JOB_ID alone is given")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
 
     rd = _sub(sub, "redrive", "queue dead-lettered jobs again under their own job IDs")
-    rd.add_argument("job_ids", nargs="*", metavar="job_id", help="dead-lettered job IDs to queue again")
+    rd.add_argument("job_ids", nargs="*", metavar="TENANT/JOB_ID", help="dead-lettered jobs to queue again")
     rd.add_argument("--all-dead", action="store_true", help="every dead-lettered job recorded in Redis")
 
     ix = _sub(

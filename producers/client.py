@@ -1,9 +1,13 @@
 """``Client``: queue jobs by task NAME, wait for their results, read fan-out progress. Never imports torch.
 
 Jobs are validated with the contracts before anything is queued (unknown fields, malformed refs and bad IDs raise
-``MalformedJobError``). Results are read from the workers' Redis result records (``{p}:result:{job_id}``), which
-every terminal job writes, fan-out parents included (the Celery result of a revoke or bulk task only says
+``MalformedJobError``). Results are read from the workers' Redis result records (``{p}:result:{tenant}/{job_id}``),
+which every terminal job writes, fan-out parents included (the Celery result of a revoke or bulk task only says
 ``running``).
+
+A job ID is unique only within its tenant: a job is named by its *reference* ``{tenant}/{job_id}``
+(``worker.contracts.job_ref``, ``job.ref``), which ``submit`` returns, ``wait`` / ``result`` / ``status`` /
+``redrive`` take (or the job itself), and which is the Celery task ID of its message.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from worker.contracts import (
     RevokeJob,
     VerifyJob,
     job_from_wire,
+    parse_job_ref,
     result_from_wire,
     to_wire,
 )
@@ -252,16 +257,16 @@ class Client:
 
     # --- sending -------------------------------------------------------------------------------------------------
     def submit(self, job: Any) -> str:
-        """Validate and queue a job; returns its job ID (also the Celery task ID)."""
+        """Validate and queue a job; returns its reference ``tenant/job_id`` (also the Celery task ID)."""
         job = self.validate(job)
         self._send(job)
-        self.book.mark_submitted(str(job.job_id))
-        return str(job.job_id)
+        self.book.mark_submitted(job.ref)
+        return str(job.ref)
 
     def submit_many(self, jobs: Iterable[Any], batch: int = PUBLISH_BATCH, *, background: bool = False) -> list[str]:
         """``submit`` for many jobs, ``batch`` at a time: each batch is validated, then published in one Redis round
         trip (plus one for the submit markers). The list items are the ones ``submit`` pushes (same envelope, queue,
-        headers, task IDs; see ``worker.broker.publish.MessageTemplate``). Returns the job IDs in order.
+        headers, task IDs; see ``worker.broker.publish.MessageTemplate``). Returns the job references in order.
         ``background=True`` sends enrol and verify jobs to the bulk engine queue, behind every user's interactive
         work (for back-office batches; ``cancelable bulk`` does this by itself).
 
@@ -282,9 +287,7 @@ class Client:
                         slow.append(job)
                         continue
                     name, _ = TASK_FOR_KIND[job.kind]
-                    item = tpl.render(
-                        str(job.job_id), [to_wire(job)], short_argsrepr(job.kind, str(job.job_id)), time.time()
-                    )
+                    item = tpl.render(job.ref, [to_wire(job)], short_argsrepr(job.kind, str(job.job_id)), time.time())
                     pushes.setdefault(tpl.key, []).append(item)
                 if pushes:
                     pipe = broker.pipeline(transaction=False)
@@ -295,7 +298,7 @@ class Client:
                     with pipelined(self.app, batch) as p:
                         for job in slow:
                             self._send(job, p, background)
-                chunk_ids = [str(job.job_id) for job in chunk]
+                chunk_ids = [str(job.ref) for job in chunk]
                 self.book.mark_submitted_many(chunk_ids)
                 ids.extend(chunk_ids)
         return ids
@@ -310,7 +313,7 @@ class Client:
                     self.app,
                     name,
                     queue,
-                    str(job.job_id),
+                    job.ref,
                     [to_wire(job)],
                     short_argsrepr(job.kind, str(job.job_id)),
                     headers={"sent_at": 0.0},
@@ -328,7 +331,7 @@ class Client:
         self.app.send_task(
             name,
             args=[to_wire(job)],
-            task_id=job.job_id,
+            task_id=job.ref,
             queue=queue,
             ignore_result=True,
             headers={"sent_at": time.time()},  # exact queue age in the metrics (worker.metrics.SENT_AT_HEADER)
@@ -336,9 +339,10 @@ class Client:
             producer=producer,
         )
 
-    def result(self, job_id: str) -> Any | None:
-        """The terminal result of ``job_id`` (a contracts result model), or None while it is not finished."""
-        raw = self.book.get_result(job_id)
+    def result(self, job: Any) -> Any | None:
+        """The terminal result of ``job`` (a reference ``tenant/job_id`` or the job; a contracts result model), or None
+        while it is not finished."""
+        raw = self.book.get_result(job_reference(job))
         if raw is None:
             return None
         try:
@@ -348,23 +352,25 @@ class Client:
 
     def wait(
         self,
-        job_id: str,
+        job: Any,
         timeout: float = 600.0,
         poll: float = 0.2,
         on_progress: Callable[[JobProgress], None] | None = None,
     ) -> Any:
-        """Block until ``job_id`` is terminal; returns its result. ``on_progress`` gets fan-out progress."""
+        """Block until ``job`` (a reference ``tenant/job_id`` or the job) is terminal; returns its result.
+        ``on_progress`` gets fan-out progress."""
+        ref = job_reference(job)
         deadline = time.monotonic() + timeout
         while True:
-            res = self.result(job_id)
+            res = self.result(ref)
             if res is not None:
-                if on_progress is not None and self.book.exists(job_id):
-                    on_progress(self.book.progress(job_id))
+                if on_progress is not None and self.book.exists(ref):
+                    on_progress(self.book.progress(ref))
                 return res
-            if on_progress is not None and self.book.exists(job_id):
-                on_progress(self.book.progress(job_id))
+            if on_progress is not None and self.book.exists(ref):
+                on_progress(self.book.progress(ref))
             if time.monotonic() > deadline:
-                raise JobTimeout(f"job {job_id} not finished after {timeout:.0f} s (it may still finish)")
+                raise JobTimeout(f"job {ref} not finished after {timeout:.0f} s (it may still finish)")
             time.sleep(poll)
 
     def run(self, job: Any, timeout: float = 600.0, **kw: Any) -> Any:
@@ -372,12 +378,15 @@ class Client:
         return self.wait(self.submit(job), timeout=timeout, **kw)
 
     # --- status ----------------------------------------------------------------------------------------------------
-    def status(self, job_id: str) -> dict[str, Any]:
-        """What is known about ``job_id``: terminal result, fan-out counts by state, attempts, dead letter.
+    def status(self, job: Any) -> dict[str, Any]:
+        """What is known about ``job`` (a reference ``tenant/job_id`` or the job): terminal result, fan-out counts by
+        state, attempts, dead letter.
 
         ``state`` is ``unknown`` when nothing is recorded: never queued through a ``Client``, its records expired
         (30 days), or a fan-out child that has not started yet."""
-        out: dict[str, Any] = {"job_id": job_id}
+        job_id = job_reference(job)
+        tenant, plain = parse_job_ref(job_id)
+        out: dict[str, Any] = {"job": job_id, "tenant": tenant, "job_id": plain}
         book = self.book
         res = book.get_result(job_id)
         if book.exists(job_id):
@@ -405,21 +414,26 @@ class Client:
                 out["state"] = "unknown"
         return out
 
-    def redrive(self, job_id: str) -> str:
-        """Queue a dead-lettered job again under the same job ID (its Redis result, attempts and dead letter are
-        cleared first; the S3 dead letter stays as the record). Raises ``MalformedJobError`` when ``job_id`` has no
-        dead letter, or one without the job (a poison message: it never was a job)."""
-        dl = self.book.get_dead_letter(job_id)
+    def redrive(self, job: Any) -> str:
+        """Queue a dead-lettered job (a reference ``tenant/job_id``) again under the same job ID (its Redis result,
+        attempts and dead letter are cleared first; the S3 dead letter stays as the record). Raises
+        ``MalformedJobError`` when it has no dead letter, or one without the job (a refused message: it never was a
+        job), or one whose job is not that job."""
+        ref = job_reference(job)
+        dl = self.book.get_dead_letter(ref)
         if dl is None:
-            raise MalformedJobError(f"job {job_id} has no dead letter to redrive")
+            raise MalformedJobError(f"job {ref} has no dead letter to redrive")
         if not isinstance(dl.get("job"), dict) or not dl["job"]:
-            raise MalformedJobError(f"dead letter {job_id} holds no job (a malformed message cannot be re-driven)")
-        job = self.validate(dl["job"])
-        self.book.clear_for_redrive(job_id)
-        return self.submit(job)
+            raise MalformedJobError(f"dead letter {ref} holds no job (a malformed message cannot be re-driven)")
+        queued = self.validate(dl["job"])
+        if queued.ref != ref:
+            raise MalformedJobError(f"dead letter {ref} holds another job")
+        self.book.clear_for_redrive(ref)
+        return self.submit(queued)
 
     def dead_letters(self, limit: int = 1000) -> list[str]:
-        """Job IDs with a dead letter in Redis, newest first."""
+        """References of the jobs with a dead letter in Redis (``tenant/job_id``; ``poison-...`` for refused messages
+        that name no job), newest first."""
         return self.book.dead_letters(limit)
 
     def ping(self, timeout: float = 30.0, engine: bool = False) -> dict[str, Any]:
@@ -431,6 +445,19 @@ class Client:
         if self._redis is not None:
             self._redis.close()
         self.app.close()
+
+
+def job_reference(job: Any) -> str:
+    """``tenant/job_id`` of ``job``: a job model (or result) or a reference string; ``MalformedJobError`` for a bare
+    job ID, which names no job on its own (job IDs are unique per tenant)."""
+    if not isinstance(job, str):
+        tenant, job_id = getattr(job, "tenant", None), getattr(job, "job_id", None)
+        job = f"{tenant}/{job_id}"
+    try:
+        tenant, job_id = parse_job_ref(job)
+    except ValueError as e:
+        raise MalformedJobError(f"a job is named TENANT/JOB_ID: {e}") from None
+    return f"{tenant}/{job_id}"
 
 
 def _one_line(e: Exception) -> str:

@@ -124,17 +124,17 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
     out = sys.stderr if args.json else sys.stdout
     for img, uri in zip(uploads, client.upload(uploads), strict=True):
         print(f"uploaded {img.path} -> {uri}", file=out, flush=True)
-    job_id = client.submit(job)
+    ref = client.submit(job)  # tenant/job_id: job IDs are unique per tenant
     if args.no_wait:
-        print(job_id)
+        print(ref)
         return EXIT_OK
     bar = update = None
     if job.kind in ("bulk", "revoke") and not args.json:
-        bar, update = _progress_bar(f"{job.kind} {job_id[:12]}")
+        bar, update = _progress_bar(f"{job.kind} {job.job_id[:12]}")
     try:
-        res = client.wait(job_id, timeout=args.timeout, on_progress=update)
+        res = client.wait(ref, timeout=args.timeout, on_progress=update)
     except JobTimeout as e:
-        raise CliError(f"{e}; check later with: cancelable status {job_id}", EXIT_TIMEOUT) from None
+        raise CliError(f"{e}; check later with: cancelable status {ref}", EXIT_TIMEOUT) from None
     finally:
         if bar is not None:
             bar.close()
@@ -161,19 +161,21 @@ def upload_files(client: Any, args: argparse.Namespace) -> int:
 
 
 def show_status(client: Any, args: argparse.Namespace) -> int:
-    from worker.contracts import check_job_id
+    """``status TENANT/JOB_ID`` (what a queued job prints) or ``status JOB_ID --tenant TENANT``."""
+    from worker.contracts import parse_job_ref
 
+    ref = f"{args.tenant}/{args.job_id}" if args.tenant and "/" not in args.job_id else args.job_id
     try:
-        check_job_id(args.job_id)
+        parse_job_ref(ref)
     except ValueError as e:
-        raise CliError(f"cancelable status: {e}") from None
-    st = client.status(args.job_id)
+        raise CliError(f"cancelable status: {e} (a job is named TENANT/JOB_ID, or JOB_ID --tenant TENANT)") from None
+    st = client.status(ref)
     if st["state"] == "unknown":
         raise CliError(
-            f"unknown job {args.job_id}: never queued here, its records expired, or a fan-out child not started yet",
+            f"unknown job {ref}: never queued here, its records expired, or a fan-out child not started yet",
             EXIT_NOT_FOUND,
         )
-    print(json.dumps(st, indent=2, sort_keys=True, default=str) if args.json else status_summary(args.job_id, st))
+    print(json.dumps(st, indent=2, sort_keys=True, default=str) if args.json else status_summary(ref, st))
     return EXIT_OK
 
 

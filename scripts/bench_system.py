@@ -270,7 +270,7 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int, f
             peak["main"] = max(peak["main"], rss_mb(worker.pid))
             for c in children(worker.pid):
                 peak["child"] = max(peak["child"], rss_mb(c))
-            book = client.book.get_fields(job.job_id)
+            book = client.book.get_fields(job.ref)
             if book.get("listing") == "done":
                 break
             if worker.poll() is not None:
@@ -282,7 +282,7 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int, f
         time.sleep(0.2)
         drainer.stop.set()
         drainer.join()
-        continuations = len(r.keys(f"cf:attempts:{job.job_id}-c*"))
+        continuations = len(r.keys(f"cf:attempts:{job.ref}-c*"))
         res: dict[str, Any] = {
             "rows": rows,
             "seconds": dt,
@@ -342,7 +342,7 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
                 "manifest": {"format": fmt, "uri": uri},
             }
         )
-        key = f"cf:job:{job.job_id}"
+        key = f"cf:job:{job.ref}"
         r.delete(key)
         if cursor:
             fields: dict[Any, Any] = {"kind": "bulk", "state": "running", "cursor": str(cursor)}
@@ -464,7 +464,7 @@ def run_key_revoke(rt: Any, r: Any, tenant: str, key_id: str, tag: str) -> dict[
         continuation += 1
     dt = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    fields = rt.book.get_fields(job.job_id)
+    fields = rt.book.get_fields(job.ref)
     assert fields.get("listing") == "done", fields
     return {
         "seconds": dt,
@@ -698,7 +698,7 @@ def bench_batching(env: dict[str, str], svc: Any, work: Path, args: argparse.Nam
         log_start = worker.log.stat().st_size
         cpu0, t0 = cpu_seconds(worker.popen.pid), time.perf_counter()
         client.submit_many(jobs)
-        results = [client.wait(j.job_id, timeout=3600, poll=0.05) for j in jobs]
+        results = [client.wait(j.ref, timeout=3600, poll=0.05) for j in jobs]
         wall, cpu = time.perf_counter() - t0, cpu_seconds(worker.popen.pid) - cpu0
         bad = [r for r in results if r.status != JobStatus.SUCCEEDED]
         if bad:

@@ -96,6 +96,14 @@ class ForbiddenInputError(StorageError):
     retryable = False
 
 
+class InvalidInputError(StorageError):
+    """S3 refused a request for good (HTTP 4xx other than throttling and timeouts): a key S3 cannot take, an object
+    the worker may not read (access denied, encrypted with a customer-provided key). Retrying cannot help."""
+
+    code = "invalid_input"
+    retryable = False
+
+
 class ObjectNotFoundError(StorageError):
     code = "object_not_found"
     retryable = False

@@ -16,7 +16,7 @@ OUT = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 SERVER_ERRORS = (
     'outcome=~"failed|dead_lettered",error_code!~"invalid_image|image_too_large|unsupported_format|no_face|'
-    'multiple_faces|invalid_tensor|unknown_key|revoked_key|no_template|object_not_found|forbidden_input|malformed_job"'
+    'multiple_faces|invalid_tensor|unknown_key|revoked_key|no_template|object_not_found|forbidden_input|invalid_input|malformed_job"'
 )
 
 

@@ -133,9 +133,9 @@ def test_handed_over_stream_sends_the_children_of_one_pass(rt, monkeypatch, fmt:
     assert len(gets) > 2  # it really was handed over
     assert sorted(set(_line_numbers(many.job_id, pieces))) == sorted(_line_numbers(one.job_id, whole))
     assert len(whole) == len(set(whole)) and len(set(pieces)) == len(whole)
-    p1, p2 = rt.book.progress(one.job_id), rt.book.progress(many.job_id)
+    p1, p2 = rt.book.progress(one.ref), rt.book.progress(many.ref)
     assert p2.total == p1.total and p2.failed == p1.failed and p2.failed_codes == p1.failed_codes
-    f1, f2 = rt.book.failures(one.job_id), rt.book.failures(many.job_id)
+    f1, f2 = rt.book.failures(one.ref), rt.book.failures(many.ref)
     assert sorted(_line_numbers(one.job_id, f1)) == sorted(_line_numbers(many.job_id, f2))
 
 
@@ -147,7 +147,7 @@ def test_child_ids_keep_their_line_numbers(rt, monkeypatch) -> None:
     # the line numbers the single-pass reader gave before byte offsets existed (b63fb57): groups at 2 (ann), 9 (cy),
     # 12 (fay), 13 (gus); failed alone: 5 (bob: a newline inside an image ref), 8 (too long), 10 (dé), 11 (bad/)
     assert sorted(set(sent)) == sorted(child_job_id(job.job_id, "line", n) for n in (2, 9, 12, 13))
-    failed = rt.book.failures(job.job_id)
+    failed = rt.book.failures(job.ref)
     assert set(failed) == {child_job_id(job.job_id, "line", n) for n in (5, 8, 10, 11)}
 
 
@@ -175,7 +175,7 @@ def test_a_continuation_starts_with_a_ranged_get_at_its_byte_offset(rt, monkeypa
     if fmt == "csv":
         assert ranges[1:].count(f"bytes=0-{len(head) - 1}") == len(data_ranges)  # the header, on its own
     assert len(set(sent)) == len(rows) and len(sent) == len(rows)  # nothing sent twice, nothing skipped
-    assert rt.book.progress(job.job_id).total == len(rows)
+    assert rt.book.progress(job.ref).total == len(rows)
 
 
 def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -> None:

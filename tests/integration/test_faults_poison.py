@@ -53,7 +53,8 @@ def test_poison_messages_never_stop_the_worker(dep: Deployment) -> None:
 
     r = redis.Redis.from_url(dep.settings.redis.url.get_secret_value())
     c = dep.client
-    ids = {name: job_id(name) for name in ("string-body", "bad-job", "short-body", "bad-base64")}
+    # task IDs are job references (tenant/job_id), as producers send them
+    ids = {name: f"acme/{job_id(name)}" for name in ("string-body", "bad-job", "short-body", "bad-base64")}
     poison: dict[str, tuple[str, bytes]] = {
         "not-json": ("engine", b"\x00\xffthis is not json{"),
         "json-string": ("engine", b'"just a string"'),

@@ -75,13 +75,13 @@ def test_revoke_during_an_inflight_enrol_is_never_undone(dep: Deployment, tmp_pa
             job = c.enroll_job("acme", "fence", [dep.faces["obama2"]], "k1", job_id=job_id(f"inflight{run}"))
             c.app.send_task(TASK_ENROLL, args=[to_wire(job)], task_id=job.job_id, queue="slow", ignore_result=True)
             deadline = time.monotonic() + 120
-            while c.book.attempts(job.job_id) < 1:  # the slow worker picked it up (and derives right away)
+            while c.book.attempts(job.ref) < 1:  # the slow worker picked it up (and derives right away)
                 assert time.monotonic() < deadline, slow.tail()
                 time.sleep(0.05)
             time.sleep(0.5)
             rv = c.wait(c.submit(c.revoke_job("acme", "fault test", subject="fence")), timeout=300)
             assert rv.status == JobStatus.SUCCEEDED, rv
-            en = c.wait(job.job_id, timeout=300)
+            en = c.wait(job.ref, timeout=300)
             assert en.status == JobStatus.SUCCEEDED, (en, slow.tail())
 
             pointer, key, manifests, revocations = _subject_state(dep, "acme", "fence")

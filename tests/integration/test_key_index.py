@@ -205,7 +205,7 @@ def test_key_revocation_lists_through_a_complete_index_across_hand_overs(rt, mon
             if len(task.continued) == c:
                 break
             c += 1
-        return [p["subjects"] for p in sent], len(task.continued), rt.book.get_fields(job.job_id)
+        return [p["subjects"] for p in sent], len(task.continued), rt.book.get_fields(job.ref)
 
     monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 3)
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 0.0)  # hand over after every chunk

@@ -51,24 +51,24 @@ def test_submit_many_pushes_what_submit_pushes(make_settings) -> None:
             client.submit(j)
         one_by_one = _drain(r)
         for j in jobs:
-            r.delete(f"cf:submitted:{j.job_id}")
+            r.delete(f"cf:submitted:{j.ref}")
         ids = client.submit_many(jobs, batch=2)  # several batches, kinds mixed within a batch
         many = _drain(r)
-        assert ids == [j.job_id for j in jobs]
+        assert ids == [j.ref for j in jobs]
         assert [len(many[q]) for q in QUEUES] == [4, 0, 1]
         for q in QUEUES:
             assert [_comparable(x) for x in many[q]] == [_comparable(x) for x in one_by_one[q]]
         # back-office batches go behind interactive work; revoke and bulk stay on the control queue
         for j in jobs:
-            r.delete(f"cf:submitted:{j.job_id}")
+            r.delete(f"cf:submitted:{j.ref}")
         client.submit_many(jobs, batch=2, background=True)
         bg = _drain(r)
         assert [len(bg[q]) for q in QUEUES] == [0, 4, 1]
         assert [x["headers"]["id"] for x in bg["engine.bulk"]] == [
             x["headers"]["id"] for x in many["engine.interactive"]
         ]
-        assert all(client.book.submitted_at(j.job_id) is not None for j in jobs)
-        assert all(client.status(j.job_id)["state"] == "queued" for j in jobs)
+        assert all(client.book.submitted_at(j.ref) is not None for j in jobs)
+        assert all(client.status(j.ref)["state"] == "queued" for j in jobs)
         # the whole job is in the body, not repeated in Celery's argsrepr header
         assert many["engine.interactive"][0]["headers"]["argsrepr"] == f"[<enroll job {jobs[0].job_id}>]"
     finally:
@@ -86,7 +86,7 @@ def test_submit_many_refuses_a_malformed_batch_before_queueing_it(make_settings)
         bad = {**good.model_dump(mode="json"), "job_id": job_id("b"), "subject": "no/slash"}
         with pytest.raises(MalformedJobError):
             client.submit_many([good, bad], batch=10)
-        assert client.redis.llen("engine.interactive") == 0 and client.book.submitted_at(good.job_id) is None
+        assert client.redis.llen("engine.interactive") == 0 and client.book.submitted_at(good.ref) is None
     finally:
         client.close()
 

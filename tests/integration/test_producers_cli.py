@@ -50,7 +50,8 @@ def cli(
         (["revoke", "--tenant", "t", "--reason", "r"], "exactly one of subject and key_id"),
         (["revoke", "--tenant", "t", "--key", "k1", "--reason", "r"], "new_key_id"),
         (["bulk", "--tenant", "t", "--key", "k", "manifest.txt"], "format"),
-        (["status", "../etc"], "job_id"),
+        (["status", "../etc"], "TENANT/JOB_ID"),
+        (["status", "abcdefgh1234"], "TENANT/JOB_ID"),  # a bare job ID names no job: IDs are unique per tenant
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -131,7 +132,7 @@ def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
     assert "2 succeeded, 2 failed of 4" in r.stdout, r.stdout
     assert "item/s" in r.stderr or "it/s" in r.stderr or "4/4" in r.stderr  # the tqdm bar drew
 
-    r = cli(["status", jid, "--json"], env)
+    r = cli(["status", jid, "--tenant", "acme", "--json"], env)  # a job ID with its tenant (IDs are per tenant)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     p = st["progress"]
@@ -151,7 +152,7 @@ def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
     keys = dep.s3.list_objects_v2(Bucket=dep.bucket, Prefix="tenants/acme/subjects/b1/versions/")["Contents"]
     assert len(keys) == 1
 
-    r = cli(["status", jid], env)
+    r = cli(["status", f"acme/{jid}"], env)
     assert r.returncode == 0 and "total 4, succeeded 2, failed 2, pending 0" in r.stdout, r.stdout
 
 
@@ -196,7 +197,7 @@ def test_cli_local_photos_subject_status_and_exit_codes(dep: Deployment, tmp_pat
     r = cli(["status", jid], env)
     assert r.returncode == 0 and f"job {jid}: " in r.stdout, (r.stdout, r.stderr)
     assert "unknown" not in r.stdout
-    r = cli(["status", job_id("never")], env)
+    r = cli(["status", f"acme/{job_id('never')}"], env)
     assert r.returncode == 6 and "unknown job" in r.stderr, (r.stdout, r.stderr)
 
     r = cli(["subject", "acme", "obama"], env)

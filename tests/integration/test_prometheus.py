@@ -218,7 +218,7 @@ def test_prometheus_scrapes_a_real_worker(service_env, seaweed, tmp_path: Path) 
         ]
         for j in jobs:
             client.submit(j)
-        results = [client.wait(j.job_id, timeout=240) for j in jobs]
+        results = [client.wait(j.ref, timeout=240) for j in jobs]
         assert [r.status for r in results] == [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED, JobStatus.FAILED], results
         assert results[2].error.code.value == "invalid_image"
         for subject in ("obama", "biden"):

@@ -73,8 +73,8 @@ def test_jobs_sent_together_share_engine_batches_and_keep_their_own_results(dep:
     jobs = [dep.client.enroll_job("acme", f"b{i}", [p], "k1") for i, p in enumerate(photos)]
     broken = dep.client.enroll_job("acme", "broken", [corrupt], "k1")
     dep.client.submit_many([*jobs[:3], broken, *jobs[3:]])
-    results = [dep.client.wait(j.job_id, timeout=300) for j in jobs]
-    bad = dep.client.wait(broken.job_id, timeout=60)
+    results = [dep.client.wait(j.ref, timeout=300) for j in jobs]
+    bad = dep.client.wait(broken.ref, timeout=60)
 
     assert bad.status == JobStatus.FAILED and bad.error.code.value == "invalid_image", bad
     for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
@@ -91,7 +91,7 @@ def test_jobs_sent_together_share_engine_batches_and_keep_their_own_results(dep:
     # probes of several subjects at once: batched too, each scored against its own subject's template
     probes = [dep.client.verify_job("acme", f"b{i}", photos[i]) for i in range(4)]
     dep.client.submit_many(probes)
-    verdicts = [dep.client.wait(p.job_id, timeout=300) for p in probes]
+    verdicts = [dep.client.wait(p.ref, timeout=300) for p in probes]
     for i, v in enumerate(verdicts):
         assert v.status == JobStatus.SUCCEEDED and v.subject == f"b{i}" and v.version == 1, v
         assert -1.0 <= v.score <= 1.0
@@ -124,9 +124,9 @@ def test_a_batch_past_the_hard_limit_exits_the_worker_and_every_job_completes_on
         dep.worker.popen.wait(120)  # the watchdog ends the process (no signal from the test)
         assert dep.worker.popen.returncode == 70, dep.worker.tail()
         assert "longer than the hard time limit" in dep.worker.tail(200)
-        assert all(dep.client.result(j.job_id) is None for j in jobs)
+        assert all(dep.client.result(j.ref) is None for j in jobs)
         dep.restart(CANCELABLE_ENGINE__STEPS="5", CANCELABLE_WORKER__TASK_TIME_LIMIT="15")
-        results = [dep.client.wait(j.job_id, timeout=VT + 180) for j in jobs]
+        results = [dep.client.wait(j.ref, timeout=VT + 180) for j in jobs]
         waited = time.monotonic() - t0
         for i, res in enumerate(results):
             assert res.status == JobStatus.SUCCEEDED, res

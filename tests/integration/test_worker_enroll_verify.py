@@ -55,12 +55,12 @@ def test_same_job_twice_gives_one_version(dep: Deployment) -> None:
     # two deliveries of one job queued back to back (a producer retry): both finish, one version exists
     dep.client.submit(job)
     dep.client.submit(job)
-    first = dep.client.wait(job.job_id, timeout=180)
+    first = dep.client.wait(job.ref, timeout=180)
     assert first.status == JobStatus.SUCCEEDED and first.version == 1
     again = dep.client.run(job, timeout=60)
     assert again.version == 1
     # the Redis result gone (e.g. expired): the re-delivered job finds its committed version in S3 instead
-    dep.client.redis.delete(f"cf:result:{job.job_id}")
+    dep.client.redis.delete(f"cf:result:{job.ref}")
     third = dep.client.run(job, timeout=180)
     assert third.status == JobStatus.SUCCEEDED and third.version == 1 and third.created is False
     versions = dep.s3.list_objects_v2(Bucket=dep.bucket, Prefix="tenants/acme/subjects/twice/versions/")

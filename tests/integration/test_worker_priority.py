@@ -24,8 +24,7 @@ def dep(service_env, seaweed, tmp_path: Path):
 
 def test_a_verify_queued_after_50_bulk_jobs_starts_before_them(dep) -> None:
     c = dep.client
-    enrolled = job_id("enr")
-    c.submit(c.enroll_job("acme", "ann", [dep.faces["obama"]], "k1", job_id=enrolled))
+    enrolled = c.submit(c.enroll_job("acme", "ann", [dep.faces["obama"]], "k1", job_id=job_id("enr")))
     assert c.wait(enrolled, timeout=120).status == JobStatus.SUCCEEDED
 
     # nothing consumes while the queues fill: the worker is stopped, then started on the full queues
@@ -43,10 +42,10 @@ def test_a_verify_queued_after_50_bulk_jobs_starts_before_them(dep) -> None:
     dep.worker = start_worker(dep.env, dep.tmp / "worker2.log", queues=queues, pool="prefork", concurrency=1)
     wait_ready(c, dep.worker, timeout=120)
 
-    verify = c.wait(probe.job_id, timeout=120)
+    verify = c.wait(probe, timeout=120)
     assert verify.status == JobStatus.SUCCEEDED
     assert c.redis.llen("engine.bulk") > 0, "the verify was answered while bulk work still waited"
-    results = [c.wait(j.job_id, timeout=600) for j in bulk]
+    results = [c.wait(j, timeout=600) for j in bulk]
     assert all(r.status == JobStatus.SUCCEEDED for r in results)
     first_bulk = min(r.started_at for r in results if r.started_at is not None)
     assert verify.started_at is not None and verify.started_at < first_bulk
@@ -57,6 +56,6 @@ def test_a_message_on_the_legacy_engine_queue_is_still_served(dep) -> None:
     """A producer of an earlier release sends to ``engine``; workers drain it during the upgrade."""
     c = dep.client
     probe = c.verify_job("acme", "nobody", dep.faces["obama"], job_id=job_id("old"))
-    c.app.send_task(TASK_VERIFY, args=[to_wire(probe)], task_id=probe.job_id, queue=LEGACY_ENGINE_QUEUE)
-    res = c.wait(probe.job_id, timeout=120)
+    c.app.send_task(TASK_VERIFY, args=[to_wire(probe)], task_id=probe.ref, queue=LEGACY_ENGINE_QUEUE)
+    res = c.wait(probe, timeout=120)
     assert res.status == JobStatus.FAILED and res.error is not None and res.error.code == "no_template"

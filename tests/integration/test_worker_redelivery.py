@@ -38,19 +38,19 @@ def crashy(service_env, seaweed, tmp_path: Path):
         dep.client.close()
 
 
-def _wait_attempt(dep: Deployment, job_id: str, n: int, timeout: float = 120.0) -> None:
+def _wait_attempt(dep: Deployment, ref: str, n: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     import redis
 
     while time.monotonic() < deadline:
         try:
-            v = dep.client.redis.get(f"cf:attempts:{job_id}")
+            v = dep.client.redis.get(f"cf:attempts:{ref}")
         except redis.exceptions.TimeoutError:  # an overloaded CI box: keep polling
             continue
         if v is not None and int(v) >= n:
             return
         time.sleep(0.02)
-    raise AssertionError(f"attempt {n} of {job_id} never started:\n{dep.worker.tail()}")
+    raise AssertionError(f"attempt {n} of {ref} never started:\n{dep.worker.tail()}")
 
 
 def _versions(dep: Deployment, subject: str) -> list[str]:
@@ -62,11 +62,11 @@ def test_pool_child_killed_mid_job_completes_once(crashy: Deployment) -> None:
     dep = crashy
     job = dep.client.enroll_job("acme", "child-kill", [dep.faces["obama"], dep.faces["obama2"]], "k1")
     dep.client.submit(job)
-    _wait_attempt(dep, job.job_id, 1)
+    _wait_attempt(dep, job.ref, 1)
     time.sleep(0.5)  # inside the job (download / align / optimise)
     (child,) = dep.worker.children()
     os.kill(child, signal.SIGKILL)
-    res = dep.client.wait(job.job_id, timeout=180)
+    res = dep.client.wait(job.ref, timeout=180)
     assert res.status == JobStatus.SUCCEEDED, res
     assert res.attempts == 2 and res.version == 1
     assert _versions(dep, "child-kill") == ["0000000001.json"]
@@ -78,14 +78,14 @@ def test_whole_worker_killed_mid_job_completes_once_after_restart(crashy: Deploy
     dep = crashy
     job = dep.client.enroll_job("acme", "worker-kill", [dep.faces["obama"], dep.faces["obama2"]], "k1")
     dep.client.submit(job)
-    _wait_attempt(dep, job.job_id, 1)
+    _wait_attempt(dep, job.ref, 1)
     time.sleep(0.5)
     dep.worker.kill(signal.SIGKILL)  # main process and pool child at once: nothing gets acked or re-queued
     assert not dep.worker.alive()
-    assert dep.client.result(job.job_id) is None
+    assert dep.client.result(job.ref) is None
     t0 = time.monotonic()
     dep.restart()
-    res = dep.client.wait(job.job_id, timeout=VT + 120)
+    res = dep.client.wait(job.ref, timeout=VT + 120)
     waited = time.monotonic() - t0
     assert res.status == JobStatus.SUCCEEDED, res
     assert res.attempts == 2 and res.version == 1
@@ -98,20 +98,20 @@ def test_job_that_keeps_killing_its_worker_is_dead_lettered(crashy: Deployment) 
     job = dep.client.enroll_job("acme", "poison", [dep.faces["obama"]], "k1")
     dep.client.submit(job)
     for attempt in (1, 2, 3):  # max_attempts = 3: every start is counted, every one is killed
-        _wait_attempt(dep, job.job_id, attempt)
+        _wait_attempt(dep, job.ref, attempt)
         time.sleep(0.3)
         for pid in dep.worker.children():
             os.kill(pid, signal.SIGKILL)
-    res = dep.client.wait(job.job_id, timeout=180)
+    res = dep.client.wait(job.ref, timeout=180)
     assert res.status == JobStatus.DEAD_LETTERED, res
     assert res.error.code == "dead_lettered" and res.attempts == 3
-    dl = dep.client.book.get_dead_letter(job.job_id)
+    dl = dep.client.book.get_dead_letter(job.ref)
     assert dl is not None and dl["attempts"] == 3 and dl["job"]["job_id"] == job.job_id
     s3_dl = json.loads(
         dep.s3.get_object(Bucket=dep.bucket, Key=f"tenants/acme/dead-letters/{job.job_id}.json")["Body"].read()
     )
     assert s3_dl["job_kind"] == "enroll" and s3_dl["attempts"] == 3
-    assert job.job_id in dep.client.book.dead_letters()
+    assert job.ref in dep.client.book.dead_letters()
     assert _versions(dep, "poison") == []
     # the worker serves the next job normally
     ok = dep.client.run(dep.client.enroll_job("acme", "after-poison", [dep.faces["obama"]], "k1"), timeout=180)
@@ -235,7 +235,7 @@ def test_transient_errors_retry_with_backoff_then_dead_letter(rt) -> None:
     rt.settings.worker.transient_retry_window = 0.0  # the window is over
     out = task.run(job)
     assert out["status"] == "dead_lettered" and calls == [1] * 9
-    assert rt.book.get_dead_letter(job["job_id"])["error_code"] == "storage_error"
+    assert rt.book.get_dead_letter(f"acme/{job['job_id']}")["error_code"] == "storage_error"
     body, _ = rt.store.get(f"tenants/acme/dead-letters/{job['job_id']}.json")
     assert json.loads(body)["attempts"] == 1
     # the stored result answers any further delivery; the handler does not run again
@@ -292,18 +292,18 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
     task = _FakeTask()
 
     r1 = _bulk(rt, job, task, 0)
-    assert r1.status == "running" and rt.book.get_cursor(job.job_id) == 2
-    assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2)]
+    assert r1.status == "running" and rt.book.get_cursor(job.ref) == 2
+    assert sent == [f"acme/{child_job_id(job.job_id, 'line', n)}" for n in (1, 2)]
     assert task.continued[-1]["kwargs"] == {"continuation": 1}
     # the continuation runs twice (a re-delivery): rows before the cursor are never sent again
     _bulk(rt, job, task, 1)
-    assert rt.book.get_cursor(job.job_id) == 4
+    assert rt.book.get_cursor(job.ref) == 4
     _bulk(rt, job, task, 1)
     _bulk(rt, job, task, 2)
-    assert sent == [child_job_id(job.job_id, "line", n) for n in (1, 2, 4, 5, 6)]
-    p = rt.book.progress(job.job_id)
+    assert sent == [f"acme/{child_job_id(job.job_id, 'line', n)}" for n in (1, 2, 4, 5, 6)]
+    p = rt.book.progress(job.ref)
     assert p.total == 6 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
-    assert rt.book.get_fields(job.job_id)["listing"] == "done"
+    assert rt.book.get_fields(job.ref)["listing"] == "done"
 
 
 def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -372,8 +372,8 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     _revoke(rt, job, task, 2)
     assert [c["subjects"] for c in sent] == [under[:3], under[3:6], under[6:]]
     assert len(task.continued) == 2  # the last one finished the listing instead of handing over
-    fields = rt.book.get_fields(job.job_id)
-    assert fields["listing"] == "done" and rt.book.progress(job.job_id).total == 7
+    fields = rt.book.get_fields(job.ref)
+    assert fields["listing"] == "done" and rt.book.progress(job.ref).total == 7
     assert fields["subjects_fenced"] == "1"  # "never-committed": moved to k2 and fenced, nothing to reissue
     assert reg.is_revoked("acme", "k1") and not reg.is_revoked("beta", "k1")
 
@@ -431,8 +431,8 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
     _bulk(rt, job, _FakeTask(), 0)
     first, last = (2, 4) if fmt == "csv" else (1, 3)
-    assert sent == [child_job_id(job.job_id, "line", n) for n in (first, last)]
-    p = rt.book.progress(job.job_id)
+    assert sent == [f"acme/{child_job_id(job.job_id, 'line', n)}" for n in (first, last)]
+    p = rt.book.progress(job.ref)
     assert p.total == 3 and p.failed == 1 and p.failed_codes == {"malformed_job": 1}
 
 
@@ -446,17 +446,18 @@ def test_reconcile_counts_missed_bulk_children_and_syncs_dead_letters(rt) -> Non
 
     book = rt.book
     parent = new_id("bk")
-    book.open_job(parent, "bulk", tenant="acme", attempts=1)
+    pref = f"acme/{parent}"  # the job book keys jobs by tenant/job_id
+    book.open_job(pref, "bulk", tenant="acme", attempts=1)
     children = [child_job_id(parent, "line", n) for n in (1, 2, 3)]
     for cid in children:
         res = EnrollResult(job_id=cid, tenant="acme", subject=cid[-8:], status=JobStatus.SUCCEEDED, version=1)
-        book.save_result(cid, to_wire(res))
-    book.mark_succeeded(parent, children[:1])  # the reports of children 2 and 3 were lost
-    book.set_total(parent, 3)
-    book.set_fields(parent, listing="done")
+        book.save_result(f"acme/{cid}", to_wire(res))
+    book.mark_succeeded(pref, children[:1])  # the reports of children 2 and 3 were lost
+    book.set_total(pref, 3)
+    book.set_fields(pref, listing="done")
     dl = new_id("dl")
     book.add_dead_letter(
-        dl,
+        f"acme/{dl}",
         {
             "job_id": dl,
             "job_kind": "enroll",
@@ -469,11 +470,11 @@ def test_reconcile_counts_missed_bulk_children_and_syncs_dead_letters(rt) -> Non
         },
     )
 
-    assert book.get_result(parent) is None
+    assert book.get_result(pref) is None
     out = control_tasks.reconcile(idle_s=0.0)
     assert out == {"dead_letters_synced": 1, "bulk_children_repaired": 2}
-    final = book.get_result(parent)
+    final = book.get_result(pref)
     assert final is not None and final["status"] == "succeeded" and final["succeeded"] == 3
     assert rt.store.exists(f"tenants/acme/dead-letters/{dl}.json")
-    assert book.get_dead_letter(dl)["s3_uri"].endswith(f"{dl}.json")
+    assert book.get_dead_letter(f"acme/{dl}")["s3_uri"].endswith(f"{dl}.json")
     assert control_tasks.reconcile(idle_s=0.0) == {"dead_letters_synced": 0, "bulk_children_repaired": 0}

@@ -70,7 +70,7 @@ def test_revoke_subject_reissues_and_marks_old_revoked(dep: Deployment) -> None:
     keys = dep.s3.list_objects_v2(Bucket=dep.bucket, Prefix="tenants/acme/subjects/obama/versions/")["Contents"]
     assert len(keys) == 2
 
-    st = c.status(rev.job_id)
+    st = c.status(rev.ref)
     assert st["state"] == "succeeded" and st["progress"]["succeeded"] == 1 and st["progress"]["pending"] == 0
 
 

@@ -124,6 +124,9 @@ def test_s3ref_is_a_string_on_the_wire():
         "s3://IN/a.jpg",
         "s3://abc/b/../c.jpg",
         "s3://abc/x\n",
+        "s3://abc/tenants/acme/..\\x.jpg",  # SeaweedFS reads the backslash as '/': a '..' segment
+        "s3://abc/a\\b.jpg",
+        "s3://abc/a\x85b.jpg",  # C1 control character
         "s3://a_b/c",
         "s3://192.168.1.1/x",
         "s3://inb//x",
@@ -303,3 +306,15 @@ def test_key_id_path_is_one_segment():
         == "arn%3Aaws%3Akms%3Aus-east-1%3A111122223333%3Akey%2Fabc"
     )
     assert "/" not in key_id_path("alias/x")
+
+
+def test_job_references_name_the_tenant_and_the_job():
+    from worker.contracts import job_ref, parse_job_ref
+
+    assert job_ref("acme", "abcdefgh1") == "acme/abcdefgh1"
+    assert parse_job_ref("ac.me/abcdefgh1") == ("ac.me", "abcdefgh1")
+    for bad in ("abcdefgh1", "acme/", "/abcdefgh1", "../abcdefgh1", "acme/abc", "acme/abcdefgh1/x", "acme\n/abcdefgh1"):
+        with pytest.raises(ValueError):
+            parse_job_ref(bad)
+    job = job_from_wire(enroll())
+    assert job.ref == f"{job.tenant}/{job.job_id}"

@@ -2,7 +2,18 @@
 
 from worker.contracts.chunks import ChunkResult, ReenrollChunk
 from worker.contracts.codes import ErrorCode, JobStatus
-from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId, check_job_id, check_key_id, check_name, key_id_path
+from worker.contracts.ids import (
+    JobId,
+    KeyId,
+    SubjectId,
+    TenantId,
+    check_job_id,
+    check_key_id,
+    check_name,
+    job_ref,
+    key_id_path,
+    parse_job_ref,
+)
 from worker.contracts.jobs import (
     DEFAULT_NAMING_RULE,
     MAX_IMAGES_PER_JOB,
@@ -55,8 +66,10 @@ __all__ = [
     "iter_csv",
     "iter_jsonl",
     "iter_prefix",
+    "job_ref",
     "job_from_wire",
     "key_id_path",
+    "parse_job_ref",
     "parse_s3_uri",
     "result_from_wire",
     "to_json",

@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     VERSION_CONFLICT = "version_conflict"
     STALE_KEY = "stale_key"
     FORBIDDEN_INPUT = "forbidden_input"
+    INVALID_INPUT = "invalid_input"
     NO_TEMPLATE = "no_template"
     # jobs
     MALFORMED_JOB = "malformed_job"

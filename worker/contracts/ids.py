@@ -39,6 +39,24 @@ def check_key_id(v: str) -> str:
     return v
 
 
+JOB_REF_SEP = "/"
+
+
+def job_ref(tenant: str, job_id: str) -> str:
+    """The deployment-wide name of a job: ``{tenant}/{job_id}``. A job ID is chosen by its producer and is unique only
+    within its tenant, so everything kept per job (Redis results, attempts, progress, dead letters, submit markers)
+    and the Celery task ID are keyed by this reference: two tenants' jobs with the same ID never meet."""
+    return f"{check_name(tenant, 'tenant')}{JOB_REF_SEP}{check_job_id(job_id)}"
+
+
+def parse_job_ref(ref: str) -> tuple[str, str]:
+    """``{tenant}/{job_id}`` -> ``(tenant, job_id)``; ``ValueError`` for anything else (a bare job ID included)."""
+    if not isinstance(ref, str) or JOB_REF_SEP not in ref:
+        raise ValueError("no tenant in the job reference (job IDs are unique per tenant)")
+    tenant, _, job_id = ref.partition(JOB_REF_SEP)
+    return check_name(tenant, "tenant"), check_job_id(job_id)
+
+
 def key_id_path(key_id: str) -> str:
     """``key_id`` as one S3 path segment (reversible percent-encoding of ``/`` and ``:``)."""
     return quote(check_key_id(key_id), safe="-_.")

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId
+from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId, job_ref
 from worker.contracts.refs import S3Prefix, S3Ref
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -26,6 +26,11 @@ class _Job(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     job_id: JobId
+
+    @property
+    def ref(self) -> str:
+        """``{tenant}/{job_id}``: the job's name in Redis and its Celery task ID (job IDs are unique per tenant)."""
+        return job_ref(str(getattr(self, "tenant", "")), self.job_id)
 
 
 class EnrollJob(_Job):

@@ -24,8 +24,10 @@ def _check_key(k: str, *, prefix: bool = False) -> str:
         raise ValueError("S3 key longer than 1024 bytes")
     if k.startswith("/"):
         raise ValueError("S3 key must not start with '/'")
-    if any(ord(c) < 32 or ord(c) == 127 for c in k):
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in k):
         raise ValueError("S3 key contains control characters")
+    if "\\" in k:
+        raise ValueError("S3 key must not contain a backslash (some S3 servers read it as '/')")
     if any(seg in (".", "..") for seg in k.split("/")):
         raise ValueError("S3 key must not contain '.' or '..' segments")
     return k

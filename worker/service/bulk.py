@@ -257,10 +257,10 @@ def bulk(
     """Stream the manifest from the saved cursor, sending a chunk of enrol children at a time; hand over to a
     continuation after the time budget or while the engine queue is deep (see the module docstring)."""
     book = rt.book
-    book.open_job(job.job_id, "bulk", tenant=job.tenant, attempts=attempt)
-    fields = book.get_fields(job.job_id)
+    book.open_job(job.ref, "bulk", tenant=job.tenant, attempts=attempt)
+    fields = book.get_fields(job.ref)
     if fields.get("listing") == "done":
-        final = maybe_finalize_bulk(rt, job.job_id)
+        final = maybe_finalize_bulk(rt, job.tenant, job.job_id)
         return _bulk_status(rt, job, attempt, started, final)
     cursor = int(fields.get("cursor", "0"))
     resume = _Resume.from_fields(fields)
@@ -278,9 +278,9 @@ def bulk(
         nonlocal pending, bad
         dispatch.send_enrolls(pending)
         if bad:
-            book.mark_failed(job.job_id, bad)
+            book.mark_failed(job.ref, bad)
         book.advance_bulk(
-            job.job_id,
+            job.ref,
             upto,
             None if safe is None else (safe.index, safe.offset, safe.lines, safe.header_bytes),
         )
@@ -320,11 +320,11 @@ def bulk(
                 )
                 return _bulk_status(rt, job, attempt, started, None)
     flush(row_index)
-    book.set_total(job.job_id, row_index)
+    book.set_total(job.ref, row_index)
     # the highest line a child ID can name (CSV groups several lines per child): the reconciler walks up to it
-    last_line = max(last_line, int(book.get_fields(job.job_id).get("last_line") or 0))
-    book.set_fields(job.job_id, listing="done", last_line=last_line)
-    final = maybe_finalize_bulk(rt, job.job_id)
+    last_line = max(last_line, int(book.get_fields(job.ref).get("last_line") or 0))
+    book.set_fields(job.ref, listing="done", last_line=last_line)
+    final = maybe_finalize_bulk(rt, job.tenant, job.job_id)
     return _bulk_status(rt, job, attempt, started, final)
 
 
@@ -333,8 +333,8 @@ def _bulk_status(
 ) -> BulkResult:
     if final is not None:
         return BulkResult.model_validate(final)
-    p = rt.book.progress(job.job_id)
-    f = rt.book.get_fields(job.job_id)
+    p = rt.book.progress(job.ref)
+    f = rt.book.get_fields(job.ref)
     return BulkResult(
         job_id=job.job_id,
         tenant=job.tenant,

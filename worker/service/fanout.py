@@ -20,6 +20,7 @@ from worker.contracts import (
     JobError,
     JobStatus,
     RevokeResult,
+    job_ref,
     to_wire,
 )
 from worker.service.clock import now
@@ -31,14 +32,15 @@ log = logging.getLogger(__name__)
 
 
 # --- revoke ---------------------------------------------------------------------------------------------------------
-def maybe_finalize_revoke(rt: Runtime, parent_job_id: str) -> dict[str, Any] | None:
+def maybe_finalize_revoke(rt: Runtime, tenant: str, parent_job_id: str) -> dict[str, Any] | None:
     """Write the revoke job's terminal result if every subject is accounted for and nobody did it yet."""
     book = rt.book
-    if not book.claim_finaliser(parent_job_id):
+    pref = job_ref(tenant, parent_job_id)
+    if not book.claim_finaliser(pref):
         return None
-    f = book.get_fields(parent_job_id)
-    p = book.progress(parent_job_id)
-    infos = book.item_info(parent_job_id)
+    f = book.get_fields(pref)
+    p = book.progress(pref)
+    infos = book.item_info(pref)
     subject = f.get("subject") or None
     res: dict[str, Any] = {
         "job_id": parent_job_id,
@@ -76,38 +78,41 @@ def maybe_finalize_revoke(rt: Runtime, parent_job_id: str) -> dict[str, Any] | N
     else:
         res["status"] = JobStatus.SUCCEEDED
     wire = to_wire(RevokeResult(**res))
-    book.save_result(parent_job_id, wire)
-    book.close_job(parent_job_id, wire["status"])
+    book.save_result(pref, wire)
+    book.close_job(pref, wire["status"])
     log.info("revoke job %s finished: %d done, %d failed", parent_job_id, p.succeeded, p.failed)
     return wire
 
 
 # --- bulk -----------------------------------------------------------------------------------------------------------
-def report_bulk_child(rt: Runtime, parent_job_id: str, child_job_id: str, result: EnrollResult) -> None:
-    """An enrolment of bulk job ``parent_job_id`` reached a terminal state: count it, maybe finalise the bulk job."""
+def report_bulk_child(rt: Runtime, tenant: str, parent_job_id: str, child_job_id: str, result: EnrollResult) -> None:
+    """An enrolment of ``tenant``'s bulk job ``parent_job_id`` reached a terminal state: count it, maybe finalise the
+    bulk job."""
     book = rt.book
+    pref = job_ref(tenant, parent_job_id)
     status = JobStatus(result.status)
     if status == JobStatus.SUCCEEDED:
-        if not book.is_item_done(parent_job_id, child_job_id):
+        if not book.is_item_done(pref, child_job_id):
             metrics.fanout_items("bulk", 1, "succeeded")
-        book.mark_succeeded(parent_job_id, [child_job_id])
+        book.mark_succeeded(pref, [child_job_id])
     else:
         code = result.error.code.value if result.error is not None else ErrorCode.INTERNAL_ERROR.value
         if status == JobStatus.DEAD_LETTERED:
             code = ErrorCode.DEAD_LETTERED.value
         metrics.fanout_items("bulk", 1, "failed")
-        book.mark_failed(parent_job_id, {child_job_id: code})
-    maybe_finalize_bulk(rt, parent_job_id)
+        book.mark_failed(pref, {child_job_id: code})
+    maybe_finalize_bulk(rt, tenant, parent_job_id)
 
 
-def maybe_finalize_bulk(rt: Runtime, parent_job_id: str) -> dict[str, Any] | None:
+def maybe_finalize_bulk(rt: Runtime, tenant: str, parent_job_id: str) -> dict[str, Any] | None:
     book = rt.book
-    f = book.get_fields(parent_job_id)
+    pref = job_ref(tenant, parent_job_id)
+    f = book.get_fields(pref)
     if f.get("listing") != "done":
         return None
-    if not book.claim_finaliser(parent_job_id):
+    if not book.claim_finaliser(pref):
         return None
-    p = book.progress(parent_job_id)
+    p = book.progress(pref)
     codes = dict(p.failed_codes)
     res = BulkResult(
         job_id=parent_job_id,
@@ -126,7 +131,7 @@ def maybe_finalize_bulk(rt: Runtime, parent_job_id: str) -> dict[str, Any] | Non
         finished_at=now(),
     )
     wire = to_wire(res)
-    book.save_result(parent_job_id, wire)
-    book.close_job(parent_job_id, wire["status"])
+    book.save_result(pref, wire)
+    book.close_job(pref, wire["status"])
     log.info("bulk job %s finished: %d succeeded, %d failed of %s", parent_job_id, p.succeeded, p.failed, p.total)
     return wire

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from worker import metrics
-from worker.contracts import ChunkResult, JobStatus, ReenrollChunk, S3Ref, child_job_id
+from worker.contracts import ChunkResult, JobStatus, ReenrollChunk, S3Ref, child_job_id, job_ref
 from worker.errors import CancelableError
 from worker.service.clock import now
 from worker.service.enrol import PreparedImages, commit, fetch_and_prepare, key_registry, seed_for
@@ -96,6 +96,7 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
     registry = key_registry(rt)
     book = rt.book
     parent, tenant = chunk.parent_job_id, chunk.tenant
+    pref = job_ref(tenant, parent)  # the parent's records in the job book
     loaded = rt.engine()
     todo: list[_Item] = []
     n_ok = n_failed = 0
@@ -104,13 +105,13 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
         nonlocal n_failed
         if new_key is not None:  # the old key version is compromised: revoke its versions even without a replacement
             revoked, uris = _revoke_old_versions(rt, ts, chunk, subject, new_key, None)
-            book.set_item_info(parent, subject, {"revoked_versions": revoked, "revocation_uris": uris})
-        book.mark_failed(parent, {subject: e.code})
+            book.set_item_info(pref, subject, {"revoked_versions": revoked, "revocation_uris": uris})
+        book.mark_failed(pref, {subject: e.code})
         metrics.fanout_items("revoke", 1, "failed")
         n_failed += 1
 
     for subject in chunk.subjects:
-        if book.is_item_done(parent, subject):
+        if book.is_item_done(pref, subject):
             n_ok += 1
             continue
         child = child_job_id(parent, "subject", subject)
@@ -158,7 +159,7 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
         ts.ensure_current(tenant, it.subject, c)  # a found commit of an earlier attempt: the pointer may lag
         revoked, uris = _revoke_old_versions(rt, ts, chunk, it.subject, it.new_key, c.version)
         book.set_item_info(
-            parent,
+            pref,
             it.subject,
             {
                 "new_version": c.version,
@@ -169,11 +170,11 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
                 "revocation_uris": uris,
             },
         )
-        if not book.is_item_done(parent, it.subject):
+        if not book.is_item_done(pref, it.subject):
             metrics.fanout_items("revoke", 1, "succeeded")
-        book.mark_succeeded(parent, [it.subject])
+        book.mark_succeeded(pref, [it.subject])
         n_ok += 1
-    maybe_finalize_revoke(rt, parent)
+    maybe_finalize_revoke(rt, tenant, parent)
     return ChunkResult(
         job_id=chunk.job_id,
         tenant=tenant,
@@ -193,6 +194,7 @@ def chunk_finished(rt: Runtime, chunk: ReenrollChunk, result: ChunkResult) -> No
         return
     code = result.error.code.value if result.error is not None else "internal_error"
     book = rt.book
-    pending = {s: code for s in chunk.subjects if not book.is_item_done(chunk.parent_job_id, s)}
-    book.mark_failed(chunk.parent_job_id, pending)
-    maybe_finalize_revoke(rt, chunk.parent_job_id)
+    pref = job_ref(chunk.tenant, chunk.parent_job_id)
+    pending = {s: code for s in chunk.subjects if not book.is_item_done(pref, s)}
+    book.mark_failed(pref, pending)
+    maybe_finalize_revoke(rt, chunk.tenant, chunk.parent_job_id)

@@ -46,7 +46,7 @@ def _send_chunk(rt: Runtime, job: RevokeJob, dispatch: Dispatch, index: int, sub
         purge_old_images=job.purge_old_images,
     )
     payload = chunk.model_dump(mode="json")
-    rt.book.push_chunk(job.job_id, index, payload)
+    rt.book.push_chunk(job.ref, index, payload)
     dispatch.send_chunk(payload)
 
 
@@ -82,15 +82,15 @@ def revoke(
         check_revocable_key(rt, job.tenant, job.key_id)  # unknown key: fail before any change
     if job.subject is not None:
         TemplateStore(rt.store).current(job.tenant, job.subject)  # NoTemplateError before any state change
-    book.open_job(job.job_id, "revoke", **fields)
-    if book.get_fields(job.job_id).get("listing") == "done":
-        for i, payload in enumerate(book.chunks(job.job_id)):  # re-delivered parent: re-send, chunks are idempotent
+    book.open_job(job.ref, "revoke", **fields)
+    if book.get_fields(job.ref).get("listing") == "done":
+        for i, payload in enumerate(book.chunks(job.ref)):  # re-delivered parent: re-send, chunks are idempotent
             dispatch.send_chunk(payload)
             log.debug("re-sent chunk %d of %s", i, job.job_id)
     elif job.subject is not None:
-        book.set_total(job.job_id, 1)
+        book.set_total(job.ref, 1)
         _send_chunk(rt, job, dispatch, 0, [job.subject])
-        book.set_fields(job.job_id, listing="done")
+        book.set_fields(job.ref, listing="done")
     else:
         if job.key_id is None:  # cannot happen: the contracts require a subject or a key
             raise ValueError("a revocation names a subject or a key")
@@ -105,14 +105,14 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     time budget, save the cursor and re-queue the task as a continuation (returns False); True when the listing
     is complete. A re-delivered continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
     book = rt.book
-    fields = book.get_fields(job.job_id)
+    fields = book.get_fields(job.ref)
     cursor = fields.get("listing_cursor") or None
     index, total = int(fields.get("chunks_sent", "0")), int(fields.get("subjects_listed", "0"))
     mode = fields.get("listing_mode") or ("scan" if cursor else None)  # a cursor is valid in its own mode only
     if mode is None:
         assert job.key_id is not None
         mode = "index" if KeyIndex(rt.store).is_complete(job.tenant, job.key_id) else "scan"
-        book.set_fields(job.job_id, listing_mode=mode)
+        book.set_fields(job.ref, listing_mode=mode)
     fenced = int(fields.get("subjects_fenced", "0"))
     size = rt.settings.worker.revoke_chunk_size
     budget = rt.settings.worker.fanout_budget
@@ -130,7 +130,7 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
             _send_chunk(rt, job, dispatch, index, batch)
             index, total, batch = index + 1, total + len(batch), []
             book.set_fields(
-                job.job_id, listing_cursor=last or "", chunks_sent=index, subjects_listed=total, subjects_fenced=fenced
+                job.ref, listing_cursor=last or "", chunks_sent=index, subjects_listed=total, subjects_fenced=fenced
             )
             if time.monotonic() - t0 > budget:
                 dispatch.continue_job(job, continuation + 1)
@@ -139,9 +139,9 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     if batch:
         _send_chunk(rt, job, dispatch, index, batch)
         index, total = index + 1, total + len(batch)
-    book.set_fields(job.job_id, chunks_sent=index, subjects_listed=total, subjects_fenced=fenced)
-    book.set_total(job.job_id, total)
-    book.set_fields(job.job_id, listing="done")
+    book.set_fields(job.ref, chunks_sent=index, subjects_listed=total, subjects_fenced=fenced)
+    book.set_total(job.ref, total)
+    book.set_fields(job.ref, listing="done")
     return True
 
 
@@ -177,10 +177,11 @@ def _fence_first_enrolment(rt: Runtime, job: RevokeJob, subject: str) -> bool:
 
 def _revoke_status(rt: Runtime, job: RevokeJob, attempt: int, started: datetime) -> RevokeResult:
     book = rt.book
-    final = maybe_finalize_revoke(rt, job.job_id)  # no subjects, or every chunk finished before the total was known
+    # no subjects, or every chunk finished before the total was known
+    final = maybe_finalize_revoke(rt, job.tenant, job.job_id)
     if final is not None:
         return RevokeResult.model_validate(final)
-    p = book.progress(job.job_id)
+    p = book.progress(job.ref)
     return RevokeResult(
         job_id=job.job_id,
         tenant=job.tenant,

@@ -1,8 +1,9 @@
 """S3 access: a client factory from settings and ``ObjectStore``, a thin wrapper that
 
 - sends the configured server-side encryption on every PutObject / CopyObject / multipart upload,
-- maps botocore errors onto ``worker.errors`` (404 -> ObjectNotFoundError, 412 -> VersionConflictError, everything
-  else -> StorageError, retryable),
+- maps botocore errors onto ``worker.errors`` (404 -> ObjectNotFoundError, 412 / 409 -> VersionConflictError, any
+  other 4xx but throttling and timeouts -> InvalidInputError, permanent; 5xx, throttling, timeouts and connection
+  errors -> StorageError, retryable),
 - supports conditional writes (``if_none_match=True`` -> ``If-None-Match: *``, ``if_match=etag``).
 
 Error messages carry bucket and key only, never object bodies.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from worker.errors import ObjectNotFoundError, StorageError, VersionConflictError
+from worker.errors import InvalidInputError, ObjectNotFoundError, StorageError, VersionConflictError
 
 if TYPE_CHECKING:
     from worker.settings import S3Settings
@@ -84,6 +85,35 @@ class ObjectInfo:
     last_modified: datetime | None = None
 
 
+# 4xx answers that say "not now" rather than "never": retried like a 5xx
+TRANSIENT_4XX_STATUS = frozenset({408, 429})
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestTimeTooSkewed",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+
+
+def is_permanent(code: str, status: int) -> bool:
+    """Whether an S3 error answer (``code``, HTTP ``status``) will be the same however often it is retried: every
+    4xx except throttling, timeouts, clock skew and expired credentials. 5xx and no answer at all are transient."""
+    return 400 <= status < 500 and status not in TRANSIENT_4XX_STATUS and code not in TRANSIENT_CODES
+
+
 def _code(e: Exception) -> tuple[str, int]:
     resp = getattr(e, "response", None) or {}
     return str(resp.get("Error", {}).get("Code", "")), int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
@@ -122,6 +152,8 @@ class ObjectStore:
                 raise VersionConflictError(f"{where}: precondition failed") from None
             if code in ("ConditionalRequestConflict",) or status == 409:
                 raise VersionConflictError(f"{where}: conditional request conflict") from None
+            if is_permanent(code, status):
+                raise InvalidInputError(f"{where}: refused by S3, {code or 'error'} (HTTP {status})") from None
             raise StorageError(f"{where}: {code or 'error'} (HTTP {status})") from None
         if isinstance(e, BotoCoreError):
             raise StorageError(f"{where}: {type(e).__name__}") from None

@@ -9,18 +9,23 @@ Everything here is idempotent so a re-delivered task can run it again:
 - the attempt counter is ``INCR`` at task START, so a task that kills its worker process is counted too.
 
 Only IDs, counts and error codes are stored: never seeds, embeddings, key material or image bytes.
-Key layout (``p`` = prefix from settings, default ``cf``)::
 
-    {p}:attempts:{job_id}            int, INCR per start of the job's task
-    {p}:submitted:{job_id}           time a producer queued the job (so ``status`` tells queued from unknown)
-    {p}:result:{job_id}              JSON result of a finished job (idempotent replay)
-    {p}:job:{job_id}                 hash: kind, total, state, created, updated, (bulk: cursor, resume_index,
+Every method's ``job_id`` is the job's *reference* ``{tenant}/{job_id}`` (``worker.contracts.job_ref``; a
+continuation's attempts: ``{tenant}/{job_id}-c{n}``): job IDs are chosen by producers and unique only within a
+tenant, so two tenants' jobs with the same ID have separate records. Item IDs inside a fan-out job (subjects, child
+job IDs) are plain: the parent's reference already names the tenant. Poison messages that name no job are recorded
+under ``poison-<sha256 prefix>``. Key layout (``p`` = prefix from settings, default ``cf``; ``ref`` = job reference)::
+
+    {p}:attempts:{ref}               int, INCR per start of the job's task
+    {p}:submitted:{ref}              time a producer queued the job (so ``status`` tells queued from unknown)
+    {p}:result:{ref}                 JSON result of a finished job (idempotent replay)
+    {p}:job:{ref}                    hash: kind, total, state, created, updated, (bulk: cursor, resume_index,
                                      resume_offset, resume_lines, header_bytes), ...
-    {p}:job:{job_id}:succeeded       set of item IDs
-    {p}:job:{job_id}:failed          hash item ID -> error code
-    {p}:job:{job_id}:final           SET NX flag: who finalises
-    {p}:jobs:open                    set of open fan-out job IDs (for progress metrics)
-    {p}:deadletter                   list of dead-lettered job IDs (newest first)
+    {p}:job:{ref}:succeeded          set of item IDs
+    {p}:job:{ref}:failed             hash item ID -> error code
+    {p}:job:{ref}:final              SET NX flag: who finalises
+    {p}:jobs:open                    set of open fan-out job references (for progress metrics)
+    {p}:deadletter                   list of dead-lettered job references (newest first)
 """
 
 from __future__ import annotations
@@ -216,17 +221,17 @@ class JobBook:
         raw = self.r.hgetall(self._k("job", job_id, "chunks"))
         return [json.loads(v) for _, v in sorted(((int(_s(k)), v) for k, v in raw.items()))]
 
-    def unreported_children(self, job_id: str, child_ids: list[str]) -> list[tuple[str, dict[str, Any]]]:
-        """Of ``child_ids``, those with a stored result that ``job_id`` has not counted (neither succeeded nor
-        failed), with the result; one pipelined round trip."""
+    def unreported_children(self, job_id: str, children: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+        """Of ``children`` (item ID -> the child's job reference), those with a stored result that ``job_id`` has not
+        counted (neither succeeded nor failed), with the result; one pipelined round trip."""
         pipe = self.r.pipeline()
-        for cid in child_ids:
+        for cid, ref in children.items():
             pipe.sismember(self._k("job", job_id, "succeeded"), cid)
             pipe.hexists(self._k("job", job_id, "failed"), cid)
-            pipe.get(self._k("result", cid))
+            pipe.get(self._k("result", ref))
         flat = pipe.execute()
         out = []
-        for i, cid in enumerate(child_ids):
+        for i, cid in enumerate(children):
             done, failed, raw = flat[3 * i : 3 * i + 3]
             if not done and not failed and raw is not None:
                 out.append((cid, json.loads(raw)))

@@ -70,6 +70,15 @@ if settings.metrics.enabled:
     )
 
 
+@signals.task_unknown.connect
+def _on_task_unknown(sender: Any = None, message: Any = None, name: Any = None, **kw: Any) -> None:
+    """A message for a task name this app does not have (already rejected by Celery): dead letter, and a result for
+    its job when the job can be read (``worker.tasks.transport.on_unknown_task``)."""
+    from worker.tasks.transport import on_unknown_task
+
+    on_unknown_task(message=message, name=name)
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     from worker import observability

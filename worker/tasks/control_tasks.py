@@ -31,6 +31,8 @@ from worker.contracts import (
     RevokeJob,
     RevokeResult,
     child_job_id,
+    job_ref,
+    parse_job_ref,
     to_wire,
 )
 from worker.errors import NoTemplateError
@@ -67,7 +69,7 @@ class _ChildSender:
                     app,
                     TASK_ENROLL,
                     ENGINE_BULK_QUEUE,
-                    cid,
+                    job_ref(payload["tenant"], cid),
                     [payload],
                     short_argsrepr("enroll", cid),
                     kwargs={"parent": self.parent_id},
@@ -78,7 +80,10 @@ class _ChildSender:
                     log.warning("bulk: message template refused (%s); sending with send_task", e)
         tpl = self.template
         if tpl is not None:
-            items = [tpl.render(cid, [payload], short_argsrepr("enroll", cid)) for cid, payload in pending]
+            items = [
+                tpl.render(job_ref(payload["tenant"], cid), [payload], short_argsrepr("enroll", cid))
+                for cid, payload in pending
+            ]
             with app.producer_or_acquire() as producer, producer.channel.conn_or_acquire() as client:
                 client.lpush(tpl.key, *items)
             return
@@ -88,7 +93,7 @@ class _ChildSender:
                     TASK_ENROLL,
                     args=[payload],
                     kwargs={"parent": self.parent_id},
-                    task_id=cid,
+                    task_id=job_ref(payload["tenant"], cid),
                     queue=ENGINE_BULK_QUEUE,
                     ignore_result=True,
                     argsrepr=short_argsrepr("enroll", cid),
@@ -110,7 +115,11 @@ class CeleryDispatch:
 
     def send_chunk(self, payload: dict[str, Any]) -> None:
         app.send_task(
-            TASK_REENROLL_CHUNK, args=[payload], task_id=payload["job_id"], queue=ENGINE_BULK_QUEUE, ignore_result=True
+            TASK_REENROLL_CHUNK,
+            args=[payload],
+            task_id=job_ref(payload["tenant"], payload["job_id"]),
+            queue=ENGINE_BULK_QUEUE,
+            ignore_result=True,
         )
 
     def send_enrolls(self, pending: list[tuple[str, dict[str, Any]]]) -> None:
@@ -127,7 +136,7 @@ class CeleryDispatch:
             args=[to_wire(job)],
             kwargs={"continuation": continuation},
             **({} if countdown is None else {"countdown": countdown}),
-            task_id=f"{job.job_id}-c{continuation}",
+            task_id=f"{job.ref}-c{continuation}",
             ignore_result=True,
         )
 
@@ -161,7 +170,7 @@ class RevokeTask(JobTask[RevokeJob, RevokeResult]):
         return {"subject": job.subject, "key_id": job.key_id, "reason": job.reason}
 
     def attempt_key(self, job: RevokeJob, delivery: Delivery) -> str:
-        return job.job_id if delivery.continuation == 0 else f"{job.job_id}-c{delivery.continuation}"
+        return job.ref if delivery.continuation == 0 else f"{job.ref}-c{delivery.continuation}"
 
 
 revoke = app.register_task(RevokeTask())
@@ -187,7 +196,7 @@ class BulkTask(JobTask[BulkJob, BulkResult]):
         return bulk_service.bulk(rt, job, attempt, started, _dispatch(self, job), delivery.continuation)
 
     def attempt_key(self, job: BulkJob, delivery: Delivery) -> str:
-        return f"{job.job_id}-c{delivery.continuation}"
+        return f"{job.ref}-c{delivery.continuation}"
 
 
 bulk = app.register_task(BulkTask())
@@ -234,21 +243,23 @@ def sweep_uploads(older_than_s: float | None = None) -> dict[str, Any]:
     return {"seen": seen, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
 
 
-def _repair_bulk(rt: Runtime, parent: str) -> int:
-    """Count the finished children a bulk parent missed (a report lost to a Redis outage): every row whose child
-    has a stored terminal result but is not counted is reported now. Returns the number repaired."""
+def _repair_bulk(rt: Runtime, ref: str) -> int:
+    """Count the finished children a bulk parent (job reference ``ref``) missed (a report lost to a Redis outage):
+    every row whose child has a stored terminal result but is not counted is reported now. Returns the number
+    repaired."""
     from worker.contracts import EnrollResult
     from worker.service.fanout import report_bulk_child
 
     book = rt.book
-    f = book.get_fields(parent)
+    tenant, parent = parse_job_ref(ref)
+    f = book.get_fields(ref)
     last_line = int(f.get("last_line") or f.get("total") or 0)
     repaired = 0
     for start in range(1, last_line + 1, 1000):  # one pipelined round trip per 1,000 lines
         ids = [child_job_id(parent, "line", n) for n in range(start, min(start + 1000, last_line + 1))]
-        for cid, raw in book.unreported_children(parent, ids):
+        for cid, raw in book.unreported_children(ref, {c: job_ref(tenant, c) for c in ids}):
             if raw.get("kind") == "enroll":
-                report_bulk_child(rt, parent, cid, EnrollResult.model_validate(raw))
+                report_bulk_child(rt, tenant, parent, cid, EnrollResult.model_validate(raw))
                 repaired += 1
     return repaired
 
@@ -269,19 +280,19 @@ def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
     rt = get_runtime()
     book = rt.book
     repaired = 0
-    for parent in book.open_jobs(limit):
-        f = book.get_fields(parent)
+    for ref in book.open_jobs(limit):
+        f = book.get_fields(ref)
         idle = time.time() - float(f.get("updated") or 0) > idle_s
         if f.get("kind") == "bulk" and f.get("listing") == "done" and idle:
-            repaired += _repair_bulk(rt, parent)
+            repaired += _repair_bulk(rt, ref)
     synced = 0
-    for job_id in book.dead_letters(limit):
-        rec = book.get_dead_letter(job_id)
+    for ref in book.dead_letters(limit):
+        rec = book.get_dead_letter(ref)
         if rec is None or rec.get("s3_uri") or not rec.get("tenant"):
             continue  # already in S3, or a poison message (no tenant: Redis only, by hash and size)
         fields = {k: v for k, v in rec.items() if k in DeadLetter.model_fields}
         uri = write_dead_letter(rt.store, DeadLetter.model_validate(fields))
-        book.add_dead_letter(job_id, {**rec, "s3_uri": uri})
+        book.add_dead_letter(ref, {**rec, "s3_uri": uri})
         synced += 1
     if synced or repaired:
         log.info("reconcile: %d dead letters written to S3, %d bulk children counted", synced, repaired)

@@ -50,7 +50,7 @@ class EnrollTask(JobTask[EnrollJob, EnrollResult]):
 
     def on_terminal(self, rt: Runtime, job: EnrollJob, result: EnrollResult, delivery: Delivery) -> None:
         if delivery.parent:
-            report_bulk_child(rt, delivery.parent, job.job_id, result)
+            report_bulk_child(rt, job.tenant, delivery.parent, job.job_id, result)
 
 
 class VerifyTask(JobTask[VerifyJob, VerifyResult]):

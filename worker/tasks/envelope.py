@@ -10,14 +10,16 @@ what it does as hooks (``handle``, ``ident``, ``attempt_key``, ``reports_termina
 1. parse the message with the contracts (JSON dict, exactly one positional argument); anything else -> a ``failed``
    result with ``malformed_job`` (nothing is written, the worker carries on);
 2. if the job already finished (its result is in Redis) return that result unchanged (a re-delivered or duplicated
-   job returns the existing result; the S3 commit is idempotent per job ID underneath as well);
+   job returns the existing result; the S3 commit is idempotent per job ID underneath as well). Everything in Redis
+   is keyed by the job's reference ``{tenant}/{job_id}``: a job ID is unique only within its tenant, so another
+   tenant's job with the same ID is a different job and never sees this one's result;
 3. ``INCR`` the attempt counter (at START, so a task that killed its worker process is counted); over
    ``worker.max_attempts`` -> dead-letter record in Redis and S3, result ``dead_lettered``;
 4. run ``handle``; a ``CancelableError`` becomes a ``failed`` result with its code; a *retryable* one (transient
    S3 / Redis / KMS fault) is retried with jittered exponential backoff for ``worker.transient_retry_window``
    seconds from its first transient failure (its attempt given back: attempts count crashes), then dead-lettered;
    any other exception is ``internal_error`` (type name only: its message might carry data);
-5. store the terminal result in Redis (``{p}:result:{job_id}``), where producers wait for it, and run
+5. store the terminal result in Redis (``{p}:result:{tenant}/{job_id}``), where producers wait for it, and run
    ``on_terminal`` (fan-out progress), both before the message is acknowledged.
 """
 
@@ -31,7 +33,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from worker import metrics
-from worker.contracts import ErrorCode, JobError, JobStatus, check_job_id, job_from_wire, result_from_wire, to_wire
+from worker.contracts import (
+    ErrorCode,
+    JobError,
+    JobStatus,
+    check_job_id,
+    check_name,
+    job_from_wire,
+    job_ref,
+    parse_job_ref,
+    result_from_wire,
+    to_wire,
+)
 from worker.errors import CancelableError, DeadLetteredError, MalformedJobError
 from worker.service.clock import now
 from worker.tasks.base import GuardedTask
@@ -103,38 +116,40 @@ def backoff_s(retries: int) -> float:
     return float(min(RETRY_BASE_S * (2 ** min(retries, 30)), RETRY_MAX_S) * random.uniform(0.5, 1.0))
 
 
-def malformed_result(args: tuple[Any, ...], kind: str, err: CancelableError) -> dict[str, Any]:
-    """A minimal failed result for a message the contracts rejected (no input values echoed)."""
-    job_id = None
-    if len(args) == 1 and isinstance(args[0], dict) and isinstance(args[0].get("job_id"), str):
+def readable_ref(job: Any, task_id: Any) -> tuple[str, str] | None:
+    """``(tenant, job_id)`` of a message that is not a valid job, when they can be read: the job argument's own
+    ``tenant`` and ``job_id`` when both are valid, else the task ID when it is a job reference (``tenant/job_id``,
+    what producers send). None when neither names a job."""
+    if isinstance(job, dict):
         try:
-            job_id = check_job_id(args[0]["job_id"])
+            return check_name(job.get("tenant"), "tenant"), check_job_id(job.get("job_id"))  # type: ignore[arg-type]
         except ValueError:
-            job_id = None
+            pass
+    try:
+        return parse_job_ref(task_id)
+    except ValueError:
+        return None
+
+
+def malformed_result(kind: str, err: CancelableError, ident: tuple[str, str] | None) -> dict[str, Any]:
+    """A minimal failed result for a message the contracts rejected (no input values echoed)."""
     return {
         "schema_version": 1,
         "kind": kind,
-        "job_id": job_id,
+        "job_id": ident[1] if ident else None,
+        "tenant": ident[0] if ident else None,
         "status": JobStatus.FAILED.value,
         "error": JobError.from_exception(err).model_dump(mode="json"),
         "attempts": 1,
     }
 
 
-def _store_malformed(rt: Runtime, result: dict[str, Any], task_id: Any) -> dict[str, Any]:
-    """Store a malformed message's result under its job ID (else its task ID, when that is a valid job ID), unless
-    a result is already stored there: a producer waiting on the ID gets an answer instead of waiting forever."""
-    job_id = result.get("job_id")
-    if job_id is None and isinstance(task_id, str):
-        try:
-            job_id = check_job_id(task_id)
-        except ValueError:
-            job_id = None
-    if job_id is not None:
-        result = {**result, "job_id": job_id}
-        if rt.book.get_result(job_id) is None:
-            rt.book.save_result(job_id, result)
-    return result
+def store_refused(book: Any, ident: tuple[str, str], result: dict[str, Any]) -> None:
+    """Store a refused message's result under its job reference unless one is stored there already (a finished job
+    keeps its result): a producer waiting on the job gets an answer instead of waiting forever."""
+    ref = job_ref(*ident)
+    if book.get_result(ref) is None:
+        book.save_result(ref, result)
 
 
 class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
@@ -173,8 +188,8 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
         return {}
 
     def attempt_key(self, job: JobT, delivery: Delivery) -> str:
-        """Under which ID attempts are counted (a continuation counts its own)."""
-        return job.job_id
+        """Under which key attempts are counted: the job reference (a continuation counts its own)."""
+        return job_ref(job.tenant, job.job_id)
 
     def reports_terminal(self, delivery: Delivery) -> bool:
         """Whether ``on_terminal`` has anything to do for this delivery (a stored result is only parsed then)."""
@@ -239,7 +254,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
             uri = write_dead_letter(rt.store, record)
         except CancelableError as e:  # S3 down: the Redis record still exists
             log.error("dead letter not written to S3 for job %s: %s", job.job_id, e.code)
-        rt.book.add_dead_letter(job.job_id, {**record.model_dump(mode="json"), "s3_uri": uri})
+        rt.book.add_dead_letter(job_ref(job.tenant, job.job_id), {**record.model_dump(mode="json"), "s3_uri": uri})
         log.warning("job %s dead-lettered after %d attempts (%s)", job.job_id, attempts, code)
         return self.result_model(
             job_id=job.job_id,
@@ -268,10 +283,15 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
             except MalformedJobError as e:
                 tracker.outcome, tracker.error_code = "failed", e.code
                 log.warning("malformed %s message rejected", self.kind)
-                return _store_malformed(rt, malformed_result(args, self.kind, e), getattr(self.request, "id", None))
+                ident = readable_ref(args[0] if len(args) == 1 else None, getattr(self.request, "id", None))
+                result = malformed_result(self.kind, e, ident)
+                if ident is not None:
+                    store_refused(rt.book, ident, result)
+                return result
 
+            ref = job_ref(job.tenant, job.job_id)
             with job_scope(job.job_id, self.job_type, getattr(job, "tenant", None)):
-                existing = rt.book.get_result(job.job_id)
+                existing = rt.book.get_result(ref)
                 if existing is not None:
                     tracker.outcome = "duplicate"
                     log.info(
@@ -285,7 +305,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
                 attempt = rt.book.start_attempt(akey)
                 max_attempts = rt.settings.worker.max_attempts
                 if attempt > max_attempts:
-                    last = rt.book.get_fields(job.job_id).get("last_error", "internal_error")
+                    last = rt.book.get_fields(ref).get("last_error", "internal_error")
                     res = self.dead_letter(rt, job, attempt - 1, last, "attempts exhausted")
                     tracker.outcome, tracker.error_code = "dead_lettered", last
                     return self._finish(rt, job, res, delivery)
@@ -298,7 +318,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
                 except Exception as e:  # noqa: BLE001 - every error becomes a result, a retry or a dead letter
                     code = metrics.error_code_of(e)
                     if _is_transient(e):
-                        rt.book.set_fields(job.job_id, last_error=code)
+                        rt.book.set_fields(ref, last_error=code)
                         # a transient fault (S3 / Redis / KMS away) is retried with backoff for a time window, not a
                         # number of attempts: a one-minute outage must not dead-letter everything it touches. The
                         # attempt it ended cleanly is given back, so attempts keep counting crashes only.
@@ -336,7 +356,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
 
         wire = to_wire(res)
         try:
-            rt.book.save_result(job.job_id, wire)
+            rt.book.save_result(job_ref(job.tenant, job.job_id), wire)
             if self.reports_terminal(delivery):
                 self.on_terminal(rt, job, res, delivery)
         except (RedisConnectionError, RedisTimeoutError) as e:

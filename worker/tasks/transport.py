@@ -8,11 +8,20 @@ is put back on shutdown and kills every restart. Anyone who can push to the Redi
 ``Transport`` (selected with Celery's ``broker_transport``) keeps kombu's behaviour for well-formed envelopes and
 turns everything else into a dead letter: never delivered, never re-queued, recorded in Redis by the SHA-256 and
 size of the raw bytes (never the bytes themselves: they may hold anything) and logged at WARNING. The worker goes on
-with the next message. Envelopes that kombu accepts but Celery cannot use (unknown task, undecodable body) are
-refused by ``guarded_strategy`` (the strategy of every task of this app): a body that is not ``[args, kwargs,
-embed]`` would otherwise raise in the consumer (``too many values to unpack``) and stop it. Those are rejected
-(not re-queued), dead-lettered the same way, and get a stored ``malformed_job`` result when their task ID is a valid
-job ID, so a producer waiting on it is answered.
+with the next message. An envelope with a ``compression`` header is refused here too, before kombu would
+decompress it (``kombu.Message.__init__``, without any size limit: 2 KB of bz2 grow a worker by gigabytes); this
+system's producers never compress.
+
+Envelopes that kombu accepts but Celery cannot use are refused after it: by ``guarded_strategy`` (the strategy of
+every task of this app) a body that is not ``[args, kwargs, embed]`` (it would raise in the consumer, ``too many
+values to unpack``, and stop it) or whose content type is not JSON (pickle, yaml: never deserialised); by
+``on_unknown_task`` (Celery's ``task_unknown`` signal) a task name this app does not have. Those are rejected (not
+re-queued) and recorded the same way.
+
+Every refused message whose job can be read (the task ID is a job reference ``tenant/job_id``, as producers send,
+or, for a JSON body, its job argument names a valid tenant and job ID) is dead-lettered under that job reference and
+gets a stored ``malformed_job`` result unless the job already has one, so a producer waiting on it is answered; the
+others are dead-lettered under ``poison-<sha256>``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from kombu.exceptions import ContentDisallowed
 from kombu.transport import redis as kredis
 from kombu.utils.json import loads as _kombu_loads
 
@@ -88,6 +98,15 @@ def envelope_problem(message: Any) -> str | None:
     for field in ("content-type", "content-encoding"):
         if message.get(field) is not None and not isinstance(message[field], str):
             return f"envelope {field} is not a string"
+    if (message.get("headers") or {}).get("compression") is not None:
+        return "compressed body refused (producers never compress; it is not decompressed)"
+    return None
+
+
+def _task_id(message: Any) -> Any:
+    """The task ID of a decoded list item, if it has one (protocol 2: ``headers.id``)."""
+    if isinstance(message, dict) and isinstance(message.get("headers"), dict):
+        return message["headers"].get("id")
     return None
 
 
@@ -113,68 +132,84 @@ class Transport(kredis.Transport):  # type: ignore[misc]
             return
         sha, size = _fingerprint(message)
         log.warning("poison message dead-lettered: queue %s, %d bytes, sha256 %s: %s", queue, size, sha[:16], problem)
-        self._record_poison(sha, size, queue, problem)
-
-    def _record_poison(self, sha: str, size: int, queue: str, problem: str) -> None:
-        job_id = f"{POISON_KEY}-{sha[:32]}"
-        record = {
-            "job_id": job_id,
-            "job_kind": "unknown",
-            "error_code": "malformed_job",
-            "message": f"poison message on queue {queue}: {problem}",
-            "raw_sha256": sha,
-            "raw_size": size,
-            "queue": queue,
-            "attempts": 0,
-            "at": datetime.now(UTC).isoformat(),
-        }
-        try:
-            from worker.tasks.runtime import get_runtime
-
-            get_runtime().book.add_dead_letter(job_id, {**record, "s3_uri": None})
-        except Exception as e:  # noqa: BLE001 - recording must never take the consumer down
-            log.error("could not record poison message %s: %s", job_id, type(e).__name__)
+        record_refused(_task_id(message), queue, sha, size, f"poison message on queue {queue}: {problem}")
 
 
-def record_refused(task_id: Any, queue: str, raw: bytes, problem: str) -> None:
-    """Dead-letter a message Celery cannot run, and answer a producer waiting on its task ID."""
-    from worker.contracts import check_job_id
-    from worker.tasks.runtime import get_runtime
+def record_refused(task_id: Any, queue: str, sha: str, size: int, message: str, job: Any = None) -> None:
+    """Dead-letter a refused message (by the SHA-256 and size of its bytes, never the bytes) and, when its job can be
+    read (``task_id`` a job reference, or ``job`` a job argument naming a valid tenant and job ID), store a
+    ``malformed_job`` result for that job unless it has one, and key the dead letter by the job reference (an
+    existing dead letter of the job is kept); otherwise the dead letter is ``poison-<sha256 prefix>``."""
+    from worker.tasks.envelope import readable_ref, store_refused
 
-    sha = hashlib.sha256(raw).hexdigest()
-    log.warning("malformed task message refused: queue %s, %d bytes, sha256 %s: %s", queue, len(raw), sha[:16], problem)
-    try:
-        job_id = check_job_id(task_id) if isinstance(task_id, str) else None
-    except ValueError:
-        job_id = None
-    dead_id = job_id or f"{POISON_KEY}-{sha[:32]}"
+    ident = readable_ref(job, task_id)
+    dead_id = f"{ident[0]}/{ident[1]}" if ident else f"{POISON_KEY}-{sha[:32]}"
     record: dict[str, Any] = {
-        "job_id": dead_id,
+        "job_id": ident[1] if ident else dead_id,
         "job_kind": "unknown",
         "error_code": "malformed_job",
-        "message": f"malformed task message on queue {queue}: {problem}",
+        "message": message[:500],
         "raw_sha256": sha,
-        "raw_size": len(raw),
+        "raw_size": size,
         "queue": queue,
         "attempts": 0,
         "at": datetime.now(UTC).isoformat(),
     }
+    if ident:
+        record["tenant"] = ident[0]  # the reconciler also writes it to the tenant's S3 dead letters
     try:
+        from worker.tasks.runtime import get_runtime
+
         book = get_runtime().book
-        book.add_dead_letter(dead_id, {**record, "s3_uri": None})
-        if job_id is not None and book.get_result(job_id) is None:
-            book.save_result(
-                job_id,
-                {
-                    "schema_version": 1,
-                    "job_id": job_id,
-                    "status": "failed",
-                    "error": {"code": "malformed_job", "message": record["message"], "retryable": False},
-                    "attempts": 0,
-                },
-            )
+        if ident is None or book.get_dead_letter(dead_id) is None:
+            book.add_dead_letter(dead_id, {**record, "s3_uri": None})
+        if ident is not None:
+            result = {
+                "schema_version": 1,
+                "job_id": ident[1],
+                "tenant": ident[0],
+                "status": "failed",
+                "error": {"code": "malformed_job", "message": record["message"], "retryable": False},
+                "attempts": 0,
+            }
+            store_refused(book, ident, result)
     except Exception as e:  # noqa: BLE001 - recording must never take the consumer down
         log.error("could not record refused message %s: %s", dead_id, type(e).__name__)
+
+
+def _job_argument(message: Any) -> Any:
+    """The job argument of a JSON task message (``[[job], kwargs, embed]``), else None. Only a body the app accepts
+    is decoded (JSON; a pickle or yaml body raises ``ContentDisallowed`` before any deserialiser runs)."""
+    try:
+        payload = message.payload
+    except Exception:  # noqa: BLE001 - undecodable: no job to read
+        return None
+    if isinstance(payload, list | tuple) and payload and isinstance(payload[0], list | tuple) and len(payload[0]) == 1:
+        return payload[0][0]
+    return None
+
+
+def refuse_message(message: Any, problem: str) -> None:
+    """Record a task message the worker will not run (``record_refused``); the caller rejects it."""
+    raw = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    queue = (message.delivery_info or {}).get("routing_key") or "unknown"
+    sha = hashlib.sha256(raw).hexdigest()
+    log.warning("malformed task message refused: queue %s, %d bytes, sha256 %s: %s", queue, len(raw), sha[:16], problem)
+    task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
+    record_refused(task_id, queue, sha, len(raw), f"malformed task message on queue {queue}: {problem}")
+
+
+def on_unknown_task(message: Any = None, name: Any = None, **_: Any) -> None:
+    """Celery's ``task_unknown`` signal (the message is already rejected): record it, keyed by its job if readable."""
+    if message is None:
+        return
+    raw = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    queue = (message.delivery_info or {}).get("routing_key") or "unknown"
+    sha = hashlib.sha256(raw).hexdigest()
+    what = f"unknown task name ({len(str(name))} chars)"  # the name is the sender's text: not echoed
+    log.warning("unknown task refused: queue %s, %d bytes, sha256 %s", queue, len(raw), sha[:16])
+    task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
+    record_refused(task_id, queue, sha, len(raw), f"task message on queue {queue}: {what}", job=_job_argument(message))
 
 
 def body_problem(message: Any) -> str | None:
@@ -182,7 +217,12 @@ def body_problem(message: Any) -> str | None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     if not isinstance(headers.get("id"), str):
         return "task message has no task id"
-    payload = message.payload  # ContentDisallowed / DecodeError propagate: Celery rejects those itself
+    try:
+        payload = message.payload  # a content type the app does not accept raises before any deserialiser runs
+    except ContentDisallowed:
+        return "content type refused (JSON only; never deserialised)"
+    except Exception as e:  # noqa: BLE001 - DecodeError and whatever a broken body raises
+        return f"task body does not decode ({type(e).__name__})"
     if not isinstance(payload, list | tuple) or len(payload) != 3:
         return "task body is not [args, kwargs, embed]"
     args, kwargs, embed = payload
@@ -201,9 +241,7 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kw: Any) -> Any:
         problem = body_problem(message) if body is None else None
         if problem is None:
             return inner(message, body, ack, reject, callbacks, **kwargs)
-        raw = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-        queue = (message.delivery_info or {}).get("routing_key") or "unknown"
-        record_refused(message.headers.get("id") if isinstance(message.headers, dict) else None, queue, raw, problem)
+        refuse_message(message, problem)
         message.reject_log_error(log, consumer.connection_errors, requeue=False)
         return None
 
