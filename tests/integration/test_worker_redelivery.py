@@ -336,6 +336,48 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
     assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine.bulk" for kw in sent)
 
 
+def test_key_revocation_pauses_while_its_chunks_are_unfinished(rt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backpressure: a revocation keeps at most 8 chunks unfinished on the engine queues. With nothing finishing it
+    stops listing after the 9th chunk and re-queues itself after a pause; a continuation while still deep lists
+    nothing; once chunks finish it goes on from its cursor, and every subject is sent exactly once."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.service.revoke import REVOKE_MAX_QUEUED_CHUNKS, REVOKE_PAUSE_S
+    from worker.storage.records import CurrentPointer
+    from worker.tasks import control_tasks
+
+    write_keyring(rt.settings.keys.keyring_path, ["k1", "k2"])
+    reg = KeyRegistry(rt.store)
+    subjects = [f"s{i:02d}" for i in range(20)]
+    for subject in subjects:
+        reg.ensure_subject_key("acme", subject, "k1")
+        rt.store.put_json(
+            f"tenants/acme/subjects/{subject}/current.json", CurrentPointer(version=1, manifest_key="x", job_id="j")
+        )
+    job = job_from_wire(
+        {"kind": "revoke", "job_id": new_id("rb"), "tenant": "acme", "key_id": "k1", "new_key_id": "k2", "reason": "r"}
+    )
+    sent: list[dict] = []
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["args"][0]))
+    monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 1)
+    monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 3600.0)  # only backpressure hands over
+    task = _FakeTask()
+    _revoke(rt, job, task, 0)
+    assert len(sent) == REVOKE_MAX_QUEUED_CHUNKS + 1
+    assert task.continued[-1]["countdown"] == REVOKE_PAUSE_S and task.continued[-1]["kwargs"] == {"continuation": 1}
+    _revoke(rt, job, task, 1)  # nothing finished meanwhile: still paused, nothing more listed
+    assert len(sent) == REVOKE_MAX_QUEUED_CHUNKS + 1 and task.continued[-1]["kwargs"] == {"continuation": 2}
+    rt.book.mark_succeeded(job.ref, [c["subjects"][0] for c in sent[:5]])  # five chunks done
+    _revoke(rt, job, task, 2)
+    assert len(sent) == REVOKE_MAX_QUEUED_CHUNKS + 1 + 5
+    rt.book.mark_succeeded(job.ref, [c["subjects"][0] for c in sent])
+    _revoke(rt, job, task, 3)
+    assert sorted(c["subjects"][0] for c in sent) == subjects  # each once, none skipped
+    assert rt.book.get_fields(job.ref)["listing"] == "done"
+
+
 def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> None:
     """A key with many subjects is listed across continuations: each picks up after the last subject listed (never
     from the start), subjects under other keys are skipped, a subject never committed is fenced (not reissued), and

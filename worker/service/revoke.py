@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REVOKE_READ_THREADS = 16  # concurrent per-subject S3 reads while listing a revoked key's subjects
+REVOKE_MAX_QUEUED_CHUNKS = 8  # backpressure: pause while more than this many of the revocation's chunks are unfinished
+REVOKE_PAUSE_S = 5.0
 
 
 def _send_chunk(rt: Runtime, job: RevokeJob, dispatch: Dispatch, index: int, subjects: list[str]) -> None:
@@ -102,8 +104,10 @@ def revoke(
 
 def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continuation: int) -> bool:
     """Send the subjects under the revoked key in chunks, from the saved cursor (the last subject listed). After a
-    time budget, save the cursor and re-queue the task as a continuation (returns False); True when the listing
-    is complete. A re-delivered continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
+    time budget, or while more than ``REVOKE_MAX_QUEUED_CHUNKS`` of its chunks are still unfinished (backpressure:
+    a large revocation never floods the engine queues), save the cursor and re-queue the task as a continuation
+    (returns False; after ``REVOKE_PAUSE_S`` when paused); True when the listing is complete. A re-delivered
+    continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
     book = rt.book
     fields = book.get_fields(job.ref)
     cursor = fields.get("listing_cursor") or None
@@ -116,6 +120,9 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     fenced = int(fields.get("subjects_fenced", "0"))
     size = rt.settings.worker.revoke_chunk_size
     budget = rt.settings.worker.fanout_budget
+    if _unfinished(rt, job, total) > REVOKE_MAX_QUEUED_CHUNKS * size:  # still paused: list nothing more yet
+        dispatch.continue_job(job, continuation + 1, countdown=REVOKE_PAUSE_S)
+        return False
     t0 = time.monotonic()
     batch: list[str] = []
     last = cursor
@@ -132,9 +139,16 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
             book.set_fields(
                 job.ref, listing_cursor=last or "", chunks_sent=index, subjects_listed=total, subjects_fenced=fenced
             )
-            if time.monotonic() - t0 > budget:
-                dispatch.continue_job(job, continuation + 1)
-                log.info("revoke %s: %d subjects listed, continuing in a new task", job.job_id, total)
+            out_of_time = time.monotonic() - t0 > budget
+            deep = _unfinished(rt, job, total) > REVOKE_MAX_QUEUED_CHUNKS * size
+            if out_of_time or deep:
+                dispatch.continue_job(job, continuation + 1, countdown=REVOKE_PAUSE_S if deep else None)
+                log.info(
+                    "revoke %s: %d subjects listed, continuing in a new task (%s)",
+                    job.job_id,
+                    total,
+                    "chunks queued" if deep else "time budget",
+                )
                 return False
     if batch:
         _send_chunk(rt, job, dispatch, index, batch)
@@ -143,6 +157,12 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     book.set_total(job.ref, total)
     book.set_fields(job.ref, listing="done")
     return True
+
+
+def _unfinished(rt: Runtime, job: RevokeJob, listed: int) -> int:
+    """Subjects sent in chunks that have not finished yet (succeeded or failed)."""
+    p = rt.book.progress(job.ref)
+    return listed - (p.succeeded + p.failed)
 
 
 def check_revocable_key(rt: Runtime, tenant: str, key_id: str) -> None:
