@@ -328,6 +328,12 @@ def job_scope(job_id: str, job_type: str, tenant: str | None = None) -> Iterator
         _JOB.reset(token)
 
 
+def current_job() -> tuple[str, str, str] | None:
+    """(job ID, job type, tenant) of the ``job_scope`` this thread is in, or None (e.g. for a worker thread that
+    runs work on a job's behalf: it re-enters the scope with ``job_scope(*current_job())``)."""
+    return _JOB.get()
+
+
 # --- logging ------------------------------------------------------------------------------------------------------
 class RedactionFilter(logging.Filter):
     """Formats each record's message (and traceback) once and scrubs it, so no handler can print a secret."""

@@ -145,6 +145,7 @@ def test_keys_rotation_fetch_no_wait_status_and_logs(dep: Deployment, tmp_path: 
     assert any(" WARNING " in line and f"job {failed_jid} failed: no_face after" in line for line in failed), failed
     assert not any("succeeded" in line for line in failed), failed
     assert any(" INFO " in line and f"job {jid} succeeded in" in line for line in lines)
+    assert any("engine batch: enroll" in line for line in lines if f"[job {jid} " in line)  # the batcher thread too
     assert not any("'status': 'succeeded'" in line or '"status": "succeeded"' in line for line in lines)
 
 
