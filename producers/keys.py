@@ -112,7 +112,7 @@ def show_key(client: Any, args: argparse.Namespace) -> int:
         return EXIT_OK
     lines = [f"key {args.key_id}", f"  provider   {d['provider']}"]
     if "created_at" in d:
-        lines.append(f"  created    {d['created_at']}")
+        lines.append(f"  created    {d['created_at'] or 'unknown'}")
     if "kms_key" in d:
         lines.append(f"  KMS key    {d['kms_key']}")
     if args.tenant:

@@ -23,8 +23,8 @@ import http.client
 import os
 import re
 import secrets as pysecrets
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import ssl
