@@ -96,11 +96,13 @@ def _subject(sp: argparse.ArgumentParser, what: str, required: bool = True) -> N
 def _max_pixels_text() -> str:
     from worker.settings import WorkerSettings
 
-    mp = WorkerSettings.model_fields["max_pixels"].default / 1e6
+    f = WorkerSettings.model_fields
     return (
-        f"Photos: JPEG, PNG or WebP, at most {WorkerSettings.model_fields['max_bytes'].default // 2**20} MiB and "
-        f"{mp:.0f} megapixels (CANCELABLE_WORKER__MAX_BYTES, CANCELABLE_WORKER__MAX_PIXELS); checked here before "
-        "anything is uploaded. Large JPEGs are decoded at a reduced scale."
+        f"photos: JPEG, PNG or WebP of at most {f['max_bytes'].default // 2**20} MiB; JPEG up to "
+        f"{f['max_pixels'].default / 1e6:.0f} megapixels (decoded at a\n"
+        f"reduced scale), PNG and WebP up to {f['max_pixels_full_decode'].default / 1e6:.0f} megapixels. Checked here, "
+        "from the file's header, before\nanything is uploaded (the workers' CANCELABLE_WORKER__MAX_BYTES, "
+        "CANCELABLE_WORKER__MAX_PIXELS,\nCANCELABLE_WORKER__MAX_PIXELS_FULL_DECODE)."
     )
 
 
