@@ -84,6 +84,25 @@ def test_keyring_reloads_when_keys_are_added(tmp_path):
     assert ring.has_key("b")
 
 
+def test_concurrent_keyring_additions_keep_every_key(tmp_path):
+    path = tmp_path / "keyring.json"
+    write_keyring(path, ["base"])
+    ids = [f"k{i}" for i in range(12)]
+    barrier = threading.Barrier(len(ids))
+
+    def add(k: str) -> None:
+        barrier.wait()
+        write_keyring(path, [k])
+
+    threads = [threading.Thread(target=add, args=(k,)) for k in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert LocalKeyring(path).key_ids() == sorted(["base", *ids])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
 # --- registry: key state and subject key versions ------------------------------------------------------------------
 def _registry(make_settings, s3_bucket) -> KeyRegistry:
     return KeyRegistry(ObjectStore.from_settings(make_settings(bucket=s3_bucket).s3))

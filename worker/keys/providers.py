@@ -17,6 +17,7 @@ Nothing here logs, returns or raises with key material or seeds in it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -237,6 +238,15 @@ def write_keyring(path: Path, key_ids: list[str]) -> list[str]:
     Returns the key IDs added. Existing keys are never changed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `cancelable keys add` at once: both keys kept
+        return _add_keys(path, key_ids)
+    finally:
+        os.close(lock)
+
+
+def _add_keys(path: Path, key_ids: list[str]) -> list[str]:
     data: dict[str, Any] = {"format": "cancelable-keyring/1", "keys": {}}
     if path.exists():
         data = json.loads(path.read_text())
