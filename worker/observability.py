@@ -255,6 +255,7 @@ def settings_secrets(settings: Any) -> list[str]:
 
 SCRUBBER = Scrubber()
 
+
 # --- Sentry -------------------------------------------------------------------------------------------------------
 def init_sentry(settings: Any, transport: Any = None, **options: Any) -> bool:
     """Initialise Sentry from ``settings.sentry`` (dsn, environment, release, traces_sample_rate).
