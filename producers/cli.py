@@ -6,11 +6,14 @@
     cancelable bulk    --tenant T --key K manifest.csv|s3://b/m.jsonl|s3://b/prefix/ [--format prefix]
     cancelable upload  --tenant T a.jpg b.jpg                           (prints one s3:// reference per photo)
     cancelable status  TENANT/JOB_ID                                     (or JOB_ID --tenant T)
-    cancelable subject TENANT SUBJECT
+    cancelable subject --tenant T --subject S                        (or positionally: TENANT SUBJECT)
+    cancelable fetch   --tenant T --subject S [--version N] DIR          (cancelable images + template record)
+    cancelable keys    add|list|show|rotate                              (the keys templates are derived under)
 
 Local photos are uploaded to the tenant's input prefix, ``s3://$CANCELABLE_S3__INPUT_BUCKET/tenants/T/uploads/``,
-before the job is queued (each upload is printed). Every job subcommand also takes ``--job-file FILE``,
-``--job-id``, ``--no-wait`` and ``--json``. Exit codes: ``EXIT_CODES`` (also in ``--help``).
+before the job is queued (each upload is printed, on stderr). Every job subcommand also takes ``--job-file FILE``,
+``--job-id``, ``--no-wait`` (stdout: the job ID only) and ``--json``. Options a command needs are ``required`` in
+its ``--help``; with ``--job-file`` the file carries them instead. Exit codes: ``EXIT_CODES`` (also in ``--help``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from producers.commands import (
     EXIT_BY_NAME,
     EXIT_UNAVAILABLE,
     CliError,
+    fetch_version,
     index_keys,
     redrive_jobs,
     run_job,
@@ -31,6 +35,7 @@ from producers.commands import (
     show_subject,
     upload_files,
 )
+from producers.keys import add_keys, list_keys, rotate_key, show_key
 
 EXIT_CODES = "exit status:\n" + "\n".join(
     f"  {EXIT_BY_NAME[name]}  {text}"
@@ -76,23 +81,45 @@ def _sub(sub: Any, name: str, text: str, epilog: str = "") -> argparse.ArgumentP
     return p
 
 
-def _tenant(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--tenant", help="tenant ID (1-128 chars of [A-Za-z0-9._-]); separates storage and keys")
+def _tenant(sp: argparse.ArgumentParser, required: bool = True) -> None:
+    sp.add_argument(
+        "--tenant", required=required, help="tenant ID (1-128 chars of [A-Za-z0-9._-]); separates storage and keys"
+    )
 
 
-def _subject(sp: argparse.ArgumentParser, what: str) -> None:
-    sp.add_argument("--subject", help=f"subject ID in the tenant (1-128 chars of [A-Za-z0-9._-]) {what}")
+def _subject(sp: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    sp.add_argument(
+        "--subject", required=required, help=f"subject ID in the tenant (1-128 chars of [A-Za-z0-9._-]) {what}"
+    )
+
+
+def _max_pixels_text() -> str:
+    from worker.settings import WorkerSettings
+
+    f = WorkerSettings.model_fields
+    return (
+        f"photos: JPEG, PNG or WebP of at most {f['max_bytes'].default // 2**20} MiB; JPEG up to "
+        f"{f['max_pixels'].default / 1e6:.0f} megapixels (decoded at a\n"
+        f"reduced scale), PNG and WebP up to {f['max_pixels_full_decode'].default / 1e6:.0f} megapixels. Checked here, "
+        "from the file's header, before\nanything is uploaded (the workers' CANCELABLE_WORKER__MAX_BYTES, "
+        "CANCELABLE_WORKER__MAX_PIXELS,\nCANCELABLE_WORKER__MAX_PIXELS_FULL_DECODE)."
+    )
 
 
 def _common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--job-file", help="the job as JSON (a file, or - for stdin) instead of the flags")
+    sp.add_argument("--job-file", help="the job as JSON (a file, or - for stdin) instead of the options")
     sp.add_argument("--job-id", help="job ID (8-128 chars of [A-Za-z0-9_-]); default: a random UUID")
-    sp.add_argument("--no-wait", action="store_true", help="queue and print the job ID, do not wait")
+    sp.add_argument(
+        "--no-wait", action="store_true", help="queue and print only the job ID on stdout (uploads on stderr)"
+    )
     sp.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the result (900)")
     sp.add_argument("--json", action="store_true", help="print the result as JSON (uploads go to stderr)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(job_file: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``job_file=True`` (the command line has ``--job-file``) drops the required options of job
+    commands, which the file carries instead."""
+    need = not job_file
     p = _Parser(
         prog="cancelable",
         description="Queue cancelable-biometrics jobs and read their results. Settings come from CANCELABLE_* "
@@ -102,39 +129,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    e = _sub(sub, "enroll", "enrol a subject from photos under a key (a new template version)")
-    _tenant(e)
-    _subject(e, "to enrol")
-    e.add_argument("--key", dest="key_id", help="key ID the template is derived under (keyring name or KMS key)")
+    e = _sub(sub, "enroll", "enrol a subject from photos under a key (a new template version)", _max_pixels_text())
+    _tenant(e, need)
+    _subject(e, "to enrol", need)
+    e.add_argument(
+        "--key", dest="key_id", required=need, help="key ID the template is derived under (`cancelable keys list`)"
+    )
     e.add_argument("images", nargs="*", help="local photo files (uploaded first) or s3://bucket/key references")
     _common(e)
 
-    v = _sub(sub, "verify", "verify a probe photo against a subject's current template")
-    _tenant(v)
-    _subject(v, "to verify against")
+    v = _sub(sub, "verify", "verify a probe photo against a subject's current template", _max_pixels_text())
+    _tenant(v, need)
+    _subject(v, "to verify against", need)
     v.add_argument("--threshold", type=float, help="accept at or above this score (default: the worker's)")
     v.add_argument("probe", nargs="?", help="a local photo file (uploaded first) or an s3://bucket/key reference")
     _common(v)
 
     r = _sub(sub, "revoke", "revoke a subject's template, or a whole key, and reissue under a new key version")
-    _tenant(r)
-    _subject(r, "to revoke (or give --key)")
+    _tenant(r, need)
+    _subject(r, "to revoke (or give --key)", required=False)
     r.add_argument("--key", dest="key_id", help="revoke this whole key for the tenant (needs --new-key)")
     r.add_argument("--new-key", dest="new_key_id", help="key ID to reissue under (default: next version, same key)")
-    r.add_argument("--reason", help="why (kept in the revocation record)")
+    r.add_argument("--reason", required=need, help="why (kept in the revocation record)")
     r.add_argument("--purge", action="store_true", help="delete the revoked version's cancelable images")
     _common(r)
 
     b = _sub(sub, "bulk", "enrol every subject listed in a manifest (CSV, JSONL or an S3 prefix)", MANIFEST_FORMATS)
-    _tenant(b)
-    b.add_argument("--key", dest="key_id", help="default key for rows that name none")
+    _tenant(b, need)
+    b.add_argument("--key", dest="key_id", required=need, help="default key for rows that name none")
     b.add_argument("--format", choices=["csv", "jsonl", "prefix"], help="manifest format (default: from its name)")
     b.add_argument("--naming-rule", help="prefix manifests: regex with a (?P<subject>...) group")
     b.add_argument("--chunk-size", type=int, help="enrolments queued per step (default: the worker's)")
     b.add_argument("manifest", nargs="?", help="local file, s3://bucket/key.csv|.jsonl or s3://bucket/prefix/")
     _common(b)
 
-    u = _sub(sub, "upload", "upload local photos to the tenant's input prefix; print one s3:// reference each")
+    u = _sub(
+        sub,
+        "upload",
+        "upload local photos to the tenant's input prefix; print one s3:// reference each",
+        _max_pixels_text(),
+    )
     _tenant(u)
     u.add_argument("files", nargs="+", help="local JPEG, PNG or WebP photos")
 
@@ -156,19 +190,64 @@ def build_parser() -> argparse.ArgumentParser:
         "index-keys",
         "operators: build a tenant's key subject index from S3 and mark it complete (once per tenant, after upgrade)",
     )
-    ix.add_argument("index_tenant", metavar="tenant", help="tenant ID")
-    ix.add_argument("key_id", nargs="?", help="one key only (default: every key of the tenant, present and future)")
+    _tenant(ix, required=False)
+    ix.add_argument("--key", dest="key_opt", help="one key only (default: every key of the tenant, present and future)")
+    ix.add_argument("index_tenant", metavar="tenant", nargs="?", help="same as --tenant (older form)")
+    ix.add_argument("key_id", nargs="?", help="same as --key (older form)")
 
     st = _sub(sub, "subject", "what is stored for a subject: current version, key version, revoked versions")
-    st.add_argument("subject_tenant", metavar="tenant", help="tenant ID")
-    st.add_argument("subject_id", metavar="subject", help="subject ID")
+    _tenant(st, required=False)
+    _subject(st, "to show", required=False)
+    st.add_argument("subject_tenant", metavar="tenant", nargs="?", help="same as --tenant (older form)")
+    st.add_argument("subject_id", metavar="subject", nargs="?", help="same as --subject (older form)")
     st.add_argument("--json", action="store_true", help="print the state as JSON")
+
+    f = _sub(
+        sub,
+        "fetch",
+        "write a template version's cancelable images and its template record into a directory",
+        "Files: image-NN.<ext> (the cancelable images, in enrolment order), template.json (the template record:\n"
+        "key ID and version, embedding model, the template vector) and manifest.json (the version manifest).",
+    )
+    _tenant(f)
+    _subject(f, "to fetch")
+    f.add_argument("--version", type=int, help="template version (default: the current one)")
+    f.add_argument("--force", action="store_true", help="overwrite files already in DIR")
+    f.add_argument("dir", metavar="DIR", help="directory to write (created if missing)")
+    f.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+    k = _sub(sub, "keys", "the keys templates are derived under: add, list, show, rotate")
+    ks = k.add_subparsers(
+        dest="keys_command", required=True, parser_class=_Parser, metavar="ACTION", help="what to do with keys"
+    )
+    ka = _sub(ks, "add", "add keys with fresh random material to the local keyring (mode 0600; never printed)")
+    ka.add_argument("key_ids", nargs="+", metavar="KEY_ID", help="key IDs to add (existing ones are left unchanged)")
+    kl = _sub(ks, "list", "list the keys (local keyring, or the KMS key map) without their material")
+    _tenant(kl, required=False)
+    kl.add_argument("--json", action="store_true", help="print the keys as JSON")
+    ksh = _sub(ks, "show", "one key: provider, creation time or KMS key, and its state for a tenant")
+    ksh.add_argument("key_id", metavar="KEY_ID", help="the key ID")
+    _tenant(ksh, required=False)
+    ksh.add_argument("--json", action="store_true", help="print the key as JSON")
+    kr = _sub(
+        ks,
+        "rotate",
+        "revoke a key for a tenant and reissue every subject under a new key (added to the keyring if missing)",
+    )
+    _tenant(kr)
+    kr.add_argument("--key", dest="key_id", required=True, help="the key to retire for the tenant")
+    kr.add_argument("--new-key", dest="new_key_id", help="the key to move to (default: the next number, dev-key-2)")
+    kr.add_argument("--reason", required=True, help="why (kept in the revocation record)")
+    kr.add_argument("--purge", action="store_true", help="delete the revoked versions' cancelable images")
+    _common(kr)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        job_file = any(a == "--job-file" or a.startswith("--job-file=") for a in argv)
+        args = _aliases(build_parser(job_file).parse_args(argv))
         return _dispatch(args)
     except CliError as e:
         print(f"cancelable: error: {e}", file=sys.stderr)
@@ -176,6 +255,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelable: interrupted (queued jobs keep running; see `cancelable status`)", file=sys.stderr)
         return 130
+
+
+def _aliases(args: argparse.Namespace) -> argparse.Namespace:
+    """The older positional forms of ``subject`` and ``index-keys`` -> ``--tenant``/``--subject``/``--key``."""
+
+    def one(flag: str, opt: str | None, pos: str | None) -> str | None:
+        if opt is not None and pos is not None and opt != pos:
+            raise CliError(f"cancelable {args.command}: {flag} {opt} and the positional {pos} disagree")
+        return opt if opt is not None else pos
+
+    if args.command == "subject":
+        args.tenant = one("--tenant", args.tenant, args.subject_tenant)
+        args.subject = one("--subject", args.subject, args.subject_id)
+        if args.tenant is None or args.subject is None:
+            raise CliError("cancelable subject: give --tenant T --subject S")
+    elif args.command == "index-keys":
+        args.tenant = one("--tenant", args.tenant, args.index_tenant)
+        args.key_id = one("--key", args.key_opt, args.key_id)
+        if args.tenant is None:
+            raise CliError("cancelable index-keys: give --tenant T")
+    return args
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -192,9 +292,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         handler = {
             "status": show_status,
             "subject": show_subject,
+            "fetch": fetch_version,
             "upload": upload_files,
             "redrive": redrive_jobs,
             "index-keys": index_keys,
+            "keys": {"add": add_keys, "list": list_keys, "show": show_key, "rotate": rotate_key}.get(
+                getattr(args, "keys_command", ""), run_job
+            ),
         }.get(args.command, run_job)
         return handler(client, args)
     except (MalformedJobError, SettingsError) as e:

@@ -116,7 +116,8 @@ class Client:
             check_name(tenant, "tenant")
         except ValueError as e:
             raise MalformedJobError(f"malformed job: {e}") from None
-        return check_local_image(path, tenant, self.input_bucket, self.settings.worker.max_bytes)
+        w = self.settings.worker
+        return check_local_image(path, tenant, self.input_bucket, w.max_bytes, w.max_pixels, w.max_pixels_full_decode)
 
     @property
     def input_bucket(self) -> str:
@@ -390,8 +391,11 @@ class Client:
         book = self.book
         res = book.get_result(job_id)
         if book.exists(job_id):
-            out["progress"] = book.progress(job_id).as_dict()
-        out["attempts"] = book.attempts(job_id)
+            progress = book.progress(job_id)
+            if progress.kind in ("bulk", "revoke"):  # fan-out counts; other jobs' records only hold retry notes
+                out["progress"] = progress.as_dict()
+        # the attempt counter gives back attempts that ended in a transient fault; a result counts them all
+        out["attempts"] = max(book.attempts(job_id), int((res or {}).get("attempts") or 0))
         dl = book.get_dead_letter(job_id)
         if dl is not None:
             out["dead_letter"] = {k: dl.get(k) for k in ("error_code", "attempts", "s3_uri", "at")}

@@ -100,20 +100,37 @@ def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     return job, []
 
 
-def _progress_bar(desc: str) -> tuple[Any, Any]:
-    from tqdm import tqdm
+class _ProgressBar:
+    """A bar on stderr, drawn once the job's total is known (``total`` up front: a one-subject revoke), so it never
+    shows ``0item [00:00, ?item/s]``."""
 
-    bar = tqdm(desc=desc, unit="item", total=None, file=sys.stderr, dynamic_ncols=True, leave=True)
+    def __init__(self, desc: str, total: int | None) -> None:
+        self.desc, self.bar = desc, None
+        if total is not None:
+            self._open(total)
 
-    def update(p: Any) -> None:
-        if p.total is not None and bar.total != p.total:
+    def _open(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=self.desc, unit="item", total=total, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def update(self, p: Any) -> None:
+        if p.total is None:
+            return
+        if self.bar is None:
+            self._open(p.total)
+        bar = self.bar
+        assert bar is not None
+        if bar.total != p.total:
             bar.total = p.total
             bar.refresh()
         if p.done > bar.n:
             bar.update(p.done - bar.n)
         bar.set_postfix(failed=p.failed, refresh=False)
 
-    return bar, update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_job(client: Any, args: argparse.Namespace) -> int:
@@ -121,7 +138,7 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
     from producers.client import JobTimeout
 
     job, uploads = _build_job(client, args)  # every check before the first upload
-    out = sys.stderr if args.json else sys.stdout
+    out = sys.stderr if args.json or args.no_wait else sys.stdout  # stdout: only what a script captures
     for img, uri in zip(uploads, client.upload(uploads), strict=True):
         print(f"uploaded {img.path} -> {uri}", file=out, flush=True)
     ref = client.submit(job)  # tenant/job_id: job IDs are unique per tenant
@@ -130,7 +147,9 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
         return EXIT_OK
     bar = update = None
     if job.kind in ("bulk", "revoke") and not args.json:
-        bar, update = _progress_bar(f"{job.kind} {job.job_id[:12]}")
+        one = job.kind == "revoke" and getattr(job, "subject", None) is not None
+        bar = _ProgressBar(f"{job.kind} {job.job_id[:12]}", 1 if one else None)
+        update = bar.update
     try:
         res = client.wait(ref, timeout=args.timeout, on_progress=update)
     except JobTimeout as e:
@@ -139,7 +158,7 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     d = as_dict(res)
-    print(json.dumps(d, indent=2, sort_keys=True) if args.json else result_summary(res))
+    print(json.dumps(d, indent=2, sort_keys=True) if args.json else result_summary(res, _local_names(uploads)))
     if d.get("status") != "succeeded":
         return EXIT_BAD_INPUT if _refused_input(d) else EXIT_FAILED
     return EXIT_REJECT if d.get("kind") == "verify" and d.get("decision") == "reject" else EXIT_OK
@@ -150,6 +169,11 @@ def _refused_input(d: dict[str, Any]) -> bool:
     like a refusal before queueing: the producer cannot know the worker's keys itself)."""
     err = d.get("error") or {}
     return d.get("kind") == "revoke" and err.get("code") == "unknown_key" and not d.get("subjects_total")
+
+
+def _local_names(uploads: list[Any]) -> dict[str, str]:
+    """``s3://`` reference of an uploaded photo -> the local path the user gave (for error messages)."""
+    return {u.uri: str(u.path) for u in uploads}
 
 
 def upload_files(client: Any, args: argparse.Namespace) -> int:
@@ -180,9 +204,9 @@ def show_status(client: Any, args: argparse.Namespace) -> int:
 
 
 def show_subject(client: Any, args: argparse.Namespace) -> int:
-    state = client.subject(args.subject_tenant, args.subject_id)
+    state = client.subject(args.tenant, args.subject)
     if state is None:
-        raise CliError(f"no subject {args.subject_tenant}/{args.subject_id}: nothing enrolled", EXIT_NOT_FOUND)
+        raise CliError(f"no subject {args.tenant}/{args.subject}: nothing enrolled", EXIT_NOT_FOUND)
     d = state.as_dict()
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else subject_summary(d))
     return EXIT_OK
@@ -195,10 +219,10 @@ def index_keys(client: Any, args: argparse.Namespace) -> int:
     from worker.storage.keyindex import backfill_key_index
 
     t = time.perf_counter()
-    n = backfill_key_index(client.store, args.index_tenant, args.key_id)
+    n = backfill_key_index(client.store, args.tenant, args.key_id)
     which = f"key {args.key_id}" if args.key_id else "every key"
     print(
-        f"key index of tenant {args.index_tenant}, {which}: {n} subjects indexed in {time.perf_counter() - t:.1f} s; "
+        f"key index of tenant {args.tenant}, {which}: {n} subjects indexed in {time.perf_counter() - t:.1f} s; "
         "marked complete"
     )
     return EXIT_OK
@@ -218,3 +242,24 @@ def redrive_jobs(client: Any, args: argparse.Namespace) -> int:
             failed += 1
             print(f"{job_id}: not re-driven ({e})")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def fetch_version(client: Any, args: argparse.Namespace) -> int:
+    """Write a version's cancelable images, template record and manifest into ``args.dir`` (``producers.fetch``)."""
+    from producers.fetch import fetch
+    from worker.errors import NoTemplateError
+
+    try:
+        written = fetch(client, args.tenant, args.subject, args.version, args.dir, overwrite=args.force)
+    except NoTemplateError as e:
+        raise CliError(f"{e.code}: {e}", EXIT_NOT_FOUND) from None
+    if args.json:
+        print(json.dumps(written, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(
+        f"fetched version {written['version']} of {args.tenant}/{args.subject} (key {written['key_id']} "
+        f"v{written['key_version']}) into {args.dir}"
+    )
+    for f in written["files"]:
+        print(f"  {f}")
+    return EXIT_OK

@@ -9,24 +9,34 @@ def as_dict(res: Any) -> dict[str, Any]:
     return res if isinstance(res, dict) else res.model_dump(mode="json")
 
 
-def _error(d: dict[str, Any]) -> str:
+def _message(err: dict[str, Any], local_names: dict[str, str] | None) -> str:
+    """The error message, with the ``s3://`` reference of each photo the CLI uploaded replaced by the user's own
+    file name (the worker only knows the upload)."""
+    text = str(err["message"])
+    for uri, name in (local_names or {}).items():
+        text = text.replace(uri, name)
+    return text
+
+
+def _error(d: dict[str, Any], local_names: dict[str, str] | None = None) -> str:
     err = d["error"]
-    text = f" ({err['code']}: {err['message']})"
+    text = f" ({err['code']}: {_message(err, local_names)})"
     if err["code"] == "no_template" and d.get("subject"):
         text += (
             f"\n  nothing is enrolled for {d['tenant']}/{d['subject']}; "
-            f"see `cancelable subject {d['tenant']} {d['subject']}`"
+            f"see `cancelable subject --tenant {d['tenant']} --subject {d['subject']}`"
         )
     return text
 
 
-def result_summary(res: Any) -> str:
-    """A job result (model or wire dict) -> a few lines."""
+def result_summary(res: Any, local_names: dict[str, str] | None = None) -> str:
+    """A job result (model or wire dict) -> a few lines. ``local_names``: uploaded ``s3://`` reference -> the local
+    file it came from, used in error messages."""
     d = as_dict(res)
     kind, status = d.get("kind"), d.get("status")
     head = f"{kind} {d.get('job_id')}: {status}"
     if d.get("error") and kind not in ("bulk", "revoke"):
-        return head + _error(d)
+        return head + _error(d, local_names)
     if kind == "revoke" and d.get("error") and not d.get("subjects_done"):
         return head + _error(d)  # nothing was reissued: no version numbers to show
     if d.get("error"):
@@ -66,12 +76,16 @@ def status_summary(job_id: str, st: dict[str, Any]) -> str:
     """``Client.status`` output -> lines."""
     lines = [f"job {job_id}: {st['state']} (attempts {st['attempts']})"]
     p = st.get("progress")
-    if p:
-        total = "?" if p["total"] is None else p["total"]
-        lines.append(
-            f"  {p['kind']}: total {total}, succeeded {p['succeeded']}, failed {p['failed']}, pending "
-            f"{'?' if p['pending'] is None else p['pending']}"
-        )
+    if p and p.get("kind") in ("bulk", "revoke"):
+        if p["total"] is None:
+            lines.append(
+                f"  {p['kind']}: listing (total not known yet), succeeded {p['succeeded']}, failed {p['failed']}"
+            )
+        else:
+            lines.append(
+                f"  {p['kind']}: total {p['total']}, succeeded {p['succeeded']}, failed {p['failed']}, "
+                f"pending {p['pending']}"
+            )
         lines += [f"    failed {code}: {n}" for code, n in sorted(p["failed_codes"].items())]
     if "dead_letter" in st:
         lines.append(f"  dead-lettered: {st['dead_letter']}")

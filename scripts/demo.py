@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for role, v in scores.items():
         print(f"   {role:11s} score {v['score']:.4f} vs threshold {v['threshold']:.4f} -> {v['decision'].upper()}")
-    print(f"   state: .venv/bin/cancelable subject {args.tenant} {args.subject}")
+    print(f"   state: .venv/bin/cancelable subject --tenant {args.tenant} --subject {args.subject}")
     print(f"   total {time.monotonic() - t_start:.1f} s")
     client.close()
     if failed:

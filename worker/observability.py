@@ -329,6 +329,12 @@ def job_scope(job_id: str, job_type: str, tenant: str | None = None) -> Iterator
         _JOB.reset(token)
 
 
+def current_job() -> tuple[str, str, str] | None:
+    """(job ID, job type, tenant) of the ``job_scope`` this thread is in, or None (e.g. for a worker thread that
+    runs work on a job's behalf: it re-enters the scope with ``job_scope(*current_job())``)."""
+    return _JOB.get()
+
+
 # --- logging ------------------------------------------------------------------------------------------------------
 class RedactionFilter(logging.Filter):
     """Formats each record's message (and traceback) once and scrubs it, so no handler can print a secret."""
@@ -444,8 +450,22 @@ def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any =
     handler._cancelable = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    quiet_celery_task_lines()
     _connect_celery_logging()
     return handler
+
+
+# Celery's own per-task INFO lines carry no job scope (they are written outside the task) and repeat what the job's
+# own lines say: "Task ... received" (the job logs "started"), "Task ... succeeded in ...: <return value>" (the job
+# logs its outcome, a failed job at WARNING: Celery would call that task "succeeded") and "Task ... retry" (the job
+# logs "transient ...: retrying"). Celery's WARNING and ERROR lines (a task that raised, a lost worker) stay.
+CELERY_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+
+
+def quiet_celery_task_lines() -> None:
+    """Raise Celery's per-task loggers to WARNING (before the worker builds its tracers, which read the level once)."""
+    for name in CELERY_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 _celery_logging_connected: list[bool] = []

@@ -107,6 +107,27 @@ class KeysSettings(_Group):
     """Defaults to ``s3.region``."""
     kms_access_key_id: SecretStr | None = None
     kms_secret_access_key: SecretStr | None = None
+    kms_key_map: dict[str, str] = Field(default_factory=dict)
+    """KMS provider only: the key IDs jobs name -> the KMS key each one uses (a key UUID, ``alias/...`` or ARN),
+    as JSON: ``{"acme-2026": "alias/cancelable-acme-2026"}``. When set, only these key IDs are known, and every
+    mapped KMS key is checked at worker start (exists, enabled, ``HMAC_256`` / ``GENERATE_VERIFY_MAC``). Empty: a
+    job's key ID is passed to KMS as it is."""
+
+    @model_validator(mode="after")
+    def _key_map(self) -> KeysSettings:
+        from worker.contracts.ids import check_key_id
+
+        if self.kms_key_map and self.provider != "kms":
+            raise ValueError("keys.kms_key_map is set but keys.provider is not kms")
+        for key_id, kms_key in self.kms_key_map.items():
+            try:
+                check_key_id(key_id), check_key_id(kms_key)
+            except ValueError:
+                raise ValueError(
+                    f"keys.kms_key_map entry {key_id[:64]!r}: key IDs and KMS keys are 1-256 characters of "
+                    "[A-Za-z0-9._:/-]"
+                ) from None
+        return self
 
 
 class EngineSettings(_Group):
@@ -161,10 +182,17 @@ class WorkerSettings(_Group):
     transient_retry_window: float = Field(default=300.0, ge=0)
     """Seconds from a job's first transient fault (S3, Redis or KMS unreachable) during which it is retried with
     jittered exponential backoff (1 s doubling to 30 s); then it is dead-lettered."""
-    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    """Largest accepted source image object."""
-    max_pixels: int = Field(default=40_000_000, ge=64 * 64)
-    """Largest accepted decoded image (width x height); guards against decompression bombs."""
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest accepted source image object (a 200-megapixel phone JPEG is 30-60 MB)."""
+    max_pixels: int = Field(default=200_000_000, ge=64 * 64)
+    """Largest accepted JPEG (width x height, as its header declares). JPEGs are decoded at a reduced scale (PIL draft
+    mode) close to ``decode_max_side``, so their cost is bounded whatever their size."""
+    max_pixels_full_decode: int = Field(default=40_000_000, ge=64 * 64)
+    """Largest accepted PNG or WebP (these decode at full size before downscaling); guards against decompression
+    bombs."""
+    decode_max_side: int = Field(default=4096, ge=256, le=65_535)
+    """Decoded photos are downscaled to at most this many pixels on their longer side before detection (detection
+    itself runs at 1280; the aligned crop is taken from this image)."""
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
     sweep_staging_interval: int = Field(default=3600, ge=0)
     """Seconds between Celery beat's ``sweep_staging`` and ``sweep_uploads`` runs (0: no periodic sweep). Objects a
@@ -198,6 +226,10 @@ class MetricsSettings(_Group):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9808, ge=0, le=65535)
+    multiproc_dir: Path | None = None
+    """Where a worker's processes write their metric files (``PROMETHEUS_MULTIPROC_DIR`` wins when set). None: a
+    private directory under the temp dir, made when the worker starts and removed when it stops
+    (``worker.tasks.app``), so every way of starting a worker counts its pool's jobs."""
 
 
 class SentrySettings(_Group):

@@ -84,6 +84,25 @@ def test_keyring_reloads_when_keys_are_added(tmp_path):
     assert ring.has_key("b")
 
 
+def test_concurrent_keyring_additions_keep_every_key(tmp_path):
+    path = tmp_path / "keyring.json"
+    write_keyring(path, ["base"])
+    ids = [f"k{i}" for i in range(12)]
+    barrier = threading.Barrier(len(ids))
+
+    def add(k: str) -> None:
+        barrier.wait()
+        write_keyring(path, [k])
+
+    threads = [threading.Thread(target=add, args=(k,)) for k in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert LocalKeyring(path).key_ids() == sorted(["base", *ids])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
 # --- registry: key state and subject key versions ------------------------------------------------------------------
 def _registry(make_settings, s3_bucket) -> KeyRegistry:
     return KeyRegistry(ObjectStore.from_settings(make_settings(bucket=s3_bucket).s3))
@@ -193,6 +212,61 @@ def test_kms_errors(moto_kms, make_settings, s3_bucket):
     p2.registry.revoke_key("t", live, reason="rotate", job_id=uuid.uuid4().hex)
     with pytest.raises(RevokedKeyError):
         p2.seed_for(live, "t", "s", 1)
+
+
+def test_kms_key_map_names_the_kms_key_behind_each_key_id(moto_kms, make_settings, s3_bucket):
+    """``keys.kms_key_map``: a job's key ID -> its KMS key; unmapped IDs are unknown; ``check_key_map`` (run at worker
+    start) names the first entry whose KMS key is missing, disabled or not an HMAC key."""
+    kms = _kms_client(moto_kms)
+    direct = KmsHmacProvider(client=kms)
+    k1 = direct.create_key()
+    alias = direct.create_key(alias=f"seed-{uuid.uuid4().hex[:8]}")
+    settings = make_settings(
+        bucket=s3_bucket,
+        keys={
+            "provider": "kms",
+            "kms_endpoint_url": moto_kms,
+            "kms_access_key_id": "testing",
+            "kms_secret_access_key": "testing",
+            "kms_key_map": {"acme-2026": k1, "acme-2027": alias},
+        },
+    )
+    prov = make_key_provider(settings)
+    assert isinstance(prov, KmsHmacProvider) and prov.key_ids() == ["acme-2026", "acme-2027"]
+    prov.check_key_map()
+    assert prov.seed_for("acme-2026", "acme", "alice", 1) == direct.seed_for(k1, "acme", "alice", 1)
+    assert prov.seed_for("acme-2027", "acme", "alice", 1) == direct.seed_for(alias, "acme", "alice", 1)
+    with pytest.raises(UnknownKeyError, match="kms_key_map"):
+        prov.seed_for(k1, "acme", "alice", 1)  # only mapped IDs are known, even a real KMS key ID
+
+    aes = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
+    disabled = direct.create_key()
+    kms.disable_key(KeyId=disabled)
+    for bad, exc in (("alias/no-such-key", UnknownKeyError), (aes, UnknownKeyError), (disabled, RevokedKeyError)):
+        p = KmsHmacProvider(client=kms, key_map={"good": k1, "bad-entry": bad})
+        with pytest.raises(exc, match="kms_key_map entry bad-entry"):
+            p.check_key_map()
+
+
+def test_worker_with_a_bad_kms_key_map_stops_at_start(moto_kms, service_env, tmp_path):
+    from worker_harness import start_worker
+
+    env = service_env()
+    env.update(
+        CANCELABLE_KEYS__PROVIDER="kms",
+        CANCELABLE_KEYS__KMS_ENDPOINT_URL=moto_kms,
+        CANCELABLE_KEYS__KMS_ACCESS_KEY_ID="testing",
+        CANCELABLE_KEYS__KMS_SECRET_ACCESS_KEY="testing",
+        CANCELABLE_KEYS__KMS_KEY_MAP=json.dumps({"acme-2026": "alias/never-created"}),
+        CANCELABLE_METRICS__ENABLED="false",
+    )
+    w = start_worker(env, tmp_path / "worker.log", queues="control")
+    try:
+        rc = w.popen.wait(90)
+    finally:
+        w.stop()
+    assert rc == 2, w.tail()
+    assert "CANCELABLE_KEYS__KMS_KEY_MAP: keys.kms_key_map entry acme-2026" in w.tail(), w.tail()
 
 
 def test_kms_unreachable_is_retryable():

@@ -23,6 +23,7 @@ import http.client
 import os
 import re
 import secrets as pysecrets
+import shlex
 import shutil
 import signal
 import socket
@@ -945,3 +946,48 @@ def test_env_sources_cleanly_when_the_state_dir_has_a_space(make_stack, foreign_
     exported = sourced_env(stack)
     assert exported["CANCELABLE_KEYS__KEYRING_PATH"] == str(stack.dir / "keyring.json")
     assert exported["CANCELABLE_S3__SECRET_ACCESS_KEY_FILE"] == str(stack.dir / "secrets" / "s3_secret_access_key")
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0.0 when absent)."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and want <= set(line[len(name) + 1 : line.index("}")].split(",")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.timeout(420)
+def test_stack_worker_metrics_count_a_finished_job(make_stack) -> None:
+    """The stack's worker (a prefork pool: the job runs in a child process) serves counters that count the job.
+    The script sets no PROMETHEUS_MULTIPROC_DIR: the worker's own start-up gives itself one."""
+    import urllib.request
+
+    stack = make_stack()
+    stack.run("up", "--worker")
+    worker_pid = stack.pidfiles()["worker"][0]
+    environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
+    assert not any(e.startswith(b"PROMETHEUS_MULTIPROC_DIR=") for e in environ), "the launcher set it, not the worker"
+    port = int(stack.env["CANCELABLE_METRICS__PORT"])
+    url = f"http://127.0.0.1:{port}/metrics"
+    labels = {"job_type": "revoke", "outcome": "failed", "error_code": "no_template"}
+    before = _metric(urllib.request.urlopen(url, timeout=10).read().decode(), "cancelable_jobs_total", **labels)
+
+    cli = (
+        f"source {shlex.quote(str(stack.dir / 'env'))} && {shlex.quote(str(VENV_PY))} -m producers.cli revoke "
+        "--tenant acme --subject nobody --reason typo --timeout 120"
+    )
+    env = {**stack.env, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(["bash", "-c", cli], env=env, cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 1 and "no_template" in r.stdout, (r.stdout, r.stderr, stack.log_tails())
+
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        after = _metric(text, "cancelable_jobs_total", **labels)
+        if after == before + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert after == before + 1, f"jobs_total{labels} {before} -> {after}\n{text[:3000]}"
+    assert _metric(text, "cancelable_worker_processes") >= 1, text[:3000]
+    stack.run("down")

@@ -27,7 +27,19 @@ def test_every_option_and_argument_has_help_text():
 
 
 def test_subcommands_are_the_documented_ones():
-    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "index-keys"}
+    expected = {
+        "enroll",
+        "verify",
+        "revoke",
+        "bulk",
+        "upload",
+        "status",
+        "subject",
+        "redrive",
+        "index-keys",
+        "fetch",
+        "keys",
+    }
     assert set(_subparsers(build_parser())) == expected
 
 
@@ -51,9 +63,66 @@ def test_bulk_help_documents_the_manifest_formats():
     assert "(?P<subject>...)" in text and "cancelable upload" in text
 
 
-def test_subject_takes_tenant_and_subject_positionally():
-    args = build_parser().parse_args(["subject", "acme", "alice", "--json"])
-    assert (args.subject_tenant, args.subject_id, args.json) == ("acme", "alice", True)
+def test_subject_takes_tenant_and_subject_as_options_or_positionally():
+    from producers.cli import _aliases
+
+    args = _aliases(build_parser().parse_args(["subject", "acme", "alice", "--json"]))
+    assert (args.tenant, args.subject, args.json) == ("acme", "alice", True)
+    args = _aliases(build_parser().parse_args(["subject", "--tenant", "acme", "--subject", "alice"]))
+    assert (args.tenant, args.subject) == ("acme", "alice")
+    with pytest.raises(CliError, match="disagree"):
+        _aliases(build_parser().parse_args(["subject", "--tenant", "acme", "--subject", "alice", "acme", "bob"]))
+    with pytest.raises(CliError, match="--tenant T --subject S"):
+        _aliases(build_parser().parse_args(["subject", "--tenant", "acme"]))
+
+
+def _usage(command: str) -> str:
+    return " ".join(_subparsers(build_parser())[command].format_usage().split())
+
+
+@pytest.mark.parametrize(
+    ("command", "required", "optional"),
+    [
+        ("revoke", ["--tenant TENANT", "--reason REASON"], ["[--subject SUBJECT]", "[--key KEY_ID]"]),
+        ("enroll", ["--tenant TENANT", "--subject SUBJECT", "--key KEY_ID"], ["[--job-id JOB_ID]"]),
+        ("verify", ["--tenant TENANT", "--subject SUBJECT"], ["[--threshold THRESHOLD]"]),
+        ("bulk", ["--tenant TENANT", "--key KEY_ID"], ["[--format {csv,jsonl,prefix}]"]),
+        ("fetch", ["--tenant TENANT", "--subject SUBJECT"], ["[--version VERSION]"]),
+    ],
+)
+def test_help_marks_required_options_required(command, required, optional):
+    """argparse writes a required option without brackets in the usage line; an optional one in brackets."""
+    usage = _usage(command)
+    for r in required:
+        assert r in usage and f"[{r}]" not in usage, usage
+    for o in optional:
+        assert o in usage, usage
+
+
+def test_revoke_without_reason_is_refused_by_the_parser_unless_a_job_file_carries_it():
+    with pytest.raises(CliError, match="required: --reason"):
+        build_parser().parse_args(["revoke", "--tenant", "t", "--subject", "s"])
+    args = build_parser(job_file=True).parse_args(["revoke", "--job-file", "job.json"])
+    assert args.reason is None and args.job_file == "job.json"
+
+
+def test_keys_actions_parse():
+    p = build_parser()
+    assert p.parse_args(["keys", "add", "dev-key-2"]).key_ids == ["dev-key-2"]
+    a = p.parse_args(["keys", "rotate", "--tenant", "acme", "--key", "dev-key-1", "--reason", "r"])
+    assert (a.keys_command, a.key_id, a.new_key_id) == ("rotate", "dev-key-1", None)
+    assert p.parse_args(["keys", "show", "k", "--tenant", "acme"]).tenant == "acme"
+    with pytest.raises(CliError):
+        p.parse_args(["keys", "rotate", "--tenant", "acme", "--key", "dev-key-1"])  # --reason is required
+
+
+def test_photo_limits_are_stated_in_help():
+    from worker.settings import WorkerSettings
+
+    mp = WorkerSettings.model_fields["max_pixels"].default
+    for command in ("enroll", "verify", "upload"):
+        text = " ".join(_subparsers(build_parser())[command].format_help().split())
+        assert f"{mp / 1e6:.0f} megapixels" in text and "CANCELABLE_WORKER__MAX_PIXELS" in text
 
 
 def test_bundle_tool_lists_its_commands_with_help() -> None:
@@ -68,8 +137,11 @@ def test_bundle_tool_lists_its_commands_with_help() -> None:
 
 
 def test_index_keys_takes_a_tenant_and_an_optional_key() -> None:
-    args = build_parser().parse_args(["index-keys", "acme"])
-    assert (args.command, args.index_tenant, args.key_id) == ("index-keys", "acme", None)
-    assert build_parser().parse_args(["index-keys", "acme", "k1"]).key_id == "k1"
+    from producers.cli import _aliases
+
+    args = _aliases(build_parser().parse_args(["index-keys", "acme"]))
+    assert (args.command, args.tenant, args.key_id) == ("index-keys", "acme", None)
+    assert _aliases(build_parser().parse_args(["index-keys", "acme", "k1"])).key_id == "k1"
+    assert _aliases(build_parser().parse_args(["index-keys", "--tenant", "acme", "--key", "k1"])).key_id == "k1"
     with pytest.raises(CliError):
-        build_parser().parse_args(["index-keys"])
+        _aliases(build_parser().parse_args(["index-keys"]))

@@ -114,3 +114,52 @@ def test_pixel_limit_is_the_setting_not_pils_default() -> None:
     with pytest.raises(ImageTooLargeError):
         decode_image(data, max_bytes=MAX_BYTES, max_pixels=64 * 48 - 1)
     assert decode_image(data, max_bytes=MAX_BYTES, max_pixels=64 * 48).shape == (48, 64, 3)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_and_downscaled():
+    """A JPEG over ``max_side`` comes out with its longer side at ``max_side``, aspect kept, EXIF applied; PIL's
+    draft mode is used (the decoder is asked for a reduced scale before it decodes)."""
+    big = _gradient(1600, 1200).resize((1600, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = _encode(big, "JPEG", quality=90, exif=exif)
+    from PIL import JpegImagePlugin
+
+    calls = []
+    orig = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):  # noqa: ANN001, ANN202
+        out = orig(self, mode, size)
+        calls.append((size, self.size))
+        return out
+
+    JpegImagePlugin.JpegImageFile.draft = spy  # type: ignore[method-assign]
+    try:
+        arr = decode_image(data, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_side=300)
+    finally:
+        JpegImagePlugin.JpegImageFile.draft = orig  # type: ignore[method-assign]
+    assert arr.shape == (300, 225, 3)  # 1600x1200 -> 300x225, then rotated to portrait
+    assert calls == [((300, 225), (400, 300))]  # decoded at 1/4 scale, the smallest that keeps 300x225
+    assert decode_image(data, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS).shape == (1600, 1200, 3)
+
+
+def test_png_has_its_own_pixel_limit():
+    data = _encode(_gradient(), "PNG")
+    with pytest.raises(ImageTooLargeError, match="for PNG"):
+        decode_image(data, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_pixels_full_decode=64 * 48 - 1)
+    jpeg = _encode(_gradient(), "JPEG")
+    assert decode_image(jpeg, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_pixels_full_decode=10).shape[2] == 3
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_header_dimensions_without_decoding(fmt):
+    from producers.imagesize import image_size
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # a large APP1 segment before the frame header
+    kw = {"exif": exif} if fmt == "JPEG" else {}
+    for lossless in (False, True) if fmt == "WEBP" else (False,):
+        data = _encode(_gradient(333, 211), fmt, **kw, **({"lossless": True} if lossless else {}))
+        ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+        assert image_size(data, ext) == (333, 211)
+    assert image_size(b"\xff\xd8\xff\xe0garbage", "jpg") is None

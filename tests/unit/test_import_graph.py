@@ -69,7 +69,16 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
         {"celery", "kombu"},
     ),
     "producers": (
-        {"producers", "worker.contracts", "worker.errors", "worker.settings", "worker.storage", "worker.broker"},
+        # worker.keys: `cancelable keys` manages the local keyring and reads key state (never derives seeds)
+        {
+            "producers",
+            "worker.contracts",
+            "worker.errors",
+            "worker.settings",
+            "worker.storage",
+            "worker.broker",
+            "worker.keys",
+        },
         {"torch"},
     ),
 }

@@ -17,6 +17,7 @@ Nothing here logs, returns or raises with key material or seeds in it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -196,7 +197,10 @@ class KeyProvider(ABC):
         if self.registry is not None and self.registry.is_revoked(tenant, key_id):
             raise RevokedKeyError(f"key {key_id} is revoked for tenant {tenant}")
         if not self.has_key(key_id):
-            raise UnknownKeyError(f"key {key_id} is not known to the {self.name} provider")
+            raise UnknownKeyError(f"key {key_id} is not known to the {self.name} provider{self._unknown_hint(key_id)}")
+
+    def _unknown_hint(self, key_id: str) -> str:
+        return ""
 
     def seed_for(self, key_id: str, tenant: str, subject: str, key_version: int) -> bytes:
         """The 32-byte seed of (tenant, subject, key_version) under ``key_id``. Secret: never log it."""
@@ -234,6 +238,15 @@ def write_keyring(path: Path, key_ids: list[str]) -> list[str]:
     Returns the key IDs added. Existing keys are never changed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `cancelable keys add` at once: both keys kept
+        return _add_keys(path, key_ids)
+    finally:
+        os.close(lock)
+
+
+def _add_keys(path: Path, key_ids: list[str]) -> list[str]:
     data: dict[str, Any] = {"format": "cancelable-keyring/1", "keys": {}}
     if path.exists():
         data = json.loads(path.read_text())
@@ -253,6 +266,23 @@ def write_keyring(path: Path, key_ids: list[str]) -> list[str]:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
     return added
+
+
+def keyring_entries(path: Path) -> list[dict[str, str]]:
+    """The keys of a keyring file without their material: ``[{"key_id", "created_at"}]`` sorted by key ID.
+    ``KeyProviderUnavailable`` when the file is missing, readable by others or not a keyring."""
+    ring = LocalKeyring(path)
+    ring.key_ids()  # the mode and format checks
+    data = json.loads(Path(path).read_text())
+    return [{"key_id": k, "created_at": str(v.get("created_at", ""))} for k, v in sorted(data["keys"].items())]
+
+
+def next_key_id(key_id: str) -> str:
+    """The key ID a rotation of ``key_id`` moves to by default: its trailing number plus one (``dev-key-1`` ->
+    ``dev-key-2``), or ``-2`` appended when it has none."""
+    head = key_id.rstrip("0123456789")
+    tail = key_id[len(head) :]
+    return check_key_id(f"{head}{int(tail) + 1}" if tail else f"{key_id}-2")
 
 
 class LocalKeyring(KeyProvider):
@@ -293,6 +323,9 @@ class LocalKeyring(KeyProvider):
     def key_ids(self) -> list[str]:
         return sorted(self._load())
 
+    def _unknown_hint(self, key_id: str) -> str:
+        return f" (keyring {self._path}; add it with `cancelable keys add {key_id}`)"
+
     def has_key(self, key_id: str) -> bool:
         return key_id in self._load()
 
@@ -332,9 +365,11 @@ class KmsHmacProvider(KeyProvider):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         registry: KeyRegistry | None = None,
+        key_map: dict[str, str] | None = None,
     ) -> None:
         super().__init__(registry)
         _install_redaction()
+        self.key_map = dict(key_map or {})
         if client is None:
             import boto3
             from botocore.config import Config
@@ -373,12 +408,43 @@ class KmsHmacProvider(KeyProvider):
             return KeyProviderUnavailable(f"KMS unreachable ({type(e).__name__})")
         return e
 
+    def kms_key(self, key_id: str) -> str | None:
+        """The KMS key (UUID, alias or ARN) behind ``key_id``: its ``keys.kms_key_map`` entry, ``key_id`` itself when
+        no map is set, None when a map is set and does not name it."""
+        if not self.key_map:
+            return key_id
+        return self.key_map.get(key_id)
+
+    def _unknown_hint(self, key_id: str) -> str:
+        return " (not in keys.kms_key_map)" if self.key_map else ""
+
+    def key_ids(self) -> list[str]:
+        """The mapped key IDs (empty when no map is set: any KMS key may be named)."""
+        return sorted(self.key_map)
+
+    def check_key_map(self) -> None:
+        """At worker start: every mapped KMS key exists, is enabled and is an HMAC_256 ``GENERATE_VERIFY_MAC`` key.
+        Raises ``UnknownKeyError``, ``RevokedKeyError`` or ``KeyProviderUnavailable`` naming the first bad entry."""
+        for key_id in sorted(self.key_map):
+            try:
+                ok = self.has_key(key_id)
+            except (RevokedKeyError, KeyProviderUnavailable) as e:
+                raise type(e)(f"keys.kms_key_map entry {key_id}: {e}") from None
+            if not ok:
+                raise UnknownKeyError(
+                    f"keys.kms_key_map entry {key_id}: KMS key {self.key_map[key_id]} does not exist or is not an "
+                    "HMAC_256 GENERATE_VERIFY_MAC key"
+                )
+
     def has_key(self, key_id: str) -> bool:
+        kms_key = self.kms_key(key_id)
+        if kms_key is None:
+            return False
         hit = self._known.get(key_id)
         if hit is not None and time.monotonic() - hit[1] < self.DESCRIBE_TTL_S:
             return hit[0]
         try:
-            meta = self._client.describe_key(KeyId=key_id)["KeyMetadata"]
+            meta = self._client.describe_key(KeyId=kms_key)["KeyMetadata"]
         except Exception as e:  # noqa: BLE001
             err = self._err(e, key_id)
             if isinstance(err, UnknownKeyError):
@@ -392,8 +458,11 @@ class KmsHmacProvider(KeyProvider):
         return ok
 
     def _mac(self, key_id: str, message: bytes) -> bytes:
+        kms_key = self.kms_key(key_id)
+        if kms_key is None:
+            raise UnknownKeyError(f"key {key_id} is not in keys.kms_key_map")
         try:
-            r = self._client.generate_mac(KeyId=key_id, Message=message, MacAlgorithm=self.MAC_ALGORITHM)
+            r = self._client.generate_mac(KeyId=kms_key, Message=message, MacAlgorithm=self.MAC_ALGORITHM)
         except Exception as e:  # noqa: BLE001
             raise self._err(e, key_id) from None
         return bytes(r["Mac"])
@@ -422,4 +491,5 @@ def make_key_provider(settings: Settings, store: ObjectStore | None = None) -> K
         access_key_id=k.kms_access_key_id.get_secret_value() if k.kms_access_key_id else None,
         secret_access_key=k.kms_secret_access_key.get_secret_value() if k.kms_secret_access_key else None,
         registry=registry,
+        key_map=k.kms_key_map,
     )

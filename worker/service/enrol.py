@@ -66,7 +66,14 @@ def fetch_and_prepare(rt: Runtime, engine: EngineBase, tenant: str, refs: list[S
             with metrics.stage_timer("download", job_type):
                 body, etag = rt.store.get_object(ref.bucket, ref.key, max_bytes=w.max_bytes)
             with metrics.stage_timer("decode", job_type):
-                rgb = decode_image(body, max_bytes=w.max_bytes, max_pixels=w.max_pixels, name=ref.uri)
+                rgb = decode_image(
+                    body,
+                    max_bytes=w.max_bytes,
+                    max_pixels=w.max_pixels,
+                    max_pixels_full_decode=w.max_pixels_full_decode,
+                    max_side=w.decode_max_side,
+                    name=ref.uri,
+                )
             with metrics.stage_timer("align", job_type):
                 faces.append(engine.prepare(rgb))
         except CancelableError as e:

@@ -80,7 +80,9 @@ def maybe_finalize_revoke(rt: Runtime, tenant: str, parent_job_id: str) -> dict[
     wire = to_wire(RevokeResult(**res))
     book.save_result(pref, wire)
     book.close_job(pref, wire["status"])
-    log.info("revoke job %s finished: %d done, %d failed", parent_job_id, p.succeeded, p.failed)
+    (log.warning if p.failed else log.info)(
+        "revoke job %s finished: %s, %d done, %d failed", parent_job_id, wire["status"], p.succeeded, p.failed
+    )
     return wire
 
 
@@ -133,5 +135,12 @@ def maybe_finalize_bulk(rt: Runtime, tenant: str, parent_job_id: str) -> dict[st
     wire = to_wire(res)
     book.save_result(pref, wire)
     book.close_job(pref, wire["status"])
-    log.info("bulk job %s finished: %d succeeded, %d failed of %s", parent_job_id, p.succeeded, p.failed, p.total)
+    (log.warning if p.failed else log.info)(
+        "bulk job %s finished: %s, %d succeeded, %d failed of %s",
+        parent_job_id,
+        wire["status"],
+        p.succeeded,
+        p.failed,
+        p.total,
+    )
     return wire

@@ -1,4 +1,4 @@
-"""What is stored about one subject, read-only (``cancelable subject TENANT SUBJECT``).
+"""What is stored about one subject, read-only (``cancelable subject --tenant T --subject S``).
 
 Reads the ``current`` pointer and its manifest, the version list, the revocation records and the subject key record
 (``key.json``) plus that key's state. Nothing here writes; no key material or embedding is read.

@@ -17,8 +17,12 @@ not. With ``--pool solo`` the models load lazily on the first engine task.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from celery import signals
@@ -38,8 +42,43 @@ log = logging.getLogger(__name__)
 
 TASK_MODULES = ["worker.tasks.engine_tasks", "worker.tasks.control_tasks"]
 
+
+def _launched_as_worker() -> bool:
+    """``celery ... worker ...`` (the worker command, however started), not ``celery inspect`` or an import."""
+    return bool(sys.argv) and "celery" in sys.argv[0] and "worker" in sys.argv[1:]
+
+
+def _set_metrics_dir(s: Any) -> None:
+    """The one place that gives a worker its Prometheus multiprocess directory, whatever started it (local stack,
+    Procfile, compose, k8s, by hand): ``PROMETHEUS_MULTIPROC_DIR`` if the launcher set it, else
+    ``metrics.multiproc_dir``, else a private temporary directory removed when the main process exits. It must be
+    set before ``prometheus_client`` is first imported (it picks its value class then), i.e. before
+    ``worker.metrics``; pool children inherit it. Without it a prefork pool's children count into files nobody
+    serves and every counter on ``/metrics`` stays 0."""
+    if not (s.metrics.enabled and _launched_as_worker()):
+        return
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or (str(s.metrics.multiproc_dir or "") or None)
+    if path is None:
+        path = tempfile.mkdtemp(prefix="cancelable-metrics-")
+        owner, made = os.getpid(), path
+
+        def _remove() -> None:  # forked pool children inherit atexit handlers: only the maker removes it
+            if os.getpid() == owner:
+                shutil.rmtree(made, ignore_errors=True)
+
+        atexit.register(_remove)
+    os.makedirs(path, exist_ok=True)
+    if "prometheus_client" in sys.modules and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != path:
+        print(
+            "cancelable worker: prometheus_client was imported before the worker app; metrics stay per-process",
+            file=sys.stderr,
+        )
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
 try:
     settings = get_settings()
+    _set_metrics_dir(settings)
     app = make_celery(settings, include=TASK_MODULES)
 except (SettingsError, ConfigError) as _e:
     # a one-screen message instead of a traceback through Celery's loader
@@ -93,6 +132,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         queues = set(ENGINE_QUEUES)
     _consumes.clear()
     _consumes.update(queues)
+    _check_key_map(settings)
     if consumes_engine(_consumes):
         from worker.service.engine import check_bundle_present
 
@@ -100,6 +140,25 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     log.info("worker consuming %s", sorted(_consumes))
     if _pool_name(sender) == "threads":
         _start_threads_pool(settings, int(getattr(sender, "concurrency", 1) or 1))
+
+
+def _check_key_map(s: Any) -> None:
+    """KMS provider with ``keys.kms_key_map``: every mapped KMS key exists, is enabled and is an HMAC_256
+    ``GENERATE_VERIFY_MAC`` key, or the worker stops here with one line naming the entry (a typo in the map would
+    otherwise fail each job of that key with ``unknown_key``)."""
+    if s.keys.provider != "kms" or not s.keys.kms_key_map:
+        return
+    from worker.errors import CancelableError
+    from worker.keys.providers import KmsHmacProvider, make_key_provider
+
+    provider = make_key_provider(s)
+    assert isinstance(provider, KmsHmacProvider)
+    try:
+        provider.check_key_map()
+    except CancelableError as e:
+        print(f"cancelable worker: invalid configuration: CANCELABLE_KEYS__KMS_KEY_MAP: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("KMS key map checked: %d keys", len(s.keys.kms_key_map))
 
 
 def _pool_name(worker: Any) -> str:

@@ -166,6 +166,17 @@ def delivery_attempt(attempt: int, background: bool = False) -> Iterator[None]:
 
 
 # --- the batcher ----------------------------------------------------------------------------------------------------
+def _batch_scope(batch: list[_Submission]) -> Any:
+    """The log scope of a batch's lines: its jobs' IDs and tenants (comma-joined when several)."""
+    from worker.observability import job_scope
+
+    jobs = [s.job for s in batch if s.job is not None]
+    if not jobs:
+        return contextlib.nullcontext()
+    tenants = sorted({t for _, _, t in jobs})
+    return job_scope(",".join(j for j, _, _ in jobs), batch[0].lane, ",".join(tenants))
+
+
 @dataclass(eq=False)
 class _Submission:
     lane: str
@@ -177,6 +188,8 @@ class _Submission:
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Any] | None = None
     error: BaseException | None = None
+    job: tuple[str, str, str] | None = None
+    """The submitting job's log scope (job ID, job type, tenant): the batch's lines carry it."""
 
 
 class MicroBatcher:
@@ -226,8 +239,10 @@ class MicroBatcher:
         engine call raised when run alone). ``background``: runs only after the interactive submissions pending."""
         if not items:
             return []
+        from worker.observability import current_job
+
         size = sum(self._size_of(it) for it in items)
-        sub = _Submission(lane, list(items), size, alone, self._clock(), background)
+        sub = _Submission(lane, list(items), size, alone, self._clock(), background, job=current_job())
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine batcher is closed")
@@ -333,20 +348,21 @@ class MicroBatcher:
                     self._pending.remove(sub)
                 self._running_since = self._clock()
                 waited = self._running_since - batch[0].enqueued
-            cpu, wall = time.thread_time(), time.perf_counter()
-            try:
-                self._run(batch)
-            finally:
-                self._running_since = None
-            log.info(
-                "engine batch: %s, %d jobs, %d images, %.2f s, %.2f CPU s, oldest job waited %.1f ms",
-                batch[0].lane,
-                len(batch),
-                sum(s.size for s in batch),
-                time.perf_counter() - wall,
-                time.thread_time() - cpu,
-                waited * 1000.0,
-            )
+            with _batch_scope(batch):
+                cpu, wall = time.thread_time(), time.perf_counter()
+                try:
+                    self._run(batch)
+                finally:
+                    self._running_since = None
+                log.info(
+                    "engine batch: %s, %d jobs, %d images, %.2f s, %.2f CPU s, oldest job waited %.1f ms",
+                    batch[0].lane,
+                    len(batch),
+                    sum(s.size for s in batch),
+                    time.perf_counter() - wall,
+                    time.thread_time() - cpu,
+                    waited * 1000.0,
+                )
 
     def _run(self, batch: list[_Submission]) -> None:
         lane = batch[0].lane

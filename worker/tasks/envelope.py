@@ -255,7 +255,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
         except CancelableError as e:  # S3 down: the Redis record still exists
             log.error("dead letter not written to S3 for job %s: %s", job.job_id, e.code)
         rt.book.add_dead_letter(job_ref(job.tenant, job.job_id), {**record.model_dump(mode="json"), "s3_uri": uri})
-        log.warning("job %s dead-lettered after %d attempts (%s)", job.job_id, attempts, code)
+        log.error("job %s dead-lettered after %d attempts (%s)", job.job_id, attempts, code)
         return self.result_model(
             job_id=job.job_id,
             tenant=job.tenant,
@@ -311,6 +311,8 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
                     return self._finish(rt, job, res, delivery)
 
                 started = now()
+                t0 = time.perf_counter()
+                log.info("job %s started (attempt %d)", job.job_id, attempt)
                 try:
                     # a re-delivered job's engine work runs in a batch of its own; background work yields
                     with delivery_attempt(attempt, background=self.is_background(delivery)):
@@ -331,16 +333,20 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
                         res = self.dead_letter(rt, job, attempt, code, str(e))
                         tracker.outcome, tracker.error_code = "dead_lettered", code
                         return self._finish(rt, job, res, delivery)
+                    took = time.perf_counter() - t0
                     if not isinstance(e, CancelableError):
-                        log.exception("job %s failed with an unexpected %s", job.job_id, type(e).__name__)
+                        log.exception(
+                            "job %s failed: %s (unexpected %s) after %.2f s", job.job_id, code, type(e).__name__, took
+                        )
                     else:
-                        log.warning("job %s failed: %s", job.job_id, code)
+                        log.warning("job %s failed: %s after %.2f s", job.job_id, code, took)
                     res = self.failed_result(job, e, attempt, started)
                     tracker.outcome, tracker.error_code = "failed", code
                     return self._finish(rt, job, res, delivery)
 
                 if res.status == JobStatus.FAILED and res.error is not None:
                     tracker.outcome, tracker.error_code = "failed", res.error.code.value
+                _log_outcome(job.job_id, res, time.perf_counter() - t0)
                 if not JobStatus(res.status).terminal:
                     return to_wire(res)  # a fan-out parent: the last chunk stores the terminal result
                 return self._finish(rt, job, res, delivery)
@@ -365,3 +371,18 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
             )
             raise Reject("result not stored", requeue=True) from None
         return wire
+
+
+def _log_outcome(job_id: str, res: Any, took: float) -> None:
+    """The one line of a job's outcome: INFO when it succeeded (or a fan-out parent started its children), WARNING
+    with the error code when it failed. Never the result itself (it can name subjects and storage paths)."""
+    status = JobStatus(res.status)
+    if status == JobStatus.SUCCEEDED:
+        decision = getattr(res, "decision", None)
+        extra = f", {decision.value if hasattr(decision, 'value') else decision}" if decision else ""
+        log.info("job %s succeeded in %.2f s%s", job_id, took, extra)
+    elif not status.terminal:
+        log.info("job %s %s: fan-out under way after %.2f s", job_id, status.value, took)
+    else:
+        code = res.error.code.value if res.error is not None else "-"
+        log.warning("job %s %s: %s after %.2f s", job_id, status.value, code, took)
