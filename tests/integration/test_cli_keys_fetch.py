@@ -70,11 +70,11 @@ def test_keys_rotation_fetch_no_wait_status_and_logs(dep: Deployment, tmp_path: 
     assert "active" in run("keys", "show", "k3", "--tenant", "acme").stdout
     run("keys", "show", "nope", code=6)
 
-    # --- enrol with --no-wait: stdout is exactly the job ID; uploads on stderr -----------------------------------
+    # --- enrol with --no-wait: stdout is exactly the job reference (tenant/job ID); uploads on stderr -------------
     r = run("enroll", "--tenant", "acme", "--subject", "obama", "--key", "k1", str(photos["obama"]),
             str(photos["obama2"]), "--no-wait")  # fmt: skip
     jid = r.stdout.strip()
-    assert r.stdout == jid + "\n" and re.fullmatch(r"[0-9a-f]{32}", jid), r.stdout
+    assert r.stdout == jid + "\n" and re.fullmatch(r"acme/[0-9a-f]{32}", jid), r.stdout
     assert r.stderr.count("uploaded ") == 2, r.stderr
     dep.client.wait(jid, timeout=240)
     st = run("status", jid).stdout
@@ -97,7 +97,7 @@ def test_keys_rotation_fetch_no_wait_status_and_logs(dep: Deployment, tmp_path: 
 
     # --- the README's rotation: unknown new key first, then `keys add`, then the same command works ---------------
     rotate = ["revoke", "--tenant", "acme", "--key", "k1", "--new-key", "k4", "--reason", "key rotated"]
-    r = run(*rotate, code=1)
+    r = run(*rotate, code=2)  # bad input: nothing was changed
     assert "unknown_key" in r.stdout and "cancelable keys add k4" in r.stdout, r.stdout
     run("keys", "add", "k4")
     r = run(*rotate[:-1], "key rotated again")  # a new job: the first one's result is final
