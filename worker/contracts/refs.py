@@ -17,6 +17,9 @@ def _check_bucket(b: str) -> str:
     return b
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
+
+
 def _check_key(k: str, *, prefix: bool = False) -> str:
     if not k and not prefix:
         raise ValueError("S3 ref has an empty key")
@@ -24,7 +27,7 @@ def _check_key(k: str, *, prefix: bool = False) -> str:
         raise ValueError("S3 key longer than 1024 bytes")
     if k.startswith("/"):
         raise ValueError("S3 key must not start with '/'")
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in k):
+    if _CONTROL.search(k):
         raise ValueError("S3 key contains control characters")
     if "\\" in k:
         raise ValueError("S3 key must not contain a backslash (some S3 servers read it as '/')")
