@@ -140,9 +140,55 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
             bar.close()
     d = as_dict(res)
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else result_summary(res))
+    if d.get("kind") == "bulk" and not args.json:
+        _print_report_head(client, job_id, d)
     if d.get("status") != "succeeded":
         return EXIT_FAILED
     return EXIT_REJECT if d.get("kind") == "verify" and d.get("decision") == "reject" else EXIT_OK
+
+
+def _print_report_head(client: Any, job_id: str, d: dict[str, Any], n: int = 5) -> None:
+    """The first failed rows of a finished bulk job and where its whole report is."""
+    if not d.get("report_uri"):
+        return
+    if d.get("failed"):
+        try:
+            head = client.report_head(job_id, n)
+        except Exception:  # noqa: BLE001 - the URI below still says where the report is
+            head = []
+        for r in head:
+            print(f"  line {r.get('line') or '?'}: {r.get('subject') or '-'}: {r.get('code')}: {r.get('message')}")
+        if d["failed"] > len(head):
+            print(f"  ... {d['failed'] - len(head)} more failed rows")
+    print(f"  report {d['report_uri']} (cancelable report {job_id} --out FILE)")
+
+
+def fetch_report(client: Any, args: argparse.Namespace) -> int:
+    """Download a finished bulk job's report (JSONL or CSV) to ``--out`` (default: stdout)."""
+    from worker.contracts import check_job_id
+
+    job_id = args.report_job_id or args.job
+    if not job_id:
+        raise CliError("cancelable report: give the bulk job ID")
+    try:
+        check_job_id(job_id)
+    except ValueError as e:
+        raise CliError(f"cancelable report: {e}") from None
+    body = client.report(job_id, args.format)
+    if body is None:
+        raise CliError(
+            f"no report for job {job_id}: not a bulk job, not finished yet, or unknown (cancelable status {job_id})",
+            EXIT_NOT_FOUND,
+        )
+    if args.out in (None, "-"):
+        sys.stdout.write(body.decode("utf-8"))
+        sys.stdout.flush()
+    else:
+        with open(args.out, "wb") as f:
+            f.write(body)
+        rows = body.count(b"\n") - (1 if args.format == "csv" else 0)
+        print(f"{args.out}: {rows} failed rows ({args.format}) of bulk job {job_id}", file=sys.stderr)
+    return EXIT_OK
 
 
 def upload_files(client: Any, args: argparse.Namespace) -> int:

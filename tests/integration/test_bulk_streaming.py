@@ -20,11 +20,13 @@ class _Task:
 
 
 @pytest.fixture
-def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+def rt(make_settings, redis_url: str, seaweed, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
     """In-process runtime on its own Redis database (flushed afterwards): the children these bulks queue and the
-    parents they leave open must not reach other tests' workers or progress metrics."""
+    parents they leave open must not reach other tests' workers or progress metrics. Manifests go to the tenant's
+    input prefix in the default input bucket (``<bucket>-inputs``), where bulk jobs may read them."""
     from worker.tasks import runtime
 
+    seaweed.client().create_bucket(Bucket=f"{s3_bucket}-inputs")
     url = redis_url.rsplit("/", 1)[0] + "/4"
     r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}))
     monkeypatch.setattr(runtime, "_runtime", r)
@@ -37,8 +39,6 @@ def _job(rt, fmt: str, body: bytes, chunk_size: int):
 
     from worker.contracts import job_from_wire
 
-    key = f"manifests/{new_id('m')}.{fmt}"
-    rt.store.put(key, body)
     return job_from_wire(
         {
             "kind": "bulk",
@@ -46,9 +46,16 @@ def _job(rt, fmt: str, body: bytes, chunk_size: int):
             "tenant": "acme",
             "key_id": "k1",
             "chunk_size": chunk_size,
-            "manifest": {"format": fmt, "uri": rt.store.uri(key)},
+            "manifest": {"format": fmt, "uri": put_manifest(rt, f"{new_id('m')}.{fmt}", body)},
         }
     )
+
+
+def put_manifest(rt, name: str, body: bytes, tenant: str = "acme") -> str:
+    """Put a manifest in ``tenant``'s input prefix; returns its s3:// URI."""
+    bucket, key = f"{rt.settings.s3.bucket}-inputs", f"tenants/{tenant}/manifests/{name}"
+    rt.store.client.put_object(Bucket=bucket, Key=key, Body=body)
+    return f"s3://{bucket}/{key}"
 
 
 def _bulk(rt, job, task, continuation: int):
@@ -144,11 +151,14 @@ def test_child_ids_keep_their_line_numbers(rt, monkeypatch) -> None:
 
     job = _job(rt, "csv", NASTY_CSV.encode(), 2)
     sent, _ = _run(rt, monkeypatch, job, budget=0.0)
-    # the line numbers the single-pass reader gave before byte offsets existed (b63fb57): groups at 2 (ann), 9 (cy),
-    # 12 (fay), 13 (gus); failed alone: 5 (bob: a newline inside an image ref), 8 (too long), 10 (dé), 11 (bad/)
-    assert sorted(set(sent)) == sorted(child_job_id(job.job_id, "line", n) for n in (2, 9, 12, 13))
+    # a line is a row: groups at 2 (ann), 5 (bob, its good row), 9 (cy), 12 (fay), 13 (gus); failed alone, each at
+    # its own line: 6 (a quote left open), 7 (the rest of that quote: one column), 8 (too long), 10 (dé), 11 (bad/)
+    assert sorted(set(sent)) == sorted(child_job_id(job.job_id, "line", n) for n in (2, 5, 9, 12, 13))
     failed = rt.book.failures(job.job_id)
-    assert set(failed) == {child_job_id(job.job_id, "line", n) for n in (5, 8, 10, 11)}
+    assert set(failed) == {child_job_id(job.job_id, "line", n) for n in (6, 7, 8, 10, 11)}
+    details = rt.book.error_details(job.job_id, list(failed))
+    assert sorted(d["line"] for d in details.values()) == [6, 7, 8, 10, 11]
+    assert {d["line"]: d["subject"] for d in details.values()}[6] == "bob"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])

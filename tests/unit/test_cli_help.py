@@ -27,7 +27,7 @@ def test_every_option_and_argument_has_help_text():
 
 
 def test_subcommands_are_the_documented_ones():
-    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "index-keys"}
+    expected = {"enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "index-keys", "report"}
     assert set(_subparsers(build_parser())) == expected
 
 

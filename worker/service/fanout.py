@@ -95,7 +95,10 @@ def report_bulk_child(rt: Runtime, parent_job_id: str, child_job_id: str, result
         if status == JobStatus.DEAD_LETTERED:
             code = ErrorCode.DEAD_LETTERED.value
         metrics.fanout_items("bulk", 1, "failed")
-        book.mark_failed(parent_job_id, {child_job_id: code})
+        message = result.error.message if result.error is not None else ""
+        book.mark_failed_rows(
+            parent_job_id, {child_job_id: {"subject": result.subject, "code": code, "message": message[:500]}}
+        )
     maybe_finalize_bulk(rt, parent_job_id)
 
 
@@ -108,6 +111,13 @@ def maybe_finalize_bulk(rt: Runtime, parent_job_id: str) -> dict[str, Any] | Non
         return None
     p = book.progress(parent_job_id)
     codes = dict(p.failed_codes)
+    report_uri = None
+    try:
+        from worker.service.bulk_report import write_report
+
+        report_uri = write_report(rt, parent_job_id, f["tenant"])
+    except Exception as e:  # noqa: BLE001 - the job's counts are final either way; the report is best effort
+        log.warning("bulk job %s: report not written (%s)", parent_job_id, type(e).__name__)
     res = BulkResult(
         job_id=parent_job_id,
         tenant=f["tenant"],
@@ -121,6 +131,7 @@ def maybe_finalize_bulk(rt: Runtime, parent_job_id: str) -> dict[str, Any] | Non
         failed=p.failed,
         dead_lettered=codes.get(ErrorCode.DEAD_LETTERED.value, 0),
         errors_by_code={ErrorCode(k): v for k, v in codes.items()},
+        report_uri=report_uri,
         attempts=int(f.get("attempts", "1")),
         finished_at=now(),
     )

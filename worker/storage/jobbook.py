@@ -18,6 +18,8 @@ Key layout (``p`` = prefix from settings, default ``cf``)::
                                      resume_offset, resume_lines, header_bytes), ...
     {p}:job:{job_id}:succeeded       set of item IDs
     {p}:job:{job_id}:failed          hash item ID -> error code
+    {p}:job:{job_id}:errors          hash item ID -> JSON {line, subject, code, message} (bulk: the report's rows)
+    {p}:job:{job_id}:subjects        hash subject -> first manifest line (bulk, while streaming; then deleted)
     {p}:job:{job_id}:final           SET NX flag: who finalises
     {p}:jobs:open                    set of open fan-out job IDs (for progress metrics)
     {p}:deadletter                   list of dead-lettered job IDs (newest first)
@@ -186,6 +188,48 @@ class JobBook:
         if todo:
             self.r.hset(self._k("job", job_id, "failed"), mapping=todo)
             self.r.expire(self._k("job", job_id, "failed"), self.ttl)
+
+    def mark_failed_rows(self, job_id: str, details: dict[str, dict[str, Any]]) -> None:
+        """``mark_failed`` with the details a bulk report lists: item ID -> {line, subject, code, message} (any of
+        line and subject may be missing). The details are written first, so a counted failure always has them."""
+        if not details:
+            return
+        key = self._k("job", job_id, "errors")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, mapping={k: json.dumps(v, sort_keys=True) for k, v in details.items()})
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+        self.mark_failed(job_id, {k: str(v["code"]) for k, v in details.items()})
+
+    def error_details(self, job_id: str, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The details ``mark_failed_rows`` kept for ``item_ids`` (those without any are left out)."""
+        if not item_ids:
+            return {}
+        vals = self.r.hmget(self._k("job", job_id, "errors"), item_ids)
+        return {k: json.loads(v) for k, v in zip(item_ids, vals, strict=True) if v is not None}
+
+    _CLAIM_SUBJECTS = """
+local out = {}
+for i = 2, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return out
+"""
+
+    def claim_subjects(self, job_id: str, pairs: list[tuple[str, int]]) -> list[int]:
+        """For each (subject, manifest line) in order: the first line recorded for that subject in this bulk job
+        (this line if it is the first), in one round trip. A row sent again claims its own line again (idempotent)."""
+        if not pairs:
+            return []
+        args = [x for subject, line in pairs for x in (subject, str(int(line)))]
+        out = self.r.eval(self._CLAIM_SUBJECTS, 1, self._k("job", job_id, "subjects"), str(self.ttl), *args)
+        return [int(_s(x)) for x in out]
+
+    def forget_subjects(self, job_id: str) -> None:
+        """The listing is done: the subjects' first lines are no longer needed."""
+        self.r.delete(self._k("job", job_id, "subjects"))
 
     def set_item_info(self, job_id: str, item_id: str, info: dict[str, Any]) -> None:
         """Per-item outcome details for the finaliser (IDs, versions and URIs only)."""
