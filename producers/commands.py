@@ -94,9 +94,14 @@ def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
         )
         return job, []
     _require(args, "tenant", "key_id", "manifest")
-    job = client.bulk_job(
-        args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
-    )
+    from worker.errors import MalformedJobError
+
+    try:
+        job = client.bulk_job(
+            args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
+        )
+    except MalformedJobError as e:  # a local manifest's bad rows: one line each
+        raise CliError(str(e)) from None
     return job, []
 
 

@@ -161,7 +161,7 @@ def test_local_manifest_check_reports_lines_without_a_traceback(tmp_path: Path) 
     from producers.manifests import check_manifest
 
     m = tmp_path / "m.csv"
-    body = f"subject,image\nann,{REF.format(1)}\nbob,s3://inb/{'y' * 200_000}.jpg\ncy,\"{REF.format(2)}\n"
+    body = f'subject,image\nann,{REF.format(1)}\nbob,s3://inb/{"y" * 200_000}.jpg\ncy,"{REF.format(2)}\n'
     body += f"dee,{REF.format(3)}\nann,{REF.format(4)}\n"
     m.write_text(body)
     found = check_manifest(m, "csv")

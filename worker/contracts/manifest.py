@@ -121,6 +121,7 @@ class _Group:
         self.subject = subject
         self.key_id = key_id
         self.images: dict[str, int] = {}  # ref -> its line (at most MAX_IMAGES_PER_JOB kept)
+        self.refs: list[S3Ref] = []
         self.count = 0
 
     def result(self) -> Item:
@@ -131,11 +132,8 @@ class _Group:
                 f"{MAX_IMAGES_PER_JOB} per enrolment: not enrolled",
                 self.subject,
             )
-        try:
-            images: list[Any] = list(self.images)  # s3:// strings, validated into S3Refs
-            return ManifestRow(line=self.line, subject=self.subject, images=images, key_id=self.key_id)
-        except ValidationError as e:  # checked row by row already; kept as a guard
-            return ManifestRowError(self.line, _pydantic_message(e), self.subject)
+        # every field was checked row by row (``Grouper.add``): built without validating it all again
+        return ManifestRow.model_construct(line=self.line, subject=self.subject, images=self.refs, key_id=self.key_id)
 
 
 class Grouper:
@@ -157,7 +155,7 @@ class Grouper:
         except ValueError as e:
             return [ManifestRowError(line, str(e))]
         try:
-            parse_s3_uri(image)
+            bucket, key = parse_s3_uri(image)
         except ValueError as e:
             return [ManifestRowError(line, f"image: {e}", subject)]
         if key_id is not None:
@@ -182,6 +180,7 @@ class Grouper:
         g.last = line
         if len(g.images) < MAX_IMAGES_PER_JOB:
             g.images[image] = line
+            g.refs.append(S3Ref.model_construct(bucket=bucket, key=key))
         return out
 
     def finish(self) -> list[Item]:
