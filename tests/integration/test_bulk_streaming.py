@@ -239,3 +239,48 @@ def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -
     assert by_template[1]["headers"]["id"] == pending[1][0] and by_template[1]["headers"]["argsrepr"].endswith(
         f"{pending[1][0]}>]"
     )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "where"),
+    [
+        ("prefix", "s3://{out}/tenants/beta/"),
+        ("prefix", "s3://{inb}/tenants/beta/"),
+        ("prefix", "s3://{inb}/tenants/acm"),
+        ("csv", "s3://{inb}/tenants/beta/m.csv"),
+        ("jsonl", "s3://{out}/tenants/acme/m.jsonl"),
+    ],
+)
+def test_a_manifest_outside_the_tenant_is_refused_before_any_s3_request(rt, monkeypatch, fmt: str, where: str) -> None:
+    """The confinement check runs before the first request: no GET, no LIST, no HEAD reaches S3 (spied on the real
+    client), so a refusal says nothing about what exists there; nothing is recorded in the job book."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.errors import ForbiddenInputError
+
+    calls: list[str] = []
+    for name in ("get_object", "list_objects_v2", "head_object", "get_paginator"):
+        real = getattr(rt.store.client, name)
+        monkeypatch.setattr(rt.store.client, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
+    from worker.tasks import control_tasks
+
+    uri = where.format(out=rt.settings.s3.bucket, inb=f"{rt.settings.s3.bucket}-inputs")
+    inputs = f"s3://{rt.settings.s3.bucket}-inputs/tenants/acme/"
+    ok = put_manifest(rt, f"ok.{fmt}", b"subject,image\n") if fmt != "prefix" else inputs
+    job = job_from_wire(
+        {
+            "kind": "bulk",
+            "job_id": new_id("bk"),
+            "tenant": "acme",
+            "key_id": "k1",
+            "manifest": {"format": fmt, "uri": uri},
+        }
+    )
+    with pytest.raises(ForbiddenInputError, match="outside the inputs allowed for tenant acme"):
+        _bulk(rt, job, _Task(), 0)
+    assert calls == [] and not rt.book.exists(job.job_id)
+    allowed = job.model_copy(update={"job_id": new_id("bk"), "manifest": job.manifest.model_copy(update={"uri": ok})})
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: None)
+    _bulk(rt, allowed, _Task(), 0)
+    assert calls  # the spy sees the requests of an allowed manifest
