@@ -43,7 +43,7 @@ EXIT_CODES = "exit status:\n" + "\n".join(
         ("timeout", "timed out waiting (the job may still finish: cancelable status JOB_ID)"),
         ("unavailable", "cannot reach Redis or S3"),
         ("reject", "verify ran and REJECTED the probe (score below the threshold)"),
-        ("not_found", "status: unknown job ID; subject: nothing stored for that subject"),
+        ("not_found", "status: unknown job ID; subject: nothing stored for that subject; report: no report"),
     ]
 )
 

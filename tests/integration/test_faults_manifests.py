@@ -101,6 +101,7 @@ def test_a_catastrophic_naming_rule_is_linear_and_blocks_nothing(dep: Deployment
     f = c.book.get_fields(bulk_id)
     listing_s = float(f["updated"]) - float(f["created"])  # job opened -> listing done, inside the worker
     assert listing_s < 1.0, f"listing and matching 200 keys took {listing_s:.2f} s"
+    print(f"catastrophic rule: 200 keys listed and matched in {listing_s:.3f} s inside the worker")
     assert v.status == JobStatus.SUCCEEDED and v.decision in ("accept", "reject"), v
     assert time.monotonic() - t < 120
     # rules RE2 cannot run in linear time are refused by the producer before queueing

@@ -93,15 +93,15 @@ class RevokeJob(_Job):
 class BulkManifest(BaseModel):
     """Where a bulk job's enrolments are listed.
 
-    - ``csv``: header ``subject,image`` (optional ``key_id`` column); one image per row; rows of one subject are
-      consecutive.
+    - ``csv``: header ``subject,image`` (optional ``key_id`` column); one image per row (one row per line); rows of
+      one subject are consecutive (``worker.contracts.manifest`` for the row rules).
     - ``jsonl``: one ``{"subject": ..., "images": ["s3://..."], "key_id": optional}`` per line.
     - ``prefix``: every object under ``uri`` (an ``s3://bucket/prefix/``) whose key relative to the prefix matches
       ``naming_rule`` (an RE2 regex with a named group ``subject``: ``worker.contracts.naming``); objects of one
       subject are grouped.
 
-    ``uri`` is ``s3://...`` (workers read it) or, producer side only, a local file path that the producer uploads
-    before queueing.
+    ``uri`` is ``s3://...`` (workers read it, inside the tenant's allowed inputs: ``worker.contracts.inputs``) or,
+    producer side only, a local file path that the producer checks and uploads before queueing.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
