@@ -94,7 +94,7 @@ def _run(rt, monkeypatch, job, budget: float, max_tasks: int = 10_000) -> tuple[
 def _line_numbers(parent: str, ids) -> list[int]:
     from worker.contracts import child_job_id
 
-    by_id = {child_job_id(parent, "line", n): n for n in range(1, 100)}
+    by_id = {child_job_id(parent, "line", n): n for n in range(1, 300)}
     return [by_id[i] for i in ids]
 
 
@@ -284,3 +284,63 @@ def test_a_manifest_outside_the_tenant_is_refused_before_any_s3_request(rt, monk
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: None)
     _bulk(rt, allowed, _Task(), 0)
     assert calls  # the spy sees the requests of an allowed manifest
+
+
+def test_a_prefix_listing_that_matches_little_hands_over_and_resumes_after_its_last_key(rt, monkeypatch) -> None:
+    """A prefix manifest whose rule matches few of many keys stops at its time budget even between matches, and the
+    continuation lists after the last key seen (``StartAfter``), never from the start: the same children, line
+    numbers and failures as one pass."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.contracts import manifest as manifest_rows
+
+    monkeypatch.setattr(manifest_rows, "HEARTBEAT_KEYS", 20)
+    inb = f"{rt.settings.s3.bucket}-inputs"
+    for k in range(4):  # per subject: 36 keys the rule skips, then its 2 photos; the listing is mostly noise
+        for j in range(36):
+            rt.store.client.put_object(Bucket=inb, Key=f"tenants/acme/pre/g{k}/n{j:03d}.txt", Body=b"x")
+        for m in range(2):
+            rt.store.client.put_object(Bucket=inb, Key=f"tenants/acme/pre/g{k}/z/s{k}-{m}.jpg", Body=b"x")
+    uri = f"s3://{inb}/tenants/acme/pre/"
+
+    def job():
+        return job_from_wire(
+            {
+                "kind": "bulk",
+                "job_id": new_id("px"),
+                "tenant": "acme",
+                "key_id": "k1",
+                "chunk_size": 1,
+                "manifest": {"format": "prefix", "uri": uri, "naming_rule": r"^g\d/z/(?P<subject>s\d)-\d\.jpg$"},
+            }
+        )
+
+    lists: list[dict] = []
+    real = rt.store.client.get_paginator
+
+    def paginator(name):
+        p = real(name)
+        orig = p.paginate
+
+        def paginate(**kw):
+            lists.append(kw)
+            return orig(**kw)
+
+        p.paginate = paginate
+        return p
+
+    monkeypatch.setattr(rt.store.client, "get_paginator", paginator)
+    one = job()
+    whole, _ = _run(rt, monkeypatch, one, budget=3600.0)
+    assert len(lists) == 1
+    lists.clear()
+    many = job()
+    pieces, _ = _run(rt, monkeypatch, many, budget=0.0)
+    starts = [kw.get("StartAfter") for kw in lists]
+    assert len(starts) > 5 and starts[0] is None and all(starts[1:])  # every continuation lists after a key
+    assert starts[1:] == sorted(starts[1:])
+    assert sorted(set(_line_numbers(many.job_id, pieces))) == sorted(_line_numbers(one.job_id, whole))
+    assert len(set(pieces)) == len(whole) == 4  # s0 .. s3, two images each
+    p1, p2 = rt.book.progress(one.job_id), rt.book.progress(many.job_id)
+    assert p1.total == p2.total == 4 and p1.failed == p2.failed == 0

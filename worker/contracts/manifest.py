@@ -319,18 +319,45 @@ def jsonl_items(lines: Iterable[tuple[str, int]], line0: int = 0) -> Iterator[tu
 
 
 # --- prefix -----------------------------------------------------------------------------------------------------
-def prefix_items(bucket: str, prefix: str, keys: Iterable[str], rule: Any) -> Iterator[Item]:
+HEARTBEAT_KEYS = 1000  # prefix listings: a place to stop at least this often, even when no key matches
+
+
+def prefix_items(
+    bucket: str, prefix: str, keys: Iterable[str], rule: Any, line0: int = 0
+) -> Iterator[tuple[Item | None, tuple[int, str] | None]]:
     """Listed object keys (in listing order, i.e. sorted) -> enrolments grouped by the ``subject`` group of ``rule``
     (RE2, ``worker.contracts.naming``) matched against the key relative to ``prefix``; keys that do not match are
-    skipped. The "line" of an item is the object's 1-based index in the listing."""
+    skipped. The "line" of an item is the object's 1-based index in the listing (``keys`` starts after ``line0``).
+
+    Each item comes with a resume state (index, key): a listing that starts after ``key``, numbering from
+    ``index``, produces exactly the items that follow (None where no such point exists). Every ``HEARTBEAT_KEYS``
+    keys a ``(None, state)`` is yielded as well, so that a caller can stop a long listing that matches little: the
+    state is this key, or, while an enrolment is being collected, the key before its first one (None when that
+    enrolment began with this listing, so a listing resumed there always gets past it)."""
     grouper = Grouper()
-    for n, key in enumerate(keys, start=1):
+    prev: tuple[int, str] | None = None
+    group_start: tuple[int, str] | None = None  # where to resume to collect the pending enrolment again
+    for n, key in enumerate(keys, start=line0 + 1):
         rel = key[len(prefix) :] if key.startswith(prefix) else key
         m = rule.match(rel)
-        if not m:
-            continue
-        yield from grouper.add(n, m.group("subject") or "", f"s3://{bucket}/{key}", None)
-    yield from grouper.finish()
+        if m:
+            was = grouper.group
+            for item in grouper.add(n, m.group("subject") or "", f"s3://{bucket}/{key}", None):
+                if isinstance(item, ManifestRowError) and item.line == n:  # this key's own error
+                    if grouper.pending:
+                        group_start = None  # an item yielded inside the enrolment: no way back to its start
+                    yield item, (None if grouper.pending else (n, key))
+                else:  # the previous subject, complete: a listing after the previous key produces what follows
+                    yield item, prev
+            if grouper.group is not None and grouper.group is not was:
+                group_start = prev  # a new enrolment began at this key
+        if n % HEARTBEAT_KEYS == 0:
+            state = group_start if grouper.pending else (n, key)
+            if state is not None:
+                yield None, state
+        prev = (n, key)
+    for item in grouper.finish():
+        yield item, prev
 
 
 # --- whole-manifest helpers -----------------------------------------------------------------------------------------
@@ -376,10 +403,11 @@ def iter_jsonl(lines: Iterable[str]) -> Iterator[ManifestRow]:
 
 def iter_prefix(bucket: str, prefix: str, keys: Iterable[str], rule: Any) -> Iterator[ManifestRow]:
     """``prefix_items`` raising the first ``ManifestRowError``."""
-    for item in prefix_items(bucket, prefix, keys, rule):
+    for item, _ in prefix_items(bucket, prefix, keys, rule):
         if isinstance(item, ManifestRowError):
             raise item
-        yield item
+        if item is not None:
+            yield item
 
 
 def _valid_name(v: str) -> bool:

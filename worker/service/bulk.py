@@ -51,12 +51,14 @@ MESSAGE_CHARS = 500  # a row error's message in the job book and the report
 class _Resume:
     """Where a continuation starts reading: after item ``index`` (rows and row errors, counted like the cursor),
     at byte ``offset`` of the manifest object, ``lines`` physical lines in; ``header_bytes`` (CSV) is the length of
-    the header, read again with a ranged GET."""
+    the header, read again with a ranged GET. A prefix manifest resumes by listing after ``after_key`` (its
+    ``lines``-th object)."""
 
     index: int
     offset: int
     lines: int
     header_bytes: int = 0
+    after_key: str = ""
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> _Resume | None:
@@ -67,6 +69,7 @@ class _Resume:
             int(fields["resume_offset"]),
             int(fields["resume_lines"]),
             int(fields.get("header_bytes", "0")),
+            fields.get("resume_key", ""),
         )
 
 
@@ -98,29 +101,34 @@ def _get_body(rt: Runtime, bucket: str, key: str, first: int = 0, last: int | No
 
 def _rows(
     rt: Runtime, job: BulkJob, resume: _Resume | None = None, info: dict[str, int] | None = None
-) -> Iterator[tuple[Any, State]]:
-    """(manifest row or ``ManifestRowError``, resume state) from the start, or from ``resume`` (a ranged GET from
-    its byte offset: nothing before it is read again). Errors are yielded, not raised, so the stream goes on past a
-    bad row (``worker.contracts.manifest``). Prefix manifests have no byte offsets (state None)."""
+) -> Iterator[tuple[Any, tuple[int, int, str] | None]]:
+    """(manifest row, ``ManifestRowError`` or None, resume state) from the start, or from ``resume`` (a ranged GET
+    from its byte offset, or a listing after its key: nothing before it is read again). Errors are yielded, not
+    raised, so the stream goes on past a bad row (``worker.contracts.manifest``). A state is (byte offset, lines,
+    last key listed); None items (prefix listings only) are places to stop where no row was found."""
     m = job.manifest
     if m.format == "prefix":
         pre = S3Prefix.model_validate(m.uri)
-        keys = (o.key for o in rt.store.list(pre.prefix, bucket=pre.bucket))
-        for item in prefix_items(pre.bucket, pre.prefix, keys, m.rule()):
-            yield item, None
+        line0, after = (resume.lines, resume.after_key) if resume is not None and resume.after_key else (0, None)
+        keys = (o.key for o in rt.store.list(pre.prefix, bucket=pre.bucket, start_after=after))
+        for item, st in prefix_items(pre.bucket, pre.prefix, keys, m.rule(), line0):
+            yield item, (None if st is None else (0, st[0], st[1]))
         return
     ref = S3Ref.model_validate(m.uri)
     start, line0 = (resume.offset, resume.lines) if resume is not None else (0, 0)
     body = _get_body(rt, ref.bucket, ref.key, start)
     lines: Iterator[tuple[str, int]] = iter(()) if body is None else split_lines(_chunks(body), start)
+    items: Iterator[tuple[Any, State]]
     if m.format == "csv":
         header = None
         if resume is not None:
             hb = _get_body(rt, ref.bucket, ref.key, 0, resume.header_bytes - 1) if resume.header_bytes else None
             header = next((line for line, _ in split_lines(_chunks(hb))), "") if hb is not None else ""
-        yield from csv_items(lines, start, line0, header, info)
+        items = csv_items(lines, start, line0, header, info)
     else:
-        yield from jsonl_items(lines, line0)
+        items = jsonl_items(lines, line0)
+    for item, state in items:
+        yield item, (None if state is None else (state[0], state[1], ""))
 
 
 def _chunks(body: Any) -> Iterator[bytes]:
@@ -173,6 +181,7 @@ def bulk(
             job.job_id,
             upto,
             None if safe is None else (safe.index, safe.offset, safe.lines, safe.header_bytes),
+            "" if safe is None else safe.after_key,
         )
         pending, bad = [], {}
         line_of.clear()
@@ -181,10 +190,19 @@ def bulk(
     last_line = 0
     try:
         for row, state in _rows(rt, job, resume, info):
+            if row is None:  # a long prefix listing with nothing to send: stop here if the time is up
+                if state is not None:
+                    safe = _Resume(row_index, state[0], state[1], 0, state[2])
+                if time.monotonic() - t0 > budget and safe is not None and safe.index >= cursor:
+                    flush(max(row_index, cursor))
+                    dispatch.continue_job(job, continuation + 1, countdown=0)
+                    log.info("bulk %s: %d objects listed, continuing in a new task", job.job_id, safe.lines)
+                    return _bulk_status(rt, job, attempt, started, None)
+                continue
             row_index += 1
             last_line = max(last_line, row.line)
             if state is not None:
-                safe = _Resume(row_index, state[0], state[1], info["header_bytes"])
+                safe = _Resume(row_index, state[0], state[1], info["header_bytes"], state[2])
             if row_index <= cursor:
                 continue
             cid = child_job_id(job.job_id, "line", row.line)

@@ -15,7 +15,7 @@ Key layout (``p`` = prefix from settings, default ``cf``)::
     {p}:submitted:{job_id}           time a producer queued the job (so ``status`` tells queued from unknown)
     {p}:result:{job_id}              JSON result of a finished job (idempotent replay)
     {p}:job:{job_id}                 hash: kind, total, state, created, updated, (bulk: cursor, resume_index,
-                                     resume_offset, resume_lines, header_bytes), ...
+                                     resume_offset, resume_lines, header_bytes, resume_key), ...
     {p}:job:{job_id}:succeeded       set of item IDs
     {p}:job:{job_id}:failed          hash item ID -> error code
     {p}:job:{job_id}:errors          hash item ID -> JSON {line, subject, code, message} (bulk: the report's rows)
@@ -332,22 +332,36 @@ if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'cursor', ARGV[1]) c =
 redis.call('HSET', KEYS[1], 'enqueued', string.format('%d', c), 'rows_seen', ARGV[1], 'updated', ARGV[2])
 if ARGV[3] ~= '' then
   local r = tonumber(redis.call('HGET', KEYS[1], 'resume_index') or '-1')
-  if tonumber(ARGV[3]) > r then
+  local l = tonumber(redis.call('HGET', KEYS[1], 'resume_lines') or '-1')
+  if tonumber(ARGV[3]) > r or (tonumber(ARGV[3]) == r and tonumber(ARGV[5]) > l) then
     redis.call('HSET', KEYS[1], 'resume_index', ARGV[3], 'resume_offset', ARGV[4], 'resume_lines', ARGV[5],
-               'header_bytes', ARGV[6])
+               'header_bytes', ARGV[6], 'resume_key', ARGV[8])
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return c
 """
 
-    def advance_bulk(self, job_id: str, cursor: int, resume: tuple[int, int, int, int] | None) -> int:
+    def advance_bulk(
+        self, job_id: str, cursor: int, resume: tuple[int, int, int, int] | None, resume_key: str = ""
+    ) -> int:
         """After a bulk chunk, in one round trip: the cursor (items sent) moves forward only; ``enqueued`` and
         ``rows_seen`` follow; ``resume`` = (item index, byte offset, physical lines, CSV header bytes) of the last
-        point a continuation can start reading from (also forward only). Returns the cursor."""
+        point a continuation can start reading from (forward only: a later item, or the same item further in); for a
+        prefix manifest, ``resume_key`` is the
+        last object key listed at that point (the continuation lists after it). Returns the cursor."""
         r = ("", "", "", "") if resume is None else tuple(str(int(x)) for x in resume)
         return int(
-            self.r.eval(self._ADVANCE_BULK, 1, self._k("job", job_id), int(cursor), f"{time.time():.3f}", *r, self.ttl)
+            self.r.eval(
+                self._ADVANCE_BULK,
+                1,
+                self._k("job", job_id),
+                int(cursor),
+                f"{time.time():.3f}",
+                *r,
+                self.ttl,
+                resume_key,
+            )
         )
 
     # --- dead letters --------------------------------------------------------------------------------------------
