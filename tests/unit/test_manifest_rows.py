@@ -169,3 +169,30 @@ def test_local_manifest_check_reports_lines_without_a_traceback(tmp_path: Path) 
     assert [e.line for e in found.errors] == [3, 4, 6]
     text = found.message(m)
     assert "line 3: line longer than" in text and "line 4: a quoted field" in text and "line 6: subject ann" in text
+
+
+def test_prefix_resume_states_reproduce_what_follows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing resumed after any state's key, numbering from its index, yields exactly the rows after that state
+    (rows, errors and heartbeats alike), including heartbeats inside an enrolment that is still being collected."""
+    from worker.contracts import manifest as m
+
+    monkeypatch.setattr(m, "HEARTBEAT_KEYS", 3)
+    keys = []
+    for k in range(5):
+        keys += [f"p/g{k}/n{j}.txt" for j in range(4)] + [f"p/g{k}/z/s{k % 3}-{i}.jpg" for i in range(2)]
+        keys.append(f"p/g{k}/z/bad..x-0.jpg")  # a subject the rule matches but that is not a valid ID
+    rule = compile_rule(r"^g\d/z/(?P<subject>[^-]+)-\d\.jpg$")
+    whole = list(prefix_items("inb", "p/", keys, rule))
+    rows = [i for i, _ in whole if i is not None]
+    assert [r.subject for r in rows if isinstance(r, ManifestRow)] == ["s0", "s1", "s2", "s0", "s1"]
+    assert sum(1 for r in rows if isinstance(r, ManifestRowError)) == 5
+    heartbeats = [st for i, st in whole if i is None]
+    assert any(st[0] % 3 == 0 for st in heartbeats)  # at the key itself, between enrolments
+    assert any(st[0] % 3 != 0 for st in heartbeats)  # before the first key of an enrolment being collected
+    for k, (_, st) in enumerate(whole):
+        if st is None:
+            continue
+        index, key = st
+        after = keys[keys.index(key) + 1 :]
+        again = [str(i) for i, _ in prefix_items("inb", "p/", after, rule, index) if i is not None]
+        assert again == [str(i) for i, _ in whole[k + 1 :] if i is not None], (k, st)
