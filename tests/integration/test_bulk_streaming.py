@@ -341,6 +341,6 @@ def test_a_prefix_listing_that_matches_little_hands_over_and_resumes_after_its_l
     assert len(starts) > 5 and starts[0] is None and all(starts[1:])  # every continuation lists after a key
     assert starts[1:] == sorted(starts[1:])
     assert sorted(set(_line_numbers(many.job_id, pieces))) == sorted(_line_numbers(one.job_id, whole))
-    assert len(set(pieces)) == len(whole) == 4  # s0 .. s3, two images each
+    assert len(pieces) == len(set(pieces)) == len(whole) == 4  # s0 .. s3, two images each, each sent once
     p1, p2 = rt.book.progress(one.job_id), rt.book.progress(many.job_id)
     assert p1.total == p2.total == 4 and p1.failed == p2.failed == 0
