@@ -102,7 +102,7 @@ def _get_body(rt: Runtime, bucket: str, key: str, first: int = 0, last: int | No
 def _rows(
     rt: Runtime, job: BulkJob, resume: _Resume | None = None, info: dict[str, int] | None = None
 ) -> Iterator[tuple[Any, tuple[int, int, str] | None]]:
-    """(manifest row, ``ManifestRowError`` or None, resume state) from the start, or from ``resume`` (a ranged GET
+    """(manifest row, ``ManifestRowError`` or None; resume state) from the start, or from ``resume`` (a ranged GET
     from its byte offset, or a listing after its key: nothing before it is read again). Errors are yielded, not
     raised, so the stream goes on past a bad row (``worker.contracts.manifest``). A state is (byte offset, lines,
     last key listed); None items (prefix listings only) are places to stop where no row was found."""
