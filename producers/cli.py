@@ -6,6 +6,7 @@
     cancelable bulk    --tenant T --key K manifest.csv|s3://b/m.jsonl|s3://b/prefix/ [--format prefix]
     cancelable upload  --tenant T a.jpg b.jpg                           (prints one s3:// reference per photo)
     cancelable status  TENANT/JOB_ID                                     (or JOB_ID --tenant T)
+    cancelable report  TENANT/JOB_ID [--out FILE] [--format jsonl|csv]   (a bulk job's failed rows)
     cancelable subject --tenant T --subject S                        (or positionally: TENANT SUBJECT)
     cancelable fetch   --tenant T --subject S [--version N] DIR          (cancelable images + template record)
     cancelable keys    add|list|show|rotate                              (the keys templates are derived under)
@@ -27,6 +28,7 @@ from producers.commands import (
     EXIT_BY_NAME,
     EXIT_UNAVAILABLE,
     CliError,
+    fetch_report,
     fetch_version,
     index_keys,
     redrive_jobs,
@@ -46,23 +48,37 @@ EXIT_CODES = "exit status:\n" + "\n".join(
         ("timeout", "timed out waiting (the job may still finish: cancelable status TENANT/JOB_ID)"),
         ("unavailable", "cannot reach Redis or S3"),
         ("reject", "verify ran and REJECTED the probe (score below the threshold)"),
-        ("not_found", "status: unknown job ID; subject: nothing stored for that subject"),
+        ("not_found", "status: unknown job ID; subject: nothing stored for that subject; report: no report"),
     ]
 )
 
 MANIFEST_FORMATS = """manifest formats:
-  csv     header `subject,image[,key_id]`, one image per row; consecutive rows of one subject form one
-          enrolment (up to 64 images); key_id (optional) overrides --key for that row. Example:
+  csv     header `subject,image[,key_id]`, one image per row, one row per line; consecutive rows of one
+          subject form one enrolment (up to 64 images); key_id (optional) overrides --key for that row
+          (every row of a subject names the same key). Example:
               subject,image
               alice,s3://cancelable-inputs/tenants/acme/uploads/4f1c0b....jpg
               alice,s3://cancelable-inputs/tenants/acme/uploads/9a02e7....jpg
               bob,s3://cancelable-inputs/tenants/acme/uploads/77e3d1....jpg
   jsonl   one JSON object per line: {"subject": "alice", "images": ["s3://...", ...], "key_id": "k"}
           (key_id optional)
-  prefix  s3://bucket/prefix/: its objects grouped by subject with --naming-rule, a regex with a
-          (?P<subject>...) group matched against each key below the prefix; default <subject>/<file>.jpg|png|webp
+  prefix  s3://bucket/prefix/: its objects grouped by subject with --naming-rule, an RE2 regex (no
+          backreferences or lookaround; at most 512 characters) with a (?P<subject>...) group matched
+          against each key below the prefix; default <subject>/<file>.jpg|png|webp
+Where: a manifest (a CSV/JSONL object, or a prefix) must lie in the tenant's input prefix,
+s3://INPUT_BUCKET/tenants/TENANT/ (or an entry of CANCELABLE_S3__INPUT_ALLOW); never the output bucket.
 Images in a manifest are s3:// references: upload local photos first with `cancelable upload`. A local
-manifest file is uploaded for you; its format comes from its extension (.csv, .jsonl) or --format."""
+manifest file is checked row by row first (any bad row: exit 2 listing the lines, nothing queued), then
+uploaded to s3://INPUT_BUCKET/tenants/TENANT/manifests/JOB_ID.csv|jsonl; its format comes from its
+extension (.csv, .jsonl) or --format.
+Rows: each line is one row (a quote left open is an error at its line), at most 65,536 characters.
+A bad row (bad CSV or JSON, bad subject ID or s3:// ref, a ref listed twice for a subject) fails alone;
+the subject's other rows are still enrolled. A subject listed again after other subjects is not merged:
+its later rows fail (`listed again after other subjects`) and its first enrolment stands. A subject with
+more than 64 images fails as a whole.
+Report: every failed row (line, subject, error code, message) is written under the job as
+s3://BUCKET/tenants/TENANT/jobs/JOB_ID/report.jsonl and report.csv; `cancelable bulk` prints the first
+few and the URI; `cancelable report JOB_ID --out FILE` downloads it."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,7 +174,9 @@ def build_parser(job_file: bool = False) -> argparse.ArgumentParser:
     _tenant(b, need)
     b.add_argument("--key", dest="key_id", required=need, help="default key for rows that name none")
     b.add_argument("--format", choices=["csv", "jsonl", "prefix"], help="manifest format (default: from its name)")
-    b.add_argument("--naming-rule", help="prefix manifests: regex with a (?P<subject>...) group")
+    b.add_argument(
+        "--naming-rule", help="prefix manifests: RE2 regex with a (?P<subject>...) group (checked before queueing)"
+    )
     b.add_argument("--chunk-size", type=int, help="enrolments queued per step (default: the worker's)")
     b.add_argument("manifest", nargs="?", help="local file, s3://bucket/key.csv|.jsonl or s3://bucket/prefix/")
     _common(b)
@@ -171,6 +189,19 @@ def build_parser(job_file: bool = False) -> argparse.ArgumentParser:
     )
     _tenant(u)
     u.add_argument("files", nargs="+", help="local JPEG, PNG or WebP photos")
+
+    rp = _sub(
+        sub,
+        "report",
+        "download a finished bulk job's report: every failed row with its line, subject, error code, message",
+    )
+    rp.add_argument(
+        "report_job_id", nargs="?", metavar="TENANT/JOB_ID", help="the bulk job as printed when it was queued"
+    )
+    rp.add_argument("--job", help="the bulk job (instead of the positional TENANT/JOB_ID)")
+    rp.add_argument("--tenant", help="the job's tenant, when a job ID alone is given")
+    rp.add_argument("--out", help="write the report to this file (default: stdout)")
+    rp.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="report format (jsonl)")
 
     s = _sub(sub, "status", "state of a job (bulk and revoke: progress by state)")
     s.add_argument(
@@ -299,6 +330,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "keys": {"add": add_keys, "list": list_keys, "show": show_key, "rotate": rotate_key}.get(
                 getattr(args, "keys_command", ""), run_job
             ),
+            "report": fetch_report,
         }.get(args.command, run_job)
         return handler(client, args)
     except (MalformedJobError, SettingsError) as e:

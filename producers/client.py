@@ -219,42 +219,92 @@ class Client:
         chunk_size: int | None = None,
         job_id: str | None = None,
     ):
-        """``manifest``: ``s3://...`` (CSV/JSONL object or, with fmt=prefix, a prefix) or a local CSV/JSONL file,
-        which is uploaded to ``s3://{bucket}/{prefix}/manifests/{job_id}.{ext}`` first (validated by parsing it
-        here as well, so a broken file fails before anything is queued)."""
+        """``manifest``: ``s3://...`` (CSV/JSONL object or, with fmt=prefix, a prefix) in the tenant's input prefix
+        (or its allow-list), or a local CSV/JSONL file, which is checked row by row here (any bad row: nothing is
+        uploaded or queued, ``MalformedJobError`` lists the lines) and uploaded to the tenant's input prefix,
+        ``s3://{input bucket}/tenants/{tenant}/manifests/{job_id}.{ext}``. The naming rule is compiled here (RE2) as
+        the worker will. ``ForbiddenInputError`` for an ``s3://`` manifest the tenant may not read."""
+        from worker.contracts import S3Prefix, S3Ref, check_name
+        from worker.contracts.inputs import InputPolicy
+
         job_id = job_id or new_job_id()
         fmt = fmt or _guess_format(manifest)
         m: dict[str, Any] = {"format": fmt, "uri": manifest}
         if naming_rule is not None:
             m["naming_rule"] = naming_rule
         try:
-            BulkManifest.model_validate(m)
+            check_name(tenant, "tenant")
+            bm = BulkManifest.model_validate(m)
         except ValueError as e:  # pydantic ValidationError is a ValueError
             raise MalformedJobError(_one_line(e)) from None
-        if not manifest.startswith("s3://"):
-            m["uri"] = self._upload_manifest(Path(manifest), fmt, job_id)
+        if bm.is_s3:
+            where = S3Prefix.model_validate(bm.uri) if fmt == "prefix" else S3Ref.model_validate(bm.uri)
+            InputPolicy.from_settings(self.settings.s3).check(tenant, where)  # what the worker checks first
+        else:
+            m["uri"] = self._upload_manifest(tenant, Path(manifest), fmt, job_id)
         d: dict[str, Any] = {"kind": "bulk", "job_id": job_id, "tenant": tenant, "key_id": key_id, "manifest": m}
         if chunk_size is not None:
             d["chunk_size"] = chunk_size
         return self.validate(d)
 
-    def _upload_manifest(self, path: Path, fmt: str, job_id: str) -> str:
-        from worker.contracts import iter_csv, iter_jsonl
+    def _upload_manifest(self, tenant: str, path: Path, fmt: str, job_id: str) -> str:
+        from producers.manifests import check_manifest
+        from worker.contracts import check_job_id
+        from worker.storage.client import ObjectStore, sse_params
+        from worker.storage.layout import manifest_upload_key
 
-        if fmt not in ("csv", "jsonl"):
-            raise MalformedJobError("a local manifest must be csv or jsonl")
-        if not path.is_file():
-            raise MalformedJobError(f"manifest file not found: {path}")
-        with path.open(encoding="utf-8") as f:  # a full validating pass, streaming
-            try:
-                for _ in (iter_csv if fmt == "csv" else iter_jsonl)(f):
-                    pass
-            except ValueError as e:
-                raise MalformedJobError(f"{path}: {e}") from None
-        key = f"manifests/{job_id}.{fmt}"
+        try:
+            check_job_id(job_id)
+        except ValueError as e:
+            raise MalformedJobError(f"malformed job: {e}") from None
+        found = check_manifest(path, fmt)  # a full validating pass, streaming
+        if found.bad_rows:
+            raise MalformedJobError(found.message(path))
+        key = manifest_upload_key(tenant, job_id, fmt)
+        inputs = ObjectStore(self.store.client, self.input_bucket, sse=sse_params(self.settings.s3))
         with path.open("rb") as f:
-            self.store.put(key, f.read(), content_type="text/csv" if fmt == "csv" else "application/x-ndjson")
-        return self.store.uri(key)
+            inputs.put(key, f.read(), content_type="text/csv" if fmt == "csv" else "application/x-ndjson")
+        return inputs.uri(key)
+
+    # --- bulk reports ------------------------------------------------------------------------------------------------
+    def report_uri(self, job: Any, fmt: str = "jsonl") -> str | None:
+        """Where the report of bulk job ``job`` (a reference ``tenant/job_id`` or the job) lies (``fmt`` jsonl or
+        csv), once the job has finished; None while it runs or when ``job`` is not a finished bulk job."""
+        res = self.book.get_result(job_reference(job))
+        if res is None or res.get("kind") != "bulk" or not res.get("report_uri"):
+            return None
+        uri = str(res["report_uri"])
+        return uri if fmt == "jsonl" else uri[: -len("jsonl")] + fmt
+
+    def report(self, job: Any, fmt: str = "jsonl", max_bytes: int | None = None) -> bytes | None:
+        """The bulk job's report (its first ``max_bytes`` bytes if given), or None (see ``report_uri``)."""
+        from worker.contracts import S3Ref
+
+        uri = self.report_uri(job, fmt)
+        if uri is None:
+            return None
+        ref = S3Ref.model_validate(uri)
+        kw: dict[str, Any] = {"Bucket": ref.bucket, "Key": ref.key}
+        if max_bytes is not None:
+            kw["Range"] = f"bytes=0-{max_bytes - 1}"
+        try:
+            return bytes(self.store.client.get_object(**kw)["Body"].read())
+        except Exception as e:  # noqa: BLE001 - mapped to StorageError / ObjectNotFoundError
+            self.store._raise(e, "get", ref.bucket, ref.key)
+            raise
+
+    def report_head(self, job: Any, n: int = 5) -> list[dict[str, Any]]:
+        """The first ``n`` failed rows of the bulk job's report (by line); [] when there is none."""
+        raw = self.report(job, "jsonl", max_bytes=64 * 1024)
+        if not raw:
+            return []
+        rows = []
+        for line in raw.decode("utf-8", "replace").splitlines()[:n]:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # the range cut the last line
+        return rows
 
     # --- sending -------------------------------------------------------------------------------------------------
     def submit(self, job: Any) -> str:

@@ -94,9 +94,14 @@ def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
         )
         return job, []
     _require(args, "tenant", "key_id", "manifest")
-    job = client.bulk_job(
-        args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
-    )
+    from worker.errors import MalformedJobError
+
+    try:
+        job = client.bulk_job(
+            args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
+        )
+    except MalformedJobError as e:  # a local manifest's bad rows: one line each
+        raise CliError(str(e)) from None
     return job, []
 
 
@@ -159,6 +164,8 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
             bar.close()
     d = as_dict(res)
     print(json.dumps(d, indent=2, sort_keys=True) if args.json else result_summary(res, _local_names(uploads)))
+    if d.get("kind") == "bulk" and not args.json:
+        _print_report_head(client, ref, d)
     if d.get("status") != "succeeded":
         return EXIT_BAD_INPUT if _refused_input(d) else EXIT_FAILED
     return EXIT_REJECT if d.get("kind") == "verify" and d.get("decision") == "reject" else EXIT_OK
@@ -174,6 +181,51 @@ def _refused_input(d: dict[str, Any]) -> bool:
 def _local_names(uploads: list[Any]) -> dict[str, str]:
     """``s3://`` reference of an uploaded photo -> the local path the user gave (for error messages)."""
     return {u.uri: str(u.path) for u in uploads}
+
+
+def _print_report_head(client: Any, ref: str, d: dict[str, Any], n: int = 5) -> None:
+    """The first failed rows of a finished bulk job (``ref``: tenant/job_id) and where its whole report is."""
+    if not d.get("report_uri"):
+        return
+    if d.get("failed"):
+        try:
+            head = client.report_head(ref, n)
+        except Exception:  # noqa: BLE001 - the URI below still says where the report is
+            head = []
+        for r in head:
+            print(f"  line {r.get('line') or '?'}: {r.get('subject') or '-'}: {r.get('code')}: {r.get('message')}")
+        if d["failed"] > len(head):
+            print(f"  ... {d['failed'] - len(head)} more failed rows")
+    print(f"  report {d['report_uri']} (cancelable report {ref} --out FILE)")
+
+
+def fetch_report(client: Any, args: argparse.Namespace) -> int:
+    """Download a finished bulk job's report (JSONL or CSV) to ``--out`` (default: stdout)."""
+    from worker.contracts import parse_job_ref
+
+    given = args.report_job_id or args.job
+    if not given:
+        raise CliError("cancelable report: give the bulk job as TENANT/JOB_ID (or JOB_ID with --tenant)")
+    ref = f"{args.tenant}/{given}" if getattr(args, "tenant", None) and "/" not in given else given
+    try:
+        parse_job_ref(ref)
+    except ValueError as e:
+        raise CliError(f"cancelable report: {e}") from None
+    body = client.report(ref, args.format)
+    if body is None:
+        raise CliError(
+            f"no report for job {ref}: not a bulk job, not finished yet, or unknown (cancelable status {ref})",
+            EXIT_NOT_FOUND,
+        )
+    if args.out in (None, "-"):
+        sys.stdout.write(body.decode("utf-8"))
+        sys.stdout.flush()
+    else:
+        with open(args.out, "wb") as f:
+            f.write(body)
+        rows = body.count(b"\n") - (1 if args.format == "csv" else 0)
+        print(f"{args.out}: {rows} failed rows ({args.format}) of bulk job {ref}", file=sys.stderr)
+    return EXIT_OK
 
 
 def upload_files(client: Any, args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ Run: .venv/bin/python scripts/bench_system.py [--rows 1000000] [--formats jsonl,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -236,10 +237,13 @@ def bench_bulk(env: dict[str, str], url: str, svc: Any, work: Path, rows: int, f
 
     s3 = svc.client()
     path = work / f"manifest.{fmt}"
-    uri = f"s3://bench/manifests/bench.{fmt}"
+    key = f"tenants/acme/manifests/bench.{fmt}"  # the tenant's input prefix: where a bulk job may read it
+    uri = f"s3://bench-inputs/{key}"
     t = time.perf_counter()
     offsets = write_manifest(path, rows, fmt)
-    s3.upload_file(str(path), "bench", f"manifests/bench.{fmt}")
+    with contextlib.suppress(Exception):  # already there from an earlier format
+        s3.create_bucket(Bucket="bench-inputs")
+    s3.upload_file(str(path), "bench-inputs", key)
     path.unlink()
     print(
         f"  {fmt} manifest: {rows} rows, {offsets[-1] / 1e6:.1f} MB, written and uploaded in "

@@ -20,11 +20,13 @@ class _Task:
 
 
 @pytest.fixture
-def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+def rt(make_settings, redis_url: str, seaweed, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
     """In-process runtime on its own Redis database (flushed afterwards): the children these bulks queue and the
-    parents they leave open must not reach other tests' workers or progress metrics."""
+    parents they leave open must not reach other tests' workers or progress metrics. Manifests go to the tenant's
+    input prefix in the default input bucket (``<bucket>-inputs``), where bulk jobs may read them."""
     from worker.tasks import runtime
 
+    seaweed.client().create_bucket(Bucket=f"{s3_bucket}-inputs")
     url = redis_url.rsplit("/", 1)[0] + "/4"
     r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}))
     monkeypatch.setattr(runtime, "_runtime", r)
@@ -37,8 +39,6 @@ def _job(rt, fmt: str, body: bytes, chunk_size: int):
 
     from worker.contracts import job_from_wire
 
-    key = f"manifests/{new_id('m')}.{fmt}"
-    rt.store.put(key, body)
     return job_from_wire(
         {
             "kind": "bulk",
@@ -46,9 +46,16 @@ def _job(rt, fmt: str, body: bytes, chunk_size: int):
             "tenant": "acme",
             "key_id": "k1",
             "chunk_size": chunk_size,
-            "manifest": {"format": fmt, "uri": rt.store.uri(key)},
+            "manifest": {"format": fmt, "uri": put_manifest(rt, f"{new_id('m')}.{fmt}", body)},
         }
     )
+
+
+def put_manifest(rt, name: str, body: bytes, tenant: str = "acme") -> str:
+    """Put a manifest in ``tenant``'s input prefix; returns its s3:// URI."""
+    bucket, key = f"{rt.settings.s3.bucket}-inputs", f"tenants/{tenant}/manifests/{name}"
+    rt.store.client.put_object(Bucket=bucket, Key=key, Body=body)
+    return f"s3://{bucket}/{key}"
 
 
 def _bulk(rt, job, task, continuation: int):
@@ -87,7 +94,7 @@ def _run(rt, monkeypatch, job, budget: float, max_tasks: int = 10_000) -> tuple[
 def _line_numbers(parent: str, ids) -> list[int]:
     from worker.contracts import child_job_id
 
-    by_id = {child_job_id(parent, "line", n): n for n in range(1, 100)}
+    by_id = {child_job_id(parent, "line", n): n for n in range(1, 300)}
     return [by_id[i] for i in ids]
 
 
@@ -144,11 +151,14 @@ def test_child_ids_keep_their_line_numbers(rt, monkeypatch) -> None:
 
     job = _job(rt, "csv", NASTY_CSV.encode(), 2)
     sent, _ = _run(rt, monkeypatch, job, budget=0.0)
-    # the line numbers the single-pass reader gave before byte offsets existed (b63fb57): groups at 2 (ann), 9 (cy),
-    # 12 (fay), 13 (gus); failed alone: 5 (bob: a newline inside an image ref), 8 (too long), 10 (dé), 11 (bad/)
-    assert sorted(set(sent)) == sorted(child_job_id(job.job_id, "line", n) for n in (2, 9, 12, 13))
+    # a line is a row: groups at 2 (ann), 5 (bob, its good row), 9 (cy), 12 (fay), 13 (gus); failed alone, each at
+    # its own line: 6 (a quote left open), 7 (the rest of that quote: one column), 8 (too long), 10 (dé), 11 (bad/)
+    assert sorted(set(sent)) == sorted(child_job_id(job.job_id, "line", n) for n in (2, 5, 9, 12, 13))
     failed = rt.book.failures(job.ref)
-    assert set(failed) == {child_job_id(job.job_id, "line", n) for n in (5, 8, 10, 11)}
+    assert set(failed) == {child_job_id(job.job_id, "line", n) for n in (6, 7, 8, 10, 11)}
+    details = rt.book.error_details(job.ref, list(failed))
+    assert sorted(d["line"] for d in details.values()) == [6, 7, 8, 10, 11]
+    assert {d["line"]: d["subject"] for d in details.values()}[6] == "bob"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -229,3 +239,108 @@ def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -
     assert by_template[1]["headers"]["id"] == pending[1][0] and by_template[1]["headers"]["argsrepr"].endswith(
         f"{pending[1][0]}>]"
     )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "where"),
+    [
+        ("prefix", "s3://{out}/tenants/beta/"),
+        ("prefix", "s3://{inb}/tenants/beta/"),
+        ("prefix", "s3://{inb}/tenants/acm"),
+        ("csv", "s3://{inb}/tenants/beta/m.csv"),
+        ("jsonl", "s3://{out}/tenants/acme/m.jsonl"),
+    ],
+)
+def test_a_manifest_outside_the_tenant_is_refused_before_any_s3_request(rt, monkeypatch, fmt: str, where: str) -> None:
+    """The confinement check runs before the first request: no GET, no LIST, no HEAD reaches S3 (spied on the real
+    client), so a refusal says nothing about what exists there; nothing is recorded in the job book."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.errors import ForbiddenInputError
+
+    calls: list[str] = []
+    for name in ("get_object", "list_objects_v2", "head_object", "get_paginator"):
+        real = getattr(rt.store.client, name)
+        monkeypatch.setattr(rt.store.client, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
+    from worker.tasks import control_tasks
+
+    uri = where.format(out=rt.settings.s3.bucket, inb=f"{rt.settings.s3.bucket}-inputs")
+    inputs = f"s3://{rt.settings.s3.bucket}-inputs/tenants/acme/"
+    ok = put_manifest(rt, f"ok.{fmt}", b"subject,image\n") if fmt != "prefix" else inputs
+    job = job_from_wire(
+        {
+            "kind": "bulk",
+            "job_id": new_id("bk"),
+            "tenant": "acme",
+            "key_id": "k1",
+            "manifest": {"format": fmt, "uri": uri},
+        }
+    )
+    with pytest.raises(ForbiddenInputError, match="outside the inputs allowed for tenant acme"):
+        _bulk(rt, job, _Task(), 0)
+    assert calls == [] and not rt.book.exists(job.job_id)
+    allowed = job.model_copy(update={"job_id": new_id("bk"), "manifest": job.manifest.model_copy(update={"uri": ok})})
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: None)
+    _bulk(rt, allowed, _Task(), 0)
+    assert calls  # the spy sees the requests of an allowed manifest
+
+
+def test_a_prefix_listing_that_matches_little_hands_over_and_resumes_after_its_last_key(rt, monkeypatch) -> None:
+    """A prefix manifest whose rule matches few of many keys stops at its time budget even between matches, and the
+    continuation lists after the last key seen (``StartAfter``), never from the start: the same children, line
+    numbers and failures as one pass."""
+    from worker_harness import job_id as new_id
+
+    from worker.contracts import job_from_wire
+    from worker.contracts import manifest as manifest_rows
+
+    monkeypatch.setattr(manifest_rows, "HEARTBEAT_KEYS", 20)
+    inb = f"{rt.settings.s3.bucket}-inputs"
+    for k in range(4):  # per subject: 36 keys the rule skips, then its 2 photos; the listing is mostly noise
+        for j in range(36):
+            rt.store.client.put_object(Bucket=inb, Key=f"tenants/acme/pre/g{k}/n{j:03d}.txt", Body=b"x")
+        for m in range(2):
+            rt.store.client.put_object(Bucket=inb, Key=f"tenants/acme/pre/g{k}/z/s{k}-{m}.jpg", Body=b"x")
+    uri = f"s3://{inb}/tenants/acme/pre/"
+
+    def job():
+        return job_from_wire(
+            {
+                "kind": "bulk",
+                "job_id": new_id("px"),
+                "tenant": "acme",
+                "key_id": "k1",
+                "chunk_size": 1,
+                "manifest": {"format": "prefix", "uri": uri, "naming_rule": r"^g\d/z/(?P<subject>s\d)-\d\.jpg$"},
+            }
+        )
+
+    lists: list[dict] = []
+    real = rt.store.client.get_paginator
+
+    def paginator(name):
+        p = real(name)
+        orig = p.paginate
+
+        def paginate(**kw):
+            lists.append(kw)
+            return orig(**kw)
+
+        p.paginate = paginate
+        return p
+
+    monkeypatch.setattr(rt.store.client, "get_paginator", paginator)
+    one = job()
+    whole, _ = _run(rt, monkeypatch, one, budget=3600.0)
+    assert len(lists) == 1
+    lists.clear()
+    many = job()
+    pieces, _ = _run(rt, monkeypatch, many, budget=0.0)
+    starts = [kw.get("StartAfter") for kw in lists]
+    assert len(starts) > 5 and starts[0] is None and all(starts[1:])  # every continuation lists after a key
+    assert starts[1:] == sorted(starts[1:])
+    assert sorted(set(_line_numbers(many.job_id, pieces))) == sorted(_line_numbers(one.job_id, whole))
+    assert len(pieces) == len(set(pieces)) == len(whole) == 4  # s0 .. s3, two images each, each sent once
+    p1, p2 = rt.book.progress(one.job_id), rt.book.progress(many.job_id)
+    assert p1.total == p2.total == 4 and p1.failed == p2.failed == 0

@@ -130,6 +130,10 @@ def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
     r = cli(["bulk", "--tenant", "acme", "--key", "k1", str(manifest), "--chunk-size", "2", "--job-id", jid], env)
     assert r.returncode == 1, (r.stdout, r.stderr)  # some rows failed
     assert "2 succeeded, 2 failed of 4" in r.stdout, r.stdout
+    assert "line 5: b3: invalid_image: " in r.stdout and "line 6: b4: object_not_found: " in r.stdout, r.stdout
+    assert f"report s3://{dep.bucket}/tenants/acme/jobs/{jid}/report.jsonl" in r.stdout
+    up = dep.s3.list_objects_v2(Bucket=dep.input_bucket, Prefix="tenants/acme/manifests/")["Contents"]
+    assert [o["Key"] for o in up] == [f"tenants/acme/manifests/{jid}.csv"]  # the local manifest, in acme's inputs
     assert "item/s" in r.stderr or "it/s" in r.stderr or "4/4" in r.stderr  # the tqdm bar drew
 
     r = cli(["status", jid, "--tenant", "acme", "--json"], env)  # a job ID with its tenant (IDs are per tenant)

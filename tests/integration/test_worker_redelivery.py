@@ -161,16 +161,25 @@ def _revoke(rt, job, task, continuation: int):
 
 
 @pytest.fixture
-def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
+def rt(make_settings, redis_url: str, seaweed, s3_bucket: str, monkeypatch: pytest.MonkeyPatch):
     """An in-process runtime on its own Redis database (flushed afterwards): the fan-out jobs these tests open and
-    leave unfinished must not show up in other tests' progress metrics and alerts."""
+    leave unfinished must not show up in other tests' progress metrics and alerts. Bulk manifests go to the default
+    input bucket (``<bucket>-inputs``, see ``_put_input``)."""
     from worker.tasks import runtime
 
+    seaweed.client().create_bucket(Bucket=f"{s3_bucket}-inputs")
     url = redis_url.rsplit("/", 1)[0] + "/3"
     r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}, worker={"max_attempts": 3}))
     monkeypatch.setattr(runtime, "_runtime", r)
     yield r
     r.redis.flushdb()
+
+
+def _put_input(rt, key: str, body: bytes) -> str:
+    """Put ``body`` under tenant acme's input prefix; returns its s3:// URI."""
+    bucket, full = f"{rt.settings.s3.bucket}-inputs", f"tenants/acme/{key}"
+    rt.store.client.put_object(Bucket=bucket, Key=full, Body=body)
+    return f"s3://{bucket}/{full}"
 
 
 def _envelope_task(handler, ident):
@@ -275,7 +284,7 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
         json.dumps({"subject": f"s{i}", "images": [f"s3://{rt.settings.s3.bucket}/in/{i}.jpg"]}) for i in range(1, 6)
     ]
     lines.insert(2, '{"subject": "bad/one", "images": []}')  # line 3: a bad row is counted, the stream goes on
-    rt.store.put("manifests/m.jsonl", ("\n".join(lines) + "\n").encode())
+    uri = _put_input(rt, "manifests/m.jsonl", ("\n".join(lines) + "\n").encode())
     job = job_from_wire(
         {
             "kind": "bulk",
@@ -283,7 +292,7 @@ def test_bulk_resumes_from_its_cursor(rt, monkeypatch: pytest.MonkeyPatch) -> No
             "tenant": "acme",
             "key_id": "k1",
             "chunk_size": 2,
-            "manifest": {"format": "jsonl", "uri": rt.store.uri("manifests/m.jsonl")},
+            "manifest": {"format": "jsonl", "uri": uri},
         }
     )
     sent: list[str] = []
@@ -313,15 +322,15 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
     from worker.tasks import control_tasks
 
     for key in ("in/p/alice/1.jpg", "in/p/alice/2.jpg", "in/p/bob/1.png", "in/p/readme.txt", "in/other/x.jpg"):
-        rt.store.put(key, b"x")
-    b = rt.settings.s3.bucket
+        _put_input(rt, key, b"x")
+    b = f"{rt.settings.s3.bucket}-inputs"
     job = job_from_wire(
         {
             "kind": "bulk",
             "job_id": new_id("px"),
             "tenant": "acme",
             "key_id": "k1",
-            "manifest": {"format": "prefix", "uri": f"s3://{b}/in/p/"},
+            "manifest": {"format": "prefix", "uri": f"s3://{b}/tenants/acme/in/p/"},
         }
     )
     sent: list[dict] = []
@@ -329,10 +338,8 @@ def test_bulk_prefix_manifest_groups_objects_by_subject(rt, monkeypatch: pytest.
     res = _bulk(rt, job, _FakeTask(), 0)
     assert res.status == "running" and res.total == 2
     jobs = {kw["args"][0]["subject"]: kw["args"][0]["images"] for kw in sent}
-    assert jobs == {
-        "alice": [f"s3://{b}/in/p/alice/1.jpg", f"s3://{b}/in/p/alice/2.jpg"],
-        "bob": [f"s3://{b}/in/p/bob/1.png"],
-    }
+    p = f"s3://{b}/tenants/acme/in/p"
+    assert jobs == {"alice": [f"{p}/alice/1.jpg", f"{p}/alice/2.jpg"], "bob": [f"{p}/bob/1.png"]}
     assert all(kw["kwargs"] == {"parent": job.job_id} and kw["queue"] == "engine.bulk" for kw in sent)
 
 
@@ -458,7 +465,7 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
             )
             + "\n"
         )
-    rt.store.put(f"manifests/m.{fmt}", body.encode())
+    uri = _put_input(rt, f"manifests/m.{fmt}", body.encode())
     job = job_from_wire(
         {
             "kind": "bulk",
@@ -466,7 +473,7 @@ def test_oversize_manifest_rows_fail_alone(rt, monkeypatch: pytest.MonkeyPatch, 
             "tenant": "acme",
             "key_id": "k1",
             "chunk_size": 10,
-            "manifest": {"format": fmt, "uri": rt.store.uri(f"manifests/m.{fmt}")},
+            "manifest": {"format": fmt, "uri": uri},
         }
     )
     sent: list[str] = []

@@ -39,11 +39,14 @@ def test_subcommands_are_the_documented_ones():
         "index-keys",
         "fetch",
         "keys",
+        "report",
     }
     assert set(_subparsers(build_parser())) == expected
 
 
-@pytest.mark.parametrize("command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive"])
+@pytest.mark.parametrize(
+    "command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "report"]
+)
 def test_help_lists_the_exit_codes(command):
     text = _subparsers(build_parser())[command].format_help()
     assert "exit status:" in text and "REJECTED" in text
@@ -61,6 +64,15 @@ def test_bulk_help_documents_the_manifest_formats():
     text = _subparsers(build_parser())["bulk"].format_help()
     assert "subject,image[,key_id]" in text and '{"subject": "alice", "images": [' in text
     assert "(?P<subject>...)" in text and "cancelable upload" in text
+    assert "RE2" in text and "tenants/TENANT/" in text and "never the output bucket" in text
+    assert "report.jsonl" in text and "cancelable report JOB_ID --out FILE" in text
+
+
+def test_report_takes_a_job_id_and_an_output_file():
+    args = build_parser().parse_args(["report", "abcdefgh12", "--out", "r.csv", "--format", "csv"])
+    assert (args.report_job_id, args.out, args.format) == ("abcdefgh12", "r.csv", "csv")
+    args = build_parser().parse_args(["report", "--job", "abcdefgh12"])
+    assert (args.report_job_id, args.job, args.format) == (None, "abcdefgh12", "jsonl")
 
 
 def test_subject_takes_tenant_and_subject_as_options_or_positionally():

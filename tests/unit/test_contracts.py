@@ -262,7 +262,7 @@ def test_manifest_parsers_stream_and_group():
             )
         )
     assert ei.value.line == 2
-    with pytest.raises(ManifestRowError):
+    with pytest.raises(MalformedJobError):  # a bad header refuses the whole manifest
         list(iter_csv(["name,path\n"]))
     with pytest.raises(ManifestRowError):
         list(iter_jsonl(['{"subject": "c", "images": ["s3://bkt/c.jpg"], "extra": 1}']))

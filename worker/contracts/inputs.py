@@ -1,4 +1,5 @@
-"""Which source images a tenant's job may read: an allow-list of S3 prefixes per tenant, checked before download.
+"""Which source images and bulk manifests a tenant's job may read: an allow-list of S3 prefixes per tenant, checked
+before any S3 request (one check for both: ``InputPolicy.check``).
 
 Default for every tenant: its own input prefix ``s3://{input_bucket}/tenants/{tenant}/``. Settings may add entries
 per tenant (``s3.input_allow``: tenant -> list of ``s3://bucket/prefix/``; the key ``"*"`` applies to every tenant;
@@ -53,12 +54,16 @@ class InputPolicy:
         entries = [*self.allow.get(tenant, ()), *self.allow.get("*", ())] or [DEFAULT_ENTRY]
         return [self._prefix(e, tenant) for e in entries]
 
-    def allows(self, tenant: str, ref: S3Ref) -> bool:
+    def allows(self, tenant: str, ref: S3Ref | S3Prefix) -> bool:
+        """Whether ``tenant`` may read the object ``ref``, or (an ``S3Prefix``) list and read everything under it:
+        the same rule for both, so a listing can never reach further than a single read could."""
+        key = ref.key if isinstance(ref, S3Ref) else ref.prefix
         if ref.bucket == self.output_bucket:
             return False
-        return any(ref.bucket == p.bucket and ref.key.startswith(p.prefix) for p in self.prefixes(tenant))
+        return any(ref.bucket == p.bucket and key.startswith(p.prefix) for p in self.prefixes(tenant))
 
-    def check(self, tenant: str, ref: S3Ref) -> None:
-        """Raise ``ForbiddenInputError`` unless ``tenant`` may read ``ref``."""
+    def check(self, tenant: str, ref: S3Ref | S3Prefix) -> None:
+        """Raise ``ForbiddenInputError`` unless ``tenant`` may read ``ref`` (a source image, a CSV/JSONL manifest,
+        or a prefix manifest's whole prefix). Call it before any S3 request about ``ref``."""
         if not self.allows(tenant, ref):
             raise ForbiddenInputError(f"{ref.uri} is outside the inputs allowed for tenant {tenant}")

@@ -6,12 +6,12 @@ so a re-delivered or duplicated job is recognised) and ``schema_version``.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId, job_ref
+from worker.contracts.naming import compile_rule
 from worker.contracts.refs import S3Prefix, S3Ref
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -98,14 +98,15 @@ class RevokeJob(_Job):
 class BulkManifest(BaseModel):
     """Where a bulk job's enrolments are listed.
 
-    - ``csv``: header ``subject,image`` (optional ``key_id`` column); one image per row; rows of one subject are
-      consecutive.
+    - ``csv``: header ``subject,image`` (optional ``key_id`` column); one image per row (one row per line); rows of
+      one subject are consecutive (``worker.contracts.manifest`` for the row rules).
     - ``jsonl``: one ``{"subject": ..., "images": ["s3://..."], "key_id": optional}`` per line.
     - ``prefix``: every object under ``uri`` (an ``s3://bucket/prefix/``) whose key relative to the prefix matches
-      ``naming_rule`` (a regex with a named group ``subject``); objects of one subject are grouped.
+      ``naming_rule`` (an RE2 regex with a named group ``subject``: ``worker.contracts.naming``); objects of one
+      subject are grouped.
 
-    ``uri`` is ``s3://...`` (workers read it) or, producer side only, a local file path that the producer uploads
-    before queueing.
+    ``uri`` is ``s3://...`` (workers read it, inside the tenant's allowed inputs: ``worker.contracts.inputs``) or,
+    producer side only, a local file path that the producer checks and uploads before queueing.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -118,13 +119,7 @@ class BulkManifest(BaseModel):
     def _check(self) -> BulkManifest:
         if self.format == "prefix":
             S3Prefix.model_validate(self.uri)
-            rule = self.naming_rule or DEFAULT_NAMING_RULE
-            try:
-                rx = re.compile(rule)
-            except re.error as e:
-                raise ValueError(f"naming_rule is not a valid regex: {e}") from None
-            if "subject" not in rx.groupindex:
-                raise ValueError("naming_rule needs a named group (?P<subject>...)")
+            compile_rule(self.naming_rule or DEFAULT_NAMING_RULE)
         else:
             if self.naming_rule is not None:
                 raise ValueError("naming_rule applies to format=prefix only")
@@ -136,8 +131,9 @@ class BulkManifest(BaseModel):
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
 
-    def rule(self) -> re.Pattern[str]:
-        return re.compile(self.naming_rule or DEFAULT_NAMING_RULE)
+    def rule(self) -> Any:
+        """The compiled naming rule (RE2: linear-time matching, ``worker.contracts.naming``)."""
+        return compile_rule(self.naming_rule or DEFAULT_NAMING_RULE)
 
 
 class BulkJob(_Job):

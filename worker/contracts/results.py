@@ -104,6 +104,7 @@ class BulkResult(_Result):
     dead_lettered: int = Field(default=0, ge=0)
     errors_by_code: dict[ErrorCode, int] = Field(default_factory=dict)
     report_uri: str | None = None
+    """The finished job's report of failed rows (``.../jobs/{job_id}/report.jsonl``; ``report.csv`` beside it)."""
 
 
 Result = Annotated[EnrollResult | VerifyResult | RevokeResult | BulkResult, Field(discriminator="kind")]

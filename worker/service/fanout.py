@@ -102,7 +102,8 @@ def report_bulk_child(rt: Runtime, tenant: str, parent_job_id: str, child_job_id
         if status == JobStatus.DEAD_LETTERED:
             code = ErrorCode.DEAD_LETTERED.value
         metrics.fanout_items("bulk", 1, "failed")
-        book.mark_failed(pref, {child_job_id: code})
+        message = result.error.message if result.error is not None else ""
+        book.mark_failed_rows(pref, {child_job_id: {"subject": result.subject, "code": code, "message": message[:500]}})
     maybe_finalize_bulk(rt, tenant, parent_job_id)
 
 
@@ -116,6 +117,13 @@ def maybe_finalize_bulk(rt: Runtime, tenant: str, parent_job_id: str) -> dict[st
         return None
     p = book.progress(pref)
     codes = dict(p.failed_codes)
+    report_uri = None
+    try:
+        from worker.service.bulk_report import write_report
+
+        report_uri = write_report(rt, parent_job_id, f["tenant"])
+    except Exception as e:  # noqa: BLE001 - the job's counts are final either way; the report is best effort
+        log.warning("bulk job %s: report not written (%s)", parent_job_id, type(e).__name__)
     res = BulkResult(
         job_id=parent_job_id,
         tenant=f["tenant"],
@@ -129,6 +137,7 @@ def maybe_finalize_bulk(rt: Runtime, tenant: str, parent_job_id: str) -> dict[st
         failed=p.failed,
         dead_lettered=codes.get(ErrorCode.DEAD_LETTERED.value, 0),
         errors_by_code={ErrorCode(k): v for k, v in codes.items()},
+        report_uri=report_uri,
         attempts=int(f.get("attempts", "1")),
         finished_at=now(),
     )

@@ -20,9 +20,11 @@ under ``poison-<sha256 prefix>``. Key layout (``p`` = prefix from settings, defa
     {p}:submitted:{ref}              time a producer queued the job (so ``status`` tells queued from unknown)
     {p}:result:{ref}                 JSON result of a finished job (idempotent replay)
     {p}:job:{ref}                    hash: kind, total, state, created, updated, (bulk: cursor, resume_index,
-                                     resume_offset, resume_lines, header_bytes), ...
+                                     resume_offset, resume_lines, header_bytes, resume_key), ...
     {p}:job:{ref}:succeeded          set of item IDs
     {p}:job:{ref}:failed             hash item ID -> error code
+    {p}:job:{ref}:errors             hash item ID -> JSON {line, subject, code, message} (bulk: the report's rows)
+    {p}:job:{ref}:subjects           hash subject -> first manifest line (bulk, while streaming; then deleted)
     {p}:job:{ref}:final              SET NX flag: who finalises
     {p}:jobs:open                    set of open fan-out job references (for progress metrics)
     {p}:deadletter                   list of dead-lettered job references (newest first)
@@ -192,6 +194,48 @@ class JobBook:
             self.r.hset(self._k("job", job_id, "failed"), mapping=todo)
             self.r.expire(self._k("job", job_id, "failed"), self.ttl)
 
+    def mark_failed_rows(self, job_id: str, details: dict[str, dict[str, Any]]) -> None:
+        """``mark_failed`` with the details a bulk report lists: item ID -> {line, subject, code, message} (any of
+        line and subject may be missing). The details are written first, so a counted failure always has them."""
+        if not details:
+            return
+        key = self._k("job", job_id, "errors")
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, mapping={k: json.dumps(v, sort_keys=True) for k, v in details.items()})
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+        self.mark_failed(job_id, {k: str(v["code"]) for k, v in details.items()})
+
+    def error_details(self, job_id: str, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The details ``mark_failed_rows`` kept for ``item_ids`` (those without any are left out)."""
+        if not item_ids:
+            return {}
+        vals = self.r.hmget(self._k("job", job_id, "errors"), item_ids)
+        return {k: json.loads(v) for k, v in zip(item_ids, vals, strict=True) if v is not None}
+
+    _CLAIM_SUBJECTS = """
+local out = {}
+for i = 2, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return out
+"""
+
+    def claim_subjects(self, job_id: str, pairs: list[tuple[str, int]]) -> list[int]:
+        """For each (subject, manifest line) in order: the first line recorded for that subject in this bulk job
+        (this line if it is the first), in one round trip. A row sent again claims its own line again (idempotent)."""
+        if not pairs:
+            return []
+        args = [x for subject, line in pairs for x in (subject, str(int(line)))]
+        out = self.r.eval(self._CLAIM_SUBJECTS, 1, self._k("job", job_id, "subjects"), str(self.ttl), *args)
+        return [int(_s(x)) for x in out]
+
+    def forget_subjects(self, job_id: str) -> None:
+        """The listing is done: the subjects' first lines are no longer needed."""
+        self.r.delete(self._k("job", job_id, "subjects"))
+
     def set_item_info(self, job_id: str, item_id: str, info: dict[str, Any]) -> None:
         """Per-item outcome details for the finaliser (IDs, versions and URIs only)."""
         key = self._k("job", job_id, "items")
@@ -293,22 +337,36 @@ if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'cursor', ARGV[1]) c =
 redis.call('HSET', KEYS[1], 'enqueued', string.format('%d', c), 'rows_seen', ARGV[1], 'updated', ARGV[2])
 if ARGV[3] ~= '' then
   local r = tonumber(redis.call('HGET', KEYS[1], 'resume_index') or '-1')
-  if tonumber(ARGV[3]) > r then
+  local l = tonumber(redis.call('HGET', KEYS[1], 'resume_lines') or '-1')
+  if tonumber(ARGV[3]) > r or (tonumber(ARGV[3]) == r and tonumber(ARGV[5]) > l) then
     redis.call('HSET', KEYS[1], 'resume_index', ARGV[3], 'resume_offset', ARGV[4], 'resume_lines', ARGV[5],
-               'header_bytes', ARGV[6])
+               'header_bytes', ARGV[6], 'resume_key', ARGV[8])
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return c
 """
 
-    def advance_bulk(self, job_id: str, cursor: int, resume: tuple[int, int, int, int] | None) -> int:
+    def advance_bulk(
+        self, job_id: str, cursor: int, resume: tuple[int, int, int, int] | None, resume_key: str = ""
+    ) -> int:
         """After a bulk chunk, in one round trip: the cursor (items sent) moves forward only; ``enqueued`` and
         ``rows_seen`` follow; ``resume`` = (item index, byte offset, physical lines, CSV header bytes) of the last
-        point a continuation can start reading from (also forward only). Returns the cursor."""
+        point a continuation can start reading from (forward only: a later item, or the same item further in); for a
+        prefix manifest, ``resume_key`` is the
+        last object key listed at that point (the continuation lists after it). Returns the cursor."""
         r = ("", "", "", "") if resume is None else tuple(str(int(x)) for x in resume)
         return int(
-            self.r.eval(self._ADVANCE_BULK, 1, self._k("job", job_id), int(cursor), f"{time.time():.3f}", *r, self.ttl)
+            self.r.eval(
+                self._ADVANCE_BULK,
+                1,
+                self._k("job", job_id),
+                int(cursor),
+                f"{time.time():.3f}",
+                *r,
+                self.ttl,
+                resume_key,
+            )
         )
 
     # --- dead letters --------------------------------------------------------------------------------------------

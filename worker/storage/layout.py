@@ -9,7 +9,8 @@
         revocations/{version:010d}.json       revocation record of one version
         key.json                              the subject's key ID and key version (+ history)
     tenants/{tenant}/dead-letters/{job_id}.json
-    tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (bulk reports, revoke progress snapshots)
+    tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (revoke progress snapshots)
+    tenants/{tenant}/jobs/{job_id}/report.jsonl|csv   a bulk job's failed rows (line, subject, code, message)
     tenants/{tenant}/keys/{key_id_path}/state.json   key state for this tenant (active / revoked + reason)
     tenants/{tenant}/keys/{key_id_path}/index.json   the key's subject index is complete (worker/storage/keyindex.py)
     tenants/{tenant}/keys/~index.json         every key's subject index is complete (the tenant was backfilled)
@@ -19,6 +20,7 @@ The input bucket (``s3.input_bucket``, never the bucket above) holds source imag
 
     tenants/{tenant}/                         the tenant's input prefix
         uploads/{sha256[:32]}.{ext}           one object per distinct file content (re-uploads are no-ops)
+        manifests/{job_id}.csv|jsonl          local bulk manifests the producer uploaded
 
 Zero-padded versions keep listing order equal to version order.
 """
@@ -84,6 +86,20 @@ def revocation_key(tenant: str, subject: str, version: int) -> str:
 
 def revocations_prefix(tenant: str, subject: str) -> str:
     return subject_prefix(tenant, subject) + "revocations/"
+
+
+def job_report_key(tenant: str, job_id: str, ext: str) -> str:
+    """A bulk job's report of failed rows (``ext`` jsonl or csv)."""
+    if ext not in ("jsonl", "csv"):
+        raise ValueError("a report is jsonl or csv")
+    return f"{_t(tenant)}/jobs/{check_job_id(job_id)}/report.{ext}"
+
+
+def manifest_upload_key(tenant: str, job_id: str, ext: str) -> str:
+    """Input-bucket key of a local manifest file the producer uploads for a bulk job (``ext`` csv or jsonl)."""
+    if ext not in ("jsonl", "csv"):
+        raise ValueError("a manifest is csv or jsonl")
+    return f"{tenant_input_prefix(tenant)}manifests/{check_job_id(job_id)}.{ext}"
 
 
 def tenant_input_prefix(tenant: str) -> str:
