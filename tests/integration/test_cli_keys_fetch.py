@@ -133,6 +133,8 @@ def test_keys_rotation_fetch_no_wait_status_and_logs(dep: Deployment, tmp_path: 
     assert not [m for m in _material(dep.keyring) if m in text]
 
     # --- the worker's log: one outcome line per job, at its level, with the job's scope ---------------------------
+    # log lines name a job by its ID; its tenant is in the line's scope
+    jid, failed_jid = jid.split("/")[-1], failed_jid.split("/")[-1]
     deadline = time.monotonic() + 10
     while f"job {failed_jid} failed" not in dep.worker.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
