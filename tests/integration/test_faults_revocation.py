@@ -261,6 +261,7 @@ def test_key_revoke_racing_a_first_enrolment_leaves_nothing_current_under_the_ke
         pointer_fenced = slow.log.read_text().count("enrol fenced off by a revocation")
     finally:
         slow.stop()
+    print(f"{mode}: {', '.join(outcomes)}; commits refused by the pointer fence: {pointer_fenced}")
     # the race really happened both ways, and the pointer fence (not only the key check) refused a commit
     assert "reissued" in outcomes and "fenced" in outcomes, outcomes
     assert pointer_fenced >= 1, (outcomes, "no run had its commit refused by the fence; raise RACE_STEPS")

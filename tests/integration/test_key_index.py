@@ -138,6 +138,38 @@ def test_index_listing_gives_the_record_scan_answer_reading_only_undecided_subje
     assert sorted(_hits(store, "k2", None, use_index=False)) == ["mine", "moved"]
 
 
+def test_a_fence_only_pointer_refuses_a_first_commit_derived_before_it(store: ObjectStore) -> None:
+    """What a key revocation does to a subject under the key with no committed version: key record moved to the new
+    key, a fence-only pointer at the new epoch. The in-flight first commit (old epoch) is refused and nothing is
+    current; a commit under the new key becomes version 1's successor; a commit that won the race is fenced as
+    usual (its pointer keeps its version, the epoch is raised)."""
+    from worker.errors import NoTemplateError, StaleKeyError
+    from worker.storage.keyindex import has_version
+    from worker.storage.subjects import read_subject
+
+    reg, ts = KeyRegistry(store), TemplateStore(store)
+    inflight = _enrol(store, "first", "k1", commit=False)
+    moved = reg.bump_subject_key(T, "first", reason="r", job_id="rev-fence001", new_key_id="k2")
+    fence = ts.raise_fence(T, "first", moved.epoch, fence_job="rev-fence001")
+    assert fence is not None and fence.version is None and fence.key_epoch == 2 and fence.job_id == "rev-fence001"
+    assert ts.raise_fence(T, "first", moved.epoch, fence_job="rev-fence001") == fence  # idempotent
+    with pytest.raises(StaleKeyError):
+        _commit(store, "first", inflight)
+    with pytest.raises(NoTemplateError):
+        ts.current(T, "first")
+    assert not has_version(store, T, "first")
+    state = read_subject(store, T, "first")
+    assert state is not None and state.current_version is None and state.key_id == "k2"
+    _commit(store, "first", moved)
+    cur = ts.current(T, "first")
+    assert (cur.manifest.key_id, cur.manifest.key_epoch, cur.fence_epoch) == ("k2", 2, 2)
+    assert _markers(store, "k2") == ["first~c", "first~p"]
+    # the first commit won: the fence raises its pointer's epoch and reports the version (to be reissued)
+    won = _enrol(store, "won", "k1")
+    p = ts.raise_fence(T, "won", won.epoch + 1, fence_job="rev-fence001")
+    assert p is not None and p.version == 1 and p.key_epoch == 2
+
+
 def test_index_cursor_resumes_after_a_subject(store: ObjectStore) -> None:
     names = ["a", "a.b", "a-1", "a0", "a_", "b", "ab", "Z"]  # '~' sorts after each of [A-Za-z0-9._-]
     for s in names:
