@@ -160,12 +160,12 @@ def test_manifest_defects_are_reported_by_line_and_good_rows_enrolled(dep: Deplo
     jid = job_id("bk")
     r = cli(["bulk", "--tenant", "acme", "--key", "k1", uri, "--job-id", jid, "--timeout", "600"], dep.env, timeout=700)
     assert r.returncode == 1, (r.stdout, r.stderr)  # failed rows: the job failed, the good ones are enrolled
-    res = c.result(jid)
+    res = c.result(f"acme/{jid}")
     assert (res.total, res.succeeded, res.failed) == (7, 2, 5), res
     assert res.report_uri == f"s3://{dep.bucket}/tenants/acme/jobs/{jid}/report.jsonl"
     assert "line 4: bob: malformed_job: a quoted field is not closed" in r.stdout, r.stdout
     assert f"report {res.report_uri}" in r.stdout and "more failed rows" not in r.stdout
-    rows = _report(dep, jid)
+    rows = _report(dep, f"acme/{jid}")
     assert [(x["line"], x["subject"], x["code"]) for x in rows] == [
         (4, "bob", "malformed_job"),
         (6, None, "malformed_job"),  # an over-long line: nothing of it is kept, its subject neither
@@ -174,11 +174,13 @@ def test_manifest_defects_are_reported_by_line_and_good_rows_enrolled(dep: Deplo
         (9, "dee", "object_not_found"),
     ]
     assert "listed again after other subjects (first at line 2)" in rows[2]["message"]
-    assert [(int(x["line"]), x["code"]) for x in _report(dep, jid, "csv")] == [(x["line"], x["code"]) for x in rows]
+    assert [(int(x["line"]), x["code"]) for x in _report(dep, f"acme/{jid}", "csv")] == [
+        (x["line"], x["code"]) for x in rows
+    ]
     assert _versions(dep, "ann") == ([1], 2) and _versions(dep, "bob") == ([1], 1)
     # cancelable report downloads it
     out = tmp_path / "report.jsonl"
-    r = cli(["report", jid, "--out", str(out)], dep.env, timeout=120)
+    r = cli(["report", f"acme/{jid}", "--out", str(out)], dep.env, timeout=120)
     assert r.returncode == 0 and [json.loads(x) for x in out.read_text().splitlines()] == rows, r.stderr
 
     lines = [
