@@ -279,7 +279,7 @@ def test_a_manifest_outside_the_tenant_is_refused_before_any_s3_request(rt, monk
     )
     with pytest.raises(ForbiddenInputError, match="outside the inputs allowed for tenant acme"):
         _bulk(rt, job, _Task(), 0)
-    assert calls == [] and not rt.book.exists(job.job_id)
+    assert calls == [] and not rt.book.exists(job.ref)
     allowed = job.model_copy(update={"job_id": new_id("bk"), "manifest": job.manifest.model_copy(update={"uri": ok})})
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: None)
     _bulk(rt, allowed, _Task(), 0)
@@ -342,5 +342,5 @@ def test_a_prefix_listing_that_matches_little_hands_over_and_resumes_after_its_l
     assert starts[1:] == sorted(starts[1:])
     assert sorted(set(_line_numbers(many.job_id, pieces))) == sorted(_line_numbers(one.job_id, whole))
     assert len(pieces) == len(set(pieces)) == len(whole) == 4  # s0 .. s3, two images each, each sent once
-    p1, p2 = rt.book.progress(one.job_id), rt.book.progress(many.job_id)
+    p1, p2 = rt.book.progress(one.ref), rt.book.progress(many.ref)
     assert p1.total == p2.total == 4 and p1.failed == p2.failed == 0

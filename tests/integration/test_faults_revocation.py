@@ -73,7 +73,7 @@ def test_revoke_during_an_inflight_enrol_is_never_undone(dep: Deployment, tmp_pa
         wait_ready(c, dep.worker)
         for run in range(RUNS):
             job = c.enroll_job("acme", "fence", [dep.faces["obama2"]], "k1", job_id=job_id(f"inflight{run}"))
-            c.app.send_task(TASK_ENROLL, args=[to_wire(job)], task_id=job.job_id, queue="slow", ignore_result=True)
+            c.app.send_task(TASK_ENROLL, args=[to_wire(job)], task_id=job.ref, queue="slow", ignore_result=True)
             deadline = time.monotonic() + 120
             while c.book.attempts(job.ref) < 1:  # the slow worker picked it up (and derives right away)
                 assert time.monotonic() < deadline, slow.tail()
@@ -199,12 +199,12 @@ def test_key_revoke_racing_a_first_enrolment_leaves_nothing_current_under_the_ke
     def first_enrolment(tenant: str, tag: str) -> tuple[str, str]:
         face = dep.upload_input(tenant, "b.jpg", faces["obama2"])
         job = c.enroll_job(tenant, "first", [face], "k1", job_id=job_id(tag))
-        c.app.send_task(TASK_ENROLL, args=[to_wire(job)], task_id=job.job_id, queue="slow", ignore_result=True)
+        c.app.send_task(TASK_ENROLL, args=[to_wire(job)], task_id=job.ref, queue="slow", ignore_result=True)
         deadline = time.monotonic() + 120
-        while c.book.attempts(job.job_id) < 1:  # the slow worker picked it up
+        while c.book.attempts(job.ref) < 1:  # the slow worker picked it up
             assert time.monotonic() < deadline, slow.tail()
             time.sleep(0.02)
-        return job.job_id, face
+        return job.ref, face
 
     outcomes: list[str] = []
     try:
