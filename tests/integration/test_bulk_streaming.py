@@ -66,7 +66,8 @@ def _run(rt, monkeypatch, job, budget: float, max_tasks: int = 10_000) -> tuple[
 
     sent: list[str] = []
     gets: list[dict] = []
-    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"]))
+    # task IDs are job references (tenant/job_id): the child job IDs are what follows the tenant
+    monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["task_id"].split("/", 1)[1]))
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", budget)
     real_get = rt.store.client.get_object
 
@@ -226,6 +227,5 @@ def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -
     assert len(by_template) == 3
     for a, b in zip(by_template, by_send_task, strict=True):
         assert a == b
-    assert by_template[1]["headers"]["id"] == pending[1][0] and by_template[1]["headers"]["argsrepr"].endswith(
-        f"{pending[1][0]}>]"
-    )
+    assert by_template[1]["headers"]["id"] == f"acme/{pending[1][0]}"
+    assert by_template[1]["headers"]["argsrepr"].endswith(f"{pending[1][0]}>]")
