@@ -2,8 +2,8 @@
 
 Every malformed form found in the review: non-JSON bytes, a JSON value that is not an envelope, an envelope without
 properties, an envelope whose task body is a string, bad base64, a task whose job argument is not a job. After all of
-them the same worker process serves the next good job; each is dead-lettered by hash and size; those with a valid
-task ID get a stored ``malformed_job`` result.
+them the same worker process serves the next good job; each is dead-lettered by hash and size; those whose task ID
+is a job reference (``tenant/job_id``, what producers send) get a stored ``malformed_job`` result.
 """
 
 from __future__ import annotations

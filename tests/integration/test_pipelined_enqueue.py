@@ -54,7 +54,7 @@ def test_submit_many_pushes_what_submit_pushes(make_settings) -> None:
             r.delete(f"cf:submitted:{j.ref}")
         ids = client.submit_many(jobs, batch=2)  # several batches, kinds mixed within a batch
         many = _drain(r)
-        assert ids == [j.ref for j in jobs]
+        assert ids == [j.ref for j in jobs]  # tenant/job_id: the Celery task IDs too
         assert [len(many[q]) for q in QUEUES] == [4, 0, 1]
         for q in QUEUES:
             assert [_comparable(x) for x in many[q]] == [_comparable(x) for x in one_by_one[q]]

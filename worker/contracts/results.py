@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from worker.contracts.codes import ErrorCode, JobStatus
-from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId
+from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId, job_ref
 from worker.contracts.jobs import SCHEMA_VERSION
 
 
@@ -42,6 +42,11 @@ class _Result(BaseModel):
     attempts: int = Field(default=1, ge=0)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @property
+    def ref(self) -> str:
+        """``{tenant}/{job_id}`` of the job this is the result of (``worker.contracts.ids.job_ref``)."""
+        return job_ref(str(getattr(self, "tenant", "")), self.job_id)
 
 
 class EnrollResult(_Result):

@@ -288,8 +288,8 @@ def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
     synced = 0
     for ref in book.dead_letters(limit):
         rec = book.get_dead_letter(ref)
-        if rec is None or rec.get("s3_uri") or not rec.get("tenant"):
-            continue  # already in S3, or a poison message (no tenant: Redis only, by hash and size)
+        if rec is None or rec.get("s3_uri") or not rec.get("tenant") or rec.get("raw_sha256"):
+            continue  # already in S3, or a refused message (Redis only, by hash and size: it never was a job)
         fields = {k: v for k, v in rec.items() if k in DeadLetter.model_fields}
         uri = write_dead_letter(rt.store, DeadLetter.model_validate(fields))
         book.add_dead_letter(ref, {**rec, "s3_uri": uri})

@@ -156,7 +156,7 @@ def record_refused(task_id: Any, queue: str, sha: str, size: int, message: str, 
         "at": datetime.now(UTC).isoformat(),
     }
     if ident:
-        record["tenant"] = ident[0]  # the reconciler also writes it to the tenant's S3 dead letters
+        record["tenant"] = ident[0]  # Redis only: the reconciler never copies it over a job's S3 dead letter
     try:
         from worker.tasks.runtime import get_runtime
 
