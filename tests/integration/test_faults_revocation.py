@@ -27,7 +27,15 @@ RACE_STEPS = "60"  # the in-flight first enrolment of the key-revocation race (i
 
 @pytest.fixture
 def dep(service_env, seaweed, tmp_path: Path):
-    yield from running(service_env, seaweed, tmp_path)
+    # the in-flight enrolments here run hundreds of steps, twice when fenced: time limits a loaded 2-core machine
+    # cannot break (the visibility timeout stays above them for every worker on this Redis)
+    yield from running(
+        service_env,
+        seaweed,
+        tmp_path,
+        CANCELABLE_WORKER__TASK_TIME_LIMIT="600",
+        CANCELABLE_WORKER__VISIBILITY_TIMEOUT="700",
+    )
 
 
 def _json(dep: Deployment, key: str) -> dict | None:
