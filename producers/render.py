@@ -39,7 +39,7 @@ def result_summary(res: Any) -> str:
         )
     if kind == "verify":
         return (
-            f"{head}; score {d['score']:.4f} vs threshold {d['threshold']:.4f} -> {d['decision'].upper()} "
+            f"{head}; score {d['score']:.4f} vs threshold {d['threshold']:.4f}{_far(d)} -> {d['decision'].upper()} "
             f"(template version {d['version']}, key {d['key_id']} v{d['key_version']})"
         )
     if kind == "revoke":
@@ -106,3 +106,14 @@ def subject_summary(s: dict[str, Any]) -> str:
                 f"{purged}: {r['reason']}"
             )
     return "\n".join(lines)
+
+
+def _far(d: dict[str, Any]) -> str:
+    """' (FAR 0.1 %, 1 photo)': the false-accept rate the threshold stands for, when the bundle is calibrated."""
+    size = d.get("enrolment_size")
+    photos = f", {size} photo{'s' if size != 1 else ''}" if size else ""
+    if d.get("far") is None:
+        return f" (FAR not calibrated{photos})" if size else ""
+    if d["far"] == 0 and d.get("far_ci95"):
+        return f" (FAR < {100 * d['far_ci95'][1]:.2g} %{photos})"  # none of the calibration's impostors passed
+    return f" (FAR {100 * d['far']:.2g} %{photos})"
