@@ -53,6 +53,7 @@ class KeymapEngine(EngineBase):
     """Cancelable faces from a key-transformed identity target and a learned key map. One per worker process."""
 
     family = "keymap"
+    images_independent = True  # every image runs alone (``anonymise_one``)
 
     def __init__(
         self,

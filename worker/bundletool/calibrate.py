@@ -284,6 +284,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     engine, manifest = build_engine(args.bundle, args.steps, log)
+    if not getattr(engine, "images_independent", False):
+        raise SystemExit(
+            "this bundle's engine optimises a subject's photos together (layer mixing with the identity term), so "
+            "an n-photo template is not the mean of single-photo results: per-size calibration needs an engine whose "
+            "images run independently (the keymap family)"
+        )
     meta = {k: str(getattr(args, k)) for k in ("data", "part", "ids", "photos", "keys", "seed")} | {
         "engine": engine.fingerprint
     }
