@@ -35,7 +35,8 @@ def result_summary(res: Any) -> str:
         return (  # the manifest is the committed version; the artefacts it lists are in --json
             f"{head}; version {d['version']} of {d['tenant']}/{d['subject']} (key {d['key_id']} v{d['key_version']}"
             f"{', existing' if d.get('created') is False else ''})\n  manifest {d['manifest_uri']}\n"
-            f"  (the committed version: lists the template and {len(d.get('image_uris', []))} cancelable images)"
+            "  (the committed version: lists the template and "
+            f"{_count(len(d.get('image_uris', [])), 'cancelable image')})"
         )
     if kind == "verify":
         return (
@@ -117,3 +118,7 @@ def _far(d: dict[str, Any]) -> str:
     if d["far"] == 0 and d.get("far_ci95"):
         return f" (FAR < {100 * d['far_ci95'][1]:.2g} %{photos})"  # none of the calibration's impostors passed
     return f" (FAR {100 * d['far']:.2g} %{photos})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
