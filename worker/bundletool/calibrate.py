@@ -101,7 +101,7 @@ def anonymise_all(
     for d in dirs:
         if len(table["names"]) >= args.ids:
             break
-        if args.max_minutes and time.perf_counter() - t0 > 60 * args.max_minutes:
+        if args.max_minutes is not None and time.perf_counter() - t0 >= 60 * args.max_minutes:
             log(f"--max-minutes {args.max_minutes} reached: calibrating on the identities done so far")
             break
         if d.name in table["tried"]:
@@ -264,7 +264,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed; also fixes the calibration keys")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/decisions.md)")
     ap.add_argument("--scores", type=Path, default=None, help="keep (and continue from) the embeddings in this .npz")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop anonymising after this long")
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="stop anonymising after this long (0: only re-use --scores)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the full result here")
     ap.add_argument("--write", action="store_true", help="store the calibration in the bundle manifest")
 
