@@ -87,13 +87,20 @@ def main() -> None:
         rows["renders_t"].append(m / np.linalg.norm(m))
         print(f"{len(rows['base_t'])}/{args.ids} identities, {time.perf_counter() - t0:.0f} s", flush=True)
     out = {}
-    for name, (tk, pk) in {"base": ("base_t", "base_p"), "flip": ("flip_t", "flip_p"),
-                           "renders": ("renders_t", "base_p")}.items():
+    for name, (tk, pk) in {
+        "base": ("base_t", "base_p"),
+        "flip": ("flip_t", "flip_p"),
+        "renders": ("renders_t", "base_p"),
+    }.items():
         sc = np.stack(rows[tk]) @ np.stack(rows[pk]).T  # [victim template, probe]
         diag = np.eye(len(sc), dtype=bool)
         gen, imp = sc[diag].tolist(), sc[~diag].tolist()
-        res = {"n_genuine": len(gen), "n_impostor": len(imp), "genuine_mean": float(np.mean(gen)),
-               "impostor_mean": float(np.mean(imp))}
+        res = {
+            "n_genuine": len(gen),
+            "n_impostor": len(imp),
+            "genuine_mean": float(np.mean(gen)),
+            "impostor_mean": float(np.mean(imp)),
+        }
         for far in (0.01, 0.05):
             t = threshold_at_far(imp, far)
             res[f"tar_at_far_{far:g}"] = float(np.mean(np.array(gen) >= t))
