@@ -157,7 +157,13 @@ def build_parser(job_file: bool = False) -> argparse.ArgumentParser:
     v = _sub(sub, "verify", "verify a probe photo against a subject's current template", _max_pixels_text())
     _tenant(v, need)
     _subject(v, "to verify against", need)
-    v.add_argument("--threshold", type=float, help="accept at or above this score (default: the worker's)")
+    how = v.add_mutually_exclusive_group()
+    how.add_argument("--threshold", type=float, help="accept at or above this score (default: the worker's)")
+    how.add_argument(
+        "--far",
+        type=float,
+        help="decide at the bundle's calibrated threshold for this false-accept rate, e.g. 1e-3 (per enrolment size)",
+    )
     v.add_argument("probe", nargs="?", help="a local photo file (uploaded first) or an s3://bucket/key reference")
     _common(v)
 

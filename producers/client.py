@@ -172,7 +172,13 @@ class Client:
         )
 
     def verify_job(
-        self, tenant: str, subject: str, probe: str, threshold: float | None = None, job_id: str | None = None
+        self,
+        tenant: str,
+        subject: str,
+        probe: str,
+        threshold: float | None = None,
+        job_id: str | None = None,
+        far: float | None = None,
     ):
         d: dict[str, Any] = {
             "kind": "verify",
@@ -183,6 +189,8 @@ class Client:
         }
         if threshold is not None:
             d["threshold"] = threshold
+        if far is not None:
+            d["far"] = far
         return self.validate(d)
 
     def revoke_job(

@@ -80,7 +80,8 @@ def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     if args.command == "verify":
         _require(args, "tenant", "subject", "probe")
         (probe,), uploads = _local_refs(client, args.tenant, [args.probe])
-        return client.verify_job(args.tenant, args.subject, probe, args.threshold, job_id=args.job_id), uploads
+        job = client.verify_job(args.tenant, args.subject, probe, args.threshold, job_id=args.job_id, far=args.far)
+        return job, uploads
     if args.command == "revoke":
         _require(args, "tenant", "reason")
         job = client.revoke_job(

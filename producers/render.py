@@ -45,11 +45,12 @@ def result_summary(res: Any, local_names: dict[str, str] | None = None) -> str:
         return (  # the manifest is the committed version; the artefacts it lists are in --json
             f"{head}; version {d['version']} of {d['tenant']}/{d['subject']} (key {d['key_id']} v{d['key_version']}"
             f"{', existing' if d.get('created') is False else ''})\n  manifest {d['manifest_uri']}\n"
-            f"  (the committed version: lists the template and {len(d.get('image_uris', []))} cancelable images)"
+            "  (the committed version: lists the template and "
+            f"{_count(len(d.get('image_uris', [])), 'cancelable image')})"
         )
     if kind == "verify":
         return (
-            f"{head}; score {d['score']:.4f} vs threshold {d['threshold']:.4f} -> {d['decision'].upper()} "
+            f"{head}; score {d['score']:.4f} vs threshold {d['threshold']:.4f}{_far(d)} -> {d['decision'].upper()} "
             f"(template version {d['version']}, key {d['key_id']} v{d['key_version']})"
         )
     if kind == "revoke":
@@ -122,3 +123,18 @@ def subject_summary(s: dict[str, Any]) -> str:
                 f"{purged}: {r['reason']}"
             )
     return "\n".join(lines)
+
+
+def _far(d: dict[str, Any]) -> str:
+    """' (FAR 0.1 %, 1 photo)': the false-accept rate the threshold stands for, when the bundle is calibrated."""
+    size = d.get("enrolment_size")
+    photos = f", {size} photo{'s' if size != 1 else ''}" if size else ""
+    if d.get("far") is None:
+        return f" (FAR not calibrated{photos})" if size else ""
+    if d["far"] == 0 and d.get("far_ci95"):
+        return f" (FAR < {100 * d['far_ci95'][1]:.2g} %{photos})"  # none of the calibration's impostors passed
+    return f" (FAR {100 * d['far']:.2g} %{photos})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -10,10 +10,12 @@ and calibrate exactly what a worker deploys.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from worker.algorithm.config import EngineConfig
+from worker.errors import UncalibratedFarError
 from worker.models.bundle import read_manifest
 from worker.settings import EngineSettings
 
@@ -54,3 +56,98 @@ def deployed_config(bundle_dir: Path, steps: int | None = None, key_target: bool
     engine = EngineSettings() if steps is None else EngineSettings(steps=steps)
     config = engine_config(read_manifest(bundle_dir), engine)
     return config if key_target is None else dataclasses.replace(config, key_target=key_target)
+
+
+def matcher_of(manifest: dict[str, Any]) -> str:
+    """How verify scores are computed: the calibrated ``verify.matcher`` when the manifest has one, else
+    ``<identity component format>:<its sha256, 12 hex>:cosine``. A template records it; verify refuses a template
+    whose matcher differs from the bundle's."""
+    verify = manifest.get("verify")
+    if isinstance(verify, dict) and isinstance(verify.get("matcher"), str):
+        return str(verify["matcher"])
+    components = manifest.get("components")
+    identity = components.get("identity") if isinstance(components, dict) else None
+    identity = identity if isinstance(identity, dict) else {}
+    return f"{identity.get('format', 'unknown')}:{str(identity.get('sha256', ''))[:12]}:cosine"
+
+
+def size_key(enrolment_size: int | None) -> str | None:
+    """Enrolment size -> the calibration's key: "1", "2" or "3+" (None when unknown)."""
+    if enrolment_size is None or enrolment_size < 1:
+        return None
+    return "3+" if enrolment_size >= 3 else str(enrolment_size)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The threshold a verify uses and the false-accept rate it stands for (measured among different people's
+    cancelable faces under one key at calibration; None where the calibration does not cover it)."""
+
+    threshold: float
+    far: float | None
+    far_ci95: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """How verify turns a score into a decision: the bundle's calibration (``manifest["verify"]``, written by
+    ``cancelable-bundle calibrate-threshold``) and the deployment's threshold."""
+
+    matcher: str
+    default_threshold: float  # engine.verify_threshold: explicit setting, else the bundle's advice
+    explicit: bool  # the deployment set engine.verify_threshold: it wins over the per-size thresholds
+    thresholds: dict[str, float]  # enrolment size key -> threshold at the calibration's target FAR
+    points: dict[str, list[dict[str, Any]]]  # enrolment size key -> operating points
+
+    def _points(self, enrolment_size: int | None) -> list[dict[str, Any]]:
+        key = size_key(enrolment_size)
+        return self.points.get(key, []) if key is not None else []
+
+    def far_at(self, threshold: float, enrolment_size: int | None) -> Decision:
+        """The FAR a threshold stands for: that of the calibrated operating point with the highest threshold at or
+        below it (an upper bound, as accepting fewer scores never raises the FAR)."""
+        below = [p for p in self._points(enrolment_size) if p["threshold"] <= threshold]
+        if not below:
+            return Decision(threshold, None, None)
+        p = max(below, key=lambda q: q["threshold"])
+        return Decision(threshold, float(p["far"]), (float(p["far_ci95"][0]), float(p["far_ci95"][1])))
+
+    def decide(self, enrolment_size: int | None, threshold: float | None = None, far: float | None = None) -> Decision:
+        """The decision rule of one verify: an explicit ``threshold``, else the calibrated threshold for the target
+        ``far``, else the deployment's threshold, else the bundle's threshold for the enrolment size.
+
+        Raises UncalibratedFarError when ``far`` is below every FAR the calibration resolved for this size."""
+        if threshold is not None and far is not None:
+            raise ValueError("give a threshold or a false-accept rate, not both")
+        if far is not None:
+            usable = [p for p in self._points(enrolment_size) if p["far_target"] <= far and p.get("resolved", True)]
+            if not usable:
+                size = size_key(enrolment_size) or "unknown"
+                raise UncalibratedFarError(
+                    f"the bundle holds no calibrated threshold at false-accept rate {far:g} for enrolment size {size} "
+                    "(calibrate with more impostor trials, or pass a threshold)"
+                )
+            p = max(usable, key=lambda q: q["far_target"])
+            return Decision(float(p["threshold"]), float(p["far"]), (float(p["far_ci95"][0]), float(p["far_ci95"][1])))
+        if threshold is None:
+            key = size_key(enrolment_size)
+            if self.explicit or key is None or key not in self.thresholds:
+                threshold = self.default_threshold
+            else:
+                threshold = self.thresholds[key]
+        return self.far_at(threshold, enrolment_size)
+
+
+def verify_policy(manifest: dict[str, Any], engine: EngineSettings) -> VerifyPolicy:
+    """The verify decision rule for a bundle's manifest under a deployment's settings."""
+    section = manifest.get("verify")
+    section = section if isinstance(section, dict) else {}
+    thresholds = section.get("thresholds")
+    points = section.get("operating_points")
+    return VerifyPolicy(
+        matcher=matcher_of(manifest),
+        default_threshold=verify_threshold(manifest, engine),
+        explicit="verify_threshold" in engine.model_fields_set,
+        thresholds={str(k): float(v) for k, v in thresholds.items()} if isinstance(thresholds, dict) else {},
+        points={str(k): list(v) for k, v in points.items()} if isinstance(points, dict) else {},
+    )

@@ -65,6 +65,18 @@ class CheckpointLayoutError(BundleError):
     code = "checkpoint_layout"
 
 
+class MatcherMismatchError(BundleError):
+    """A template scored by another matcher (recognizer + score) than the one this worker's bundle verifies with."""
+
+    code = "matcher_mismatch"
+
+
+class UncalibratedFarError(BundleError):
+    """A verify asked for a false-accept rate the bundle holds no calibrated threshold for."""
+
+    code = "uncalibrated_far"
+
+
 # --- keys -----------------------------------------------------------------------------------------------------------
 class KeyError_(CancelableError):
     code = "key_error"

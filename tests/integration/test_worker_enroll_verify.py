@@ -198,3 +198,52 @@ def test_control_worker_runs_the_staging_sweep(dep: Deployment) -> None:
     res = dep.client.app.send_task(TASK_SWEEP_STAGING, kwargs={"tenant": "acme"}).get(timeout=60)
     assert res["subjects"] == 1 and res["deleted"] == 0, res
     assert dep.s3.get_object(Bucket=dep.bucket, Key=orphan)["Body"].read() == b"orphan"
+
+
+def test_verify_states_far_per_enrolment_size_and_refuses_another_matcher(dep: Deployment) -> None:
+    """A template records its enrolment size and matcher; verify decides at the bundle's threshold for that size,
+    states the false-accept rate it stands for, takes a target FAR instead of a threshold, and refuses a FAR the
+    calibration does not hold or a template of another matcher, each with its own error code."""
+    from worker.bundle_config import matcher_of
+
+    f = dep.faces
+    bundle = Path(dep.env["CANCELABLE_ENGINE__BUNDLE"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    res = dep.client.run(dep.client.enroll_job("acme", "cal", [f["obama"]], "k1"), timeout=180)
+    assert res.status == JobStatus.SUCCEEDED, res
+    tmpl = _manifest(dep, _manifest(dep, res.manifest_uri)["template"]["uri"])
+    assert tmpl["enrolment_size"] == 1 and tmpl["matcher"] == matcher_of(manifest)
+
+    v = dep.client.run(dep.client.verify_job("acme", "cal", f["obama2"]), timeout=180)
+    assert v.status == JobStatus.SUCCEEDED, v
+    assert v.enrolment_size == 1 and v.matcher == tmpl["matcher"] and v.far is None  # not calibrated
+    v = dep.client.run(dep.client.verify_job("acme", "cal", f["obama2"], far=1e-3), timeout=180)
+    assert v.status == JobStatus.FAILED and v.error.code == "uncalibrated_far", v
+
+    # a calibrated manifest (what calibrate-threshold writes): thresholds and operating points per size
+    def point(far_target: float, threshold: float, far: float) -> dict:
+        return {"far_target": far_target, "threshold": threshold, "far": far, "far_ci95": [0.0, 2 * far + 1e-3]}
+
+    manifest["verify"] = {
+        "matcher": tmpl["matcher"],
+        "target_far": 1e-2,
+        "thresholds": {"1": -0.25, "2": 0.5, "3+": 0.6},
+        "operating_points": {"1": [point(1e-1, -0.5, 0.08), point(1e-2, -0.25, 0.009)], "2": [point(1e-2, 0.5, 0.01)]},
+    }
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    dep.restart()
+    v = dep.client.run(dep.client.verify_job("acme", "cal", f["obama2"]), timeout=180)
+    assert v.status == JobStatus.SUCCEEDED and v.threshold == -0.25 and v.far == 0.009, v
+    assert v.far_ci95 == (0.0, 0.019)
+    assert v.decision == ("accept" if v.score >= -0.25 else "reject")
+    v = dep.client.run(dep.client.verify_job("acme", "cal", f["obama2"], far=0.05), timeout=180)
+    assert v.status == JobStatus.SUCCEEDED and v.threshold == -0.25 and v.far == 0.009, v
+    v = dep.client.run(dep.client.verify_job("acme", "cal", f["obama2"], far=0.2), timeout=180)
+    assert v.threshold == -0.5 and v.far == 0.08, v
+
+    manifest["verify"]["matcher"] = "another-recognizer:0123456789ab:cosine"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    dep.restart()
+    v = dep.client.run(dep.client.verify_job("acme", "cal", f["obama2"]), timeout=180)
+    assert v.status == JobStatus.FAILED and v.error.code == "matcher_mismatch", v
+    assert "another-recognizer" in v.error.message

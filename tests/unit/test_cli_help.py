@@ -157,3 +157,26 @@ def test_index_keys_takes_a_tenant_and_an_optional_key() -> None:
     assert _aliases(build_parser().parse_args(["index-keys", "--tenant", "acme", "--key", "k1"])).key_id == "k1"
     with pytest.raises(CliError):
         _aliases(build_parser().parse_args(["index-keys"]))
+
+
+def test_verify_takes_a_false_accept_rate_or_a_threshold_not_both():
+    from producers.render import result_summary
+    from worker.contracts import VerifyJob
+
+    args = build_parser().parse_args(["verify", "--tenant", "acme", "--subject", "s", "--far", "1e-4", "p.jpg"])
+    assert args.far == 1e-4 and args.threshold is None
+    with pytest.raises(CliError, match="not allowed with"):
+        build_parser().parse_args(["verify", "--tenant", "a", "--subject", "s", "--far", "1e-3", "--threshold", "0.9"])
+    probe = "s3://bucket/tenants/acme/p.jpg"
+    with pytest.raises(ValueError, match="not both"):
+        VerifyJob(job_id="job-0001", tenant="acme", subject="s", probe=probe, threshold=0.9, far=1e-3)
+    with pytest.raises(ValueError):
+        VerifyJob(job_id="job-0001", tenant="acme", subject="s", probe=probe, far=1.5)
+    # the rendered line states the FAR the threshold stands for (an upper bound when no impostor passed)
+    base = {"kind": "verify", "job_id": "j1", "status": "succeeded", "tenant": "acme", "subject": "s", "version": 1}
+    base |= {"key_id": "k", "key_version": 1, "score": 0.95, "threshold": 0.93, "decision": "accept"}
+    line = result_summary({**base, "far": 0.0008, "far_ci95": [0.0002, 0.002], "enrolment_size": 1})
+    assert "vs threshold 0.9300 (FAR 0.08 %, 1 photo) -> ACCEPT" in line
+    line = result_summary({**base, "far": 0.0, "far_ci95": [0.0, 0.0011], "enrolment_size": 2})
+    assert "(FAR < 0.11 %, 2 photos)" in line
+    assert "(FAR not calibrated, 2 photos)" in result_summary({**base, "enrolment_size": 2})

@@ -184,3 +184,22 @@ def test_verification_summary_flags_unsupported_targets():
     by_far = {t["far_target"]: t for t in out["tar_at_far"]}
     assert by_far[1e-2]["supported"] and not by_far[1e-3]["supported"] and not by_far[1e-4]["supported"]
     assert out["n_impostor"] == 300 and "tar_at_far_0.01" in out["ci"] and "tar_at_far_0.001" not in out["ci"]
+
+
+def test_accepted_counts_finite_scores_at_a_fixed_threshold():
+    assert m.accepted(np.array([0.1, 0.5, np.nan, 0.9]), 0.5) == {"rate": 2 / 3, "accepted": 2, "n": 3}
+    assert m.accepted(np.array([np.nan]), 0.5) == {"rate": None, "accepted": 0, "n": 0}
+
+
+def test_thresholds_among_different_peoples_cancelable_faces():
+    """Thresholds from the different-people scores, not the genuine or impostor sets; rates read at them."""
+    diff = np.linspace(0.0, 0.999, 1000)  # 1000 pairs: FAR 1e-3 admits the top 1, 1e-2 the top 10
+    gen = np.array([0.995, 0.9985, 0.9995, 0.5])
+    same_key = np.array([0.9991, 0.2])
+    rows = m.thresholds_among(diff, gen, {"impostor_same_key": same_key})
+    r3, r2 = rows
+    assert r3["supported"] and r2["supported"]
+    assert np.sum(diff >= r3["threshold"]) == 1 and np.sum(diff >= r2["threshold"]) == 10
+    assert r3["tar"] == {"rate": 0.5, "accepted": 2, "n": 4}  # just above the 2nd highest (0.998): 2 pass
+    assert r2["tar"]["accepted"] == 3 and r2["impostor_same_key"]["accepted"] == 1
+    assert not m.thresholds_among(diff[:500], gen, {})[0]["supported"]  # 500 pairs cannot support FAR 1e-3

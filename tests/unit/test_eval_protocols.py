@@ -71,6 +71,10 @@ def engine():
     return PixelEngine(tiny_bundle(), EngineConfig(steps=3, max_batch_images=8), torch.device("cpu"))
 
 
+def merged_engine_dim() -> int:
+    return int(tiny_bundle().identity.embedding_dim)
+
+
 def _cfg(dataset, **kw):
     base = dict(data_dir=str(dataset), pairs_file=str(dataset / "pairs.tsv"), split="all", identities=7, keys=3)
     base.update(attack_steps=2, chunk=3, examples=2, threshold_pool=5)
@@ -126,7 +130,24 @@ def test_shards_merge_into_one_report(merged, tmp_path):
     assert len(scores["protection"]["vs_original_photo"]) == 7 * 3
     assert scores["failures_to_acquire"]["cancel_k1"] == 2  # the stand-in judge misses one image per call
     assert rep["schema_version"] == SCHEMA_VERSION
-    assert set(rep["protocols"]) == {"original", "enrol_probe", "protection", "unlinkability", "revocation", "attack"}
+    assert set(rep["protocols"]) == {
+        "original",
+        "enrol_probe",
+        "protection",
+        "unlinkability",
+        "revocation",
+        "attack",
+        "cancelable_thresholds",
+        "product",
+    }
+    assert (
+        records["eng_cancel_k1"].shape == (7, merged_engine_dim()) and np.isnan(records["eng_cancel2_k1"]).all()
+    )  # <= 2 photos
+    assert len(scores["different_people"]) == 7 * 6 // 2  # every unordered pair of identities (NaN: judge missed)
+    assert len(scores["product"]["1"]["impostor_other_key"]) == 7 * 6 and "2" not in scores["product"]
+    conv = rep["protocols"]["cancelable_thresholds"]
+    assert [r["far"] for r in conv] == [1e-3, 1e-2] and not any(r["supported"] for r in conv)  # 11 pairs
+    assert rep["protocols"]["product"] is None  # no shipped thresholds recorded in these shards
     assert 0.0 <= rep["protocols"]["unlinkability"]["d_sys"] <= 1.0
     assert not rep["thresholds"]["original_fmr_1e-3"]["supported"]  # a handful of pairs cannot support FMR 1e-3
     tars = rep["protocols"]["original"]["tar_at_far"]
@@ -166,6 +187,38 @@ def test_scores_compare_the_right_images():
     assert s["revocation"]["reissued_vs_revoked"].tolist() == [0.0, 0.0, 0.0]
     # mated pairs (k1,k2), (k1,k3), (k2,k3) per identity: 0, 1, 0
     assert sorted(s["unlinkability"]["mated"].tolist()) == [0.0] * 6 + [1.0] * 3
+
+
+def test_product_scores_per_enrolment_size():
+    """The product's own scores: one-photo template = photo A; two-photo = normalised A + A2 (where A2 exists)."""
+    e = np.eye(4, dtype=np.float32)
+    nan = np.full(4, np.nan, dtype=np.float32)
+    rec = {
+        "eng_cancel_k1": np.stack([e[0], e[1], e[2]]),
+        "eng_cancel_k2": np.stack([e[3], e[3], e[3]]),
+        "eng_cancel2_k1": np.stack([e[1], nan, e[2]]),  # identity b has no third photo
+        "eng_probe_k1": np.stack([e[1], e[1], e[2]]),  # a's probe matches its SECOND enrolment photo only
+        "eng_probe_k2": np.stack([e[3], e[0], e[3]]),
+        "eng_impostor_k1": np.stack([e[2], e[0], e[0]]),
+    }
+    s = P.product_scores(rec)
+    assert s["1"]["genuine"].tolist() == [0.0, 1.0, 1.0]
+    assert s["1"]["genuine_reissued"].tolist() == [1.0, 0.0, 1.0]
+    assert s["1"]["impostor_same_key"].tolist() == [0.0, 0.0, 0.0]
+    assert s["1"]["old_key_probe_vs_reissued"].tolist() == [0.0, 0.0, 0.0]
+    assert sorted(s["1"]["impostor_other_key"].tolist()) == [0.0] * 5 + [1.0]  # b's template vs a's probe
+    assert np.allclose(s["2"]["genuine"], [np.sqrt(0.5), 1.0])  # (A + A2) / |A + A2| vs the probe: a and c
+    assert np.allclose(s["2"]["impostor_same_key"], [0.0, 0.0])
+    assert len(s["2"]["impostor_other_key"]) == 2
+    # the product's decisions at its shipped threshold per size, and their lines in the report
+    from worker.evaluation.report import _product_lines, product_decisions
+
+    d = product_decisions(s, {"matcher": "m", "thresholds": {"1": 0.5, "2": 0.8}, "far": {"1": 1e-3, "2": None}})
+    assert d is not None and d["1"]["genuine"] == {"rate": 2 / 3, "accepted": 2, "n": 3}
+    assert d["2"]["genuine"]["accepted"] == 1 and d["2"]["threshold"] == 0.8  # 0.707 < 0.8 <= 1.0
+    lines = "\n".join(_product_lines(d))
+    assert "| 1 photo | 0.5000 (0.1 %) | 66.7 % (2/3) |" in lines and "| 2 photos | 0.8000 (n/a) |" in lines
+    assert product_decisions(s, None) is None
 
 
 def test_cli_parses_shards():

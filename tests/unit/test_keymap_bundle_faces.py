@@ -28,20 +28,22 @@ def deployed():
     import torch
 
     from worker.algorithm.keymap_engine import build_engine
-    from worker.bundle_config import deployed_config
+    from worker.bundle_config import deployed_config, verify_policy
     from worker.models.bundle import load_bundle
+    from worker.settings import EngineSettings
 
     torch.set_num_threads(1)
     engine = build_engine(load_bundle(BUNDLE), deployed_config(BUNDLE, None, None))
-    threshold = json.loads((BUNDLE / "manifest.json").read_text())["engine"]["verify_threshold"]
-    return engine, float(threshold)
+    policy = verify_policy(json.loads((BUNDLE / "manifest.json").read_text()), EngineSettings())
+    return engine, policy  # the worker's decision rule: the calibrated threshold for the template's size
 
 
 def test_revoke_reissue_and_impostor_with_keymap_bundle(deployed, smoke_faces) -> None:
     from worker.evaluation.evaluator import load_rgb
     from worker.keys.derive import derive_seed
 
-    engine, threshold = deployed
+    engine, policy = deployed
+    threshold = policy.decide(2).threshold  # two-photo templates below
     face = {k: engine.prepare(load_rgb(p)) for k, p in smoke_faces.items()}
     material = hashlib.sha256(b"keymap-test-key").digest()
     v1, v2 = (derive_seed(material, "acme", "alice", v) for v in (1, 2))
@@ -62,3 +64,21 @@ def test_revoke_reissue_and_impostor_with_keymap_bundle(deployed, smoke_faces) -
     assert scores["impostor_v2"] < threshold, scores
     assert scores["reissued_vs_revoked"] < threshold, scores
     assert scores["v1_probe_vs_v2_template"] < threshold, scores
+
+
+def test_one_photo_enrolment_decides_right_at_its_threshold(deployed, smoke_faces) -> None:
+    """What the README walk-through and the demo do: enrol ONE photo, verify a genuine and an impostor probe."""
+    import torch
+
+    from worker.evaluation.evaluator import load_rgb
+    from worker.keys.derive import derive_seed
+
+    engine, policy = deployed
+    rule = policy.decide(1)
+    assert rule.far is not None and rule.far <= 1e-3  # the shipped one-photo threshold stands for FAR <= 0.1 %
+    face = {k: engine.prepare(load_rgb(p)) for k, p in smoke_faces.items()}
+    seed = derive_seed(hashlib.sha256(b"keymap-test-key").digest(), "acme", "alice", 1)
+    template = engine.enroll(torch.stack([face["obama"]]), seed).template
+    genuine = engine.score(engine.probe(face["obama3"], seed).embedding, template)
+    impostor = engine.score(engine.probe(face["biden"], seed).embedding, template)
+    assert genuine >= rule.threshold > impostor, (genuine, impostor, rule.threshold)

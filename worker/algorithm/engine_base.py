@@ -51,6 +51,9 @@ class EngineBase:
     input_size: int
     embedding_dim: int
     dtype: torch.dtype = torch.float32
+    images_independent: bool = False
+    """True when each image's output depends only on that image and its seed (not on the subject's other photos nor
+    on batch mates): an n-photo template is then the normalised mean of n single-photo embeddings."""
 
     @property
     def fingerprint(self) -> str:

@@ -1,6 +1,6 @@
 """The engine of the "keymap" generator family (embedded DCGAN bundle): same API as ``pipeline.Engine``.
 
-Per image (subjects batched; every image is optimised independently, so results do not depend on the batch):
+Per image (each image runs alone, as a batch of one: results never depend on batch mates, bit for bit):
 
 1. identity   e = dlib(face) on the 150 px dlib chip (the in-loss recognizer; never the evaluation judge)
 2. key        t = key transform of e in whitened identity coordinates (``keymap.KeyMapModel.targets``), with the
@@ -53,6 +53,7 @@ class KeymapEngine(EngineBase):
     """Cancelable faces from a key-transformed identity target and a learned key map. One per worker process."""
 
     family = "keymap"
+    images_independent = True  # every image runs alone (``anonymise_one``)
 
     def __init__(
         self,
@@ -171,18 +172,31 @@ class KeymapEngine(EngineBase):
         return no_key.float().clamp(-1, 1).cpu(), key_known.float().clamp(-1, 1).cpu()
 
     def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+        """Every image of every subject runs on its own, as a batch of one (``anonymise_one``): its output depends
+        only on its photo and its seed, never on batch mates nor on the other photos of its subject."""
         if not subjects:
             return []
         counts = [len(f) for f, _ in subjects]
-        faces = torch.cat([f for f, _ in subjects]).to(self.device)
-        seeds = [s for (f, s) in subjects for _ in range(len(f))]
-        z0, t = self.start_latents(faces, seeds)
-        z = self.refine(z0, t, t_mfn=self.mfn_targets(faces, seeds, t))
-        with torch.no_grad():
-            images = self.generator(z).float().clamp(-1.0, 1.0)
-            emb = F.normalize(self.identity.embed(images, self.generator.alignment).float(), dim=-1)
-        images, emb = images.cpu(), emb.cpu()
+        outs = [self.anonymise_one(face[None], seed) for faces, seed in subjects for face in faces]
+        images = torch.cat([img for img, _ in outs])
+        emb = torch.cat([e for _, e in outs])
         return per_subject(images, emb, counts)
+
+    def anonymise_one(self, face: torch.Tensor, seed: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-5 for ONE aligned face (1, 3, R, R) under ``seed`` -> (image (1, 3, G, G) in [-1, 1], unit
+        embedding (1, D)), both float32 on the CPU.
+
+        Always a batch of exactly one, with its own Adam state and schedule: float32 CPU kernels (GEMM blocking in
+        the key map's linear layers and the recognizer's convolutions) round differently with the batch size, and
+        20 Adam steps amplify a 1e-7 difference into tens of grey levels. Fixed shape, fixed kernels: bit-identical
+        results whatever else the worker runs in the same call."""
+        seeds = [seed]
+        z0, t = self.start_latents(face, seeds)
+        z = self.refine(z0, t, t_mfn=self.mfn_targets(face, seeds, t))
+        with torch.no_grad():
+            image = self.generator(z).float().clamp(-1.0, 1.0)
+            emb = F.normalize(self.identity.embed(image, self.generator.alignment).float(), dim=-1)
+        return image.cpu(), emb.cpu()
 
 
 def build_engine(

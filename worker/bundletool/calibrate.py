@@ -1,31 +1,34 @@
-"""Calibrate a bundle's ``verify_threshold`` at a target FAR, running the engine the way the worker does.
+"""Calibrate a bundle's verify decisions per enrolment size (1, 2, 3+ photos), running the engine as a worker does.
 
-Protocol (per sampled LFW identity, all in-process, CPU):
+Protocol (all in-process, CPU, the engine configuration a default deployment gets):
 
-* enrol   : ``engine.enroll`` of its first ``--enrol-photos`` usable photos in ONE call under its seed
-            (seed = derive_seed(calibration key, tenant, subject, key version 1), as the key provider derives it);
-* genuine : a DIFFERENT photo of the same identity, ``engine.probe`` ALONE in a later call under the same seed;
-* impostor: a photo of another identity, ``engine.probe`` alone under the VICTIM's seed (the attacker presents
-            their own face for the victim's (tenant, subject, key version); the worker derives the victim's seed).
+* identities: LFW lfw-dev holdout identities (sha256(name) % 10 == 3, never trained on; never a VALIDATION
+  identity), split in two halves by ``sha256(name) // 10 % 2``: ``--part calibration`` (even) sets thresholds,
+  ``--part test`` (odd) measures them on other people; each with 2+ usable photos (up to ``--photos``).
+* keys: ``--keys`` calibration keys (seed = derive_seed(calibration key, tenant, "key-j", 1), as the key provider
+  derives seeds). Every photo of every identity is anonymised under every key, each image alone (the engine's
+  output for an image depends only on that image and its seed, so an enrolment of n photos is exactly the
+  normalised mean of their single-photo embeddings).
+* trials, for enrolment size s (1, 2, 3+) over the identities with s + 1 photos: template = the first s photos
+  under key j, probe = the identity's last photo.
+  - genuine: probe of the same person under key j;
+  - impostor (same key): another person's probe under key j (the attacker presents their own face for the
+    victim's subject, and the worker uses the victim's key); every person against every other, per key;
+  - other-key impostor: another person's probe under another key;
+  - old key: the same person's probe under another key (a probe under a revoked key against the reissue).
+  Scores are ``engine.score`` (cosine in the bundle's recognizer), as ``cancelable verify`` computes them.
 
-Scores are ``engine.score(probe.embedding, template)`` (cosine in the in-loss recognizer), as ``cancelable.verify``
-computes them. The worker accepts iff score >= threshold. The threshold is the lowest 4-decimal value whose
-empirical FAR on the impostor sample is <= ``--far``; with n impostors the empirical FAR can not resolve rates below
-1/n, which the report states. Faces are prepared with ``Engine.prepare`` on decoded RGB uint8 images (the worker's
-``decode_image``); photos where it finds no face or several are skipped, as the worker would reject them.
+Thresholds are set on same-key impostors (the attack verify faces) at each FAR in
+``operating_points.FAR_TARGETS``, with the FAR's exact 95 % interval. Impostor trials share probes and templates (an
+identity appears in many pairs), so the interval, computed as if trials were independent, is optimistic.
 
-Identities: LFW TRAIN only (never a VALIDATION identity: sha256(name) % 10 == 0, kept for the independent
-evaluation). ``--pool holdout`` (default) samples the TRAIN identities the lite model never trained on
-(sha256(name) % 10 == 3); ``--pool train`` samples all TRAIN identities.
+``--write`` stores ``manifest["verify"]`` (matcher, target FAR, threshold per enrolment size and the operating
+points) and sets ``engine.verify_threshold`` to the strictest of the size thresholds (for templates that do not
+record their size), with how it was obtained in ``manifest["calibration"]["verify"]``. ``--scores FILE`` keeps the
+embeddings (an ``.npz``, saved after every identity) and a later run with the same arguments continues from it (or,
+when complete, recomputes the thresholds without anonymising again).
 
-The engine configuration is the one a default deployment gets: the bundle manifest's ``engine`` section with the
-worker's default settings on top (``worker.bundle_config.deployed_config``); ``--steps`` overrides it like an
-explicit ``CANCELABLE_ENGINE__STEPS`` would (the threshold then belongs to that engine fingerprint only).
-
-``--write`` sets ``manifest["engine"]["verify_threshold"]`` and records how it was obtained in
-``manifest["calibration"]["verify_threshold"]`` (the manifest itself is not hashed; component files are).
-
-Run: ``nice -n 19 cancelable-bundle calibrate-threshold worker/bundles/keymap [--ids 20] [--write]``
+Run: ``nice -n 19 cancelable-bundle calibrate-threshold worker/bundles/keymap --ids 80 --keys 3 --write``
 """
 
 from __future__ import annotations
@@ -33,66 +36,37 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
-import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from worker.bundletool.operating_points import FAR_TARGETS, eer, operating_points, rate_at
 from worker.errors import CancelableError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lfw-dev"
 TENANT = "calibration"
-KEY_VERSION = 1
+SIZES = ("1", "2", "3+")
 
 
-def is_validation(name: str) -> bool:
-    """The project's split: VALIDATION iff sha256(name) % 10 == 0 (never used here)."""
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 0
+def _digest(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16)
 
 
-def in_pool(name: str, pool: str) -> bool:
-    if is_validation(name):
+def in_part(name: str, part: str) -> bool:
+    """Holdout identity (sha256 % 10 == 3) of the given half; never a VALIDATION identity (% 10 == 0)."""
+    h = _digest(name)
+    if h % 10 != 3:
         return False
-    return pool == "train" or int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 3
+    return part == "all" or (h // 10 % 2 == 0) == (part == "calibration")
 
 
-@dataclass
-class Identity:
-    """One sampled person: prepared faces (each (3, R, R) in [-1, 1]) and its seed under the calibration key."""
-
-    name: str
-    enrol: torch.Tensor  # (E, 3, R, R)
-    probe: torch.Tensor  # (3, R, R), a photo not in ``enrol``
-    seed: bytes
-    template: torch.Tensor | None = None  # (D,)
-    skipped_photos: int = 0
-
-
-@dataclass
-class Scores:
-    genuine: list[float] = field(default_factory=list)
-    impostor: list[float] = field(default_factory=list)
-
-
-# --- sampling and preparation ---------------------------------------------------------------------------------------
-def candidate_identities(data: Path, pool: str, min_photos: int) -> list[tuple[str, list[Path]]]:
-    out = []
-    for d in sorted(p for p in data.iterdir() if p.is_dir()):
-        if not in_pool(d.name, pool):
-            continue
-        photos = sorted(d.glob("*.jpg"))
-        if len(photos) >= min_photos:
-            out.append((d.name, photos))
-    return out
-
-
+# --- sampling and anonymisation -------------------------------------------------------------------------------------
 def prepare_photo(engine: Any, path: Path) -> torch.Tensor | None:
     """Decode like the worker and align with the engine; None where the worker would reject the photo."""
     from worker.service.images import decode_image
@@ -104,147 +78,124 @@ def prepare_photo(engine: Any, path: Path) -> torch.Tensor | None:
         return None
 
 
-def sample_identities(engine: Any, args: argparse.Namespace, key_material: bytes, log: Any) -> list[Identity]:
+def key_seeds(n_keys: int, sample_seed: int) -> list[bytes]:
+    """Public calibration keys: these seeds protect nothing, they only need to be distinct."""
     from worker.keys.derive import derive_seed
 
-    need = args.enrol_photos + 1
-    candidates = candidate_identities(args.data, args.pool, need)
-    if len(candidates) < 2:
-        raise SystemExit(f"only {len(candidates)} identities with {need}+ photos in pool {args.pool!r} at {args.data}")
-    random.Random(args.seed).shuffle(candidates)
-    chosen: list[Identity] = []
-    skipped_ids = 0
-    for name, photos in candidates:
-        if len(chosen) == args.ids:
+    material = hashlib.sha256(f"calibrate_threshold/{sample_seed}".encode()).digest()
+    return [derive_seed(material, TENANT, f"key-{j}", 1) for j in range(n_keys)]
+
+
+def anonymise_all(
+    engine: Any, args: argparse.Namespace, log: Any, done: dict[str, Any] | None = None, save: Any = None
+) -> dict[str, Any]:
+    """Every usable photo of up to ``args.ids`` identities under every key -> {"names", "emb": per identity an array
+    (keys, photos, D)}. Continues ``done`` (a checkpoint of the same run); ``save(table)`` after each identity; stops
+    early at ``args.max_minutes``."""
+    dirs = sorted(d for d in args.data.iterdir() if d.is_dir() and in_part(d.name, args.part))
+    dirs = [d for d in dirs if len(list(d.glob("*.jpg"))) >= 2]
+    random.Random(args.seed).shuffle(dirs)
+    seeds = key_seeds(args.keys, args.seed)
+    table: dict[str, Any] = done or {"names": [], "emb": [], "tried": []}
+    t0 = time.perf_counter()
+    for d in dirs:
+        if len(table["names"]) >= args.ids:
             break
-        order = list(photos)
-        random.Random(f"{args.seed}/{name}").shuffle(order)
-        faces, bad = [], 0
-        for p in order:
-            face = prepare_photo(engine, p)
-            if face is None:
-                bad += 1
-            else:
-                faces.append(face)
-            if len(faces) == need:
-                break
-        if len(faces) < need:
-            skipped_ids += 1
+        if args.max_minutes is not None and time.perf_counter() - t0 >= 60 * args.max_minutes:
+            log(f"--max-minutes {args.max_minutes} reached: calibrating on the identities done so far")
+            break
+        if d.name in table["tried"]:
             continue
-        seed = derive_seed(key_material, TENANT, f"subject-{len(chosen):04d}", KEY_VERSION)
-        chosen.append(Identity(name, torch.stack(faces[:-1]), faces[-1], seed, skipped_photos=bad))
-    log(
-        f"sampled {len(chosen)} identities from {len(candidates)} candidates in pool {args.pool!r} "
-        f"({skipped_ids} skipped for lack of {need} usable photos, "
-        f"{sum(i.skipped_photos for i in chosen)} photos rejected by face preparation)"
+        photos = sorted(d.glob("*.jpg"))
+        random.Random(f"{args.seed}/{d.name}").shuffle(photos)
+        faces = [f for f in (prepare_photo(engine, p) for p in photos[: args.photos]) if f is not None]
+        table["tried"].append(d.name)
+        if len(faces) >= 2:
+            stack = torch.stack(faces)
+            per_key = [engine.enroll(stack, s).embeddings.numpy() for s in seeds]
+            table["names"].append(d.name)
+            table["emb"].append(np.stack(per_key).astype(np.float32))
+            el = time.perf_counter() - t0
+            log(f"  {len(table['names']):>3}/{args.ids} identities, {len(faces)} photos x {args.keys} keys, {el:.0f} s")
+        if save is not None:
+            save(table)
+    log(f"{len(table['names'])} identities from {len(dirs)} candidates in part {args.part!r}")
+    return table
+
+
+def save_scores(path: Path, table: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The embeddings (and which identities were tried) as an ``.npz``, replaced atomically."""
+    arrays = {f"e{i}": e for i, e in enumerate(table["emb"])}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp, names=np.array(table["names"]), tried=np.array(table["tried"]), meta=np.array(json.dumps(meta)), **arrays
     )
-    if len(chosen) < 2:
-        raise SystemExit("need at least 2 identities")
-    return chosen
+    os.replace(tmp, path)
 
 
-def impostor_pairs(ids: list[Identity], per_victim: int, seed: int) -> list[tuple[int, int]]:
-    """(victim, attacker) pairs: each victim gets ``per_victim`` distinct other identities as attackers."""
-    rng = random.Random(f"{seed}/impostors")
-    pairs: list[tuple[int, int]] = []
-    for v in range(len(ids)):
-        others = [a for a in range(len(ids)) if a != v]
-        pairs.extend((v, a) for a in rng.sample(others, min(per_victim, len(others))))
-    return pairs
+def load_scores(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint written by ``save_scores`` for the same arguments and engine, else None."""
+    if not path.is_file():
+        return None
+    z = np.load(path)
+    if json.loads(str(z["meta"])) != meta:
+        return None
+    names = [str(n) for n in z["names"]]
+    return {"names": names, "tried": [str(n) for n in z["tried"]], "emb": [z[f"e{i}"] for i in range(len(names))]}
 
 
-# --- metrics --------------------------------------------------------------------------------------------------------
-def threshold_at_far(impostor: list[float], far: float) -> float:
-    """Lowest 4-decimal threshold t with #(impostor >= t) <= floor(far * n)."""
-    imp = sorted(impostor, reverse=True)
-    allowed = math.floor(far * len(imp) + 1e-9)
-    if allowed >= len(imp):
-        return -1.0
-    bound = imp[allowed]  # t must be strictly above this score
-    t = math.floor(bound * 1e4) / 1e4 + 1e-4
-    return round(min(t, 1.0), 4)
+# --- trials ---------------------------------------------------------------------------------------------------------
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def rate_at(scores: list[float], t: float) -> float:
-    return sum(s >= t for s in scores) / len(scores) if scores else float("nan")
+def trials(emb: list[np.ndarray], size: str) -> dict[str, list[float]]:
+    """Scores of the four trial kinds for enrolment ``size`` ("1", "2", "3+": 3 photos). ``emb``: per identity
+    (keys, photos, D) unit embeddings; identities with fewer than size + 1 photos take no part."""
+    s = 3 if size == "3+" else int(size)
+    used = [e for e in emb if e.shape[1] >= s + 1]
+    out: dict[str, list[float]] = {"genuine": [], "impostor": [], "other_key": [], "old_key": []}
+    if len(used) < 2:
+        return out
+    tmpl = np.stack([_unit(e[:, :s].mean(1)) for e in used])  # (I, K, D)
+    probe = np.stack([_unit(e[:, -1]) for e in used])  # (I, K, D)
+    n_id, n_keys = tmpl.shape[:2]
+    for j in range(n_keys):
+        for jp in range(n_keys):
+            sc = tmpl[:, j] @ probe[:, jp].T  # [victim, attacker]: victim's template (key j), probe under key jp
+            diag = np.eye(n_id, dtype=bool)
+            if j == jp:
+                out["genuine"] += sc[diag].tolist()
+                out["impostor"] += sc[~diag].tolist()
+            else:
+                out["old_key"] += sc[diag].tolist()
+                out["other_key"] += sc[~diag].tolist()
+    return out
 
 
-def eer(genuine: list[float], impostor: list[float]) -> tuple[float, float]:
-    """(EER, threshold): the accept threshold among the observed scores where FAR and FRR are closest."""
-    best = (2.0, 0.0, 0.0)
-    for t in sorted(set(genuine) | set(impostor)) + [1.01]:
-        far, frr = rate_at(impostor, t), 1.0 - rate_at(genuine, t)
-        if abs(far - frr) < best[0]:
-            best = (abs(far - frr), (far + frr) / 2, t)
-    return best[1], best[2]
+def decision_rates(scores: dict[str, list[float]], threshold: float) -> dict[str, Any]:
+    """Accepted share (and count) of each trial kind at ``threshold``."""
+    return {k: {"accepted": rate_at(v, threshold), "n": len(v)} for k, v in scores.items() if v}
 
 
-def summary(scores: Scores, far: float) -> dict[str, Any]:
-    gen, imp = scores.genuine, scores.impostor
-    t = threshold_at_far(imp, far)
-    e, e_t = eer(gen, imp)
-    z = statistics.NormalDist().inv_cdf(1.0 - far)
-    gauss = statistics.fmean(imp) + z * statistics.stdev(imp) if len(imp) > 1 else float("nan")
-    return {
-        "threshold": t,
-        "target_far": far,
-        "far": rate_at(imp, t),
-        "impostors_accepted": sum(s >= t for s in imp),
-        "tar": rate_at(gen, t),
-        "genuine_accepted": sum(s >= t for s in gen),
-        "n_genuine": len(gen),
-        "n_impostor": len(imp),
-        "far_resolution": 1.0 / len(imp) if imp else float("nan"),
-        "far_upper_95": 1.0 - 0.05 ** (1.0 / len(imp)) if imp and rate_at(imp, t) == 0 else None,
-        "eer": e,
-        "eer_threshold": e_t,
-        "gaussian_threshold": gauss,
-        "tar_at_gaussian_threshold": rate_at(gen, gauss),
-        "genuine_mean": statistics.fmean(gen) if gen else float("nan"),
-        "genuine_min": min(gen) if gen else float("nan"),
-        "impostor_mean": statistics.fmean(imp) if imp else float("nan"),
-        "impostor_max": max(imp) if imp else float("nan"),
-    }
+def calibrate_sizes(emb: list[np.ndarray], targets: tuple[float, ...] = FAR_TARGETS) -> dict[str, Any]:
+    """Per enrolment size: operating points on same-key impostors, EER, trial counts."""
+    out: dict[str, Any] = {}
+    for size in SIZES:
+        sc = trials(emb, size)
+        if len(sc["impostor"]) < 2:
+            continue
+        e, e_t = eer(sc["genuine"], sc["impostor"])
+        out[size] = {
+            "identities": int(sum(x.shape[1] >= (3 if size == "3+" else int(size)) + 1 for x in emb)),
+            "operating_points": operating_points(sc["genuine"], sc["impostor"], targets),
+            "eer": e,
+            "eer_threshold": e_t,
+        }
+    return out
 
 
 # --- run ------------------------------------------------------------------------------------------------------------
-class Progress:
-    """Image-weighted progress with an ETA (an enrolment of 2 photos costs about 2 probes)."""
-
-    def __init__(self, total: int, log: Any) -> None:
-        self.total, self.done, self.start, self.log = total, 0, time.perf_counter(), log
-
-    def step(self, n: int, what: str) -> None:
-        self.done += n
-        el = time.perf_counter() - self.start
-        eta = el / self.done * (self.total - self.done)
-        self.log(f"  {what:<28} {self.done:>4}/{self.total} images  {el:6.0f} s elapsed  ETA {eta:5.0f} s")
-
-
-def run(engine: Any, ids: list[Identity], pairs: list[tuple[int, int]], args: argparse.Namespace, log: Any) -> Scores:
-    total = sum(len(i.enrol) for i in ids) + len(ids) + len(pairs)
-    prog = Progress(total, log)
-    deadline = prog.start + args.max_minutes * 60 if args.max_minutes else math.inf
-    for n, ident in enumerate(ids):
-        ident.template = engine.enroll(ident.enrol, ident.seed).template
-        prog.step(len(ident.enrol), f"enrol {n + 1}/{len(ids)}")
-    # genuine and impostor probes interleaved, so a run stopped by --max-minutes keeps both kinds
-    jobs: list[tuple[str, int, int]] = [("genuine", v, v) for v in range(len(ids))]
-    jobs += [("impostor", v, a) for v, a in pairs]
-    random.Random(f"{args.seed}/order").shuffle(jobs)
-    scores = Scores()
-    for kind, v, a in jobs:
-        if time.perf_counter() > deadline:
-            log(f"--max-minutes {args.max_minutes} reached: stopping with the trials done so far")
-            break
-        victim = ids[v]
-        assert victim.template is not None
-        res = engine.probe(ids[a].probe, victim.seed)  # alone, under the VICTIM's seed
-        (scores.genuine if kind == "genuine" else scores.impostor).append(engine.score(res.embedding, victim.template))
-        prog.step(1, f"{kind} probe")
-    return scores
-
-
 def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, dict[str, Any]]:
     from worker.algorithm.keymap_engine import build_engine as make_engine
     from worker.bundle_config import deployed_config
@@ -257,32 +208,42 @@ def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, di
     return engine, manifest
 
 
-def write_threshold(
-    bundle_dir: Path, loaded_manifest: dict[str, Any], engine: Any, res: dict[str, Any], args: argparse.Namespace
+def verify_section(result: dict[str, Any], target_far: float, matcher: str) -> dict[str, Any]:
+    """``manifest["verify"]``: matcher, target FAR, threshold per enrolment size, operating points."""
+    thresholds: dict[str, float] = {}
+    points: dict[str, list[dict[str, Any]]] = {}
+    for size, r in result.items():
+        pts = [{k: round(v, 6) if isinstance(v, float) else v for k, v in p.items()} for p in r["operating_points"]]
+        points[size] = pts
+        at = [p for p in pts if p["far_target"] == target_far]
+        if not at:
+            raise SystemExit(f"--far {target_far:g} is not one of the calibrated FARs {FAR_TARGETS}")
+        thresholds[size] = at[0]["threshold"]
+    return {"matcher": matcher, "target_far": target_far, "thresholds": thresholds, "operating_points": points}
+
+
+def write_manifest(
+    bundle_dir: Path, loaded: dict[str, Any], engine: Any, section: dict[str, Any], provenance: dict[str, Any]
 ) -> None:
     path = bundle_dir / "manifest.json"
     manifest = json.loads(path.read_text())
-    if manifest.get("bundle_id") != loaded_manifest.get("bundle_id"):
+    if manifest.get("bundle_id") != loaded.get("bundle_id"):
         raise SystemExit(
             f"refusing to write: the manifest now names bundle {manifest.get('bundle_id')!r}, "
-            f"the calibration ran on {loaded_manifest.get('bundle_id')!r} (re-run the calibration)"
+            f"the calibration ran on {loaded.get('bundle_id')!r} (re-run the calibration)"
         )
     engine_section = manifest.get("engine") if isinstance(manifest.get("engine"), dict) else {}
-    engine_section["verify_threshold"] = res["threshold"]
+    engine_section["verify_threshold"] = max(section["thresholds"].values())
     manifest["engine"] = engine_section
+    manifest["verify"] = section
     calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
-    calibration["verify_threshold"] = {
+    calibration.pop("verify_threshold", None)  # superseded by the per-size calibration
+    calibration["verify"] = {
         "tool": "cancelable-bundle calibrate-threshold",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine_fingerprint": engine.fingerprint,
         "steps": engine.config.steps,
-        "protocol": f"enrol {args.enrol_photos} photo(s) in one call, probe another photo alone; impostor = "
-        "another identity's photo probed under the victim's seed",
-        "data": f"LFW lfw-dev, {args.pool} pool (TRAIN identities only), sample seed {args.seed}",
-        **{
-            k: round(res[k], 4) if isinstance(res[k], float) else res[k]
-            for k in ("target_far", "far", "tar", "n_genuine", "n_impostor", "eer", "impostors_accepted")
-        },
+        **provenance,
     }
     manifest["calibration"] = calibration
     tmp = path.with_suffix(".json.tmp")
@@ -293,24 +254,31 @@ def write_threshold(
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("bundle", type=Path, help="bundle directory (e.g. worker/bundles/keymap)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="lfw-dev directory")
-    ap.add_argument("--pool", choices=("holdout", "train"), default="holdout")
-    ap.add_argument("--ids", type=int, default=20, help="identities (each: 1 enrolment + 1 genuine probe)")
-    ap.add_argument("--impostors-per-id", type=int, default=2, help="attackers probed under each victim's seed")
-    ap.add_argument("--enrol-photos", type=int, choices=(1, 2), default=2)
-    ap.add_argument("--far", type=float, default=1e-2, help="target false accept rate")
+    ap.add_argument("--part", choices=("calibration", "test", "all"), default="calibration")
+    ap.add_argument("--ids", type=int, default=80, help="identities (each with 2+ usable photos)")
+    ap.add_argument("--photos", type=int, default=4, help="photos per identity at most (3+ enrolment needs 4)")
+    ap.add_argument("--keys", type=int, default=3, help="calibration keys (every photo anonymised under each)")
+    ap.add_argument("--far", type=float, default=1e-3, help=f"target false accept rate, one of {FAR_TARGETS}")
+    ap.add_argument("--compare", type=float, nargs="*", default=[], help="also report decisions at these thresholds")
     ap.add_argument("--steps", type=int, default=None, help="override the engine's steps (as a deployment would)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed; also fixes the calibration key")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed; also fixes the calibration keys")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/decisions.md)")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop probing after this long, use what is done")
-    ap.add_argument("--json", type=Path, default=None, help="write the summary and the scores here")
-    ap.add_argument("--write", action="store_true", help="store the threshold in the bundle manifest")
+    ap.add_argument("--scores", type=Path, default=None, help="keep (and continue from) the embeddings in this .npz")
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="stop anonymising after this long (0: only re-use --scores)"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write the full result here")
+    ap.add_argument("--write", action="store_true", help="store the calibration in the bundle manifest")
 
 
 def main(args: argparse.Namespace) -> int:
     """``cancelable-bundle calibrate-threshold``: calibrate, print the summary, optionally write the manifest."""
-    if args.ids < 2 or args.impostors_per_id < 1 or not 0 < args.far < 1:
-        raise SystemExit("need --ids >= 2, --impostors-per-id >= 1 and 0 < --far < 1")
+    from worker.bundle_config import matcher_of
 
+    if args.ids < 2 or args.keys < 1 or args.photos < 2 or args.far not in FAR_TARGETS:
+        raise SystemExit(f"need --ids >= 2, --keys >= 1, --photos >= 2 and --far in {FAR_TARGETS}")
+    if args.write and args.part == "test":
+        raise SystemExit("--write calibrates on --part calibration (or all), never on the test half")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -318,44 +286,55 @@ def main(args: argparse.Namespace) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     engine, manifest = build_engine(args.bundle, args.steps, log)
-    # a fixed, public calibration key: these seeds protect nothing, they only need to be distinct per subject
-    key_material = hashlib.sha256(f"calibrate_threshold/{args.seed}".encode()).digest()
-    ids = sample_identities(engine, args, key_material, log)
-    pairs = impostor_pairs(ids, args.impostors_per_id, args.seed)
-    log(f"{len(ids)} enrolments, {len(ids)} genuine + {len(pairs)} impostor probes, {args.threads} threads")
-    scores = run(engine, ids, pairs, args, log)
-    if len(scores.genuine) < 1 or len(scores.impostor) < 2:
-        raise SystemExit("too few trials completed to calibrate")
-    res = summary(scores, args.far)
+    if not getattr(engine, "images_independent", False):
+        raise SystemExit(
+            "this bundle's engine optimises a subject's photos together (layer mixing with the identity term), so "
+            "an n-photo template is not the mean of single-photo results: per-size calibration needs an engine whose "
+            "images run independently (the keymap family)"
+        )
+    meta = {k: str(getattr(args, k)) for k in ("data", "part", "ids", "photos", "keys", "seed")} | {
+        "engine": engine.fingerprint
+    }
+    table = load_scores(args.scores, meta) if args.scores else None
+    if table is not None:
+        log(f"continuing from {len(table['names'])} identities in {args.scores}")
+    scores_path = args.scores
 
-    n_imp = res["n_impostor"]
-    print()
-    print(f"bundle {manifest['bundle_id']}, engine {engine.fingerprint}, {engine.config.steps} steps")
-    print(
-        f"sample: {len(ids)} identities ({args.pool} pool), {res['n_genuine']} genuine and {n_imp} impostor trials "
-        f"(SMALL sample: the FAR estimate resolves only multiples of {res['far_resolution']:.3g})"
-    )
-    print(
-        f"genuine  mean {res['genuine_mean']:.4f} min {res['genuine_min']:.4f} | "
-        f"impostor (victim's key) mean {res['impostor_mean']:.4f} max {res['impostor_max']:.4f}"
-    )
-    print(
-        f"threshold @ FAR <= {args.far:g}: {res['threshold']:.4f}  -> FAR {res['far']:.4f} "
-        f"({res['impostors_accepted']}/{n_imp} impostors accepted), TAR {res['tar']:.4f} "
-        f"({res['genuine_accepted']}/{res['n_genuine']})"
-    )
-    if res["far_upper_95"] is not None:
-        print(f"  0/{n_imp} impostors accepted: the true FAR is below {res['far_upper_95']:.3f} with 95 % confidence")
-    print(f"EER {res['eer']:.4f} (at threshold {res['eer_threshold']:.4f})")
-    print(
-        f"cross-check, Gaussian fit of the impostor scores: threshold {res['gaussian_threshold']:.4f} at FAR "
-        f"{args.far:g} -> TAR {res['tar_at_gaussian_threshold']:.4f}"
-    )
+    def save(t: dict[str, Any]) -> None:
+        if scores_path is not None:
+            save_scores(scores_path, t, meta)
+
+    table = anonymise_all(engine, args, log, table, save)
+    result = calibrate_sizes(table["emb"])
+    if not result:
+        raise SystemExit("too few identities to calibrate")
+    compare = sorted(set(args.compare))
+    decisions = {size: {f"{t:.4f}": decision_rates(trials(table["emb"], size), t) for t in compare} for size in result}
+    for size, r in result.items():
+        print(f"\nenrolment {size} photo(s): {r['identities']} identities, EER {r['eer']:.4f}")
+        for p in r["operating_points"]:
+            lo, hi = p["far_ci95"]
+            print(
+                f"  FAR <= {p['far_target']:<6g} threshold {p['threshold']:.4f}: FAR {p['far']:.5f} "
+                f"[{lo:.5f}, {hi:.5f}] ({p['impostors_accepted']}/{p['n_impostor']}), TAR {p['tar']:.4f} "
+                f"of {p['n_genuine']}{'' if p['resolved'] else '  (below the sample resolution)'}"
+            )
+        for t, rates in decisions[size].items():
+            text = ", ".join(f"{k} {v['accepted']:.4f} of {v['n']}" for k, v in rates.items())
+            print(f"  at threshold {t}: {text}")
     print(f"total {time.perf_counter() - t0:.0f} s")
-
+    provenance = {
+        "protocol": "each photo anonymised alone under each calibration key; template = normalised mean of the "
+        "first n photos' embeddings, probe = another photo; impostor = another identity's probe under the "
+        "victim's key (every pair, per key)",
+        "data": f"LFW lfw-dev holdout identities, part {args.part}, sample seed {args.seed}",
+        "identities": len(table["names"]),
+        "keys": args.keys,
+    }
     if args.json:
-        args.json.write_text(json.dumps({"summary": res, "scores": scores.__dict__}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"result": result, "decisions": decisions, **provenance}, indent=2) + "\n")
     if args.write:
-        write_threshold(args.bundle, manifest, engine, res, args)
-        print(f"wrote engine.verify_threshold = {res['threshold']:.4f} to {args.bundle / 'manifest.json'}")
+        section = verify_section(result, args.far, matcher_of(manifest))
+        write_manifest(args.bundle, manifest, engine, section, provenance)
+        print(f"wrote verify thresholds {section['thresholds']} to {args.bundle / 'manifest.json'}")
     return 0

@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_COMPONENT = "unknown_component"
     HASH_MISMATCH = "hash_mismatch"
     CHECKPOINT_LAYOUT = "checkpoint_layout"
+    MATCHER_MISMATCH = "matcher_mismatch"
+    UNCALIBRATED_FAR = "uncalibrated_far"
     # keys
     KEY_ERROR = "key_error"
     UNKNOWN_KEY = "unknown_key"

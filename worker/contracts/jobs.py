@@ -60,6 +60,15 @@ class VerifyJob(_Job):
     probe: S3Ref
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
     """Overrides ``engine.verify_threshold`` for this job."""
+    far: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Decide at the bundle's calibrated threshold for this false-accept rate (and the template's enrolment size)
+    instead; at most one of ``threshold`` and ``far``."""
+
+    @model_validator(mode="after")
+    def _threshold_or_far(self) -> VerifyJob:
+        if self.threshold is not None and self.far is not None:
+            raise ValueError("give threshold or far, not both")
+        return self
 
 
 class RevokeJob(_Job):

@@ -74,6 +74,15 @@ class VerifyResult(_Result):
     score: float | None = None
     threshold: float | None = None
     decision: Literal["accept", "reject"] | None = None
+    far: float | None = None
+    """The false-accept rate the threshold stands for: measured at calibration among different people's cancelable
+    faces under one key, for the template's enrolment size (None where the calibration does not cover it)."""
+    far_ci95: tuple[float, float] | None = None
+    """95 % confidence interval of ``far`` (the calibration's impostor sample is finite)."""
+    enrolment_size: int | None = Field(default=None, ge=1)
+    """How many photos the template was enrolled from (thresholds are calibrated per size)."""
+    matcher: str | None = None
+    """How the score was computed (recognizer and score); a template of another matcher is refused."""
 
 
 class RevokeResult(_Result):

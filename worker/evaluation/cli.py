@@ -119,12 +119,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     local_out = Path(args.out) if not args.out.startswith("s3://") else REPO / "reports" / "eval-s3-staging"
     shard_dir = local_out / "shards" / f"{i}-of-{n}"
-    run_shard(engine, judge, cfg, shard_dir, extra_meta={"evaluator": evaluator_info})
+    run_shard(engine, judge, cfg, shard_dir, extra_meta={"evaluator": evaluator_info, "verify": _verify_meta(args)})
     if n == 1:
         return _merge([shard_dir], args.out, args.n_boot)
     print(f"shard done: {shard_dir}")
     print(f"when all {n} shards are done: cancelable-eval merge {local_out}/shards/* --out {args.out}")
     return 0
+
+
+def _verify_meta(args: argparse.Namespace) -> dict:
+    """The product's shipped decision rule for one- and two-photo templates (the bundle's calibrated thresholds under
+    a default deployment), recorded with the shard so the report can state the product's own decision rates."""
+    from worker.bundle_config import verify_policy
+    from worker.models.bundle import read_manifest
+    from worker.settings import EngineSettings
+
+    policy = verify_policy(read_manifest(Path(args.bundle)), EngineSettings())
+    rules = {str(n): policy.decide(n) for n in (1, 2)}
+    return {
+        "matcher": policy.matcher,
+        "thresholds": {k: d.threshold for k, d in rules.items()},
+        "far": {k: d.far for k, d in rules.items()},
+    }
 
 
 def _merge(shards: list[Path], out: str, n_boot: int) -> int:

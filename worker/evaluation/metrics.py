@@ -322,3 +322,39 @@ def verification_summary(
                 lambda g, i, f=t.far_target: tar_at_far(g, i, f).tar, [gen, imp], n_boot, seed
             )
     return out
+
+
+def accepted(scores: np.ndarray, threshold: float) -> dict[str, float | int | None]:
+    """Share (and count) of finite ``scores`` >= threshold: a decision rate at a fixed threshold."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return {"rate": None, "accepted": 0, "n": 0}
+    k = int(np.sum(s >= threshold))
+    return {"rate": k / s.size, "accepted": k, "n": int(s.size)}
+
+
+def thresholds_among(
+    different_people: np.ndarray,
+    genuine: np.ndarray,
+    others: dict[str, np.ndarray],
+    fars: Sequence[float] = (1e-3, 1e-2),
+) -> list[dict[str, Any]]:
+    """The deployment convention: thresholds set where ``far`` of the scores of DIFFERENT people's cancelable faces
+    match; per FAR: the threshold, whether the sample supports it, the genuine acceptance (TAR) there and the
+    acceptance of each set in ``others`` (e.g. same-key impostors) at that threshold."""
+    imp = as_scores(different_people, "different_people")
+    out = []
+    for far in fars:
+        row: dict[str, Any] = {
+            "far": far,
+            "n_different_people": int(imp.size),
+            "supported": far_supported(imp.size, far),
+        }
+        if row["supported"]:
+            t = threshold_at_far(imp, far)
+            row["threshold"] = t
+            row["tar"] = accepted(genuine, t)
+            row.update({name: accepted(v, t) for name, v in others.items()})
+        out.append(row)
+    return out

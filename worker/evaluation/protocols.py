@@ -273,7 +273,13 @@ def _prepare_all(engine: Any, items: list[tuple[str, list[Path]]], state: ShardS
         except CancelableError as exc:
             state.skipped[exc.code] = state.skipped.get(exc.code, 0) + 1
             continue
-        prepared.append((name, a_rgb, b_rgb, a, b, source))
+        a2 = None  # a second enrolment photo (the product's two-photo enrolment), when the identity has one
+        if len(photos) >= 3:
+            try:
+                a2 = engine.prepare(load_rgb(photos[2]))
+            except CancelableError:
+                a2 = None
+        prepared.append((name, a_rgb, b_rgb, a, b, source, a2))
     return prepared
 
 
@@ -300,6 +306,8 @@ def run_shard(
     roles = ["orig_a", "orig_b", "chip_a", "recon", "probe_k1", "probe_k2", "impostor_k1", "attack_nokey", "attack_key"]
     roles += [f"cancel_k{k}" for k in range(1, cfg.keys + 1)]
     emb: dict[str, list[np.ndarray]] = {r: [] for r in roles}
+    eng_roles = ["eng_cancel_k1", "eng_cancel_k2", "eng_cancel2_k1", "eng_probe_k1", "eng_probe_k2", "eng_impostor_k1"]
+    eng: dict[str, list[np.ndarray]] = {r: [] for r in eng_roles}  # engine (in-loss recognizer) embeddings
     fallback = _unit_template(engine.generator.alignment) if cfg.fallback_alignment else None
     judge_missed: dict[str, int] = {}
     t0 = time.time()
@@ -333,6 +341,26 @@ def run_shard(
         if n > 1:  # same-key impostor: the next identity's photo B under this identity's key 1
             probes += [(part[(i + 1) % n][4][None], seeds[i][0]) for i in range(n)]
         probed = engine.enroll_many(probes)
+        # the product's own view (engine embeddings, as ``cancelable verify`` scores): photo A alone is the one-photo
+        # template; with a third photo, A + A2 under key 1 is the two-photo template (each image runs alone)
+        second = [i for i, p in enumerate(part) if p[6] is not None]
+        extra = engine.enroll_many([(part[i][6][None], seeds[i][0]) for i in second]) if second else []
+        eng_a2 = np.full((n, engine.embedding_dim), np.nan, dtype=np.float32)
+        for i, r in zip(second, extra, strict=True):
+            eng_a2[i] = r.embeddings[0].numpy()
+        eng_rows = {
+            "eng_cancel_k1": [enrolled[i * cfg.keys].embeddings[0].numpy() for i in range(n)],
+            "eng_cancel_k2": [enrolled[i * cfg.keys + 1].embeddings[0].numpy() for i in range(n)],
+            "eng_probe_k1": [probed[2 * i].embeddings[0].numpy() for i in range(n)],
+            "eng_probe_k2": [probed[2 * i + 1].embeddings[0].numpy() for i in range(n)],
+            "eng_impostor_k1": [
+                probed[2 * n + i].embeddings[0].numpy() if n > 1 else np.full(engine.embedding_dim, np.nan)
+                for i in range(n)
+            ],
+        }
+        for role, rows in eng_rows.items():
+            eng[role].append(np.stack(rows).astype(np.float32))
+        eng["eng_cancel2_k1"].append(eng_a2)
         with torch.no_grad():
             faces_a = torch.stack([p[3] for p in part]).to(engine.device)
             recon = engine.generator.synthesis(engine.encoder(faces_a).float()).float().clamp(-1, 1).cpu()
@@ -391,6 +419,8 @@ def run_shard(
     dim = judge.embedding_dim
     for role, parts in emb.items():
         arrays[f"emb_{role}"] = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    for role, parts in eng.items():
+        arrays[role] = np.concatenate(parts) if parts else np.zeros((0, engine.embedding_dim), np.float32)
     arrays.update(pairs)
     if state.examples:
         arrays["examples"] = np.stack(state.examples)
@@ -579,4 +609,39 @@ def compute_scores(rec: dict[str, np.ndarray], keys: int, limit: int = 500_000, 
         "key_known_vs_other_photo": _cos(e["attack_key"], e["orig_b"]),
     }
     s["failures_to_acquire"] = {role: int(np.isnan(v).any(axis=1).sum()) for role, v in e.items()}
+    # different people's cancelable faces (each under its own key 1): where a deployment sets its threshold
+    s["different_people"] = _cross_upper(e["cancel_k1"], limit, seed)
+    if "eng_cancel_k1" in rec:
+        s["product"] = product_scores(rec, limit, seed)
     return s
+
+
+def product_scores(rec: dict[str, np.ndarray], limit: int = 500_000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The product's own verify scores (engine embeddings, cosine), per enrolment size ("1": photo A; "2": photos A
+    and A2, identities with a third photo only): genuine (probe B under the same key, key 1 and after reissue key
+    2), same-key impostor (another identity's photo under the victim's key 1), other-key impostors (other
+    identities' probes under their own key 1), old-key probe against the reissued template (probe under key 1 vs
+    the key-2 template)."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    p1, p2, imp = rec["eng_probe_k1"], rec["eng_probe_k2"], rec["eng_impostor_k1"]
+    out: dict[str, dict[str, Any]] = {}
+    one_k1, one_k2 = unit(rec["eng_cancel_k1"]), unit(rec["eng_cancel_k2"])
+    out["1"] = {
+        "genuine": _cos(one_k1, p1),
+        "genuine_reissued": _cos(one_k2, p2),
+        "impostor_same_key": _cos(one_k1, imp),
+        "impostor_other_key": _cross(one_k1, p1, limit, seed),
+        "old_key_probe_vs_reissued": _cos(one_k2, p1),
+    }
+    has2 = np.isfinite(rec["eng_cancel2_k1"]).all(axis=1)
+    if has2.sum() >= 2:
+        two = unit(one_k1[has2] + unit(rec["eng_cancel2_k1"][has2]))
+        out["2"] = {
+            "genuine": _cos(two, p1[has2]),
+            "impostor_same_key": _cos(two, imp[has2]),
+            "impostor_other_key": _cross(two, p1[has2], limit, seed),
+        }
+    return out

@@ -135,6 +135,17 @@ def build_report(scores: dict[str, Any], metas: list[dict], n_boot: int = 500, s
             "stats": _stats(at["key_known_vs_original_photo"]),
         },
     }
+    # the deployment convention: thresholds set among different people's cancelable faces
+    protocols["cancelable_thresholds"] = (
+        m.thresholds_among(
+            scores["different_people"],
+            ep["genuine"],
+            {"impostor_same_key": ep["impostor_same_key"], "impostor_other_key": ep["impostor_other_key"]},
+        )
+        if scores.get("different_people") is not None and np.isfinite(scores["different_people"]).sum() > 0
+        else None
+    )
+    protocols["product"] = product_decisions(scores.get("product"), metas[0].get("verify"))
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "cancelable-eval",
@@ -158,6 +169,23 @@ def build_report(scores: dict[str, Any], metas: list[dict], n_boot: int = 500, s
         "thresholds": {"original_fmr_1e-3": threshold},
         "protocols": protocols,
     }
+
+
+def product_decisions(product: dict | None, verify: dict | None) -> dict | None:
+    """The product's own verify decisions (engine scores) at its shipped threshold per enrolment size."""
+    if not product or not verify:
+        return None
+    out: dict[str, Any] = {"matcher": verify.get("matcher")}
+    for size, sets in product.items():
+        t = verify["thresholds"].get(size)
+        if t is None:
+            continue
+        out[size] = {
+            "threshold": t,
+            "far_calibrated": verify.get("far", {}).get(size),
+            **{name: m.accepted(v, t) for name, v in sets.items()},
+        }
+    return out
 
 
 def _sum_dicts(dicts: list[dict]) -> dict:
@@ -306,6 +334,8 @@ def markdown(report: dict) -> str:
         f"At the original FMR 0.1 % threshold: enrol-then-probe TAR {_pct(at['tar'])}; same-key impostors accepted "
         f"{_pct(at['far_same_key'])}; other-key impostors accepted {_pct(at['far_other_key'])}.",
         "",
+        *_convention_lines(p.get("cancelable_thresholds")),
+        *_product_lines(p.get("product")),
         "## Protection, unlinkability, revocation, re-inversion",
         "",
         "| measure | value [95 % CI] |",
@@ -364,6 +394,59 @@ def markdown(report: dict) -> str:
         lines.append(f"![{title}]({name})")
     lines.append("")
     return "\n".join(lines)
+
+
+def _acc(block: dict | None) -> str:
+    if not block or block.get("rate") is None:
+        return "n/a"
+    return f"{100 * block['rate']:.1f} % ({block['accepted']}/{block['n']})"
+
+
+def _convention_lines(rows: list[dict] | None) -> list[str]:
+    """Thresholds set among different people's cancelable faces (what a deployment must do)."""
+    if not rows:
+        return []
+    lines = [
+        "### Thresholds set among different people's cancelable faces",
+        "",
+        "| FAR among different people's cancelable faces | threshold | genuine accepted (TAR) | same-key impostors | "
+        "other-key impostors |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["supported"]:
+            lines.append(f"| {100 * r['far']:g} % | unsupported ({r['n_different_people']} pairs) | | | |")
+            continue
+        lines.append(
+            f"| {100 * r['far']:g} % ({r['n_different_people']} pairs) | {r['threshold']:.4f} | {_acc(r['tar'])} | "
+            f"{_acc(r['impostor_same_key'])} | {_acc(r['impostor_other_key'])} |"
+        )
+    return [*lines, ""]
+
+
+def _product_lines(prod: dict | None) -> list[str]:
+    """The product's own decisions (its recognizer's scores) at its shipped threshold per enrolment size."""
+    if not prod:
+        return []
+    lines = [
+        f"### The product's own verify decisions (matcher `{prod.get('matcher')}`, shipped thresholds)",
+        "",
+        "| enrolment | threshold (calibrated FAR) | genuine accepted | after reissue | same-key impostors | "
+        "other-key impostors | old-key probe vs reissued |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in ("1", "2"):
+        b = prod.get(size)
+        if not b:
+            continue
+        far = b.get("far_calibrated")
+        lines.append(
+            f"| {size} photo{'s' if size != '1' else ''} | {b['threshold']:.4f} "
+            f"({'n/a' if far is None else f'{100 * far:.2g} %'}) | {_acc(b.get('genuine'))} | "
+            f"{_acc(b.get('genuine_reissued'))} | {_acc(b.get('impostor_same_key'))} | "
+            f"{_acc(b.get('impostor_other_key'))} | {_acc(b.get('old_key_probe_vs_reissued'))} |"
+        )
+    return [*lines, ""]
 
 
 # --- writing ------------------------------------------------------------------------------------------------------

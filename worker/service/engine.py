@@ -15,6 +15,7 @@ from worker.errors import BundleError
 
 if TYPE_CHECKING:
     from worker.algorithm.engine_base import EngineBase
+    from worker.bundle_config import VerifyPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,16 @@ class LoadedEngine:
     load_seconds: float
     fingerprint: str = ""
     verify_threshold: float = 0.5
+    policy: VerifyPolicy | None = None  # per-enrolment-size thresholds and their FARs (``bundle_config``)
+    matcher: str = ""  # recorded in templates; verify refuses a template of another matcher
+
+    def verify_policy(self) -> VerifyPolicy:
+        """The decision rule; without a calibrated manifest, ``verify_threshold`` for every template."""
+        from worker.bundle_config import VerifyPolicy
+
+        if self.policy is not None:
+            return self.policy
+        return VerifyPolicy(self.matcher, self.verify_threshold, True, {}, {})
 
 
 def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
@@ -113,7 +124,16 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
         seconds,
         engine.fingerprint,
         verify_threshold_from(settings, manifest),
+        verify_policy_from(settings, manifest),
+        verify_policy_from(settings, manifest).matcher,
     )
+
+
+def verify_policy_from(settings: Any, manifest: dict[str, Any]) -> VerifyPolicy:
+    """The bundle's calibrated decision rule under the deployment's settings (``worker.bundle_config``)."""
+    from worker.bundle_config import verify_policy
+
+    return verify_policy(manifest, settings.engine)
 
 
 def verify_threshold_from(settings: Any, manifest: dict[str, Any]) -> float:

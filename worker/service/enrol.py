@@ -123,6 +123,8 @@ def template_record(
         embedding=encode_embedding(result.template.numpy()),
         image_embeddings=encode_embedding(result.embeddings.numpy()),
         source_images=sources,
+        enrolment_size=int(result.embeddings.shape[0]),
+        matcher=loaded.matcher or None,
     )
 
 

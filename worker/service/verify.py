@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from worker.contracts import JobStatus, S3Ref, VerifyJob, VerifyResult
-from worker.errors import BundleError, RevokedKeyError
+from worker.errors import BundleError, MatcherMismatchError, RevokedKeyError
 from worker.service.clock import now
 from worker.service.enrol import fetch_and_prepare, seed_for
 from worker.storage.templates import TemplateStore
@@ -26,6 +26,8 @@ class ProbeScore:
     key_id: str
     key_version: int
     score: float
+    enrolment_size: int
+    matcher: str | None
 
 
 def verify_probe(rt: Runtime, loaded: LoadedEngine, tenant: str, subject: str, probe: S3Ref) -> ProbeScore:
@@ -45,20 +47,28 @@ def verify_probe(rt: Runtime, loaded: LoadedEngine, tenant: str, subject: str, p
             f"{loaded.fingerprint}: probes are only comparable under the same bundle and engine settings "
             "(re-enrol, or route to a matching worker)"
         )
+    if tmpl.matcher is not None and loaded.matcher and tmpl.matcher != loaded.matcher:
+        raise MatcherMismatchError(
+            f"template version {cur.version} is scored by matcher {tmpl.matcher}; this worker's bundle verifies "
+            f"with {loaded.matcher}: scores and thresholds are not comparable (re-enrol under this bundle)"
+        )
     seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
     prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
     # a probe is a one-image subject, anonymised under its own key (batch mates, if any, do not change it)
     (res,) = rt.run_engine(loaded, [(prepared.faces[0][None], seed)], "verify")
     # cosine; fp32 rounding can step just outside [-1, 1]
     score = min(1.0, max(-1.0, loaded.engine.score(res.embeddings[0], torch.from_numpy(tmpl.vector()))))
-    return ProbeScore(version=cur.version, key_id=m.key_id, key_version=m.key_version, score=score)
+    return ProbeScore(cur.version, m.key_id, m.key_version, score, tmpl.size(), tmpl.matcher or loaded.matcher or None)
 
 
 def verify(rt: Runtime, job: VerifyJob, attempt: int, started: datetime) -> VerifyResult:
-    """A verify job: the probe's score and the decision against the job's threshold (else the engine's)."""
+    """A verify job: the probe's score and the decision against the job's threshold, else the bundle's calibrated
+    threshold for the job's false-accept rate, else the worker's threshold for the template's enrolment size; the
+    result states the false-accept rate the threshold stands for."""
     loaded = rt.engine()
+    policy = loaded.verify_policy()
     out = verify_probe(rt, loaded, job.tenant, job.subject, job.probe)
-    threshold = job.threshold if job.threshold is not None else loaded.verify_threshold
+    rule = policy.decide(out.enrolment_size, job.threshold, job.far)  # UncalibratedFarError
     return VerifyResult(
         job_id=job.job_id,
         tenant=job.tenant,
@@ -71,6 +81,10 @@ def verify(rt: Runtime, job: VerifyJob, attempt: int, started: datetime) -> Veri
         key_id=out.key_id,
         key_version=out.key_version,
         score=out.score,
-        threshold=threshold,
-        decision="accept" if out.score >= threshold else "reject",
+        threshold=rule.threshold,
+        decision="accept" if out.score >= rule.threshold else "reject",
+        far=rule.far,
+        far_ci95=rule.far_ci95,
+        enrolment_size=out.enrolment_size,
+        matcher=out.matcher,
     )

@@ -81,6 +81,14 @@ class TemplateRecord(_Rec):
     """base64 float32 (N, D): one embedding per cancelable image, in image order."""
     source_images: list[SourceImage]
     created_at: datetime = Field(default_factory=utcnow)
+    enrolment_size: int | None = Field(default=None, ge=1)
+    """How many photos the template was enrolled from (verify thresholds are calibrated per size)."""
+    matcher: str | None = None
+    """How verify scores against it: ``<recognizer format>:<sha256 prefix>:cosine`` (``bundle_config.matcher_of``)."""
+
+    def size(self) -> int:
+        """Enrolment size; templates written before it was recorded: one per source image."""
+        return self.enrolment_size if self.enrolment_size is not None else max(1, len(self.source_images))
 
     def vector(self) -> np.ndarray:
         """(D,) float32."""
