@@ -144,6 +144,8 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
     from producers.client import JobTimeout
 
     job, uploads = _build_job(client, args)  # every check before the first upload
+    if uploads:
+        client.redis.ping()  # the queue first: no photo is uploaded for a job that cannot be queued
     out = sys.stderr if args.json or args.no_wait else sys.stdout  # stdout: only what a script captures
     for img, uri in zip(uploads, client.upload(uploads), strict=True):
         print(f"uploaded {img.path} -> {uri}", file=out, flush=True)

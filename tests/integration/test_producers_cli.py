@@ -101,6 +101,27 @@ def test_unreachable_queue_exits_4() -> None:
     assert "cannot reach the queue" in r.stderr
 
 
+def test_unreachable_queue_uploads_nothing(dep: Deployment, tmp_path: Path) -> None:
+    """Redis down, S3 up: exit 4 before the first upload, so no photo is left in the input bucket."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    photo = tmp_path / "probe.jpg"
+    photo.write_bytes(dep.s3.get_object(Bucket=dep.input_bucket, Key="tenants/acme/obama.jpg")["Body"].read())
+
+    def uploads() -> list[str]:
+        got = dep.s3.list_objects_v2(Bucket=dep.input_bucket, Prefix="tenants/acme/uploads/")
+        return [o["Key"] for o in got.get("Contents", [])]
+
+    before = uploads()
+    env = {**dep.env, "CANCELABLE_REDIS__URL": f"redis://127.0.0.1:{dead}/0"}
+    r = cli(["verify", "--tenant", "acme", "--subject", "obama", str(photo), "--timeout", "5"], env, timeout=120)
+    assert r.returncode == 4 and "cannot reach the queue" in r.stderr, (r.stdout, r.stderr)
+    assert uploads() == before
+
+
 def test_cli_enroll_verify_bulk_status(dep: Deployment, tmp_path: Path) -> None:
     env = {**dep.env}
     f = dep.faces
