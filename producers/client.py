@@ -27,6 +27,7 @@ from worker.broker.config import (
     TASK_BULK,
     TASK_ENGINE_PING,
     TASK_ENROLL,
+    TASK_ERASE,
     TASK_PING,
     TASK_REVOKE,
     TASK_VERIFY,
@@ -39,6 +40,7 @@ from worker.contracts import (
     BulkJob,
     BulkManifest,
     EnrollJob,
+    EraseJob,
     RevokeJob,
     VerifyJob,
     job_from_wire,
@@ -58,6 +60,7 @@ TASK_FOR_KIND = {
     "verify": (TASK_VERIFY, ENGINE_QUEUE),
     "revoke": (TASK_REVOKE, CONTROL_QUEUE),
     "bulk": (TASK_BULK, CONTROL_QUEUE),
+    "erase": (TASK_ERASE, CONTROL_QUEUE),
 }
 
 
@@ -153,7 +156,7 @@ class Client:
     @staticmethod
     def validate(job: Any) -> Any:
         """A job model or its wire dict -> validated job model (``MalformedJobError`` otherwise)."""
-        if isinstance(job, EnrollJob | VerifyJob | RevokeJob | BulkJob):
+        if isinstance(job, EnrollJob | VerifyJob | RevokeJob | BulkJob | EraseJob):
             return job_from_wire(to_wire(job))
         if isinstance(job, dict):
             return job_from_wire(job)
@@ -208,6 +211,24 @@ class Client:
                 "purge_old_images": purge_old_images,
             }
         )
+
+    def erase_job(
+        self,
+        tenant: str,
+        reason: str,
+        *,
+        subject: str | None = None,
+        all_subjects: bool = False,
+        confirm: str | None = None,
+        job_id: str | None = None,
+    ):
+        """Erase one subject, or (``all_subjects``, ``confirm`` repeating the tenant) every subject of the tenant."""
+        d: dict[str, Any] = {"kind": "erase", "job_id": job_id or new_job_id(), "tenant": tenant, "reason": reason}
+        if subject is not None:
+            d["subject"] = subject
+        if all_subjects:
+            d["all_subjects"], d["confirm"] = True, confirm
+        return self.validate(d)
 
     def bulk_job(
         self,

@@ -93,6 +93,21 @@ def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
             job_id=args.job_id,
         )
         return job, []
+    if args.command == "erase":
+        _require(args, "tenant", "reason")
+        if (args.subject is None) == (not args.all_subjects):
+            raise CliError("cancelable erase: give --subject S, or --all-subjects --confirm TENANT")
+        if args.all_subjects and args.confirm != args.tenant:
+            raise CliError("cancelable erase: --all-subjects needs --confirm repeating the tenant ID")
+        job = client.erase_job(
+            args.tenant,
+            args.reason,
+            subject=args.subject,
+            all_subjects=args.all_subjects,
+            confirm=args.confirm,
+            job_id=args.job_id,
+        )
+        return job, []
     _require(args, "tenant", "key_id", "manifest")
     job = client.bulk_job(
         args.tenant, args.key_id, args.manifest, args.format, args.naming_rule, args.chunk_size, job_id=args.job_id
@@ -134,7 +149,7 @@ class _ProgressBar:
 
 
 def run_job(client: Any, args: argparse.Namespace) -> int:
-    """enroll / verify / revoke / bulk: validate, upload local photos, queue, wait, print."""
+    """enroll / verify / revoke / bulk / erase: validate, upload local photos, queue, wait, print."""
     from producers.client import JobTimeout
 
     job, uploads = _build_job(client, args)  # every check before the first upload
