@@ -221,6 +221,31 @@ def erasure_watch(rt: Runtime, tenant: str, subject: str, queued_at: float | Non
     return watch(rt.store, tenant, subject, input_bucket=bucket, queued_at=queued_at)
 
 
+def forget_if_erased(rt: Runtime, job: EnrollJob, result: EnrollResult) -> bool:
+    """Right after a successful enrolment's result was stored: if an erasure removed the version it names meanwhile
+    (the erasure's pass over Redis ran before the result was stored), remove the job's records again, so that no
+    stored result names an erased subject. The erasure deletes its S3 objects before it passes over Redis, so a
+    version still present here means that pass is still to come and will find the result. Returns True when it
+    removed them."""
+    from worker.errors import ObjectNotFoundError
+    from worker.storage.erasure import Erasures
+
+    if result.status != JobStatus.SUCCEEDED or result.version is None:
+        return False
+    er = Erasures(rt.store)
+    if er.read(job.tenant, job.subject) is None and er.read(job.tenant, None) is None:
+        return False
+    try:
+        m = TemplateStore(rt.store).get_manifest(job.tenant, job.subject, result.version)
+    except ObjectNotFoundError:
+        m = None
+    if m is not None and m.job_id == job.job_id:
+        return False
+    rt.book.forget_job(job.ref)
+    log.info("an erasure overtook the enrolment after its commit: its stored result was removed")
+    return True
+
+
 def enroll(
     rt: Runtime, job: EnrollJob, attempt: int, started: datetime, queued_at: float | None = None
 ) -> EnrollResult:

@@ -378,6 +378,12 @@ return c
         pipe.execute()
         return len(doomed)
 
+    def forget_job(self, job_id: str) -> None:
+        """Remove every record of one job (an erasure overtook it) and leave its tombstone."""
+        keys = [self._k(kind, job_id) for kind in ("attempts", "submitted", "transient", "result", "deadletter", "job")]
+        keys += [self._k("job", job_id, s) for s in ("succeeded", "failed", "items", "chunks", "final")]
+        self._drop_refs({job_id}, keys)
+
     def was_erased(self, job_id: str) -> bool:
         """An erasure removed this job's records (a re-delivered message of it must not write again)."""
         return bool(self.r.exists(self._k("erased", job_id)))

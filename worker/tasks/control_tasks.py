@@ -242,12 +242,13 @@ erase = app.register_task(EraseTask())
 
 
 @app.task(name=TASK_SWEEP_RETENTION)
-def sweep_retention() -> dict[str, Any]:
+def sweep_retention(at: str | None = None) -> dict[str, Any]:
     """Erase subjects past ``worker.template_retention_days`` (``worker.service.erase.sweep_retention``). Sent daily
-    by Celery beat when the setting is on; safe to run twice."""
+    by Celery beat when the setting is on; safe to run twice. ``at``: ISO time to sweep as of (default: now)."""
     from worker.tasks.runtime import get_runtime
 
-    return erase_service.sweep_retention(get_runtime())
+    when = datetime.fromisoformat(at) if isinstance(at, str) else None
+    return erase_service.sweep_retention(get_runtime(), when)
 
 
 @app.task(name=TASK_PING)

@@ -53,6 +53,9 @@ class EnrollTask(JobTask[EnrollJob, EnrollResult]):
     def ident(self, job: EnrollJob) -> dict[str, Any]:
         return {"subject": job.subject, "key_id": job.key_id}
 
+    def after_stored(self, rt: Runtime, job: EnrollJob, result: EnrollResult) -> None:
+        enrol.forget_if_erased(rt, job, result)
+
     def reports_terminal(self, delivery: Delivery) -> bool:
         return bool(delivery.parent)
 
