@@ -74,6 +74,10 @@ class JobTimeout(TimeoutError):
     """The job did not reach a terminal state in time (it may still finish; ask ``status``)."""
 
 
+class JobErased(LookupError):
+    """The job's records were deleted by an erasure of its subject (or tenant): there is no result to wait for."""
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -391,6 +395,8 @@ class Client:
                 return res
             if on_progress is not None and self.book.exists(ref):
                 on_progress(self.book.progress(ref))
+            if self.book.was_erased(ref):
+                raise JobErased(f"job {ref} was erased with its subject: its records were deleted")
             if time.monotonic() > deadline:
                 raise JobTimeout(f"job {ref} not finished after {timeout:.0f} s (it may still finish)")
             time.sleep(poll)
@@ -425,6 +431,8 @@ class Client:
             out["result"] = res
         elif "progress" in out:
             out["state"] = out["progress"]["state"]
+        elif book.was_erased(job_id):
+            out["state"] = "erased"  # its records were deleted by an erasure of its subject or tenant
         else:
             st = self.app.AsyncResult(job_id).state  # PENDING covers unknown and queued alike
             if st != "PENDING":

@@ -150,7 +150,7 @@ class _ProgressBar:
 
 def run_job(client: Any, args: argparse.Namespace) -> int:
     """enroll / verify / revoke / bulk / erase: validate, upload local photos, queue, wait, print."""
-    from producers.client import JobTimeout
+    from producers.client import JobErased, JobTimeout
 
     job, uploads = _build_job(client, args)  # every check before the first upload
     out = sys.stderr if args.json or args.no_wait else sys.stdout  # stdout: only what a script captures
@@ -169,6 +169,8 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
         res = client.wait(ref, timeout=args.timeout, on_progress=update)
     except JobTimeout as e:
         raise CliError(f"{e}; check later with: cancelable status {ref}", EXIT_TIMEOUT) from None
+    except JobErased as e:
+        raise CliError(str(e), EXIT_FAILED) from None
     finally:
         if bar is not None:
             bar.close()
