@@ -19,7 +19,6 @@ import pytest
 from worker_harness import REPO, Deployment, running
 
 from producers.client import JobErased
-
 from worker.contracts import ErrorCode, JobStatus
 
 pytestmark = pytest.mark.integration
