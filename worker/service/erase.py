@@ -8,8 +8,9 @@ the work. The fence against an enrolment in flight is in ``worker.storage.erasur
 and ``worker.service.reissue``).
 
 Every subject of a tenant: the tenant's record first (it fences every enrolment of the tenant), then subject after
-subject in listing order; after ``worker.fanout_budget`` seconds the listing hands over to a continuation that
-resumes from the saved cursor (the last subject erased), as a key revocation's listing does. Then the tenant's dead
+subject in listing order; after ``worker.fanout_budget`` seconds the listing hands over to a continuation, as a key
+revocation's listing does; it lists again from the start, where the subjects already erased no longer appear (a saved
+cursor would name a subject in the job book). Then the tenant's dead
 letters, job bookkeeping objects, key index markers and uploaded photos, and every Redis record of its jobs.
 
 Retention (``worker.template_retention_days``, 0 = off): ``sweep_retention`` erases every subject whose current
@@ -83,14 +84,15 @@ def erase(
     er.begin(job.tenant, None, job.job_id, job.reason)  # FIRST: fences every enrolment of the tenant
     book.open_job(job.ref, "erase", tenant=job.tenant, reason=job.reason, attempts=attempt)
     f = book.get_fields(job.ref)
-    cursor = f.get("erase_cursor") or None
     erased, objects = int(f.get("subjects_erased", "0")), int(f.get("objects_deleted", "0"))
     bucket = input_bucket(rt)
     t0 = time.monotonic()
-    for subject in TemplateStore(rt.store).iter_subjects(job.tenant, start_after=cursor):
+    # no cursor (it would name a subject in the job book): an erased subject has no objects left, so it is not
+    # listed again, and the listing resumes by itself after the last subject erased
+    for subject in TemplateStore(rt.store).iter_subjects(job.tenant):
         n, _ = delete_subject_objects(rt.store, job.tenant, subject, input_bucket=bucket, tenant_wide=True)
         erased, objects = erased + int(n > 0), objects + n
-        book.set_fields(job.ref, erase_cursor=subject, subjects_erased=erased, objects_deleted=objects)
+        book.set_fields(job.ref, subjects_erased=erased, objects_deleted=objects)
         if time.monotonic() - t0 > rt.settings.worker.fanout_budget:
             dispatch.continue_job(job, continuation + 1)
             log.info("erase %s: %d subjects erased, continuing in a new task", job.job_id, erased)
