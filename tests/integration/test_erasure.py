@@ -158,6 +158,8 @@ def test_erase_subject_leaves_nothing_naming_it(dep: Deployment, tmp_path: Path)
     assert r.returncode == 0, (r.stdout, r.stderr, dep.worker.tail())
     assert "erase" in r.stdout and "succeeded" in r.stdout and "record s3://" in r.stdout
     _eventually_none(dep, subj)
+    folders = dep.s3.list_objects_v2(Bucket=dep.bucket, Prefix="tenants/acme/subjects/", Delimiter="/")
+    assert [p["Prefix"] for p in folders.get("CommonPrefixes", [])] == [f"tenants/acme/subjects/{other}/"]
     assert _objects_in(dep, dep.input_bucket, "tenants/acme/uploads/") == []  # the CLI's upload of its photo
     rec_d = _record(dep, "acme", subj)
     assert rec_d["state"] == "done" and rec_d["scope"] == "subject" and rec_d["reason"] == "consent withdrawn"
@@ -324,6 +326,7 @@ def test_fence_step_by_step_on_real_s3(make_settings, seaweed) -> None:
     with pytest.raises(ErasedError):
         fence.check()
     assert list(store.list("tenants/acme/subjects/s1/")) == []
+    assert list(store.list_dirs("tenants/acme/subjects/")) == []  # no empty folder named by the subject either
 
     fence = watch(store, "acme", "s1")  # a new enrolment after the erasure finished
     commit("enrol-job-0002")

@@ -9,8 +9,9 @@ and ``worker.service.reissue``).
 
 Every subject of a tenant: the tenant's record first (it fences every enrolment of the tenant), then subject after
 subject in listing order; after ``worker.fanout_budget`` seconds the listing hands over to a continuation, as a key
-revocation's listing does; it lists again from the start, where the subjects already erased no longer appear (a saved
-cursor would name a subject in the job book). Then the tenant's dead
+revocation's listing does, resuming after the last subject erased (its cursor, the one subject ID the job book holds
+while the erasure runs, is cleared when it finishes; a listing from the start would not do: an object store may keep
+an erased subject's empty folder listed). Then the tenant's dead
 letters, job bookkeeping objects, key index markers and uploaded photos, and every Redis record of its jobs.
 
 Retention (``worker.template_retention_days``, 0 = off): ``sweep_retention`` erases every subject whose current
@@ -84,21 +85,22 @@ def erase(
     er.begin(job.tenant, None, job.job_id, job.reason)  # FIRST: fences every enrolment of the tenant
     book.open_job(job.ref, "erase", tenant=job.tenant, reason=job.reason, attempts=attempt)
     f = book.get_fields(job.ref)
+    cursor = f.get("erase_cursor") or None
     erased, objects = int(f.get("subjects_erased", "0")), int(f.get("objects_deleted", "0"))
     bucket = input_bucket(rt)
     t0 = time.monotonic()
-    # no cursor (it would name a subject in the job book): an erased subject has no objects left, so it is not
-    # listed again, and the listing resumes by itself after the last subject erased
-    for subject in TemplateStore(rt.store).iter_subjects(job.tenant):
+    for subject in TemplateStore(rt.store).iter_subjects(job.tenant, start_after=cursor):
         n, _ = delete_subject_objects(rt.store, job.tenant, subject, input_bucket=bucket, tenant_wide=True)
         erased, objects = erased + int(n > 0), objects + n
-        book.set_fields(job.ref, subjects_erased=erased, objects_deleted=objects)
+        # the cursor names the last subject erased (its data is gone); cleared when the erasure finishes
+        book.set_fields(job.ref, erase_cursor=subject, subjects_erased=erased, objects_deleted=objects)
         if time.monotonic() - t0 > rt.settings.worker.fanout_budget:
             dispatch.continue_job(job, continuation + 1)
             log.info("erase %s: %d subjects erased, continuing in a new task", job.job_id, erased)
             return _tenant_result(job, JobStatus.RUNNING, attempt, started, erased, objects, 0, None)
     objects += delete_tenant_objects(rt.store, job.tenant, input_bucket=bucket)
     keys = book.erase_tenant(job.tenant, keep=job.ref)
+    book.set_fields(job.ref, erase_cursor="")
     er.finish(job.tenant, None, job.job_id, objects)
     book.close_job(job.ref, "succeeded")
     return _tenant_result(job, JobStatus.SUCCEEDED, attempt, started, erased, objects, keys, er.uri(job.tenant, None))

@@ -201,7 +201,22 @@ def delete_subject_objects(
     jobs = {_job_of(k[len(layout.subject_prefix(tenant, subject)) :]) for k in own} - {None}
     keys += own
     store.delete_many(store.bucket, [store.full_key(k) for k in keys])
+    _delete_folders(store, layout.subject_prefix(tenant, subject), own)
     return len(keys) + len(uploads), {j for j in jobs if j is not None}
+
+
+def _delete_folders(store: ObjectStore, top: str, keys: list[str]) -> None:
+    """Folder entries an object store may keep after their objects were deleted (SeaweedFS's filer lists an empty
+    folder, named by the subject ID, in delimiter listings): deepest first, then ``top``. No-ops on AWS S3."""
+    folders = {top}
+    for k in keys:
+        parts = k[len(top) :].split("/")[:-1]
+        folders.update(top + "/".join(parts[: i + 1]) + "/" for i in range(len(parts)))
+    for f in sorted(folders, key=lambda x: (-x.count("/"), x)):
+        try:
+            store.delete(f)
+        except StorageError:
+            log.debug("folder entry not deleted")
 
 
 def _job_of(rel: str) -> str | None:
