@@ -21,7 +21,7 @@ from worker_harness import REPO, Deployment, running
 from producers.client import JobErased
 from worker.contracts import ErrorCode, JobStatus
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 CLI = [sys.executable, "-m", "producers.cli"]
 
