@@ -3,6 +3,7 @@
     cancelable enroll  --tenant T --subject S --key K a.jpg b.jpg            (local photos or s3://bucket/key refs)
     cancelable verify  --tenant T --subject S probe.jpg
     cancelable revoke  --tenant T --subject S --reason "leaked"          (or --key K --new-key K2)
+    cancelable erase   --tenant T --subject S --reason R                 (or --all-subjects --confirm T)
     cancelable bulk    --tenant T --key K manifest.csv|s3://b/m.jsonl|s3://b/prefix/ [--format prefix]
     cancelable upload  --tenant T a.jpg b.jpg                           (prints one s3:// reference per photo)
     cancelable status  TENANT/JOB_ID                                     (or JOB_ID --tenant T)
@@ -175,6 +176,20 @@ def build_parser(job_file: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--reason", required=need, help="why (kept in the revocation record)")
     r.add_argument("--purge", action="store_true", help="delete the revoked version's cancelable images")
     _common(r)
+
+    er = _sub(
+        sub,
+        "erase",
+        "erase a subject (or every subject of a tenant): every version, image, template, key record and job record",
+        "Leaves only an erasure record (when, by which job; the subject named by a SHA-256, not in clear).\n"
+        "An enrolment racing the erasure is either erased with it or refused (error code erased).",
+    )
+    _tenant(er, need)
+    _subject(er, "to erase (or give --all-subjects)", required=False)
+    er.add_argument("--all-subjects", action="store_true", help="erase every subject of the tenant (needs --confirm)")
+    er.add_argument("--confirm", metavar="TENANT", help="with --all-subjects: the tenant ID again")
+    er.add_argument("--reason", required=need, help="why (kept in the erasure record; do not name the person)")
+    _common(er)
 
     b = _sub(sub, "bulk", "enrol every subject listed in a manifest (CSV, JSONL or an S3 prefix)", MANIFEST_FORMATS)
     _tenant(b, need)

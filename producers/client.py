@@ -27,6 +27,7 @@ from worker.broker.config import (
     TASK_BULK,
     TASK_ENGINE_PING,
     TASK_ENROLL,
+    TASK_ERASE,
     TASK_PING,
     TASK_REVOKE,
     TASK_VERIFY,
@@ -39,6 +40,7 @@ from worker.contracts import (
     BulkJob,
     BulkManifest,
     EnrollJob,
+    EraseJob,
     RevokeJob,
     VerifyJob,
     job_from_wire,
@@ -58,6 +60,7 @@ TASK_FOR_KIND = {
     "verify": (TASK_VERIFY, ENGINE_QUEUE),
     "revoke": (TASK_REVOKE, CONTROL_QUEUE),
     "bulk": (TASK_BULK, CONTROL_QUEUE),
+    "erase": (TASK_ERASE, CONTROL_QUEUE),
 }
 
 
@@ -69,6 +72,10 @@ def _route(kind: str, background: bool) -> tuple[str, str]:
 
 class JobTimeout(TimeoutError):
     """The job did not reach a terminal state in time (it may still finish; ask ``status``)."""
+
+
+class JobErased(LookupError):
+    """The job's records were deleted by an erasure of its subject (or tenant): there is no result to wait for."""
 
 
 def new_job_id() -> str:
@@ -153,7 +160,7 @@ class Client:
     @staticmethod
     def validate(job: Any) -> Any:
         """A job model or its wire dict -> validated job model (``MalformedJobError`` otherwise)."""
-        if isinstance(job, EnrollJob | VerifyJob | RevokeJob | BulkJob):
+        if isinstance(job, EnrollJob | VerifyJob | RevokeJob | BulkJob | EraseJob):
             return job_from_wire(to_wire(job))
         if isinstance(job, dict):
             return job_from_wire(job)
@@ -216,6 +223,24 @@ class Client:
                 "purge_old_images": purge_old_images,
             }
         )
+
+    def erase_job(
+        self,
+        tenant: str,
+        reason: str,
+        *,
+        subject: str | None = None,
+        all_subjects: bool = False,
+        confirm: str | None = None,
+        job_id: str | None = None,
+    ):
+        """Erase one subject, or (``all_subjects``, ``confirm`` repeating the tenant) every subject of the tenant."""
+        d: dict[str, Any] = {"kind": "erase", "job_id": job_id or new_job_id(), "tenant": tenant, "reason": reason}
+        if subject is not None:
+            d["subject"] = subject
+        if all_subjects:
+            d["all_subjects"], d["confirm"] = True, confirm
+        return self.validate(d)
 
     def bulk_job(
         self,
@@ -428,6 +453,8 @@ class Client:
                 return res
             if on_progress is not None and self.book.exists(ref):
                 on_progress(self.book.progress(ref))
+            if self.book.was_erased(ref):
+                raise JobErased(f"job {ref} was erased with its subject: its records were deleted")
             if time.monotonic() > deadline:
                 raise JobTimeout(f"job {ref} not finished after {timeout:.0f} s (it may still finish)")
             time.sleep(poll)
@@ -462,6 +489,8 @@ class Client:
             out["result"] = res
         elif "progress" in out:
             out["state"] = out["progress"]["state"]
+        elif book.was_erased(job_id):
+            out["state"] = "erased"  # its records were deleted by an erasure of its subject or tenant
         else:
             st = self.app.AsyncResult(job_id).state  # PENDING covers unknown and queued alike
             if st != "PENDING":

@@ -94,6 +94,21 @@ def _build_job(client: Any, args: argparse.Namespace) -> tuple[Any, list[Any]]:
             job_id=args.job_id,
         )
         return job, []
+    if args.command == "erase":
+        _require(args, "tenant", "reason")
+        if (args.subject is None) == (not args.all_subjects):
+            raise CliError("cancelable erase: give --subject S, or --all-subjects --confirm TENANT")
+        if args.all_subjects and args.confirm != args.tenant:
+            raise CliError("cancelable erase: --all-subjects needs --confirm repeating the tenant ID")
+        job = client.erase_job(
+            args.tenant,
+            args.reason,
+            subject=args.subject,
+            all_subjects=args.all_subjects,
+            confirm=args.confirm,
+            job_id=args.job_id,
+        )
+        return job, []
     _require(args, "tenant", "key_id", "manifest")
     from worker.errors import MalformedJobError
 
@@ -140,8 +155,8 @@ class _ProgressBar:
 
 
 def run_job(client: Any, args: argparse.Namespace) -> int:
-    """enroll / verify / revoke / bulk: validate, upload local photos, queue, wait, print."""
-    from producers.client import JobTimeout
+    """enroll / verify / revoke / bulk / erase: validate, upload local photos, queue, wait, print."""
+    from producers.client import JobErased, JobTimeout
 
     job, uploads = _build_job(client, args)  # every check before the first upload
     if uploads:
@@ -162,6 +177,8 @@ def run_job(client: Any, args: argparse.Namespace) -> int:
         res = client.wait(ref, timeout=args.timeout, on_progress=update)
     except JobTimeout as e:
         raise CliError(f"{e}; check later with: cancelable status {ref}", EXIT_TIMEOUT) from None
+    except JobErased as e:
+        raise CliError(str(e), EXIT_FAILED) from None
     finally:
         if bar is not None:
             bar.close()

@@ -66,6 +66,14 @@ def result_summary(res: Any, local_names: dict[str, str] | None = None) -> str:
             f"{head}; subjects {d['subjects_done']}/{d['subjects_total']} reissued, {d['subjects_failed']} failed"
             + extra
         )
+    if kind == "erase":
+        what = f"every subject of tenant {d['tenant']}" if d.get("all_subjects") else "the subject"
+        if not d.get("all_subjects") and not d.get("subjects_erased"):
+            what = "nothing was stored for the subject; erasure recorded"
+        return (
+            f"{head}; {what}: {d['subjects_erased']} subjects, {d['objects_deleted']} objects and "
+            f"{d['redis_keys_deleted']} job records deleted\n  record {d.get('record_uri')}"
+        )
     if kind == "bulk":
         return f"{head}; {d['succeeded']} succeeded, {d['failed']} failed of {d['total']}" + (
             f"; errors {d['errors_by_code']}" if d.get("errors_by_code") else ""

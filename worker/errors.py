@@ -134,6 +134,14 @@ class StaleKeyError(VersionConflictError):
     code = "stale_key"
 
 
+class ErasedError(StorageError):
+    """The subject was erased while this job ran (its writes were deleted again), or an erasure of it is still in
+    progress. Nothing of the job was kept; a new enrolment after the erasure finished is allowed."""
+
+    code = "erased"
+    retryable = False
+
+
 class NoTemplateError(StorageError):
     """Verify or revoke for a subject that has no committed template."""
 

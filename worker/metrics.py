@@ -55,7 +55,7 @@ prometheus_client.disable_created_metrics()
 PREFIX = "cancelable"
 
 # --- closed label sets --------------------------------------------------------------------------------------------
-JOB_TYPES: tuple[str, ...] = ("enroll", "verify", "revoke", "reenroll", "bulk")
+JOB_TYPES: tuple[str, ...] = ("enroll", "verify", "revoke", "reenroll", "bulk", "erase")
 STAGES: tuple[str, ...] = (
     "download",
     "decode",

@@ -200,6 +200,9 @@ class WorkerSettings(_Group):
     upload_retention: int = Field(default=86400, ge=0)
     """Seconds the CLI's uploaded source photos (``tenants/<t>/uploads/`` in the input bucket) are kept before
     ``sweep_uploads`` deletes them, whatever became of their job (0: kept until deleted by hand)."""
+    template_retention_days: int = Field(default=0, ge=0)
+    """Days a subject is kept after its current version was committed; Celery beat's daily ``sweep_retention``
+    erases older subjects as ``cancelable erase`` does (0: off, subjects are kept until erased on request)."""
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:

@@ -40,12 +40,13 @@ def test_subcommands_are_the_documented_ones():
         "fetch",
         "keys",
         "report",
+        "erase",
     }
     assert set(_subparsers(build_parser())) == expected
 
 
 @pytest.mark.parametrize(
-    "command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "report"]
+    "command", ["enroll", "verify", "revoke", "bulk", "upload", "status", "subject", "redrive", "report", "erase"]
 )
 def test_help_lists_the_exit_codes(command):
     text = _subparsers(build_parser())[command].format_help()
@@ -100,6 +101,7 @@ def _usage(command: str) -> str:
         ("verify", ["--tenant TENANT", "--subject SUBJECT"], ["[--threshold THRESHOLD]"]),
         ("bulk", ["--tenant TENANT", "--key KEY_ID"], ["[--format {csv,jsonl,prefix}]"]),
         ("fetch", ["--tenant TENANT", "--subject SUBJECT"], ["[--version VERSION]"]),
+        ("erase", ["--tenant TENANT", "--reason REASON"], ["[--subject SUBJECT]", "[--all-subjects]"]),
     ],
 )
 def test_help_marks_required_options_required(command, required, optional):

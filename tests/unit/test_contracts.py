@@ -318,3 +318,18 @@ def test_job_references_name_the_tenant_and_the_job():
             parse_job_ref(bad)
     job = job_from_wire(enroll())
     assert job.ref == f"{job.tenant}/{job.job_id}"
+
+
+def test_erase_names_one_target_and_a_tenant_wide_one_repeats_the_tenant():
+    base = {"kind": "erase", "job_id": "abcdefgh1", "tenant": "acme", "reason": "consent withdrawn"}
+    assert job_from_wire({**base, "subject": "alice"}).subject == "alice"
+    assert job_from_wire({**base, "all_subjects": True, "confirm": "acme"}).all_subjects
+    for bad in (
+        {},  # neither target
+        {"subject": "alice", "all_subjects": True, "confirm": "acme"},  # both
+        {"all_subjects": True},  # no confirmation
+        {"all_subjects": True, "confirm": "acme2"},  # a confirmation that is not the tenant
+        {"subject": "alice", "reason": "a\nb"},  # control characters in the reason
+    ):
+        with pytest.raises(MalformedJobError):
+            job_from_wire({**base, **bad})

@@ -31,6 +31,9 @@ TASK_BULK = "cancelable.bulk"
 TASK_PING = "cancelable.ping"  # control queue liveness
 TASK_SWEEP_STAGING = "cancelable.sweep_staging"  # periodic (Celery beat): orphaned staging objects
 TASK_SWEEP_UPLOADS = "cancelable.sweep_uploads"  # periodic (Celery beat): uploaded photos past their retention
+TASK_ERASE = "cancelable.erase"
+TASK_SWEEP_RETENTION = "cancelable.sweep_retention"  # periodic (Celery beat, daily): subjects past their retention
+RETENTION_SWEEP_INTERVAL_S = 86400.0
 TASK_RECONCILE = "cancelable.reconcile"  # periodic (Celery beat): dead letters that missed S3 during an outage
 RECONCILE_INTERVAL_S = 60.0
 TASK_ENGINE_PING = "cancelable.engine_ping"  # engine queue liveness (reports whether the models are loaded)
@@ -41,6 +44,8 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_REENROLL_CHUNK: {"queue": ENGINE_BULK_QUEUE},
     TASK_REVOKE: {"queue": CONTROL_QUEUE},
     TASK_BULK: {"queue": CONTROL_QUEUE},
+    TASK_ERASE: {"queue": CONTROL_QUEUE},
+    TASK_SWEEP_RETENTION: {"queue": CONTROL_QUEUE},
     TASK_PING: {"queue": CONTROL_QUEUE},
     TASK_SWEEP_STAGING: {"queue": CONTROL_QUEUE},
     TASK_SWEEP_UPLOADS: {"queue": CONTROL_QUEUE},
@@ -66,6 +71,7 @@ class QueueSettings:
     unacked_restore_interval_s: float = 10.0
     sweep_staging_interval_s: int = 3600
     sweep_uploads: bool = True
+    sweep_retention: bool = False
 
 
 def check_queue_settings(q: QueueSettings) -> None:
@@ -151,6 +157,17 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
                 if q.sweep_staging_interval_s > 0 and q.sweep_uploads
                 else {}
             ),
+            **(
+                {
+                    "sweep-retention": {
+                        "task": TASK_SWEEP_RETENTION,
+                        "schedule": RETENTION_SWEEP_INTERVAL_S,
+                        "options": {"expires": RETENTION_SWEEP_INTERVAL_S},
+                    }
+                }
+                if q.sweep_retention
+                else {}
+            ),
         },
     }
 
@@ -168,6 +185,7 @@ def queue_settings(settings: Any) -> QueueSettings:
         unacked_restore_interval_s=float(min(10.0, max(1.0, w.visibility_timeout / 10))),
         sweep_staging_interval_s=int(w.sweep_staging_interval),
         sweep_uploads=int(w.upload_retention) > 0,
+        sweep_retention=int(getattr(w, "template_retention_days", 0)) > 0,
     )
 
 

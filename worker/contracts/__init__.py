@@ -21,6 +21,7 @@ from worker.contracts.jobs import (
     BulkJob,
     BulkManifest,
     EnrollJob,
+    EraseJob,
     Job,
     RevokeJob,
     VerifyJob,
@@ -28,7 +29,7 @@ from worker.contracts.jobs import (
 )
 from worker.contracts.manifest import ManifestRow, ManifestRowError, iter_csv, iter_jsonl, iter_prefix
 from worker.contracts.refs import S3Prefix, S3Ref, parse_s3_uri
-from worker.contracts.results import BulkResult, EnrollResult, JobError, Result, RevokeResult, VerifyResult
+from worker.contracts.results import BulkResult, EnrollResult, EraseResult, JobError, Result, RevokeResult, VerifyResult
 from worker.contracts.wire import job_from_wire, result_from_wire, to_json, to_wire
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "ChunkResult",
     "EnrollJob",
     "EnrollResult",
+    "EraseJob",
+    "EraseResult",
     "ErrorCode",
     "Job",
     "JobError",

@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN_INPUT = "forbidden_input"
     INVALID_INPUT = "invalid_input"
     NO_TEMPLATE = "no_template"
+    ERASED = "erased"
     # jobs
     MALFORMED_JOB = "malformed_job"
     DEAD_LETTERED = "dead_lettered"

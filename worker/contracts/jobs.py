@@ -104,6 +104,34 @@ class RevokeJob(_Job):
         return self
 
 
+class EraseJob(_Job):
+    """Erase one subject (every object and record derived from it) or, with ``all_subjects``, every subject of the
+    tenant. Leaves only an erasure record keyed by a SHA-256 of tenant and subject (no subject ID in clear, no
+    biometric data). ``confirm`` must repeat the tenant for ``all_subjects``."""
+
+    kind: Literal["erase"] = "erase"
+    tenant: TenantId
+    subject: SubjectId | None = None
+    all_subjects: bool = False
+    confirm: TenantId | None = None
+    reason: str = Field(min_length=1, max_length=500)
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("reason must not contain control characters")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EraseJob:
+        if (self.subject is None) == (not self.all_subjects):
+            raise ValueError("give exactly one of subject and all_subjects")
+        if self.all_subjects and self.confirm != self.tenant:
+            raise ValueError("erasing every subject of a tenant needs confirm equal to the tenant")
+        return self
+
+
 class BulkManifest(BaseModel):
     """Where a bulk job's enrolments are listed.
 
@@ -162,7 +190,7 @@ class BulkJob(_Job):
         return self
 
 
-Job = Annotated[EnrollJob | VerifyJob | RevokeJob | BulkJob, Field(discriminator="kind")]
+Job = Annotated[EnrollJob | VerifyJob | RevokeJob | BulkJob | EraseJob, Field(discriminator="kind")]
 
 
 def child_job_id(parent_job_id: str, *parts: str | int) -> str:

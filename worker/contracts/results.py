@@ -121,4 +121,20 @@ class BulkResult(_Result):
     """The finished job's report of failed rows (``.../jobs/{job_id}/report.jsonl``; ``report.csv`` beside it)."""
 
 
-Result = Annotated[EnrollResult | VerifyResult | RevokeResult | BulkResult, Field(discriminator="kind")]
+class EraseResult(_Result):
+    kind: Literal["erase"] = "erase"
+    tenant: TenantId
+    subject_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """The erased subject, as its erasure record names it (the subject ID itself is not stored anywhere after the
+    erasure, this result included)."""
+    all_subjects: bool = False
+    reason: str | None = None
+    subjects_erased: int = Field(default=0, ge=0)
+    """Subjects that had anything stored (0 for an unknown subject: the erasure is still recorded)."""
+    objects_deleted: int = Field(default=0, ge=0)
+    redis_keys_deleted: int = Field(default=0, ge=0)
+    record_uri: str | None = None
+    """The erasure record: when and by which job, keyed by a SHA-256 of tenant and subject."""
+
+
+Result = Annotated[EnrollResult | VerifyResult | RevokeResult | BulkResult | EraseResult, Field(discriminator="kind")]

@@ -19,10 +19,11 @@ import numpy as np
 
 from worker import metrics
 from worker.contracts import EnrollJob, EnrollResult, JobStatus, S3Ref
-from worker.errors import CancelableError, StaleKeyError
+from worker.errors import CancelableError, ErasedError, StaleKeyError
 from worker.keys.providers import KeyRegistry
 from worker.service.clock import now
 from worker.service.images import decode_image
+from worker.storage.erasure import ErasureWatch, watch
 from worker.storage.keyindex import has_version
 from worker.storage.records import SourceImage, TemplateRecord
 from worker.storage.templates import CommittedVersion, TemplateStore
@@ -214,9 +215,49 @@ def move_off_revoked_key(rt: Runtime, registry: KeyRegistry, ts: TemplateStore, 
     log.info("a subject never committed moved off its revoked key to the enrolment's key")
 
 
-def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> EnrollResult:
+def erasure_watch(rt: Runtime, tenant: str, subject: str, queued_at: float | None = None) -> ErasureWatch:
+    """The erasure fence (``worker.storage.erasure``): read before the first write, ``check()`` after the commit."""
+    from worker.contracts.inputs import InputPolicy
+
+    bucket = InputPolicy.from_settings(rt.settings.s3).input_bucket
+    return watch(rt.store, tenant, subject, input_bucket=bucket, queued_at=queued_at)
+
+
+def forget_if_erased(rt: Runtime, job: EnrollJob, result: EnrollResult) -> bool:
+    """Right after a successful enrolment's result was stored: if an erasure removed the version it names meanwhile
+    (the erasure's pass over Redis ran before the result was stored), remove the job's records again, so that no
+    stored result names an erased subject. The erasure deletes its S3 objects before it passes over Redis, so a
+    version still present here means that pass is still to come and will find the result. Returns True when it
+    removed them."""
+    from worker.errors import ObjectNotFoundError
+    from worker.storage.erasure import Erasures
+
+    if result.status != JobStatus.SUCCEEDED or result.version is None:
+        return False
+    er = Erasures(rt.store)
+    if er.read(job.tenant, job.subject) is None and er.read(job.tenant, None) is None:
+        return False
+    try:
+        m = TemplateStore(rt.store).get_manifest(job.tenant, job.subject, result.version)
+    except ObjectNotFoundError:
+        m = None
+    if m is not None and m.job_id == job.job_id:
+        return False
+    rt.book.forget_job(job.ref)
+    log.info("an erasure overtook the enrolment after its commit: its stored result was removed")
+    return True
+
+
+def enroll(
+    rt: Runtime, job: EnrollJob, attempt: int, started: datetime, queued_at: float | None = None
+) -> EnrollResult:
     """Derive under the subject's current key epoch and commit; when a revocation fences the commit off
-    (``StaleKeyError``), re-derive under the new epoch (the images are fetched and aligned once)."""
+    (``StaleKeyError``), re-derive under the new epoch (the images are fetched and aligned once). Fenced against an
+    erasure (``erasure_watch``): refused while one runs or if one began after ``queued_at``; its writes deleted
+    again and ``ErasedError`` when one began while it ran."""
+    if rt.book.was_erased(job.ref):
+        raise ErasedError("this job's records were erased with its subject; it is not run again")
+    fence = erasure_watch(rt, job.tenant, job.subject, queued_at)
     ts = TemplateStore(rt.store)
     registry = key_registry(rt)
     prepared = None
@@ -257,6 +298,7 @@ def enroll(rt: Runtime, job: EnrollJob, attempt: int, started: datetime) -> Enro
             continue
     else:
         raise StaleKeyError(f"{job.tenant}/{job.subject}: revoked {FENCE_RETRIES} times while enrolling")
+    fence.check()  # an erasure that began while this job ran: its writes are deleted again, ErasedError
     m = done.manifest
     return EnrollResult(
         job_id=job.job_id,

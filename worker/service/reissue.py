@@ -14,11 +14,20 @@ from typing import TYPE_CHECKING
 
 from worker import metrics
 from worker.contracts import ChunkResult, JobStatus, ReenrollChunk, S3Ref, child_job_id, job_ref
-from worker.errors import CancelableError
+from worker.errors import CancelableError, ErasedError
 from worker.service.clock import now
-from worker.service.enrol import PreparedImages, commit, fetch_and_prepare, key_registry, seed_for
+from worker.service.enrol import (
+    PreparedImages,
+    commit,
+    erasure_watch,
+    fetch_and_prepare,
+    key_registry,
+    seed_for,
+)
+from worker.service.erase import placeholder
 from worker.service.fanout import maybe_finalize_revoke
 from worker.storage import layout
+from worker.storage.erasure import ErasureWatch
 from worker.storage.templates import CommittedVersion, TemplateStore
 
 if TYPE_CHECKING:
@@ -99,10 +108,16 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
     pref = job_ref(tenant, parent)  # the parent's records in the job book
     loaded = rt.engine()
     todo: list[_Item] = []
+    fences: dict[str, ErasureWatch] = {}
     n_ok = n_failed = 0
 
     def fail(subject: str, e: CancelableError, new_key: tuple[str, int] | None) -> None:
         nonlocal n_failed
+        if isinstance(e, ErasedError):  # erased meanwhile: nothing may name it again, the count stays right
+            book.mark_failed(pref, {placeholder(tenant, subject): e.code})
+            metrics.fanout_items("revoke", 1, "failed")
+            n_failed += 1
+            return
         if new_key is not None:  # the old key version is compromised: revoke its versions even without a replacement
             revoked, uris = _revoke_old_versions(rt, ts, chunk, subject, new_key, None)
             book.set_item_info(pref, subject, {"revoked_versions": revoked, "revocation_uris": uris})
@@ -117,6 +132,7 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
         child = child_job_id(parent, "subject", subject)
         new_key = None
         try:
+            fences[subject] = erasure_watch(rt, tenant, subject)  # before the first write (the key bump)
             cur = ts.current(tenant, subject)
             rec = registry.bump_subject_key(
                 tenant, subject, reason=chunk.reason, job_id=parent, new_key_id=chunk.new_key_id
@@ -158,6 +174,11 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
             raise RuntimeError(f"{it.subject}: no committed version")
         ts.ensure_current(tenant, it.subject, c)  # a found commit of an earlier attempt: the pointer may lag
         revoked, uris = _revoke_old_versions(rt, ts, chunk, it.subject, it.new_key, c.version)
+        try:
+            fences[it.subject].check()  # erased while reissued: its writes are deleted again
+        except ErasedError as e:
+            fail(it.subject, e, None)
+            continue
         book.set_item_info(
             pref,
             it.subject,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from worker.contracts import BulkJob, RevokeJob
+    from worker.contracts import BulkJob, EraseJob, RevokeJob
     from worker.keys.providers import KeyProvider
     from worker.service.engine import LoadedEngine
     from worker.settings import Settings
@@ -63,6 +63,8 @@ class Dispatch(Protocol):
         """Messages waiting on the bulk engine queue (0 when unknown: backpressure is best effort)."""
         ...
 
-    def continue_job(self, job: RevokeJob | BulkJob, continuation: int, countdown: float | None = None) -> None:
+    def continue_job(
+        self, job: RevokeJob | BulkJob | EraseJob, continuation: int, countdown: float | None = None
+    ) -> None:
         """Hand ``job`` over to continuation number ``continuation`` of its task (after ``countdown`` seconds)."""
         ...

@@ -28,11 +28,17 @@ under ``poison-<sha256 prefix>``. Key layout (``p`` = prefix from settings, defa
     {p}:job:{ref}:final              SET NX flag: who finalises
     {p}:jobs:open                    set of open fan-out job references (for progress metrics)
     {p}:deadletter                   list of dead-lettered job references (newest first)
+    {p}:erased:{ref}                 tombstone: an erasure removed this job's records (its re-delivery is refused)
+
+Erasure (``erase_subject``, ``erase_tenant``) finds the records by ``SCAN`` over the tenant's references
+(``{p}:*:{tenant}/*``) rather than a per-subject index: it covers records written before erasure existed, costs
+nothing on the enrol path, and erasures are rare; its cost is one pass over the keyspace (``SCAN COUNT 1000``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -392,6 +398,139 @@ return c
 
     def dead_letters(self, limit: int = 100) -> list[str]:
         return [_s(x) for x in self.r.lrange(self._k("deadletter"), 0, limit - 1)]
+
+    # --- erasure ---------------------------------------------------------------------------------------------------
+    def _tenant_keys(self, tenant: str) -> list[str]:
+        """Every job-book key of the tenant's jobs, and Celery result keys of its job references."""
+        out = [_s(k) for k in self.r.scan_iter(match=f"{self.p}:*:{tenant}/*", count=1000)]
+        out += [_s(k) for k in self.r.scan_iter(match=f"celery-task-meta-{tenant}/*", count=1000)]
+        return out
+
+    def _ref_of(self, key: str) -> tuple[str, str, str] | None:
+        """(kind, job reference, suffix) of a job-book key ``{p}:{kind}:{ref}[:{suffix}]``; None for other keys."""
+        if key.startswith("celery-task-meta-"):
+            return "celery", key[len("celery-task-meta-") :], ""
+        if not key.startswith(self.p + ":"):
+            return None
+        kind, _, rest = key[len(self.p) + 1 :].partition(":")
+        ref, _, suffix = rest.partition(":")
+        return kind, ref, suffix
+
+    def _drop_refs(self, refs: set[str], keys: list[str]) -> int:
+        """Delete every key of the job references ``refs`` (continuations ``{ref}-c{n}`` included) and leave a
+        tombstone per reference."""
+        doomed = []
+        for k in keys:
+            parsed = self._ref_of(k)
+            if parsed is None or parsed[0] == "erased":
+                continue
+            if parsed[1] in refs or _base_ref(parsed[1]) in refs:
+                doomed.append(k)
+        pipe = self.r.pipeline(transaction=False)
+        for k in doomed:
+            pipe.delete(k)
+        for ref in refs:
+            pipe.lrem(self._k("deadletter"), 0, ref)
+            pipe.srem(self._k("jobs", "open"), ref)
+            pipe.set(self._k("erased", ref), "1", ex=self.ttl)
+        pipe.execute()
+        return len(doomed)
+
+    def forget_job(self, job_id: str) -> None:
+        """Remove every record of one job (an erasure overtook it) and leave its tombstone."""
+        keys = [self._k(kind, job_id) for kind in ("attempts", "submitted", "transient", "result", "deadletter", "job")]
+        keys += [self._k("job", job_id, s) for s in ("succeeded", "failed", "items", "chunks", "final")]
+        self._drop_refs({job_id}, keys)
+
+    def was_erased(self, job_id: str) -> bool:
+        """An erasure removed this job's records (a re-delivered message of it must not write again)."""
+        return bool(self.r.exists(self._k("erased", job_id)))
+
+    def erase_subject(self, tenant: str, subject: str, placeholder: str, also_jobs: set[str] | None = None) -> int:
+        """Remove every record naming ``subject`` of ``tenant``: the whole record family (result, attempts,
+        submission, job hash and sets, dead letter) of each job whose result, job hash or dead letter names it;
+        inside other jobs (a key revocation's progress sets, item details and saved chunks) the subject is replaced
+        by ``placeholder`` so counts stay right. ``also_jobs``: job IDs known (from S3) to have written for the subject,
+        treated the same. Returns the number of keys deleted or rewritten."""
+        keys = self._tenant_keys(tenant)
+        refs: set[str] = {f"{tenant}/{j}" for j in also_jobs or ()}
+        fanout: list[tuple[str, str]] = []
+        for k in keys:
+            parsed = self._ref_of(k)
+            if parsed is None:
+                continue
+            kind, ref, suffix = parsed
+            if kind in ("result", "deadletter", "celery") and not suffix:
+                raw = self.r.get(k)
+                if raw is not None and _json_names(raw, subject):
+                    refs.add(ref)
+            elif kind == "job" and not suffix:
+                if _s(self.r.hget(k, "subject") or b"") == subject:
+                    refs.add(ref)
+            elif kind == "job" and suffix in ("succeeded", "failed", "items", "chunks"):
+                fanout.append((k, suffix))
+        n = self._drop_refs(refs, keys)
+        for k, suffix in fanout:
+            n += self._replace_item(k, suffix, subject, placeholder)
+        return n
+
+    def _replace_item(self, key: str, suffix: str, subject: str, placeholder: str) -> int:
+        if suffix == "succeeded":
+            if self.r.srem(key, subject):
+                self.r.sadd(key, placeholder)
+                return 1
+            return 0
+        if suffix in ("failed", "items"):
+            v = self.r.hget(key, subject)
+            if v is None:
+                return 0
+            self.r.hdel(key, subject)
+            self.r.hset(key, placeholder, "{}" if suffix == "items" else v)
+            return 1
+        n = 0
+        for idx, raw in self.r.hgetall(key).items():
+            payload = json.loads(raw)
+            subjects = payload.get("subjects")
+            if isinstance(subjects, list) and subject in subjects:
+                payload["subjects"] = [placeholder if x == subject else x for x in subjects]
+                self.r.hset(key, idx, json.dumps(payload, sort_keys=True))
+                n += 1
+        return n
+
+    def erase_tenant(self, tenant: str, keep: str | None = None) -> int:
+        """Remove every record of the tenant's jobs (all but job reference ``keep``: the erasing job's own)."""
+        keys = self._tenant_keys(tenant)
+        refs = set()
+        for k in keys:
+            parsed = self._ref_of(k)
+            if parsed is not None and parsed[0] != "erased" and _base_ref(parsed[1]) != keep:
+                refs.add(parsed[1])
+        n = self._drop_refs(refs, keys)
+        for ref in [_s(x) for x in self.r.lrange(self._k("deadletter"), 0, -1)]:
+            if ref.startswith(f"{tenant}/"):
+                self.r.lrem(self._k("deadletter"), 0, ref)
+        return n
+
+
+def _base_ref(ref: str) -> str:
+    """The job reference of a continuation's reference ``{ref}-c{n}`` (else ``ref`` itself)."""
+    return re.sub(r"-c[0-9]+$", "", ref)
+
+
+def _json_names(raw: Any, subject: str) -> bool:
+    """A stored JSON record (result, dead letter with its job, Celery result) whose subject is ``subject``."""
+    try:
+        d = json.loads(raw)
+    except (ValueError, TypeError):
+        return False
+    if not isinstance(d, dict):
+        return False
+    for obj in (d, d.get("job"), d.get("result")):
+        if isinstance(obj, dict):
+            subs = obj.get("subjects")
+            if obj.get("subject") == subject or (isinstance(subs, list) and subject in subs):
+                return True
+    return False
 
 
 def _s(x: Any) -> str:

@@ -9,6 +9,8 @@
         revocations/{version:010d}.json       revocation record of one version
         key.json                              the subject's key ID and key version (+ history)
     tenants/{tenant}/dead-letters/{job_id}.json
+    tenants/{tenant}/erasures/{sha256}.json   erasure record of one subject (keyed by a hash: no subject ID in clear)
+    tenants/{tenant}/erasures/~tenant.json    erasure record of a tenant-wide erasure
     tenants/{tenant}/jobs/{job_id}/...        job bookkeeping (revoke progress snapshots)
     tenants/{tenant}/jobs/{job_id}/report.jsonl|csv   a bulk job's failed rows (line, subject, code, message)
     tenants/{tenant}/keys/{key_id_path}/state.json   key state for this tenant (active / revoked + reason)
@@ -149,3 +151,21 @@ def key_index_state(tenant: str, key_id: str) -> str:
 def tenant_key_index_state(tenant: str) -> str:
     """Every key of the tenant is indexed ('~' is quoted in a key ID's path segment, so no key's folder is this)."""
     return f"{_t(tenant)}/keys/~index.json"
+
+
+def erasures_prefix(tenant: str) -> str:
+    return f"{_t(tenant)}/erasures/"
+
+
+def erasure_key(tenant: str, digest: str | None) -> str:
+    """A subject's erasure record (``digest``: ``worker.storage.erasure.subject_digest``), or (None) the tenant's."""
+    if digest is None:
+        return erasures_prefix(tenant) + "~tenant.json"
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError("an erasure record is named by a lower-case hex SHA-256")
+    return f"{erasures_prefix(tenant)}{digest}.json"
+
+
+def keys_prefix(tenant: str) -> str:
+    """Every key's folder of the tenant (state, index markers)."""
+    return f"{_t(tenant)}/keys/"

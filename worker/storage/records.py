@@ -203,3 +203,22 @@ class KeyStateRecord(_Rec):
     reason: str | None = None
     job_id: str | None = None
     changed_at: datetime = Field(default_factory=utcnow)
+
+
+class ErasureRecord(_Rec):
+    """``tenants/{tenant}/erasures/{sha256}.json`` (one subject) or ``.../~tenant.json`` (every subject): what an
+    erasure left behind. No subject ID in clear and no biometric data: ``subject_sha256`` is
+    ``worker.storage.erasure.subject_digest``. ``state`` is ``erasing`` from before the first deletion until the
+    last one; an enrolment refuses to start while it is ``erasing`` and deletes what it wrote when the record changed
+    while it ran (``worker.storage.erasure``)."""
+
+    kind: Literal["erasure"] = "erasure"
+    tenant: str
+    scope: Literal["subject", "tenant"]
+    subject_sha256: str | None = None
+    job_id: str
+    reason: str
+    state: Literal["erasing", "done"]
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    objects_deleted: int = Field(default=0, ge=0)

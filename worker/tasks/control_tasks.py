@@ -17,10 +17,12 @@ from worker.broker.config import (
     ENGINE_BULK_QUEUE,
     TASK_BULK,
     TASK_ENROLL,
+    TASK_ERASE,
     TASK_PING,
     TASK_RECONCILE,
     TASK_REENROLL_CHUNK,
     TASK_REVOKE,
+    TASK_SWEEP_RETENTION,
     TASK_SWEEP_STAGING,
     TASK_SWEEP_UPLOADS,
 )
@@ -28,6 +30,8 @@ from worker.broker.publish import MessageTemplate, TemplateMismatch, is_celery_s
 from worker.contracts import (
     BulkJob,
     BulkResult,
+    EraseJob,
+    EraseResult,
     RevokeJob,
     RevokeResult,
     child_job_id,
@@ -37,6 +41,7 @@ from worker.contracts import (
 )
 from worker.errors import NoTemplateError
 from worker.service import bulk as bulk_service
+from worker.service import erase as erase_service
 from worker.service import revoke as revoke_service
 from worker.service.clock import now
 from worker.tasks.app import app
@@ -131,7 +136,9 @@ class CeleryDispatch:
         except Exception:  # noqa: BLE001 - backpressure is best effort
             return 0
 
-    def continue_job(self, job: RevokeJob | BulkJob, continuation: int, countdown: float | None = None) -> None:
+    def continue_job(
+        self, job: RevokeJob | BulkJob | EraseJob, continuation: int, countdown: float | None = None
+    ) -> None:
         self.task.apply_async(
             args=[to_wire(job)],
             kwargs={"continuation": continuation},
@@ -141,7 +148,7 @@ class CeleryDispatch:
         )
 
 
-def _dispatch(task: Any, job: RevokeJob | BulkJob) -> CeleryDispatch:
+def _dispatch(task: Any, job: RevokeJob | BulkJob | EraseJob) -> CeleryDispatch:
     from worker.tasks.runtime import get_runtime
 
     return CeleryDispatch(task, job.job_id, get_runtime().redis)
@@ -200,6 +207,48 @@ class BulkTask(JobTask[BulkJob, BulkResult]):
 
 
 bulk = app.register_task(BulkTask())
+
+
+# --- erase ----------------------------------------------------------------------------------------------------------
+class EraseTask(JobTask[EraseJob, EraseResult]):
+    """Erase a subject, or every subject of a tenant (``EraseJob`` JSON) -> ``EraseResult`` JSON (a tenant-wide one
+    returns ``running`` while continuations carry on; the last stores the terminal result)."""
+
+    name = TASK_ERASE
+    job_model = EraseJob
+    result_model = EraseResult
+    job_type = "erase"
+
+    def run(self, *args: Any, continuation: int = 0, **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(continuation, int) or continuation < 0:
+            kwargs["continuation"] = continuation
+            continuation = 0
+        return self.run_job(args, kwargs, Delivery(continuation=continuation))
+
+    def handle(self, rt: Runtime, job: EraseJob, attempt: int, started: datetime, delivery: Delivery) -> EraseResult:
+        return erase_service.erase(rt, job, attempt, started, _dispatch(self, job), delivery.continuation)
+
+    def ident(self, job: EraseJob) -> dict[str, Any]:
+        from worker.storage.erasure import subject_digest
+
+        sha = None if job.subject is None else subject_digest(job.tenant, job.subject)
+        return {"subject_sha256": sha, "all_subjects": job.all_subjects, "reason": job.reason}
+
+    def attempt_key(self, job: EraseJob, delivery: Delivery) -> str:
+        return job.ref if delivery.continuation == 0 else f"{job.ref}-c{delivery.continuation}"
+
+
+erase = app.register_task(EraseTask())
+
+
+@app.task(name=TASK_SWEEP_RETENTION)
+def sweep_retention(at: str | None = None) -> dict[str, Any]:
+    """Erase subjects past ``worker.template_retention_days`` (``worker.service.erase.sweep_retention``). Sent daily
+    by Celery beat when the setting is on; safe to run twice. ``at``: ISO time to sweep as of (default: now)."""
+    from worker.tasks.runtime import get_runtime
+
+    when = datetime.fromisoformat(at) if isinstance(at, str) else None
+    return erase_service.sweep_retention(get_runtime(), when)
 
 
 @app.task(name=TASK_PING)
@@ -299,4 +348,14 @@ def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
     return {"dead_letters_synced": synced, "bulk_children_repaired": repaired}
 
 
-__all__ = ["bulk", "ping", "reconcile", "revoke", "sweep_staging", "sweep_uploads", "NoTemplateError"]
+__all__ = [
+    "bulk",
+    "erase",
+    "sweep_retention",
+    "ping",
+    "reconcile",
+    "revoke",
+    "sweep_staging",
+    "sweep_uploads",
+    "NoTemplateError",
+]

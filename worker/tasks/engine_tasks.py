@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from worker.service.runtime import Runtime
 
 
+def _sent_at(request: Any) -> float | None:
+    """The producer's ``sent_at`` header (epoch seconds) of the message being run, if it carries one."""
+    v = getattr(request, "sent_at", None)
+    if v is None:
+        v = (getattr(request, "headers", None) or {}).get("sent_at")
+    return float(v) if isinstance(v, int | float) and v > 0 else None
+
+
 class EnrollTask(JobTask[EnrollJob, EnrollResult]):
     """Enrol one subject (``EnrollJob`` JSON) -> ``EnrollResult`` JSON. ``parent``: the bulk job it belongs to."""
 
@@ -40,10 +48,13 @@ class EnrollTask(JobTask[EnrollJob, EnrollResult]):
         return self.run_job(args, kwargs, Delivery(parent=parent))
 
     def handle(self, rt: Runtime, job: EnrollJob, attempt: int, started: datetime, delivery: Delivery) -> EnrollResult:
-        return enrol.enroll(rt, job, attempt, started)
+        return enrol.enroll(rt, job, attempt, started, queued_at=_sent_at(self.request))
 
     def ident(self, job: EnrollJob) -> dict[str, Any]:
         return {"subject": job.subject, "key_id": job.key_id}
+
+    def after_stored(self, rt: Runtime, job: EnrollJob, result: EnrollResult) -> None:
+        enrol.forget_if_erased(rt, job, result)
 
     def reports_terminal(self, delivery: Delivery) -> bool:
         return bool(delivery.parent)

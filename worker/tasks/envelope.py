@@ -206,6 +206,9 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
     def on_terminal(self, rt: Runtime, job: JobT, result: ResultT, delivery: Delivery) -> None:
         """After a terminal result was stored (and again on a re-delivery): report to a fan-out parent."""
 
+    def after_stored(self, rt: Runtime, job: JobT, result: ResultT) -> None:
+        """Right after the terminal result was stored (an enrolment checks that no erasure overtook it)."""
+
     def runtime(self) -> Runtime:
         from worker.tasks.runtime import get_runtime
 
@@ -363,6 +366,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
         wire = to_wire(res)
         try:
             rt.book.save_result(job_ref(job.tenant, job.job_id), wire)
+            self.after_stored(rt, job, res)
             if self.reports_terminal(delivery):
                 self.on_terminal(rt, job, res, delivery)
         except (RedisConnectionError, RedisTimeoutError) as e:
