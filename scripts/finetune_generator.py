@@ -47,7 +47,7 @@ DCGAN_PATH = "pkg://gan_face_generate/weights.tar"
 CACHE_NAME = "lfw_train_arcface64.npz"
 
 
-# --- data -------------------------------------------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------------------
 def train_photos(data: Path) -> list[tuple[str, Path]]:
     """(identity, photo) of every lfw-dev TRAIN identity (never VALIDATION or the evaluation holdout)."""
     from worker.models.lite import lite_split
@@ -111,7 +111,7 @@ def build_cache(data: Path, path: Path, size: int = 64) -> np.ndarray:
     return arr
 
 
-# --- discriminator and augmentation -----------------------------------------------------------------------------------
+# --- discriminator and augmentation -----------------------------------------------------------------------------
 class Discriminator(nn.Module):
     """64 px DCGAN-style discriminator: (B, 3, 64, 64) in [-1, 1] -> logits (B,). No batch norm (R1-friendly)."""
 
@@ -163,7 +163,7 @@ def augment(x: torch.Tensor, policy: set[str]) -> torch.Tensor:
     return x
 
 
-# --- state --------------------------------------------------------------------------------------------------------------
+# --- state ------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
