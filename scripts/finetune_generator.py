@@ -23,6 +23,9 @@ Checkpoints: ``<out>/last.pt`` (G, EMA, D, both optimisers, step, all RNG states
 atomically; ``<out>/ema_<step>.pt`` (EMA G state dict) every ``--snapshot-every`` steps for the training curve.
 ``--resume`` continues from ``last.pt``. One torch thread.
 
+Export (the bundle's artefact): ``--export-delta <snapshot or last.pt> --delta-out <file>`` writes the EMA weights
+minus the package weights as float16 (``worker.models.dcgan.apply_delta`` format; unchanged tensors left out).
+
     nohup nice -n 19 env OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python scripts/finetune_generator.py \\
         --out /work/runs/gan-finetune [--resume] > /work/runs/gan-finetune/train.log 2>&1 &
 """
@@ -180,6 +183,36 @@ def atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def export_delta(snapshot: Path, out: Path) -> dict:
+    """EMA weights of ``snapshot`` minus the package weights -> float16 delta file; returns its meta."""
+    from worker.models.bundle import resolve_path, sha256_file
+    from worker.models.dcgan import DELTA_FORMAT, load_dcgan
+
+    base_path = resolve_path(REPO, DCGAN_PATH)
+    base = load_dcgan(base_path).state_dict()
+    ck = torch.load(snapshot, map_location="cpu", weights_only=False)
+    tuned = ck["ema"] if "ema" in ck else ck
+    delta = {}
+    for k, v in tuned.items():
+        if v.is_floating_point() and not torch.equal(v, base[k]):
+            delta[k] = (v.float() - base[k].float()).half().contiguous()
+    meta = {
+        "source": "scripts/finetune_generator.py (EMA generator)",
+        "step": int(ck.get("step", -1)),
+        "args": json.dumps(ck.get("args", {}), sort_keys=True, default=str),
+        "data": "lfw-dev TRAIN identities (not VALIDATION sha256 % 10 == 0, not holdout % 10 == 3)",
+        "licence": "inherits the gan-face-generate weights' licence: non-commercial research only (DigiFace-1M)",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"format": DELTA_FORMAT, "version": 1, "base_sha256": sha256_file(base_path), "delta": delta, "meta": meta},
+        out,
+    )
+    n = sum(v.numel() for v in delta.values())
+    print(f"{out}: {len(delta)} tensors, {n} values, {out.stat().st_size} bytes, sha256 {sha256_file(out)}")
+    return meta
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/work/runs/gan-finetune")
@@ -199,7 +232,13 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--export-delta", default=None, help="snapshot to export as a float16 delta (no training)")
+    ap.add_argument("--delta-out", default=str(REPO / "worker" / "bundles" / "keymap" / "dcgan_finetune_delta.pt"))
     args = ap.parse_args()
+    if args.export_delta:
+        torch.set_num_threads(1)
+        export_delta(Path(args.export_delta), Path(args.delta_out))
+        return
 
     torch.set_num_threads(1)
     try:
