@@ -253,6 +253,14 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ck = None
+    if args.resume and (out / "last.pt").is_file():
+        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+        # options left at their defaults on the command line take the checkpoint's values (same run, same knobs)
+        fixed = ("resume", "export_delta", "delta_out", "stop_at", "max_steps")
+        for k, v in ck.get("args", {}).items():
+            if k not in fixed and hasattr(args, k) and getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
     cache = out / CACHE_NAME
     if cache.is_file():
         real_np = np.load(cache)["images"]
@@ -275,8 +283,7 @@ def main() -> None:
     beta = 0.5 ** (1.0 / args.ema_half_life)
 
     step = 0
-    if args.resume and (out / "last.pt").is_file():
-        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    if ck is not None:
         g.load_state_dict(ck["g"])
         ema.load_state_dict(ck["ema"])
         d.load_state_dict(ck["d"])
