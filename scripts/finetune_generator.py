@@ -289,6 +289,9 @@ def main() -> None:
         d.load_state_dict(ck["d"])
         opt_g.load_state_dict(ck["opt_g"])
         opt_d.load_state_dict(ck["opt_d"])
+        for opt, lr in ((opt_g, args.lr_g), (opt_d, args.lr_d)):  # a learning rate given on resume takes effect
+            for group in opt.param_groups:
+                group["lr"] = lr
         step = int(ck["step"])
         set_rng_state(ck["rng"])
         print(f"resumed at step {step} (saved {ck.get('saved_at')}; args then {ck.get('args')})", flush=True)
