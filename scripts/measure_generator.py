@@ -209,6 +209,9 @@ def main() -> None:
     ap.add_argument("--cache", default="/work/runs/gan-finetune/judge_reference.json")
     ap.add_argument("--sheet-dir", default=None, help="write <name>.png contact sheets here")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument(
+        "--pair-sheet", default=None, help="PNG: rows of package faces, each above the last generator's from the same z"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     import cv2
@@ -237,6 +240,11 @@ def main() -> None:
         if args.sheet_dir:
             name = "package" if spec == "package" else Path(spec).stem if Path(spec).suffix else Path(spec).name
             contact_sheet(images, Path(args.sheet_dir) / f"{name}.png")
+    if args.pair_sheet:
+        cols = 10
+        base = sample_images(load_generator("package"), 3 * cols, args.seed)
+        rows = [part for r in range(3) for part in (base[r * cols : (r + 1) * cols], images[r * cols : (r + 1) * cols])]
+        contact_sheet(np.concatenate(rows), Path(args.pair_sheet), cols=cols, rows=6)
 
 
 if __name__ == "__main__":
