@@ -15,6 +15,8 @@ and report
 - ``same_z_cos_r1`` / ``same_z_match_r1``: recognizer 1's cosine between this generator's and the package
   generator's face from the same z (mean, share at the threshold): how much the latent -> identity map moved
   (the key map was trained against the package generator);
+- ``colour:<generator>``: the package's samples with each channel scaled so their mean face colour equals that
+  generator's (does a gain come from colour alone?);
 - ``cos_r1`` / ``cos_r2``: mean pairwise cosine; ``rgb``: mean colour of the face centre (skin tone), against the
   real crops; ``nyquist``: share of the spectrum's AC power on the Nyquist row/column (stripes, checkerboards).
 
@@ -229,7 +231,13 @@ def main() -> None:
     ref_e1 = np.load(ref_path)
     for spec in args.generators:
         t0 = time.time()
-        images = sample_images(load_generator(spec), args.n, args.seed)
+        if spec.startswith("colour:"):  # package samples recoloured to another generator's mean face colour
+            images = sample_images(load_generator("package"), args.n, args.seed)
+            target = np.array(centre_rgb(sample_images(load_generator(spec[len("colour:") :]), args.n, args.seed)))
+            gain = target / np.array(centre_rgb(images))
+            images = np.clip(images.astype(np.float64) * gain, 0, 255).round().astype(np.uint8)
+        else:
+            images = sample_images(load_generator(spec), args.n, args.seed)
         rec = {"generator": spec, **describe(judges, list(images), ref["t1"], ref["t2"], ref_e1)}
         rec["rgb_mean"] = centre_rgb(images)
         rec["seconds"] = round(time.time() - t0, 1)
@@ -238,7 +246,9 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if args.sheet_dir:
-            name = "package" if spec == "package" else Path(spec).stem if Path(spec).suffix else Path(spec).name
+            plain = spec.removeprefix("colour:")
+            name = "package" if plain == "package" else Path(plain).stem if Path(plain).suffix else Path(plain).name
+            name = name if plain == spec else f"colour_{name}"
             contact_sheet(images, Path(args.sheet_dir) / f"{name}.png")
     if args.pair_sheet:
         cols = 10
