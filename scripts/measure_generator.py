@@ -31,6 +31,7 @@ The same identities aligned like the generator's faces (dlib, "arcface-112" at 6
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -122,9 +123,9 @@ def real_reference(judges: Judges, data: Path, n_ids: int, cache: Path) -> dict:
     from worker.evaluation.evaluator import load_rgb
     from worker.models.lite import lite_split
 
-    spec = __import__("importlib.util").util.spec_from_file_location("ft", REPO / "scripts" / "finetune_generator.py")
-    ft = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(ft)  # type: ignore[union-attr]
+    spec = importlib.util.spec_from_file_location("finetune_generator", REPO / "scripts" / "finetune_generator.py")
+    ft = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(ft)  # type: ignore[union-attr]  # the same alignment as the training data
     detector = dlib.get_frontal_face_detector()
     names = sorted(d.name for d in data.iterdir() if d.is_dir() and lite_split(d.name) != "train")
     photos, small = [], []
