@@ -108,6 +108,11 @@ def test_malformed_delta_entry_is_a_bundle_error(tmp_path: Path) -> None:
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="enabled"):
         load_bundle(d, components=["generator"])
+    manifest["components"]["generator"]["config"]["delta"]["enabled"] = True
+    manifest["components"]["generator"]["format"] = "keymap-mlp"  # a loader that would ignore it
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="takes no delta"):
+        load_bundle(d, components=["generator"])
 
 
 # --- the shipped delta (needs the gan-face-generate package) -------------------------------------------------------

@@ -60,6 +60,9 @@ FORMATS: dict[str, str] = {
     "keymap-mlp": "worker.algorithm.keymap:load_keymap",
 }
 
+# Formats whose loader applies a ``config.delta`` (any other format with a delta is refused, never silently ignored).
+DELTA_FORMATS = frozenset({"dcgan-gan-face-generate"})
+
 # Which protocol each role must satisfy once loaded (checked by attribute names, see worker.models.base).
 _ROLE_PROTOCOL = {
     "generator": "Generator",
@@ -242,6 +245,8 @@ def validate_manifest(manifest: Any) -> None:
             raise BundleError(f"component {name!r}: config must be an object")
         delta = spec.get("config", {}).get("delta")
         if delta is not None:
+            if fmt not in DELTA_FORMATS:
+                raise BundleError(f"component {name!r}: format {fmt!r} takes no delta (only {sorted(DELTA_FORMATS)})")
             if not isinstance(delta, dict) or not all(isinstance(delta.get(k), str) for k in ("path", "sha256")):
                 raise BundleError(f"component {name!r}: config.delta needs a string 'path' and 'sha256'")
             if not isinstance(delta.get("enabled", True), bool):
