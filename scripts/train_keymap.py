@@ -10,6 +10,11 @@ One torch thread, checkpoints every ``--ckpt-every`` seconds, resumes from ``<ru
 or ``--stop-at`` (UTC HH:MM), then writes ``<out>/keymap.pt``. The evaluation judge takes no part.
 
     PYTHONPATH=. nohup .venv/bin/python scripts/train_keymap.py --stop-at 06:20 > runs/keymap.log 2>&1 &
+
+Against the fine-tuned generator (``scripts/finetune_generator.py``):
+``--generator-delta <bundle>/dcgan_finetune_delta.pt`` (the generator statistics are refitted on its samples and
+the written manifest enables the delta), optionally ``--init <keymap.pt>`` to start from an existing key map's MLP
+instead of from scratch.
 """
 
 from __future__ import annotations
@@ -107,12 +112,15 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=float, default=180.0)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--finalize-only", action="store_true")
+    ap.add_argument("--generator-delta", default=None, help="fine-tune delta of the DCGAN (finetune_generator.py)")
+    ap.add_argument("--init", default=None, help="start from this keymap.pt's MLP (not from scratch)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
-    gen = load_dcgan(resolve_path(REPO, DCGAN_PATH)).eval().requires_grad_(False)
+    gen_config: dict = {"delta": {"path": str(Path(args.generator_delta).resolve())}} if args.generator_delta else {}
+    gen = load_dcgan(resolve_path(REPO, DCGAN_PATH), gen_config).eval().requires_grad_(False)
     dlib = load_dlib_resnet().eval().requires_grad_(False)
     data = np.load(args.emb)
     real = torch.from_numpy(data["emb"]).float()
@@ -128,6 +136,9 @@ def main() -> None:
         g.set_state(ck["rng"])
         print(f"resumed at step {step}", flush=True)
     else:
+        if args.init:
+            init = torch.load(args.init, map_location="cpu", weights_only=True)["state"]
+            model.mlp.load_state_dict({k[len("mlp.") :]: v for k, v in init.items() if k.startswith("mlp.")})
         t = time.time()
         stats = fit_stats(model, real, gen, dlib, args.n_gen, g)
         stats["fit_seconds"] = time.time() - t
@@ -200,13 +211,19 @@ def main() -> None:
         model, out / "keymap.pt", {"steps": step, "stats": stats, "args": vars(args), "final": log[-1] if log else None}
     )
     print(f"wrote {out / 'keymap.pt'} at step {step}", flush=True)
-    write_bundle_manifest(out)
+    delta = None
+    if args.generator_delta:
+        dpath = Path(args.generator_delta).resolve()
+        rel = dpath.relative_to(out.resolve()) if dpath.is_relative_to(out.resolve()) else dpath
+        delta = {"path": str(rel), "enabled": True}
+    write_bundle_manifest(out, delta=delta)
     print(f"wrote {out / 'manifest.json'}", flush=True)
 
 
-def write_bundle_manifest(out: Path, engine: dict | None = None) -> Path:
+def write_bundle_manifest(out: Path, engine: dict | None = None, delta: dict | None = None) -> Path:
     """``<out>/manifest.json``: the packaged DCGAN (pkg://, hash pinned), the key map, dlib's ResNet; engine advice
-    kept from an existing manifest (steps, lr, verify threshold) unless given."""
+    kept from an existing manifest (steps, lr, verify threshold) unless given. The generator's fine-tune ``delta``
+    entry (``{"path", "enabled"}``) is ``delta`` when given, else the existing manifest's (re-hashed)."""
     from worker.models.bundle import manifest_for, sha256_file
 
     mpath = out / "manifest.json"
@@ -220,6 +237,9 @@ def write_bundle_manifest(out: Path, engine: dict | None = None) -> Path:
             "config": {"embedding_dim": 128, "input_size": 150},
         },
     }
+    old_delta = old.get("components", {}).get("generator", {}).get("config", {}).get("delta")
+    if delta or old_delta:
+        components["generator"]["config"]["delta"] = dict(delta or old_delta)
     bundle_id = "keymap-dcgan64-" + sha256_file(out / "keymap.pt")[:12]
     manifest = manifest_for(out, components, bundle_id)
     manifest["engine"] = engine or old.get("engine") or {"steps": 20, "lr": 0.05, "key_target": False}

@@ -8,7 +8,11 @@ Manifest (schema_version 1)::
 
 Component names: ``generator``, ``encoder``, ``identity`` (required), ``attribute``, ``sampler`` (optional).
 ``path`` is relative to the bundle directory, absolute, or ``pkg://<python package>/<relative path>`` for files
-shipped inside an installed package. Remote (``s3://``) paths are fetched into a local directory by
+shipped inside an installed package. A component's config may name a weight delta applied on top of its file at
+load, ``"delta": {"path": ..., "sha256": ..., "enabled": true}`` (e.g. the project's fine-tune of a package's
+generator); an enabled delta is hashed with the other files, handed to the loader as an absolute path, and
+appended to the loaded bundle's ``bundle_id`` (``<id>+<component>-delta-<first 12 hex>``), so results made with
+and without it never share a fingerprint. Remote (``s3://``) paths are fetched into a local directory by
 ``worker.storage`` first; this module never touches the network.
 
 Every file's SHA-256 is checked before any checkpoint is unpickled, so a loader only ever reads bytes the
@@ -55,6 +59,9 @@ FORMATS: dict[str, str] = {
     "dcgan-gan-face-generate": "worker.models.dcgan:load_dcgan",
     "keymap-mlp": "worker.algorithm.keymap:load_keymap",
 }
+
+# Formats whose loader applies a ``config.delta`` (any other format with a delta is refused, never silently ignored).
+DELTA_FORMATS = frozenset({"dcgan-gan-face-generate"})
 
 # Which protocol each role must satisfy once loaded (checked by attribute names, see worker.models.base).
 _ROLE_PROTOCOL = {
@@ -236,27 +243,50 @@ def validate_manifest(manifest: Any) -> None:
                 raise BundleError(f"component {name!r} needs a string {key!r}")
         if not isinstance(spec.get("config", {}), dict):
             raise BundleError(f"component {name!r}: config must be an object")
+        delta = spec.get("config", {}).get("delta")
+        if delta is not None:
+            if fmt not in DELTA_FORMATS:
+                raise BundleError(f"component {name!r}: format {fmt!r} takes no delta (only {sorted(DELTA_FORMATS)})")
+            if not isinstance(delta, dict) or not all(isinstance(delta.get(k), str) for k in ("path", "sha256")):
+                raise BundleError(f"component {name!r}: config.delta needs a string 'path' and 'sha256'")
+            if not isinstance(delta.get("enabled", True), bool):
+                raise BundleError(f"component {name!r}: config.delta.enabled must be true or false")
+
+
+def enabled_delta(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A component's ``config.delta`` when present and enabled (``enabled`` defaults to true), else None."""
+    delta = spec.get("config", {}).get("delta")
+    return dict(delta) if isinstance(delta, dict) and delta.get("enabled", True) else None
+
+
+def _check_file(directory: Path, what: str, raw_path: str, raw_sha: str) -> str:
+    path = resolve_path(directory, raw_path)
+    expected = raw_sha.strip().lower()
+    if expected == PLACEHOLDER_SHA.lower():
+        raise BundleError(f"{what}: sha256 is still {PLACEHOLDER_SHA} (run write_manifest)")
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise BundleError(f"{what}: sha256 must be 64 hex digits")
+    if not path.is_file():
+        raise BundleError(f"{what}: file not found: {path}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise HashMismatchError(f"{what}: file {path.name} has sha256 {actual}, manifest says {expected}")
+    return actual
 
 
 def verify_hashes(directory: Path, manifest: dict[str, Any], names: Iterable[str]) -> dict[str, str]:
-    """Hash every named component's file against the manifest; return ``{name: hex digest}``."""
+    """Hash every named component's file (and its enabled delta) against the manifest.
+
+    Returns ``{name: hex digest}``, plus ``{"<name>.delta": hex digest}`` for each enabled delta.
+    """
     hashes: dict[str, str] = {}
     for name in names:
         spec = manifest["components"][name]
-        path = resolve_path(directory, spec["path"])
-        expected = spec["sha256"].strip().lower()
-        if expected == PLACEHOLDER_SHA.lower():
-            raise BundleError(f"component {name!r}: sha256 is still {PLACEHOLDER_SHA} (run write_manifest)")
-        if not re.fullmatch(r"[0-9a-f]{64}", expected):
-            raise BundleError(f"component {name!r}: sha256 must be 64 hex digits")
-        if not path.is_file():
-            raise BundleError(f"component {name!r}: file not found: {path}")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise HashMismatchError(
-                f"component {name!r}: file {path.name} has sha256 {actual}, manifest says {expected}"
-            )
-        hashes[name] = actual
+        hashes[name] = _check_file(directory, f"component {name!r}", spec["path"], spec["sha256"])
+        delta = enabled_delta(spec)
+        if delta is not None:
+            what = f"component {name!r} delta"
+            hashes[f"{name}.delta"] = _check_file(directory, what, delta["path"], delta["sha256"])
     return hashes
 
 
@@ -309,10 +339,17 @@ def load_bundle(directory: Path | str, device: torch.device | str = "cpu", compo
     hashes = verify_hashes(directory, manifest, names)
     loaded: dict[str, nn.Module] = {}
     device = torch.device(device)
+    bundle_id = manifest["bundle_id"]
     for name in names:
         spec = present[name]
         loader = loader_for(spec["format"])
-        module = loader(resolve_path(directory, spec["path"]), dict(spec.get("config", {})))
+        config = dict(spec.get("config", {}))
+        config.pop("delta", None)
+        delta = enabled_delta(spec)
+        if delta is not None:
+            config["delta"] = {"path": str(resolve_path(directory, delta["path"])), "sha256": hashes[f"{name}.delta"]}
+            bundle_id = f"{bundle_id}+{name}-delta-{hashes[f'{name}.delta'][:12]}"
+        module = loader(resolve_path(directory, spec["path"]), config)
         _check_role(name, module, spec["format"])
         loaded[name] = freeze(module.to(device))
     return ModelBundle(
@@ -321,7 +358,7 @@ def load_bundle(directory: Path | str, device: torch.device | str = "cpu", compo
         identity=loaded.get("identity"),
         attribute=loaded.get("attribute"),
         sampler=loaded.get("sampler"),
-        bundle_id=manifest["bundle_id"],
+        bundle_id=bundle_id,
         hashes=hashes,
     )
 
@@ -356,11 +393,18 @@ def manifest_for(
         path = resolve_path(directory, spec.get("path", ""))
         if not path.is_file():
             raise BundleError(f"component {name!r}: file not found: {path}")
+        config = dict(spec.get("config", {}))
+        if isinstance(config.get("delta"), dict):
+            delta = dict(config["delta"])
+            dpath = resolve_path(directory, delta.get("path", ""))
+            if not dpath.is_file():
+                raise BundleError(f"component {name!r} delta: file not found: {dpath}")
+            config["delta"] = {**delta, "sha256": sha256_file(dpath)}
         out["components"][name] = {
             "format": spec.get("format"),
             "path": spec["path"],
             "sha256": sha256_file(path),
-            "config": dict(spec.get("config", {})),
+            "config": config,
         }
     validate_manifest(out)
     return out
