@@ -267,9 +267,7 @@ def test_background_flag_is_scoped_with_the_delivery() -> None:
 
 def test_work_preparing_for_another_lane_is_not_waited_for() -> None:
     eng = FakeEngine()
-    b = MicroBatcher(
-        eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: Coming({"enroll": 5})
-    )
+    b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: Coming({"enroll": 5}))
     (v,) = submit_in_order(b, [("verify", [item("probe")])])
     assert v.result == [("verify", "probe")] and v.elapsed < 20  # five enrols on their way do not hold a verify
 
