@@ -141,4 +141,4 @@ def test_malformed_messages_are_refused_and_the_worker_keeps_serving(dep: Deploy
     assert ok.status == JobStatus.SUCCEEDED
     _nothing_written(dep, "m1")
     assert dep.worker.alive()
-    assert "Refusing to deserialize untrusted content of type pickle" in dep.worker.log.read_text(errors="replace")
+    assert "content type refused (JSON only; never deserialised)" in dep.worker.log.read_text(errors="replace")
