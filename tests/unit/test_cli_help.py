@@ -98,7 +98,7 @@ def _usage(command: str) -> str:
     [
         ("revoke", ["--tenant TENANT", "--reason REASON"], ["[--subject SUBJECT]", "[--key KEY_ID]"]),
         ("enroll", ["--tenant TENANT", "--subject SUBJECT", "--key KEY_ID"], ["[--job-id JOB_ID]"]),
-        ("verify", ["--tenant TENANT", "--subject SUBJECT"], ["[--threshold THRESHOLD]"]),
+        ("verify", ["--tenant TENANT", "--subject SUBJECT"], ["[--threshold THRESHOLD | --far FAR]"]),
         ("bulk", ["--tenant TENANT", "--key KEY_ID"], ["[--format {csv,jsonl,prefix}]"]),
         ("fetch", ["--tenant TENANT", "--subject SUBJECT"], ["[--version VERSION]"]),
         ("erase", ["--tenant TENANT", "--reason REASON"], ["[--subject SUBJECT]", "[--all-subjects]"]),
