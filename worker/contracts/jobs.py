@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.contracts.ids import JobId, KeyId, SubjectId, TenantId, job_ref
 from worker.contracts.naming import compile_rule
 from worker.contracts.refs import S3Prefix, S3Ref
 
 SCHEMA_VERSION: Literal[1] = 1
+
+
+def _printable(v: str) -> str:
+    if any(ord(c) < 32 for c in v):
+        raise ValueError("reason must not contain control characters")
+    return v
+
+
+Reason = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_printable)]
+"""Why a revocation or an erasure was asked for: 1-500 characters, no control characters (it is printed)."""
 MAX_IMAGES_PER_JOB = 64
 
 DEFAULT_NAMING_RULE = r"^(?P<subject>[A-Za-z0-9][A-Za-z0-9._-]*)/[^/]+\.(?i:jpe?g|png|webp)$"
@@ -80,18 +90,11 @@ class RevokeJob(_Job):
     tenant: TenantId
     subject: SubjectId | None = None
     key_id: KeyId | None = None
-    reason: str = Field(min_length=1, max_length=500)
+    reason: Reason
     new_key_id: KeyId | None = None
     """Subject revocation: optional (default: same key, next version). Key revocation: required."""
     purge_old_images: bool = False
     """Delete the revoked version's cancelable images once the new version is committed."""
-
-    @field_validator("reason")
-    @classmethod
-    def _printable(cls, v: str) -> str:
-        if any(ord(c) < 32 for c in v):
-            raise ValueError("reason must not contain control characters")
-        return v
 
     @model_validator(mode="after")
     def _one_target(self) -> RevokeJob:
@@ -114,14 +117,7 @@ class EraseJob(_Job):
     subject: SubjectId | None = None
     all_subjects: bool = False
     confirm: TenantId | None = None
-    reason: str = Field(min_length=1, max_length=500)
-
-    @field_validator("reason")
-    @classmethod
-    def _printable(cls, v: str) -> str:
-        if any(ord(c) < 32 for c in v):
-            raise ValueError("reason must not contain control characters")
-        return v
+    reason: Reason
 
     @model_validator(mode="after")
     def _one_target(self) -> EraseJob:
