@@ -17,12 +17,8 @@ not. With ``--pool solo`` the models load lazily on the first engine task.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 from celery import signals
@@ -49,31 +45,14 @@ def _launched_as_worker() -> bool:
 
 
 def _set_metrics_dir(s: Any) -> None:
-    """The one place that gives a worker its Prometheus multiprocess directory, whatever started it (local stack,
-    Procfile, compose, k8s, by hand): ``PROMETHEUS_MULTIPROC_DIR`` if the launcher set it, else
-    ``metrics.multiproc_dir``, else a private temporary directory removed when the main process exits. It must be
-    set before ``prometheus_client`` is first imported (it picks its value class then), i.e. before
-    ``worker.metrics``; pool children inherit it. Without it a prefork pool's children count into files nobody
-    serves and every counter on ``/metrics`` stays 0."""
+    """A worker's Prometheus multiprocess directory, whatever started it (local stack, Procfile, compose, k8s, by
+    hand): ``worker.metrics.multiproc.prepare_multiproc_dir``, before ``prometheus_client`` is first imported (it
+    picks its value class then); pool children inherit it."""
     if not (s.metrics.enabled and _launched_as_worker()):
         return
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or (str(s.metrics.multiproc_dir or "") or None)
-    if path is None:
-        path = tempfile.mkdtemp(prefix="cancelable-metrics-")
-        owner, made = os.getpid(), path
+    from worker.metrics.multiproc import prepare_multiproc_dir
 
-        def _remove() -> None:  # forked pool children inherit atexit handlers: only the maker removes it
-            if os.getpid() == owner:
-                shutil.rmtree(made, ignore_errors=True)
-
-        atexit.register(_remove)
-    os.makedirs(path, exist_ok=True)
-    if "prometheus_client" in sys.modules and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != path:
-        print(
-            "cancelable worker: prometheus_client was imported before the worker app; metrics stay per-process",
-            file=sys.stderr,
-        )
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    prepare_multiproc_dir(str(s.metrics.multiproc_dir or "") or None)
 
 
 try:
