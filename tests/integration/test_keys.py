@@ -16,7 +16,8 @@ import pytest
 
 from worker.errors import KeyError_, KeyProviderUnavailable, RevokedKeyError, UnknownKeyError
 from worker.keys.derive import derivation_message, derive_seed
-from worker.keys.providers import KeyRegistry, KmsHmacProvider, LocalKeyring, make_key_provider, write_keyring
+from worker.keys.providers import KmsHmacProvider, LocalKeyring, make_key_provider, write_keyring
+from worker.keys.registry import KeyRegistry
 from worker.storage import ObjectStore, TemplateStore
 
 

@@ -350,7 +350,8 @@ def test_key_revocation_pauses_while_its_chunks_are_unfinished(rt, monkeypatch: 
     from worker_harness import job_id as new_id
 
     from worker.contracts import job_from_wire
-    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.keys.providers import write_keyring
+    from worker.keys.registry import KeyRegistry
     from worker.service.revoke import REVOKE_MAX_QUEUED_CHUNKS, REVOKE_PAUSE_S
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
@@ -392,7 +393,8 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     from worker_harness import job_id as new_id
 
     from worker.contracts import job_from_wire
-    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.keys.providers import write_keyring
+    from worker.keys.registry import KeyRegistry
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
 
