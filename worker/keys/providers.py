@@ -213,7 +213,7 @@ class LocalKeyring(KeyProvider):
 def _install_redaction() -> None:
     """botocore logs response bodies at DEBUG, and a GenerateMac response body *is* the seed: put the project's one
     redaction filter on botocore's loggers, so such records are redacted before any handler sees them."""
-    from worker.observability import RedactionFilter
+    from worker.observability.redaction import RedactionFilter
 
     for name in ("botocore.parsers", "botocore.endpoint", "botocore.hooks", "botocore.retryhandler"):
         lg = logging.getLogger(name)
