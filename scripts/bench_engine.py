@@ -312,7 +312,7 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 def cmd_quality(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from worker.evaluation import metrics
+    from worker.evaluation import scores as metrics
     from worker.evaluation.evaluator import Evaluator
 
     torch.set_num_threads(args.threads)

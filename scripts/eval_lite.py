@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 from worker.evaluation.evaluator import DETECTOR_FILE, Evaluator, default_model_dir, load_rgb  # noqa: E402
-from worker.evaluation.metrics import far_at, threshold_at_far  # noqa: E402
+from worker.evaluation.scores import far_at, threshold_at_far  # noqa: E402
 from worker.models.bundle import load_bundle  # noqa: E402
 from worker.models.lite import lite_split  # noqa: E402
 
