@@ -332,7 +332,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
             paths = sorted(person.glob("*.jpg"))[:3]
             rgbs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
             faces = torch.stack([prep.prepare(x) for x in rgbs])
-        except Exception:  # noqa: BLE001 - a face dlib cannot find is skipped here
+        except Exception:  # a face dlib cannot find is skipped here
             continue
         emb = [evaluator.embed(_to_uint8(f)) for f in faces]  # originals judged on the same crops
         if any(e is None for e in emb):

@@ -56,7 +56,7 @@ def main() -> None:
         try:
             batch.append(prepare_face(load_rgb(p), 150, "dlib-chip"))
             bnames.append(name)
-        except Exception:  # noqa: BLE001 - no face / several faces: skip
+        except Exception:  # no face / several faces: skip
             pass
         if len(batch) == 32:
             flush()

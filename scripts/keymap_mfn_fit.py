@@ -76,7 +76,7 @@ def main() -> None:
     for i, p in enumerate([] if skip_real else paths):
         try:
             batch.append(prepare_face(load_rgb(p), 150, "dlib-chip"))
-        except Exception:  # noqa: BLE001 - no face / several faces: skip
+        except Exception:  # no face / several faces: skip
             pass
         if len(batch) == 32:
             flush()

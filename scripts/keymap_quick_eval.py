@@ -74,7 +74,7 @@ def main() -> None:
     for name, photos in identities(Path(args.data), args.ids * 2):
         try:
             a, b = base.prepare(load_rgb(photos[0])), base.prepare(load_rgb(photos[1]))
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
         people.append((name, load_rgb(photos[0]), a, b))
         if len(people) == args.ids:

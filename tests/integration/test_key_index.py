@@ -77,7 +77,7 @@ class _CountingStore(ObjectStore):
         self._note(key)
         return super().get(key)
 
-    def head(self, key: str):  # noqa: ANN201
+    def head(self, key: str):
         self._note(key)
         return super().head(key)
 

@@ -322,7 +322,7 @@ def test_key_material_and_seeds_never_leak(
     ):
         try:
             bad()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             texts += [str(e), repr(e)]
     assert len(texts) == 6
     texts += [rec.getMessage() for rec in caplog.records] + [caplog.text, repr(local), repr(kms)]

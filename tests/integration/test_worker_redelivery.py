@@ -197,10 +197,10 @@ def _envelope_task(handler, ident):
         job_type = "enroll"
         request = None  # shadows Celery's property: set per instance below
 
-        def handle(self, rt_, job, attempt, started, delivery):  # noqa: ANN001, ANN202
+        def handle(self, rt_, job, attempt, started, delivery):
             return handler(rt_, job, attempt, started)
 
-        def ident(self, job):  # noqa: ANN001, ANN202
+        def ident(self, job):
             return ident(job)
 
         def retry(self, exc: BaseException, countdown: float, max_retries: object = None) -> _Retry:
@@ -437,7 +437,7 @@ def test_tasks_retry_without_celerys_default_limit(make_settings) -> None:
     app = make_celery(make_settings())
 
     @app.task(name="t.probe", bind=True)
-    def probe(self):  # noqa: ANN001, ANN202
+    def probe(self):
         return None
 
     assert probe.max_retries is None

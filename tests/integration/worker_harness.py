@@ -157,7 +157,7 @@ def wait_ready(client: Any, worker: WorkerProc, timeout: float = 90.0, engine: b
             r = client.ping(timeout=5, engine=True)
             if r.get("engine_loaded"):
                 return
-        except Exception as e:  # noqa: BLE001 - not up yet
+        except Exception as e:  # not up yet
             last = e
         time.sleep(0.5)
     raise RuntimeError(f"worker not ready after {timeout:.0f}s ({last!r}):\n{worker.tail()}")

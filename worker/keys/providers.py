@@ -318,7 +318,7 @@ class KmsHmacProvider(KeyProvider):
             return hit[0]
         try:
             meta = self._client.describe_key(KeyId=kms_key)["KeyMetadata"]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             err = self._err(e, key_id)
             if isinstance(err, UnknownKeyError):
                 self._known[key_id] = (False, time.monotonic())
@@ -336,7 +336,7 @@ class KmsHmacProvider(KeyProvider):
             raise UnknownKeyError(f"key {key_id} is not in keys.kms_key_map")
         try:
             r = self._client.generate_mac(KeyId=kms_key, Message=message, MacAlgorithm=self.MAC_ALGORITHM)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._err(e, key_id) from None
         return bytes(r["Mac"])
 

@@ -294,7 +294,7 @@ def _strict_load(module: nn.Module, state: dict, what: str) -> None:
 def _read_checkpoint(path: Path, key: str) -> dict:
     try:
         ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a layout error for the bundle
+    except Exception as exc:  # any unreadable file is a layout error for the bundle
         raise CheckpointLayoutError(f"cannot read lite checkpoint {Path(path).name}: {type(exc).__name__}") from exc
     if not isinstance(ckpt, dict) or key not in ckpt or not isinstance(ckpt[key], dict):
         raise CheckpointLayoutError(f"lite checkpoint {Path(path).name} has no '{key}' state dict")

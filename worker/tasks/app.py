@@ -107,7 +107,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     configure_pil(settings.worker.max_pixels)
     try:
         queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - older/odd consumers: assume everything
+    except Exception:  # older/odd consumers: assume everything
         queues = set(ENGINE_QUEUES)
     _consumes.clear()
     _consumes.update(queues)
@@ -146,7 +146,7 @@ def _pool_name(worker: Any) -> str:
 
     try:
         cls = get_implementation(worker.pool_cls)
-    except Exception:  # noqa: BLE001 - unknown: behave as before
+    except Exception:  # unknown: behave as before
         return "?"
     target = f"{cls.__module__}:{cls.__qualname__}"
     return next((alias for alias, path in ALIASES.items() if path == target), target)
@@ -167,7 +167,7 @@ def _start_threads_pool(s: Any, threads: int) -> None:
     if consumes_engine(_consumes):
         try:
             get_runtime().engine()
-        except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the worker stays up
+        except Exception as e:  # tasks report it as bundle_error; the worker stays up
             log.error("model load failed in the engine worker: %s", type(e).__name__)
 
 
@@ -199,5 +199,5 @@ def _on_worker_process_init(**_: Any) -> None:
     if consumes_engine(_consumes):
         try:
             get_runtime().engine()
-        except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the child stays up
+        except Exception as e:  # tasks report it as bundle_error; the child stays up
             log.error("model load failed in worker child: %s", type(e).__name__)
