@@ -67,6 +67,24 @@ def test_alerted_counters_start_at_zero():
     assert fanout_failed == [0.0] * len(m.PROGRESS_KINDS)
 
 
+def test_the_package_re_exports_each_submodule_name_once():
+    """``worker.metrics.X`` is the object its submodule defines, for every public name; no two submodules export one
+    name (the package would silently serve the first)."""
+    import importlib
+
+    seen: dict[str, str] = {}
+    for sub in m.SUBMODULES:
+        module = importlib.import_module(f"worker.metrics.{sub}")
+        for name in module.__all__:
+            assert name not in seen, f"{name} exported by {seen.get(name)} and {sub}"
+            seen[name] = sub
+            assert getattr(m, name) is getattr(module, name)
+    assert {"track_job", "REGISTRY", "QueueCollector", "build_registry", "install_celery_hooks"} <= set(seen)
+    assert set(seen) <= set(dir(m))
+    with pytest.raises(AttributeError):
+        m.no_such_metric  # noqa: B018
+
+
 def test_error_codes_are_the_error_hierarchy():
     from worker.contracts.codes import ErrorCode
 
