@@ -256,6 +256,7 @@ def settings_secrets(settings: Any) -> list[str]:
 SCRUBBER = Scrubber()
 
 
+# --- logging filter -----------------------------------------------------------------------------------------------
 class RedactionFilter(logging.Filter):
     """Formats each record's message (and traceback) once and scrubs it, so no handler can print a secret."""
 
