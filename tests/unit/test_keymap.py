@@ -14,6 +14,7 @@ from worker.algorithm.config import EngineConfig
 from worker.algorithm.keymap import KeyMapModel, key_nuisance, key_rotation, load_keymap, save_keymap
 from worker.algorithm.keymap_engine import KeymapEngine, build_engine
 from worker.errors import CheckpointLayoutError, InvalidTensorError, KeyError_
+from worker.evaluation.keymap_attack import keymap_reinversion_attack
 from worker.models.bundle import ModelBundle, load_bundle
 from worker.models.dcgan import DCGANGenerator, load_dcgan
 
@@ -204,7 +205,7 @@ def test_shipped_keymap_bundle_loads_with_pinned_hashes() -> None:
 def test_engine_reinversion_attack_shapes() -> None:
     eng = tiny_engine()
     c = eng.enroll(faces(2), SEED_A).images
-    nokey, keyknown = eng.reinversion_attack(c, [SEED_A, SEED_A], steps=2)
+    nokey, keyknown = keymap_reinversion_attack(eng, c, [SEED_A, SEED_A], steps=2)
     assert nokey.shape == keyknown.shape == (2, 3, 64, 64)
 
 

@@ -12,7 +12,7 @@ Per image (each image runs alone, as a batch of one: results never depend on bat
 A probe is transformed toward its own key target, never toward a stored template. Seeds are never logged.
 ``generator``, ``encoder`` (image -> z through the key map with the identity rotation: the bundle's best
 reconstruction of a face without a key), ``split`` and ``config`` exist so the evaluation harness can treat it like
-the layer-mixing engine (its re-inversion attack then optimises z, the single "layer").
+the layer-mixing engine; its re-inversion attack is ``worker.evaluation.keymap_attack``.
 """
 
 from __future__ import annotations
@@ -127,33 +127,6 @@ class KeymapEngine(EngineBase):
             loss.backward()
             opt.step()
         return z.detach()
-
-    def reinversion_attack(
-        self, cancel_images: torch.Tensor, seeds: Sequence[bytes], steps: int = 50
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The strongest re-inversion this bundle allows, for the evaluation (``protocols.reinversion_attack`` is
-        built for layer mixing). Returns (no_key, key_known), images (B, 3, 64, 64) on the CPU.
-
-        - no key: read the cancelable face's identity with the in-loss recognizer and decode it through the key map
-          without a key (``encoder``): ``G(E(x_c))``.
-        - key known: the attacker holds the seed, hence the rotation: the cancelable face's generator coordinates
-          ``c_g(x_c)`` (~ the key target) are rotated back, ``Q^T c_g``, which estimates the ORIGINAL identity's
-          direction; decode it through the key map without a key, then refine ``steps`` steps toward it.
-        """
-        km = self.keymap
-        x = cancel_images.to(self.device).float()
-        with torch.no_grad():
-            e = self.identity.embed(x, self.generator.alignment).float()
-            zero = torch.zeros(len(x), km.nuisance_dim, device=self.device)
-            no_key = self.generator(km(km.targets(e, None), zero))
-            rots = torch.stack([key_rotation(s, km.k) for s in seeds]).to(self.device, torch.float64)
-            c = km.gen_coords(e).to(torch.float64)
-            back = F.normalize((rots.transpose(1, 2) * c[:, None, :]).sum(-1), dim=-1).float()
-            z0 = km(back, zero)
-        z = self.refine(z0, back, steps)
-        with torch.no_grad():
-            key_known = self.generator(z)
-        return no_key.float().clamp(-1, 1).cpu(), key_known.float().clamp(-1, 1).cpu()
 
     def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
         """Every image of every subject runs on its own, as a batch of one (``anonymise_one``): its output depends

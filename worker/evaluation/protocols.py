@@ -365,9 +365,11 @@ def run_shard(
             faces_a = torch.stack([p[3] for p in part]).to(engine.device)
             recon = engine.generator.synthesis(engine.encoder(faces_a).float()).float().clamp(-1, 1).cpu()
         c1 = torch.stack([enrolled[i * cfg.keys].images[0] for i in range(n)])
-        attack = getattr(engine, "reinversion_attack", None)  # an engine family may bring its own strongest attack
-        if attack is not None:
-            nokey, keyknown = attack(c1, [s[0] for s in seeds], cfg.attack_steps)
+        from worker.algorithm.keymap_engine import KeymapEngine
+        from worker.evaluation.keymap_attack import keymap_reinversion_attack
+
+        if isinstance(engine, KeymapEngine):  # the keymap family's own, stronger attack
+            nokey, keyknown = keymap_reinversion_attack(engine, c1, [s[0] for s in seeds], cfg.attack_steps)
         else:
             nokey, keyknown = reinversion_attack(engine, c1, [s[0] for s in seeds], cfg.attack_steps)
         t_engine += time.time() - te
