@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def identities(data: Path, n: int) -> list[tuple[str, list[Path]]]:
-    from worker.models.lite import is_lite_holdout_identity, is_validation_identity
+    from worker.evaluation.splits import is_holdout_identity, is_validation_identity
 
     out = []
     for d in sorted(p for p in data.iterdir() if p.is_dir()):
-        if is_validation_identity(d.name) or is_lite_holdout_identity(d.name):
+        if is_validation_identity(d.name) or is_holdout_identity(d.name):
             continue
         photos = sorted(d.glob("*.jpg"))
         if len(photos) >= 2:

@@ -121,13 +121,13 @@ def real_reference(judges: Judges, data: Path, n_ids: int, cache: Path) -> dict:
     import dlib
 
     from worker.evaluation.evaluator import load_rgb
-    from worker.models.lite import lite_split
+    from worker.evaluation.splits import identity_split
 
     spec = importlib.util.spec_from_file_location("finetune_generator", REPO / "scripts" / "finetune_generator.py")
     ft = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(ft)  # type: ignore[union-attr]  # the same alignment as the training data
     detector = dlib.get_frontal_face_detector()
-    names = sorted(d.name for d in data.iterdir() if d.is_dir() and lite_split(d.name) != "train")
+    names = sorted(d.name for d in data.iterdir() if d.is_dir() and identity_split(d.name) != "train")
     photos, small = [], []
     for name in names:
         p = sorted((data / name).glob("*.jpg"))[0]

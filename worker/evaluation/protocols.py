@@ -37,7 +37,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from worker.evaluation.evaluator import load_rgb
-from worker.models.lite import is_lite_holdout_identity, is_validation_identity  # the project's identity split rules
+from worker.evaluation.splits import is_holdout_identity, is_validation_identity  # the project's identity split
 
 TENANT = "eval"
 RECORDS = "records.npz"
@@ -87,7 +87,7 @@ class Judge(Protocol):
 class RunConfig:
     data_dir: str
     pairs_file: str | None = None
-    split: str = "val"  # "val", "train", "all" or "holdout" (worker.models.lite: sha256 % 10 == 0 / != 0 / 3)
+    split: str = "val"  # "val", "train", "all" or "holdout" (worker.evaluation.splits: sha256 % 10 == 0 / != 0 / 3)
     identities: int = 50
     keys: int = 3
     steps: int | None = None  # None: the engine config's default
@@ -122,7 +122,7 @@ def list_identities(data_dir: str | Path, split: str = "val", limit: int | None 
         val = is_validation_identity(d.name)
         if (split == "val" and not val) or (split == "train" and val):
             continue
-        if split == "holdout" and not is_lite_holdout_identity(d.name):  # never trained on; many have 2+ photos
+        if split == "holdout" and not is_holdout_identity(d.name):  # never trained on; many have 2+ photos
             continue
         photos = sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if photos:
