@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--export-delta", default=None, help="snapshot to export as a float16 delta (no training)")
-    ap.add_argument("--delta-out", default=str(REPO / "worker" / "bundles" / "keymap" / "dcgan_finetune_delta.pt"))
+    ap.add_argument("--delta-out", default=str(REPO / "research" / "generator-finetune" / "dcgan_finetune_delta.pt"))
     args = ap.parse_args()
     if args.export_delta:
         torch.set_num_threads(1)

@@ -23,7 +23,7 @@ resuming); the LR is not stored (give the same ``--lr`` when resuming). At the e
 ``--finalize-only`` refits the mapping on the checkpoint and writes the bundle without training (``--out`` picks
 the directory, e.g. a temporary one to inspect a checkpoint).
 
-Run (as the committed bundle was trained, see worker/bundles/lite/MODEL_CARD.md)::
+Run (as the committed bundle was trained, see tests/fixtures/bundles/lite/MODEL_CARD.md)::
 
     nohup setsid .venv/bin/python scripts/train_lite.py --steps 3000 --id-weight 1.0 --lr 1e-3 --stop-at 15:00 \
         >> runs/lite64.out 2>&1 &
@@ -57,7 +57,7 @@ from worker.models.lite import (  # noqa: E402
     n_latent_for,
 )
 
-BUNDLE_DIR = ROOT / "worker" / "bundles" / "lite"
+BUNDLE_DIR = ROOT / "tests" / "fixtures" / "bundles" / "lite"
 DLIB_RESNET_PATH = "pkg://face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat"
 
 

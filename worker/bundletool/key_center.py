@@ -2,7 +2,7 @@
 chips (the engine rotates key targets about it; docs/decisions.md). ``train_lite.py`` finalize does the same for
 a new bundle; this script adds it to an existing one without touching its weights (the manifest is not hashed).
 
-Run: ``cancelable-bundle fit-key-center worker/bundles/lite`` (about 3 min on one core; needs the chips from
+Run: ``cancelable-bundle fit-key-center tests/fixtures/bundles/lite`` (about 3 min on one core; needs the chips from
 ``scripts/prepare_lfw.py``).
 """
 

@@ -144,7 +144,7 @@ def tar_block(genuine: np.ndarray, thresholds: dict[float, float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, default=ROOT / "worker" / "bundles" / "lite")
+    ap.add_argument("--bundle", type=Path, default=ROOT / "tests" / "fixtures" / "bundles" / "lite")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--eval-models", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=ROOT / "data-cache")
