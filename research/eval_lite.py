@@ -16,7 +16,7 @@ Writes ``eval.json`` and the measured section of ``MODEL_CARD.md`` in the bundle
 (rows: originals, reconstructions, cancelable faces under key A, under key B, key-derived synthetic faces,
 layer-mixed faces: coarse layers from a key, the rest from the real face).
 
-Run: ``.venv/bin/python scripts/eval_lite.py`` (about 5-15 min on a busy 2-core CPU).
+Run: ``.venv/bin/python research/eval_lite.py`` (about 5-15 min on a busy 2-core CPU).
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def write_card(path: Path, r: dict) -> None:
     o = r["original_listed_mated_pairs"]
     lines = [
         CARD_BEGIN,
-        f"Measured by `scripts/eval_lite.py` on bundle `{r['bundle_id']}` ({time.strftime('%Y-%m-%d')}). "
+        f"Measured by `research/eval_lite.py` on bundle `{r['bundle_id']}` ({time.strftime('%Y-%m-%d')}). "
         "Judge: YuNet + "
         "ArcFace-template alignment + MobileFaceNet (../shared/models/eval), cosine; never used in training.",
         "",
