@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-LITE_MANIFEST = REPO / "worker" / "bundles" / "lite" / "manifest.json"
+LITE_MANIFEST = REPO / "tests" / "fixtures" / "bundles" / "lite" / "manifest.json"
 CELERY = [sys.executable, "-m", "celery"]
 
 

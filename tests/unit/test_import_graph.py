@@ -101,6 +101,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
             "worker.contracts",
             "worker.errors",
             "worker.settings",
+            "worker.evaluation.splits",
         },
         {"celery", "kombu", "redis"},
     ),
