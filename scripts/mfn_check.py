@@ -28,13 +28,13 @@ def main() -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     from worker.evaluation.evaluator import Evaluator, load_rgb
-    from worker.models.mobilefacenet import default_model_path, load_mobilefacenet
+    from worker.models.mobilefacenet import default_tflite_path, load_mobilefacenet
 
     spec = importlib.util.spec_from_file_location("kqe", REPO / "scripts" / "keymap_quick_eval.py")
     kqe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kqe)  # type: ignore[union-attr]
 
-    path = Path(args.tflite) if args.tflite else default_model_path()
+    path = Path(args.tflite) if args.tflite else default_tflite_path()
     judge = Evaluator(threads=1)
     crops = []
     for _name, photos in kqe.identities(Path(args.data), args.ids * 2):

