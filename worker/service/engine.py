@@ -14,8 +14,12 @@ from typing import TYPE_CHECKING, Any
 from worker.errors import BundleError
 
 if TYPE_CHECKING:
+    import torch
+
     from worker.algorithm.engine_base import EngineBase, EngineEnrollment, Subject
     from worker.bundle_config import VerifyPolicy
+    from worker.settings import Settings
+    from worker.storage.client import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class EngineCall:
         return results
 
 
-def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: ObjectStore | None = None) -> Path:
     """``engine.bundle`` setting -> local bundle directory (``lite`` / ``keymap`` = the embedded bundles; ``s3://``
     synced into ``cache_dir`` through ``store``)."""
     if spec in EMBEDDED_BUNDLES:
@@ -95,7 +99,7 @@ def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = No
     return Path(spec).expanduser()
 
 
-def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+def check_bundle_present(spec: str, cache_dir: Path | None = None, store: ObjectStore | None = None) -> Path:
     """Fail fast (in the worker's main process, before forking) when the bundle has no manifest."""
     if spec.startswith("s3://") and store is None:
         return Path(spec)
@@ -111,7 +115,7 @@ def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = 
     return d
 
 
-def pick_device(spec: str) -> Any:
+def pick_device(spec: str) -> torch.device:
     import torch
 
     if spec == "auto":
@@ -119,7 +123,7 @@ def pick_device(spec: str) -> Any:
     return torch.device(spec)
 
 
-def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
+def load_engine_from_settings(settings: Settings, store: ObjectStore | None = None) -> LoadedEngine:
     """Load the bundle and build the engine (minutes for the production bundle, about a second for lite)."""
     import torch
 
