@@ -1,4 +1,4 @@
-"""What every engine family shares: the public API the tasks call, input checks, batching, result types.
+"""What every engine family shares: the public API the service calls, input checks, batch packing, result types.
 
 A family (``pipeline.Engine``: FaceAnonyMixer layer mixing; ``keymap_engine.KeymapEngine``: the key map) subclasses
 ``EngineBase`` and provides ``_run`` (one batch of checked subjects -> results in order) and ``fingerprint``; it sets
@@ -26,8 +26,9 @@ Subject = tuple[torch.Tensor, bytes]
 
 @dataclass
 class EngineEnrollment:
-    """One subject's result (CPU, float32 in either engine dtype): images (N, 3, G, G) in [-1, 1], embeddings
-    (N, D), template (D,)."""
+    """One subject's engine output (CPU, float32 in either engine dtype): images (N, 3, G, G) in [-1, 1], embeddings
+    (N, D), template (D,). The service turns it into a template version; the job's wire result is
+    ``worker.contracts.EnrollResult``."""
 
     images: torch.Tensor
     embeddings: torch.Tensor

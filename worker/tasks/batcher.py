@@ -225,7 +225,7 @@ class MicroBatcher:
         while True:
             with self._cond:
                 seen, ask = self._changes, self._expected is not None and bool(self._pending)
-            # outside the lock: it may ask the broker (``engine_batcher``), and submitters must not wait for that
+            # outside the lock: it may ask the broker (``expected``), and submitters must not wait for that
             coming = self._expected() if ask and self._expected is not None else None
             with self._cond:
                 if not self._pending:
