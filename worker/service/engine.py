@@ -76,7 +76,7 @@ class EngineCall:
         engine = self.loaded.engine
         results: list[EngineEnrollment] = []
         for batch in pack_subjects(list(subjects), self.max_images):
-            n = sum(int(faces.shape[0]) for faces, _ in batch)
+            n = sum(len(faces) for faces, _ in batch)
             metrics.batch_size(job_type, n)
             with metrics.stage_timer("optimise", job_type):
                 results.extend(engine(batch))
