@@ -1,6 +1,7 @@
 """Which model bundle a worker runs and how its engine is built: the embedded bundles, ``s3://`` bundles synced to a
-cache, the engine settings (bundle advice + the deployment's explicit settings), the verify threshold, and the
-``LoadedEngine`` the service functions use. torch is imported only when an engine is loaded."""
+cache, the engine settings and verify policy (``worker.bundle_config``: bundle advice + the deployment's explicit
+settings), the engine (``worker.algorithm.factory``), the ``LoadedEngine`` the service functions use, and
+``EngineCall``: the one engine call. torch is imported only when an engine is loaded."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ EMBEDDED_BUNDLES = {"lite": LITE_BUNDLE_DIR, "keymap": REPO / "worker" / "bundle
 class LoadedEngine:
     """The engine and what the template records need to say about it."""
 
-    engine: EngineBase  # Engine or KeymapEngine (``build_engine`` picks by bundle)
+    engine: EngineBase  # Engine or KeymapEngine (``worker.algorithm.factory.build_engine`` picks by bundle)
     bundle_id: str
     bundle_hashes: dict[str, str]
     algorithm: dict[str, Any]
