@@ -25,12 +25,12 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from worker.algorithm.keymap_engine import build_engine
+    from worker.algorithm.factory import build_engine
     from worker.bundle_config import deployed_config
     from worker.evaluation.evaluator import load_rgb
     from worker.models.bundle import load_bundle
 
-    engine = build_engine(load_bundle(args.bundle), deployed_config(Path(args.bundle), None, None), None, args.bundle)
+    engine = build_engine(load_bundle(args.bundle), deployed_config(Path(args.bundle), None, None))
     rgb = load_rgb(args.image)
     t = time.perf_counter()
     face = engine.prepare(rgb)

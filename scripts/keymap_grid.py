@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from worker.algorithm.keymap_engine import build_engine
+    from worker.algorithm.factory import build_engine
     from worker.bundle_config import deployed_config
     from worker.evaluation.evaluator import load_rgb
     from worker.evaluation.protocols import list_identities, to_uint8
@@ -37,7 +37,7 @@ def main() -> None:
     bundle = Path(args.bundle)
     from worker.models.bundle import load_bundle
 
-    engine = build_engine(load_bundle(bundle), deployed_config(bundle, None, None), None, bundle)
+    engine = build_engine(load_bundle(bundle), deployed_config(bundle, None, None))
     cols, origs = [], []
     for name, photos in list_identities(args.data, "holdout", 40):
         if len(photos) < 2:

@@ -3,7 +3,7 @@
 A manifest may carry an ``engine`` section: advice from whoever built the bundle (layer split, key target center,
 steps, ``verify_threshold``, ...). A deployment's explicit setting wins over the advice; the advice wins over the
 settings' defaults. The manifest is read and checked by ``worker.models.bundle.read_manifest``. Workers
-(``worker.tasks.runtime``), ``cancelable-eval`` and ``cancelable-bundle`` all call these functions, so they evaluate
+(``worker.service.engine``), ``cancelable-eval`` and ``cancelable-bundle`` all call these functions, so they evaluate
 and calibrate exactly what a worker deploys.
 """
 

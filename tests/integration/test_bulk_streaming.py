@@ -28,7 +28,7 @@ def rt(make_settings, redis_url: str, seaweed, s3_bucket: str, monkeypatch: pyte
 
     seaweed.client().create_bucket(Bucket=f"{s3_bucket}-inputs")
     url = redis_url.rsplit("/", 1)[0] + "/4"
-    r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}))
+    r = runtime.WorkerRuntime(make_settings(bucket=s3_bucket, redis={"url": url}))
     monkeypatch.setattr(runtime, "_runtime", r)
     yield r
     r.redis.flushdb()

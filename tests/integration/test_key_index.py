@@ -260,7 +260,7 @@ def rt(make_settings, redis_url: str, s3_bucket: str, monkeypatch: pytest.Monkey
     from worker.tasks import runtime
 
     url = redis_url.rsplit("/", 1)[0] + "/5"  # its own database: the revocations it leaves open stay out of others'
-    r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}))
+    r = runtime.WorkerRuntime(make_settings(bucket=s3_bucket, redis={"url": url}))
     monkeypatch.setattr(runtime, "_runtime", r)
     yield r
     r.redis.flushdb()

@@ -169,7 +169,7 @@ def rt(make_settings, redis_url: str, seaweed, s3_bucket: str, monkeypatch: pyte
 
     seaweed.client().create_bucket(Bucket=f"{s3_bucket}-inputs")
     url = redis_url.rsplit("/", 1)[0] + "/3"
-    r = runtime.Runtime(make_settings(bucket=s3_bucket, redis={"url": url}, worker={"max_attempts": 3}))
+    r = runtime.WorkerRuntime(make_settings(bucket=s3_bucket, redis={"url": url}, worker={"max_attempts": 3}))
     monkeypatch.setattr(runtime, "_runtime", r)
     yield r
     r.redis.flushdb()

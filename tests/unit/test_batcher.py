@@ -1,5 +1,7 @@
 """The engine micro-batcher (``worker.tasks.batcher``) with a fake engine function: when a batch starts (cap, fill
-timeout, mate wait, nothing more coming), lanes, per-member failure isolation, result order, the watchdog."""
+timeout, mate wait, nothing more coming), lanes, per-member failure isolation, result order; the in-flight tracking
+(``worker.tasks.inflight``), the watchdog (``worker.tasks.watchdog``) and the engine call it runs
+(``worker.service.engine.EngineCall``: packing and metering)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from typing import Any
 import pytest
 
 from worker.broker.config import ENGINE_BULK_QUEUE, ENGINE_QUEUES, LEGACY_ENGINE_QUEUE
-from worker.tasks.batcher import Coming, InFlight, MicroBatcher, Watchdog, delivery_attempt, pack
+from worker.tasks import inflight
+from worker.tasks.batcher import Coming, MicroBatcher
+from worker.tasks.inflight import InFlight, current_delivery, delivery_attempt
+from worker.tasks.watchdog import Watchdog
 
 NOTHING = Coming({})
 
@@ -104,11 +109,16 @@ def submit_in_order(
     return threads
 
 
-def test_pack_keeps_members_whole_and_in_order() -> None:
-    assert pack([3, 3, 3, 1], 8) == [[0, 1], [2, 3]]
-    assert pack([10, 1, 1], 8) == [[0], [1, 2]]  # a member over the cap forms a group of its own
-    assert pack([], 8) == []
-    assert pack([1] * 5, 1) == [[0], [1], [2], [3], [4]]
+def test_engine_packing_keeps_subjects_whole_and_in_order() -> None:
+    from worker.algorithm.engine_base import pack_subjects
+
+    def sizes(counts: list[int], limit: int) -> list[list[int]]:
+        return [[len(f) for f, _ in c] for c in pack_subjects([([0] * n, b"") for n in counts], limit)]  # type: ignore[misc]
+
+    assert sizes([3, 3, 3, 1], 8) == [[3, 3], [3, 1]]
+    assert sizes([10, 1, 1], 8) == [[10], [1, 1]]  # a subject over the cap forms a batch of its own
+    assert sizes([], 8) == []
+    assert sizes([1] * 5, 1) == [[1]] * 5
 
 
 def test_cap_whole_submissions_and_each_gets_its_own_results_in_order() -> None:
@@ -254,15 +264,13 @@ def test_interactive_work_runs_before_background_work_queued_earlier_and_fills_b
 
 
 def test_background_flag_is_scoped_with_the_delivery() -> None:
-    from worker.tasks import batcher
-
-    assert batcher._BACKGROUND.get() is False
+    assert current_delivery() == (1, False)
     with delivery_attempt(1, background=True):
-        assert batcher._BACKGROUND.get() is True
+        assert current_delivery() == (1, True)
         with delivery_attempt(2):
-            assert batcher._BACKGROUND.get() is False
-        assert batcher._BACKGROUND.get() is True
-    assert batcher._BACKGROUND.get() is False
+            assert current_delivery() == (2, False)
+        assert current_delivery() == (1, True)
+    assert current_delivery() == (1, False)
 
 
 def test_work_preparing_for_another_lane_is_not_waited_for() -> None:
@@ -330,12 +338,10 @@ def test_a_wrong_result_count_fails_the_submitters_instead_of_misrouting() -> No
 
 
 def test_delivery_attempt_is_scoped() -> None:
-    from worker.tasks import batcher
-
-    assert batcher._ATTEMPT.get() == 1
+    assert current_delivery()[0] == 1
     with delivery_attempt(3):
-        assert batcher._ATTEMPT.get() == 3
-    assert batcher._ATTEMPT.get() == 1
+        assert current_delivery()[0] == 3
+    assert current_delivery()[0] == 1
 
 
 def test_in_flight_counts_tasks_preparing_per_lane_and_notifies() -> None:
@@ -384,30 +390,32 @@ def test_watchdog_fires_only_past_the_limit() -> None:
     assert dog.check() is True and fired == [1]
 
 
-def test_engine_batch_observes_the_size_of_every_real_engine_call() -> None:
+def test_engine_call_packs_once_and_observes_the_size_of_every_real_engine_call() -> None:
     from types import SimpleNamespace
 
     import numpy as np
 
     from worker import metrics
-    from worker.tasks.batcher import engine_batch
+    from worker.service.engine import EngineCall
 
     calls: list[int] = []
 
-    def enroll_many(chunk: list[Any]) -> list[Any]:
-        calls.append(sum(len(f) for f, _ in chunk))
-        return [SimpleNamespace(n=len(f)) for f, _ in chunk]
+    class FakeEngine:
+        config = SimpleNamespace(max_batch_images=4, steps=5)
 
-    loaded = SimpleNamespace(
-        engine=SimpleNamespace(config=SimpleNamespace(max_batch_images=4, steps=5), enroll_many=enroll_many)
-    )
+        def __call__(self, batch: list[Any]) -> list[Any]:  # ONE engine batch: no packing of its own
+            calls.append(sum(len(f) for f, _ in batch))
+            return [SimpleNamespace(n=len(f)) for f, _ in batch]
+
+    call = EngineCall(SimpleNamespace(engine=FakeEngine()))  # type: ignore[arg-type]
+    assert call.max_images == 4
 
     def sample(name: str) -> float:
         return metrics.REGISTRY.get_sample_value(name, {"job_type": "reenroll"}) or 0.0
 
     before = (sample("cancelable_batch_size_images_count"), sample("cancelable_batch_size_images_sum"))
     items = [(np.zeros((n, 3, 2, 2)), b"s" * 32) for n in (2, 2, 3, 6, 1)]
-    out = engine_batch(loaded, "reenroll", items)
+    out = call("reenroll", items)  # type: ignore[arg-type]
     assert [r.n for r in out] == [2, 2, 3, 6, 1]  # one result per subject, in order
     assert calls == [4, 3, 6, 1]  # packed by max_batch_images; a subject over the cap alone
     after = (sample("cancelable_batch_size_images_count"), sample("cancelable_batch_size_images_sum"))
@@ -415,12 +423,8 @@ def test_engine_batch_observes_the_size_of_every_real_engine_call() -> None:
 
 
 def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
-    from worker.tasks import batcher
-
-    inflight = InFlight()
-    monkeypatch.setattr(batcher, "INFLIGHT", inflight)
+    tasks = InFlight()
+    monkeypatch.setattr(inflight, "INFLIGHT", tasks)
     asked: list[str] = []
 
     class FakeRedis:
@@ -433,15 +437,14 @@ def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypa
             return self.depth.get(name, 0)
 
     r = FakeRedis()
-    rt = SimpleNamespace(redis=r)
-    inflight.started(lane="enroll")  # this thread: one engine task in flight, preparing
-    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 0) and asked == []  # capacity 1: no broker
-    inflight.capacity = 4
+    tasks.started(lane="enroll")  # this thread: one engine task in flight, preparing
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 0) and asked == []  # capacity 1: no broker
+    tasks.capacity = 4
     # 3 free slots; every engine queue counts
-    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 3) and asked == list(ENGINE_QUEUES)
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 3) and asked == list(ENGINE_QUEUES)
     r.depth = {ENGINE_BULK_QUEUE: 1, LEGACY_ENGINE_QUEUE: 1}
-    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 2)
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 2)
     r.depth = ConnectionError("broker away")
-    assert batcher.expected_submitters(rt) == Coming({"enroll": 1}, 0)
-    inflight.submitting()
-    assert batcher.expected_submitters(rt) == Coming({}, 0)
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 0)
+    tasks.submitting()
+    assert inflight.expected_submitters(r) == Coming({}, 0)

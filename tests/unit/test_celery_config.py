@@ -133,21 +133,21 @@ def test_producer_import_is_light() -> None:
 
 
 def test_bundle_advice_applies_unless_the_deployment_set_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.service.engine import engine_config_from, verify_threshold_from
+    from worker.bundle_config import engine_config, verify_threshold
     from worker.settings import load_settings
 
     for k in [k for k in __import__("os").environ if k.upper().startswith("CANCELABLE_")]:
         monkeypatch.delenv(k)
     advice = {"engine": {"steps": 30, "key_target": True, "verify_threshold": 0.3, "unknown_knob": 1}}
     s = load_settings()
-    cfg = engine_config_from(s, advice)
+    cfg = engine_config(advice, s.engine)
     assert (cfg.steps, cfg.key_target, cfg.max_batch_images) == (30, True, s.engine.batch_size)
-    assert verify_threshold_from(s, advice) == 0.3
-    assert engine_config_from(s, {}).steps == s.engine.steps and verify_threshold_from(s, {}) == 0.5
+    assert verify_threshold(advice, s.engine) == 0.3
+    assert engine_config({}, s.engine).steps == s.engine.steps and verify_threshold({}, s.engine) == 0.5
     monkeypatch.setenv("CANCELABLE_ENGINE__STEPS", "7")
     monkeypatch.setenv("CANCELABLE_ENGINE__VERIFY_THRESHOLD", "0.6")
     s = load_settings()
-    assert engine_config_from(s, advice).steps == 7 and verify_threshold_from(s, advice) == 0.6
+    assert engine_config(advice, s.engine).steps == 7 and verify_threshold(advice, s.engine) == 0.6
 
 
 def test_workers_poll_interactive_work_first_whatever_the_q_order() -> None:

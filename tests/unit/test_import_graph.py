@@ -118,6 +118,7 @@ RULES: dict[str, tuple[set[str], set[str]]] = {
             "worker.keys",
             "worker.metrics",
             "worker.observability",
+            "worker.algorithm.engine_base",
         },
         {"boto3", "botocore"},
     ),

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
+from worker.algorithm.factory import build_engine
 from worker.algorithm.keymap import KeyMapModel, key_nuisance, key_rotation, load_keymap, save_keymap
-from worker.algorithm.keymap_engine import KeymapEngine, build_engine
+from worker.algorithm.keymap_engine import KeymapEngine
 from worker.errors import BundleError, CheckpointLayoutError, InvalidTensorError, KeyError_
 from worker.evaluation.keymap_attack import keymap_reinversion_attack
 from worker.models.bundle import ModelBundle, load_bundle

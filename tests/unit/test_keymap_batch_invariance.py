@@ -25,13 +25,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine_and_subjects(smoke_faces):
-    from worker.algorithm.keymap_engine import build_engine
+    from worker.algorithm.factory import build_engine
     from worker.bundle_config import deployed_config
     from worker.evaluation.evaluator import load_rgb
     from worker.models.bundle import load_bundle
 
     torch.set_num_threads(1)
-    engine = build_engine(load_bundle(BUNDLE), deployed_config(BUNDLE, None, None), "cpu", BUNDLE)
+    engine = build_engine(load_bundle(BUNDLE), deployed_config(BUNDLE, None, None), "cpu")
     assert engine.dtype == torch.float32
     faces = [engine.prepare(load_rgb(smoke_faces[n])) for n in ("obama", "biden", "obama2", "obama3")]
     # 8 subjects: the subject under test (one photo) and 7 mates (other photos, other keys, one with two photos)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 def deployed():
     import torch
 
-    from worker.algorithm.keymap_engine import build_engine
+    from worker.algorithm.factory import build_engine
     from worker.bundle_config import deployed_config, verify_policy
     from worker.models.bundle import load_bundle
     from worker.settings import EngineSettings

@@ -61,3 +61,64 @@ def test_racing_threads_share_one_runtime_one_client_each_and_one_engine(monkeyp
         got = _race(get)
         assert all(x is got[0] for x in got), kind
     assert built == {"redis": 1, "store": 1, "keys": 1, "engine": 1}
+
+
+def test_engine_call_runs_the_jobs_subjects_through_the_batcher_and_a_redelivery_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``WorkerRuntime.engine_call``: the subjects of concurrent jobs meet in one engine batch of the process's
+    batcher (over ``EngineCall``), each job gets its own results, and a re-delivered job's subjects run alone."""
+    from types import SimpleNamespace
+
+    from worker.settings import load_settings
+    from worker.tasks.inflight import InFlight, delivery_attempt
+
+    tasks = InFlight()
+    monkeypatch.setattr(runtime, "INFLIGHT", tasks)
+    batches: list[list[str]] = []
+    gate = threading.Event()
+
+    class FakeEngine:
+        config = SimpleNamespace(max_batch_images=8, steps=1)
+
+        def __call__(self, batch: list[Any]) -> list[Any]:
+            gate.wait(10)
+            batches.append([tag for _, tag in batch])
+            return [f"out-{tag}" for _, tag in batch]
+
+    settings = load_settings(redis={"url": "redis://127.0.0.1:1/0"}, engine={"batch_mate_wait_ms": 10_000})
+    loaded = SimpleNamespace(engine=FakeEngine())
+    monkeypatch.setattr(runtime, "load_engine_from_settings", lambda *_: loaded)
+    rt = runtime.WorkerRuntime(settings)
+    out: dict[str, Any] = {}
+
+    def job(tag: str, attempt: int = 1) -> None:
+        tasks.started(lane="enroll")
+        try:
+            with delivery_attempt(attempt):
+                out[tag] = rt.engine_call("enroll", [([0], tag)])  # type: ignore[list-item]
+        finally:
+            tasks.finished()
+
+    first = threading.Thread(target=job, args=("a",))
+    first.start()
+    while not batches and first.is_alive() and rt.batch_running_since() is None:
+        time.sleep(0.01)  # "a" runs (blocked on the gate); "b" and "c" queue behind it
+    others = [threading.Thread(target=job, args=("b",)), threading.Thread(target=job, args=("c",))]
+    for t in others:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in [first, *others]:
+        t.join(20)
+    assert out == {"a": ["out-a"], "b": ["out-b"], "c": ["out-c"]}
+    assert sorted(map(sorted, batches)) == [["a"], ["b", "c"]]  # b and c shared one engine batch
+
+    batches.clear()
+    retried = [threading.Thread(target=job, args=(tag, 2)) for tag in ("d", "e")]
+    for t in retried:
+        t.start()
+    for t in retried:
+        t.join(20)
+    assert sorted(batches) == [["d"], ["e"]]  # re-deliveries run alone
+    rt.close()

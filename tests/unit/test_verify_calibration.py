@@ -10,17 +10,19 @@ import pytest
 
 from worker.bundle_config import VerifyPolicy, matcher_of, size_key, verify_policy
 from worker.bundletool.calibrate import calibrate_sizes, decision_rates, trials, verify_section
-from worker.bundletool.operating_points import clopper_pearson, operating_point, threshold_at_far
+from worker.bundletool.operating_points import clopper_pearson, operating_point, rounded_threshold_at_far
 from worker.errors import UncalibratedFarError
 from worker.settings import EngineSettings
 
 
 def test_threshold_at_far_admits_at_most_the_allowed_impostors() -> None:
     imp = [i / 100 for i in range(100)]  # 0.00 .. 0.99
-    t = threshold_at_far(imp, 0.05)
+    t = rounded_threshold_at_far(imp, 0.05)
     assert sum(s >= t for s in imp) == 5 and t == 0.9401  # just above the 6th highest
-    assert sum(s >= threshold_at_far(imp, 0.001) for s in imp) == 0  # below the resolution: reject every impostor
-    assert threshold_at_far(imp, 0.999999) == 0.0001  # every impostor but the lowest may pass
+    assert (
+        sum(s >= rounded_threshold_at_far(imp, 0.001) for s in imp) == 0
+    )  # below the resolution: reject every impostor
+    assert rounded_threshold_at_far(imp, 0.999999) == 0.0001  # every impostor but the lowest may pass
 
 
 def test_clopper_pearson_matches_known_values() -> None:

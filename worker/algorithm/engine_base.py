@@ -1,4 +1,4 @@
-"""What every engine family shares: the public API the tasks call, input checks, batching, result types.
+"""What every engine family shares: the public API the service calls, input checks, batch packing, result types.
 
 A family (``pipeline.Engine``: FaceAnonyMixer layer mixing; ``keymap_engine.KeymapEngine``: the key map) subclasses
 ``EngineBase`` and provides ``_run`` (one batch of checked subjects -> results in order) and ``fingerprint``; it sets
@@ -25,9 +25,10 @@ Subject = tuple[torch.Tensor, bytes]
 
 
 @dataclass
-class EnrollResult:
-    """One subject's result (CPU, float32 in either engine dtype): images (N, 3, G, G) in [-1, 1], embeddings
-    (N, D), template (D,)."""
+class EngineEnrollment:
+    """One subject's engine output (CPU, float32 in either engine dtype): images (N, 3, G, G) in [-1, 1], embeddings
+    (N, D), template (D,). The service turns it into a template version; the job's wire result is
+    ``worker.contracts.EnrollResult``."""
 
     images: torch.Tensor
     embeddings: torch.Tensor
@@ -60,7 +61,7 @@ class EngineBase:
         """``<bundle_id>:<digest of what changes results>``. A probe must use the template's fingerprint."""
         raise NotImplementedError
 
-    def _run(self, subjects: list[Subject]) -> list[EnrollResult]:
+    def _run(self, subjects: list[Subject]) -> list[EngineEnrollment]:
         """One batch of checked subjects -> one result per subject, in order."""
         raise NotImplementedError
 
@@ -74,7 +75,7 @@ class EngineBase:
         crop = prepare_face(image_rgb_uint8, self.input_size, self.encoder.alignment)
         return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
 
-    def enroll(self, faces: torch.Tensor, seed: bytes) -> EnrollResult:
+    def enroll(self, faces: torch.Tensor, seed: bytes) -> EngineEnrollment:
         """All images of one subject in one call. faces (N, 3, R, R)."""
         return self([(faces, seed)])[0]
 
@@ -85,11 +86,11 @@ class EngineBase:
         result = self([(face[None], seed)])[0]
         return ProbeResult(image=result.images[0], embedding=result.embeddings[0])
 
-    def enroll_many(self, subjects: Sequence[Subject]) -> list[EnrollResult]:
+    def enroll_many(self, subjects: Sequence[Subject]) -> list[EngineEnrollment]:
         """Many subjects, packed into as few batches as ``config.max_batch_images`` allows; results in input order,
         equal (to float rounding) to what ``enroll`` gives each subject alone."""
         checked = [(self._check_faces(f), check_seed(s)) for f, s in subjects]
-        results: list[EnrollResult] = []
+        results: list[EngineEnrollment] = []
         for chunk in pack_subjects(checked, self.config.max_batch_images):
             results.extend(self._run(chunk))
         return results
@@ -101,7 +102,7 @@ class EngineBase:
                 raise InvalidTensorError(f"score expects two float ({self.embedding_dim},) tensors")
         return float(F.cosine_similarity(a.detach().float().cpu(), b.detach().float().cpu(), dim=0))
 
-    def __call__(self, subjects: Sequence[Subject]) -> list[EnrollResult]:
+    def __call__(self, subjects: Sequence[Subject]) -> list[EngineEnrollment]:
         """ONE batch of subjects (no packing; see ``enroll_many``)."""
         return self._run([(self._check_faces(f), check_seed(s)) for f, s in subjects])
 
@@ -109,14 +110,14 @@ class EngineBase:
         return check_faces(faces, self.input_size, self.config.input_tolerance, self.dtype)
 
 
-def per_subject(images: torch.Tensor, embeddings: torch.Tensor, counts: list[int]) -> list[EnrollResult]:
+def per_subject(images: torch.Tensor, embeddings: torch.Tensor, counts: list[int]) -> list[EngineEnrollment]:
     """Split a batch's outputs (images (B, 3, G, G), L2-normalised embeddings (B, D), on the CPU) back into
     subjects of ``counts`` images each; template = the re-normalised mean of a subject's embeddings."""
-    out: list[EnrollResult] = []
+    out: list[EngineEnrollment] = []
     start = 0
     for n in counts:
         e = embeddings[start : start + n]
-        out.append(EnrollResult(images[start : start + n].clone(), e.clone(), F.normalize(e.mean(0), dim=0)))
+        out.append(EngineEnrollment(images[start : start + n].clone(), e.clone(), F.normalize(e.mean(0), dim=0)))
         start += n
     return out
 

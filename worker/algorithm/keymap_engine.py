@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from worker.algorithm.config import EngineConfig
-from worker.algorithm.engine_base import EngineBase, EnrollResult, per_subject
+from worker.algorithm.engine_base import EngineBase, EngineEnrollment, per_subject
 from worker.algorithm.keymap import KeyMapModel, identity_loss, key_nuisance, key_rotation, prior_penalty
 from worker.algorithm.mix import LayerSplit
 from worker.errors import BundleError
@@ -128,7 +127,7 @@ class KeymapEngine(EngineBase):
             opt.step()
         return z.detach()
 
-    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EngineEnrollment]:
         """Every image of every subject runs on its own, as a batch of one (``anonymise_one``): its output depends
         only on its photo and its seed, never on batch mates nor on the other photos of its subject."""
         if not subjects:
@@ -154,18 +153,3 @@ class KeymapEngine(EngineBase):
             image = self.generator(z).float().clamp(-1.0, 1.0)
             emb = F.normalize(self.identity.embed(image, self.generator.alignment).float(), dim=-1)
         return image.cpu(), emb.cpu()
-
-
-def build_engine(
-    bundle: Any,
-    config: EngineConfig | None = None,
-    device: torch.device | str | None = None,
-    bundle_dir: Path | str | None = None,
-) -> Any:
-    """The engine for a loaded bundle: ``KeymapEngine`` when its encoder is a key map, else ``pipeline.Engine``.
-    ``bundle_dir`` is accepted for callers that pass the bundle folder; nothing in it is read."""
-    if isinstance(getattr(bundle, "encoder", None), KeyMapModel):
-        return KeymapEngine(bundle, config, device)
-    from worker.algorithm.pipeline import Engine
-
-    return Engine(bundle, config, device)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from worker.algorithm.config import EngineConfig
 from worker.algorithm.engine_base import (
     EngineBase,
-    EnrollResult,
+    EngineEnrollment,
     ProbeResult,
     check_faces,
     check_seed,
@@ -91,7 +91,7 @@ class Engine(EngineBase):
         return f"{getattr(self.bundle, 'bundle_id', 'unknown')}:{self.config.fingerprint()}"
 
     # --- the numbered steps -------------------------------------------------------------------------------------
-    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
+    def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EngineEnrollment]:
         if not subjects:
             return []
         counts = [len(f) for f, _ in subjects]
@@ -164,4 +164,12 @@ class Engine(EngineBase):
         return contextlib.nullcontext()
 
 
-__all__ = ["KEY_TARGET_LABEL", "Engine", "EnrollResult", "ProbeResult", "check_faces", "check_seed", "pack_subjects"]
+__all__ = [
+    "KEY_TARGET_LABEL",
+    "Engine",
+    "EngineEnrollment",
+    "ProbeResult",
+    "check_faces",
+    "check_seed",
+    "pack_subjects",
+]

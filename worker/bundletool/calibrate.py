@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.bundletool.operating_points import FAR_TARGETS, eer, operating_points, rate_at
+from worker.bundletool.operating_points import FAR_TARGETS, observed_eer, operating_points, rate_at
 from worker.errors import CancelableError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ def calibrate_sizes(emb: list[np.ndarray], targets: tuple[float, ...] = FAR_TARG
         sc = trials(emb, size)
         if len(sc["impostor"]) < 2:
             continue
-        e, e_t = eer(sc["genuine"], sc["impostor"])
+        e, e_t = observed_eer(sc["genuine"], sc["impostor"])
         out[size] = {
             "identities": int(sum(x.shape[1] >= (3 if size == "3+" else int(size)) + 1 for x in emb)),
             "operating_points": operating_points(sc["genuine"], sc["impostor"], targets),
@@ -196,14 +196,16 @@ def calibrate_sizes(emb: list[np.ndarray], targets: tuple[float, ...] = FAR_TARG
 
 
 # --- run ------------------------------------------------------------------------------------------------------------
-def build_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, dict[str, Any]]:
-    from worker.algorithm.keymap_engine import build_engine as make_engine
+def deployed_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any, dict[str, Any]]:
+    """The engine a worker with default settings runs for the bundle in ``bundle_dir`` (on the CPU), and the
+    bundle's manifest."""
+    from worker.algorithm.factory import build_engine
     from worker.bundle_config import deployed_config
     from worker.models.bundle import load_bundle
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     config = deployed_config(bundle_dir, steps or None, None)
-    engine = make_engine(load_bundle(bundle_dir, "cpu"), config, "cpu", bundle_dir)
+    engine = build_engine(load_bundle(bundle_dir, "cpu"), config, "cpu")
     log(f"bundle {manifest['bundle_id']} at {bundle_dir}; engine {engine.fingerprint}, {config.steps} steps")
     return engine, manifest
 
@@ -222,7 +224,7 @@ def verify_section(result: dict[str, Any], target_far: float, matcher: str) -> d
     return {"matcher": matcher, "target_far": target_far, "thresholds": thresholds, "operating_points": points}
 
 
-def write_manifest(
+def write_calibration(
     bundle_dir: Path, loaded: dict[str, Any], engine: Any, section: dict[str, Any], provenance: dict[str, Any]
 ) -> None:
     path = bundle_dir / "manifest.json"
@@ -285,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    engine, manifest = build_engine(args.bundle, args.steps, log)
+    engine, manifest = deployed_engine(args.bundle, args.steps, log)
     if not getattr(engine, "images_independent", False):
         raise SystemExit(
             "this bundle's engine optimises a subject's photos together (layer mixing with the identity term), so "
@@ -335,6 +337,6 @@ def main(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({"result": result, "decisions": decisions, **provenance}, indent=2) + "\n")
     if args.write:
         section = verify_section(result, args.far, matcher_of(manifest))
-        write_manifest(args.bundle, manifest, engine, section, provenance)
+        write_calibration(args.bundle, manifest, engine, section, provenance)
         print(f"wrote verify thresholds {section['thresholds']} to {args.bundle / 'manifest.json'}")
     return 0

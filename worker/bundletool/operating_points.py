@@ -1,7 +1,7 @@
 """Verify operating points from genuine and impostor scores: thresholds at target false-accept rates, with the
 FAR's exact (Clopper-Pearson) 95 % confidence interval. Pure Python; no torch.
 
-A trial is accepted iff score >= threshold (as ``cancelable verify`` decides). ``threshold_at_far`` returns the
+A trial is accepted iff score >= threshold (as ``cancelable verify`` decides). ``rounded_threshold_at_far`` returns the
 lowest 4-decimal threshold whose empirical FAR is <= the target; with n impostor trials the empirical FAR cannot
 resolve rates below 1/n, and the confidence interval says how far the true FAR may lie from the measured one.
 """
@@ -16,7 +16,7 @@ FAR_TARGETS = (1e-1, 1e-2, 5e-3, 1e-3, 1e-4)
 """The false-accept rates a calibration stores an operating point for (``cancelable verify --far`` picks one)."""
 
 
-def threshold_at_far(impostor: Sequence[float], far: float) -> float:
+def rounded_threshold_at_far(impostor: Sequence[float], far: float) -> float:
     """Lowest 4-decimal threshold t with #(impostor >= t) <= floor(far * n); -1.0 when every impostor may pass."""
     imp = sorted(impostor, reverse=True)
     allowed = math.floor(far * len(imp) + 1e-9)
@@ -72,7 +72,7 @@ def operating_point(genuine: Sequence[float], impostor: Sequence[float], far_tar
     TAR, counts."""
     if not impostor:
         raise ValueError("no impostor scores")
-    t = threshold_at_far(impostor, far_target)
+    t = rounded_threshold_at_far(impostor, far_target)
     k = sum(s >= t for s in impostor)
     lo, hi = clopper_pearson(k, len(impostor))
     return {
@@ -95,7 +95,7 @@ def operating_points(
     return [operating_point(genuine, impostor, f) for f in targets]
 
 
-def eer(genuine: Sequence[float], impostor: Sequence[float]) -> tuple[float, float]:
+def observed_eer(genuine: Sequence[float], impostor: Sequence[float]) -> tuple[float, float]:
     """(EER, threshold): the accept threshold among the observed scores where FAR and FRR are closest."""
     best = (2.0, 0.0, 0.0)
     for t in sorted(set(genuine) | set(impostor)) + [1.01]:

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from worker.algorithm.keymap_engine import build_engine
+    from worker.algorithm.factory import build_engine
     from worker.bundle_config import deployed_config
     from worker.evaluation.evaluator import Evaluator
     from worker.evaluation.protocols import RunConfig, run_shard
@@ -117,9 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     device = torch.device(args.device)
     bundle = load_bundle(args.bundle, device)
-    engine = build_engine(
-        bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device, Path(args.bundle)
-    )
+    engine = build_engine(bundle, deployed_config(Path(args.bundle), args.steps, args.key_target), device)
     local_out = Path(args.out) if not args.out.startswith("s3://") else REPO / "reports" / "eval-s3-staging"
     shard_dir = local_out / "shards" / f"{i}-of-{n}"
     run_shard(engine, judge, cfg, shard_dir, extra_meta={"evaluator": evaluator_info, "verify": _verify_meta(args)})

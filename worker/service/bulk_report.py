@@ -66,7 +66,7 @@ def report_rows(rt: Runtime, tenant: str, parent_job_id: str) -> list[dict[str, 
     return rows
 
 
-def write_report(rt: Runtime, parent_job_id: str, tenant: str) -> str:
+def write_bulk_report(rt: Runtime, parent_job_id: str, tenant: str) -> str:
     """Write the JSONL and CSV reports (an empty report when nothing failed); returns the JSONL's ``s3://`` URI."""
     rows = report_rows(rt, tenant, parent_job_id)
     jsonl = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")

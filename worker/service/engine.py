@@ -1,6 +1,7 @@
 """Which model bundle a worker runs and how its engine is built: the embedded bundles, ``s3://`` bundles synced to a
-cache, the engine settings (bundle advice + the deployment's explicit settings), the verify threshold, and the
-``LoadedEngine`` the service functions use. torch is imported only when an engine is loaded."""
+cache, the engine settings and verify policy (``worker.bundle_config``: bundle advice + the deployment's explicit
+settings), the engine (``worker.algorithm.factory``), the ``LoadedEngine`` the service functions use, and
+``EngineCall``: the one engine call. torch is imported only when an engine is loaded."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from typing import TYPE_CHECKING, Any
 from worker.errors import BundleError
 
 if TYPE_CHECKING:
-    from worker.algorithm.engine_base import EngineBase
+    import torch
+
+    from worker.algorithm.engine_base import EngineBase, EngineEnrollment, Subject
     from worker.bundle_config import VerifyPolicy
+    from worker.settings import Settings
+    from worker.storage.client import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ EMBEDDED_BUNDLES = {"lite": LITE_BUNDLE_DIR, "keymap": REPO / "worker" / "bundle
 class LoadedEngine:
     """The engine and what the template records need to say about it."""
 
-    engine: EngineBase  # Engine or KeymapEngine (``build_engine`` picks by bundle)
+    engine: EngineBase  # Engine or KeymapEngine (``worker.algorithm.factory.build_engine`` picks by bundle)
     bundle_id: str
     bundle_hashes: dict[str, str]
     algorithm: dict[str, Any]
@@ -48,7 +53,40 @@ class LoadedEngine:
         return VerifyPolicy(self.matcher, self.verify_threshold, True, {}, {})
 
 
-def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+class EngineCall:
+    """The one engine call of the service: ``call(job_type, subjects)`` with ``subjects`` =
+    ``[(faces (N, 3, R, R) float in [-1, 1], seed 32 B), ...]`` -> one ``EngineEnrollment`` per subject, in order.
+
+    Packs the subjects (whole, in order) into batches of at most ``max_images`` images, runs each batch as ONE engine
+    batch and meters it (batch size, optimisation time and steps, images processed, labelled by ``job_type``).
+    A worker's ``Runtime.engine_call`` runs it through the micro-batcher (``worker.tasks.batcher``), which hands it
+    the subjects of several jobs at once; results do not depend on batch mates. Seeds are never logged."""
+
+    def __init__(self, loaded: LoadedEngine) -> None:
+        self.loaded = loaded
+
+    @property
+    def max_images(self) -> int:
+        """The most images one engine batch takes (``EngineConfig.max_batch_images``)."""
+        return int(self.loaded.engine.config.max_batch_images)
+
+    def __call__(self, job_type: str, subjects: list[Subject]) -> list[EngineEnrollment]:
+        from worker import metrics
+        from worker.algorithm.engine_base import pack_subjects
+
+        engine = self.loaded.engine
+        results: list[EngineEnrollment] = []
+        for batch in pack_subjects(list(subjects), self.max_images):
+            n = sum(len(faces) for faces, _ in batch)
+            metrics.batch_size(job_type, n)
+            with metrics.stage_timer("optimise", job_type):
+                results.extend(engine(batch))
+            metrics.optimisation_steps(job_type, int(engine.config.steps))
+            metrics.images_processed(n, "succeeded", job_type)
+        return results
+
+
+def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: ObjectStore | None = None) -> Path:
     """``engine.bundle`` setting -> local bundle directory (``lite`` / ``keymap`` = the embedded bundles; ``s3://``
     synced into ``cache_dir`` through ``store``)."""
     if spec in EMBEDDED_BUNDLES:
@@ -62,7 +100,7 @@ def resolve_bundle_dir(spec: str, cache_dir: Path | None = None, store: Any = No
     return Path(spec).expanduser()
 
 
-def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = None) -> Path:
+def check_bundle_present(spec: str, cache_dir: Path | None = None, store: ObjectStore | None = None) -> Path:
     """Fail fast (in the worker's main process, before forking) when the bundle has no manifest."""
     if spec.startswith("s3://") and store is None:
         return Path(spec)
@@ -78,7 +116,7 @@ def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = 
     return d
 
 
-def pick_device(spec: str) -> Any:
+def pick_device(spec: str) -> torch.device:
     import torch
 
     if spec == "auto":
@@ -86,19 +124,13 @@ def pick_device(spec: str) -> Any:
     return torch.device(spec)
 
 
-def engine_config_from(settings: Any, manifest: dict[str, Any]) -> Any:
-    """EngineConfig = the bundle's advice + the deployment's settings on top (``worker.bundle_config``)."""
-    from worker.bundle_config import engine_config
-
-    return engine_config(manifest, settings.engine)
-
-
-def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
+def load_engine_from_settings(settings: Settings, store: ObjectStore | None = None) -> LoadedEngine:
     """Load the bundle and build the engine (minutes for the production bundle, about a second for lite)."""
     import torch
 
     from worker import metrics
-    from worker.algorithm.keymap_engine import build_engine
+    from worker.algorithm.factory import build_engine
+    from worker.bundle_config import engine_config, verify_policy
     from worker.models.bundle import load_bundle, read_manifest
 
     torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
@@ -108,13 +140,14 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
     start = time.perf_counter()
     with metrics.model_load_timer(device.type if device.type in metrics.DEVICE_TYPES else "cpu"):
         bundle = load_bundle(directory, device)
-        config = engine_config_from(settings, manifest)
-        engine = build_engine(bundle, config, device, directory)  # the bundle's generator family picks the engine class
+        config = engine_config(manifest, settings.engine)
+        engine = build_engine(bundle, config, device)  # the bundle's encoder picks the engine class
     seconds = time.perf_counter() - start
     # what a template records about how it was made; ``fingerprint`` must match at verify time
     algorithm = dict(config.result_fields())
     algorithm["fingerprint"] = engine.fingerprint
     log.info("engine loaded: %s on %s in %.1f s", engine.fingerprint, device, seconds)
+    policy = verify_policy(manifest, settings.engine)
     return LoadedEngine(
         engine,
         bundle.bundle_id,
@@ -123,21 +156,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
         str(device),
         seconds,
         engine.fingerprint,
-        verify_threshold_from(settings, manifest),
-        verify_policy_from(settings, manifest),
-        verify_policy_from(settings, manifest).matcher,
+        policy.default_threshold,
+        policy,
+        policy.matcher,
     )
-
-
-def verify_policy_from(settings: Any, manifest: dict[str, Any]) -> VerifyPolicy:
-    """The bundle's calibrated decision rule under the deployment's settings (``worker.bundle_config``)."""
-    from worker.bundle_config import verify_policy
-
-    return verify_policy(manifest, settings.engine)
-
-
-def verify_threshold_from(settings: Any, manifest: dict[str, Any]) -> float:
-    """The deployment's explicit ``engine.verify_threshold``, else the bundle's advice (``worker.bundle_config``)."""
-    from worker.bundle_config import verify_threshold
-
-    return verify_threshold(manifest, settings.engine)

@@ -1,5 +1,5 @@
-"""Enrolment, outside Celery: fetch + validate images, derive seeds, run the engine, commit versions, and the
-enrol-with-fence loop of an enrol job (``enroll``).
+"""Enrolment, outside Celery: fetch + validate images, derive seeds, run the engine (``Runtime.engine_call``),
+commit versions, and the enrol-with-fence loop of an enrol job (``enroll``).
 
 Shapes: aligned faces (N, 3, R, R) float in [-1, 1] (R = encoder input size); cancelable images (N, 3, G, G) in
 [-1, 1] (G = generator resolution); embeddings (N, D); templates (D,).
@@ -31,8 +31,7 @@ from worker.storage.templates import CommittedVersion, TemplateStore
 if TYPE_CHECKING:
     import torch
 
-    from worker.algorithm.engine_base import EngineBase
-    from worker.algorithm.engine_base import EnrollResult as EngineOutput
+    from worker.algorithm.engine_base import EngineBase, EngineEnrollment
     from worker.service.engine import LoadedEngine
     from worker.service.runtime import Runtime
 
@@ -106,7 +105,7 @@ def template_record(
     job_id: str,
     key_id: str,
     key_version: int,
-    result: EngineOutput,
+    result: EngineEnrollment,
     sources: list[SourceImage],
 ) -> TemplateRecord:
     from worker.storage.records import encode_embedding
@@ -138,7 +137,7 @@ def commit(
     job_id: str,
     key_id: str,
     key_version: int,
-    result: EngineOutput,
+    result: EngineEnrollment,
     sources: list[SourceImage],
     job_type: str,
     key_epoch: int | None = None,
@@ -177,17 +176,6 @@ def check_key(rt: Runtime, tenant: str, key_id: str) -> None:
 def seed_for(rt: Runtime, key_id: str, tenant: str, subject: str, key_version: int, job_type: str) -> bytes:
     with metrics.stage_timer("key", job_type):
         return rt.keys.seed_for(key_id, tenant, subject, key_version)
-
-
-def run_engine(loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[EngineOutput]:
-    """Batched enrolment of several subjects ((faces (N,3,R,R), seed) each) -> one engine result per subject."""
-    n = sum(int(f.shape[0]) for f, _ in items)
-    metrics.batch_size(job_type, n)
-    with metrics.stage_timer("optimise", job_type):
-        out = loaded.engine.enroll_many(items)
-    metrics.optimisation_steps(job_type, int(loaded.engine.config.steps))
-    metrics.images_processed(n, "succeeded", job_type)
-    return out
 
 
 def move_off_revoked_key(rt: Runtime, registry: KeyRegistry, ts: TemplateStore, job: EnrollJob) -> None:
@@ -277,7 +265,7 @@ def enroll(
             move_off_revoked_key(rt, registry, ts, job)
             rec = registry.ensure_subject_key(job.tenant, job.subject, job.key_id)
             seed = seed_for(rt, rec.key_id, job.tenant, job.subject, rec.key_version, "enroll")
-            (result,) = rt.run_engine(loaded, [(prepared.faces, seed)], "enroll")
+            (result,) = rt.engine_call("enroll", [(prepared.faces, seed)])
             del seed
             done = commit(
                 rt,

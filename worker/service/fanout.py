@@ -119,9 +119,9 @@ def maybe_finalize_bulk(rt: Runtime, tenant: str, parent_job_id: str) -> dict[st
     codes = dict(p.failed_codes)
     report_uri = None
     try:
-        from worker.service.bulk_report import write_report
+        from worker.service.bulk_report import write_bulk_report
 
-        report_uri = write_report(rt, parent_job_id, f["tenant"])
+        report_uri = write_bulk_report(rt, parent_job_id, f["tenant"])
     except Exception as e:  # the job's counts are final either way; the report is best effort
         log.warning("bulk job %s: report not written (%s)", parent_job_id, type(e).__name__)
     res = BulkResult(

@@ -153,7 +153,7 @@ def reenroll(rt: Runtime, chunk: ReenrollChunk, attempt: int, started: datetime)
 
     fresh = [it for it in todo if it.committed is None]
     if fresh:
-        results = rt.run_engine(loaded, [it.engine_input() for it in fresh], "reenroll")
+        results = rt.engine_call("reenroll", [it.engine_input() for it in fresh])
         for it, result in zip(fresh, results, strict=True):
             it.committed = commit(
                 rt,

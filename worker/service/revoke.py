@@ -4,7 +4,7 @@ Subject: check that a current version exists (else ``no_template``) and send one
 refuse a key the key provider does not know and the tenant never used (``unknown_key``, nothing written), mark the
 key revoked for the tenant, list the tenant's subjects under it and send those with a committed version in chunks of
 ``worker.revoke_chunk_size``; a subject under the key with no committed version yet (its first enrolment may be in
-flight) is fenced instead (``_fence_first_enrolment``): nothing under the revoked key can become current after the
+flight) is fenced instead (``_fence_first_enrollment``): nothing under the revoked key can become current after the
 listing. After the fan-out time budget the listing hands over to a continuation, which resumes
 from the saved cursor. Chunk payloads are saved in the job book, so a re-delivered parent re-sends the same chunks.
 The parent returns a ``running`` result; the last chunk writes the terminal one (``worker.service.fanout``).
@@ -129,7 +129,7 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     for subject, standing in _subjects_under_key(rt, job, cursor, mode == "index"):
         last = subject
         if standing == UNCOMMITTED_UNDER:
-            standing = COMMITTED_UNDER if _fence_first_enrolment(rt, job, subject) else None
+            standing = COMMITTED_UNDER if _fence_first_enrollment(rt, job, subject) else None
             fenced += int(standing is None)
         if standing == COMMITTED_UNDER:
             batch.append(subject)
@@ -179,7 +179,7 @@ def check_revocable_key(rt: Runtime, tenant: str, key_id: str) -> None:
     raise UnknownKeyError(f"key {key_id} is not known to the key provider nor used by tenant {tenant}; nothing changed")
 
 
-def _fence_first_enrolment(rt: Runtime, job: RevokeJob, subject: str) -> bool:
+def _fence_first_enrollment(rt: Runtime, job: RevokeJob, subject: str) -> bool:
     """A subject under the revoked key with no committed version: its first enrolment may be in flight. Move its
     key record to the new key (``bump_subject_key``, idempotent per job) and write a fence-only pointer at the new
     epoch (``TemplateStore.raise_fence``), so that an enrolment derived under the revoked key can never commit a

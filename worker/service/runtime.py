@@ -1,7 +1,8 @@
 """What the service functions need from the process they run in.
 
-``Runtime``: settings, store, job book, keys, engine. ``worker.tasks.runtime.Runtime`` (per worker process, rebuilt
-after fork) implements it; so can a test or a script with its own settings, store and Redis.
+``Runtime``: settings, store, job book, keys, the engine and the engine call. ``worker.tasks.runtime.WorkerRuntime``
+(per worker process, rebuilt after fork) implements it; so can a test or a script with its own settings, store and
+Redis (its ``engine_call`` is then ``EngineCall(self.engine())(job_type, subjects)``).
 ``Dispatch``: how a fan-out job (revoke, bulk) sends work to other jobs and hands over to a continuation;
 ``worker.tasks.control_tasks.CeleryDispatch`` implements it with Celery messages.
 """
@@ -11,8 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import torch
-
+    from worker.algorithm.engine_base import EngineEnrollment, Subject
     from worker.contracts import BulkJob, EraseJob, RevokeJob
     from worker.keys.providers import KeyProvider
     from worker.service.engine import LoadedEngine
@@ -40,10 +40,11 @@ class Runtime(Protocol):
         """The loaded engine (loaded on first call; engine workers load it at start)."""
         ...
 
-    def run_engine(self, loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[Any]:
-        """One engine call for ``items`` ((faces (N, 3, R, R), seed) per subject) -> one ``EnrollResult`` per subject,
-        in order. A worker may run them together with other jobs' subjects (``worker.tasks.batcher``); results do
-        not depend on batch mates. ``worker.service.enrol.run_engine`` is the engine call itself."""
+    def engine_call(self, job_type: str, subjects: list[Subject]) -> list[EngineEnrollment]:
+        """The engine call (``worker.service.engine.EngineCall`` over ``engine()``) for one job's ``subjects``
+        ((faces (N, 3, R, R) in [-1, 1], seed 32 B) each) -> one ``EngineEnrollment`` per subject, in order. A worker
+        may run them together with other jobs' subjects (``worker.tasks.batcher``); results do not depend on batch
+        mates."""
         ...
 
 

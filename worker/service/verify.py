@@ -55,7 +55,7 @@ def verify_probe(rt: Runtime, loaded: LoadedEngine, tenant: str, subject: str, p
     seed = seed_for(rt, m.key_id, tenant, subject, m.key_version, "verify")
     prepared = fetch_and_prepare(rt, loaded.engine, tenant, [probe], "verify")
     # a probe is a one-image subject, anonymised under its own key (batch mates, if any, do not change it)
-    (res,) = rt.run_engine(loaded, [(prepared.faces[0][None], seed)], "verify")
+    (res,) = rt.engine_call("verify", [(prepared.faces[0][None], seed)])
     # cosine; fp32 rounding can step just outside [-1, 1]
     score = min(1.0, max(-1.0, loaded.engine.score(res.embeddings[0], torch.from_numpy(tmpl.vector()))))
     return ProbeScore(cur.version, m.key_id, m.key_version, score, tmpl.size(), tmpl.matcher or loaded.matcher or None)

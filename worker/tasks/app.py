@@ -154,16 +154,12 @@ def _pool_name(worker: Any) -> str:
 
 def _start_threads_pool(s: Any, threads: int) -> None:
     """No fork: load the models now (the engine ping reports them loaded), and enforce the hard time limit."""
-    from worker.tasks import batcher
-    from worker.tasks.runtime import get_runtime
+    from worker.tasks.inflight import INFLIGHT
+    from worker.tasks.runtime import engine_batch_started, get_runtime
+    from worker.tasks.watchdog import Watchdog
 
-    batcher.INFLIGHT.capacity = threads
-
-    def batch_start() -> float | None:
-        b = batcher.current_batcher()
-        return b.running_since() if b is not None else None
-
-    batcher.Watchdog(float(s.worker.task_time_limit), [batcher.INFLIGHT.oldest_start, batch_start]).start()
+    INFLIGHT.capacity = threads
+    Watchdog(float(s.worker.task_time_limit), [INFLIGHT.oldest_start, engine_batch_started]).start()
     if consumes_engine(_consumes):
         try:
             get_runtime().engine()
@@ -173,7 +169,7 @@ def _start_threads_pool(s: Any, threads: int) -> None:
 
 @signals.task_prerun.connect
 def _on_task_prerun(sender: Any = None, **_: Any) -> None:
-    from worker.tasks.batcher import INFLIGHT
+    from worker.tasks.inflight import INFLIGHT
 
     submits = getattr(sender, "name", None) in _ENGINE_SUBMITTERS
     INFLIGHT.started(lane=getattr(sender, "job_type", None) if submits else None)
@@ -181,7 +177,7 @@ def _on_task_prerun(sender: Any = None, **_: Any) -> None:
 
 @signals.task_postrun.connect
 def _on_task_postrun(**_: Any) -> None:
-    from worker.tasks.batcher import INFLIGHT
+    from worker.tasks.inflight import INFLIGHT
 
     INFLIGHT.finished()
 

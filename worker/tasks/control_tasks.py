@@ -242,7 +242,7 @@ erase = app.register_task(EraseTask())
 
 
 @app.task(name=TASK_SWEEP_RETENTION)
-def sweep_retention(at: str | None = None) -> dict[str, Any]:
+def sweep_retention_task(at: str | None = None) -> dict[str, Any]:
     """Erase subjects past ``worker.template_retention_days`` (``worker.service.erase.sweep_retention``). Sent daily
     by Celery beat when the setting is on; safe to run twice. ``at``: ISO time to sweep as of (default: now)."""
     from worker.tasks.runtime import get_runtime
@@ -274,11 +274,11 @@ def sweep_staging(tenant: str | None = None) -> dict[str, Any]:
 
 
 @app.task(name=TASK_SWEEP_UPLOADS)
-def sweep_uploads(older_than_s: float | None = None) -> dict[str, Any]:
+def sweep_uploads_task(older_than_s: float | None = None) -> dict[str, Any]:
     """Delete the CLI's uploaded photos older than ``worker.upload_retention`` (or ``older_than_s``) from the input
     bucket (``worker.storage.uploads``). Sent by Celery beat; safe to run twice."""
     from worker.contracts.inputs import InputPolicy
-    from worker.storage.uploads import sweep_uploads as sweep
+    from worker.storage.uploads import sweep_uploads
     from worker.tasks.runtime import get_runtime
 
     rt = get_runtime()
@@ -287,7 +287,7 @@ def sweep_uploads(older_than_s: float | None = None) -> dict[str, Any]:
         return {"seen": 0, "deleted": 0, "seconds": 0.0}  # retention 0: uploads are kept
     started = time.monotonic()
     bucket = InputPolicy.from_settings(rt.settings.s3).input_bucket
-    seen, deleted = sweep(rt.store, bucket, older_than_s=retention)
+    seen, deleted = sweep_uploads(rt.store, bucket, older_than_s=retention)
     log.info("upload sweep done", extra={"uploads": seen, "deleted": deleted})
     return {"seen": seen, "deleted": deleted, "seconds": round(time.monotonic() - started, 3)}
 
@@ -351,11 +351,11 @@ def reconcile(limit: int = 1000, idle_s: float = 600.0) -> dict[str, Any]:
 __all__ = [
     "bulk",
     "erase",
-    "sweep_retention",
+    "sweep_retention_task",
     "ping",
     "reconcile",
     "revoke",
     "sweep_staging",
-    "sweep_uploads",
+    "sweep_uploads_task",
     "NoTemplateError",
 ]

@@ -48,7 +48,7 @@ from worker.contracts import (
 from worker.errors import CancelableError, DeadLetteredError, MalformedJobError
 from worker.service.clock import now
 from worker.tasks.base import GuardedTask
-from worker.tasks.batcher import delivery_attempt
+from worker.tasks.inflight import delivery_attempt
 
 if TYPE_CHECKING:
     from worker.service.runtime import Runtime

@@ -1,6 +1,7 @@
 """Per-process state of a worker: settings, Redis, S3, key provider and (engine workers only) the loaded models.
 
-``Runtime`` is the process's implementation of the service layer's ``worker.service.runtime.Runtime`` protocol.
+``WorkerRuntime`` is the process's implementation of the service layer's ``worker.service.runtime.Runtime``
+protocol; its ``engine_call`` goes through the process's micro-batcher (``worker.tasks.batcher``).
 Nothing is created at import. ``get_runtime()`` builds the state on first use in the CURRENT process and rebuilds it
 if it finds itself in a forked child (different pid), so sockets, boto3 clients and CUDA contexts are never shared
 across ``fork``. The Celery app loads the engine from ``worker_process_init`` in each pool child of an engine
@@ -15,12 +16,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from worker.broker.config import connect_redis, connect_store
-from worker.service.engine import LoadedEngine, load_engine_from_settings
+from worker.service.engine import EngineCall, LoadedEngine, load_engine_from_settings
 from worker.storage.jobbook import JobBook
+from worker.tasks.batcher import MicroBatcher
+from worker.tasks.inflight import INFLIGHT, current_delivery, expected_submitters
 
 if TYPE_CHECKING:
-    import torch
-
+    from worker.algorithm.engine_base import EngineEnrollment, Subject
     from worker.keys.providers import KeyProvider
     from worker.settings import Settings
     from worker.storage.client import ObjectStore
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Runtime:
+class WorkerRuntime:
     """Lazily created per-process resources, shared by the task threads of a ``threads`` pool: each is created
     once under a lock (redis-py and boto3 clients are thread-safe once built; building them is not)."""
 
@@ -41,6 +43,7 @@ class Runtime:
         self._store: ObjectStore | None = None
         self._keys: KeyProvider | None = None
         self._engine: LoadedEngine | None = None
+        self._batcher: MicroBatcher | None = None
 
     @property
     def redis(self) -> Any:
@@ -79,19 +82,50 @@ class Runtime:
                 self._engine = load_engine_from_settings(self.settings, self.store)
             return self._engine
 
-    def run_engine(self, loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[Any]:
-        """Through this process's micro-batcher (``worker.tasks.batcher``): with the threads pool, several jobs'
-        subjects run as one engine call; a lone job or a prefork child runs at once."""
-        from worker.tasks import batcher
+    def batcher(self) -> MicroBatcher:
+        """This process's micro-batcher over ``EngineCall(self.engine())`` (created on first use)."""
+        loaded = self.engine()
+        with self._lock:
+            if self._batcher is None:
+                call = EngineCall(loaded)
+                s = self.settings.engine
+                self._batcher = MicroBatcher(
+                    call,
+                    max_images=call.max_images,
+                    fill_timeout_s=float(s.batch_fill_timeout_ms) / 1000.0,
+                    mate_wait_s=float(s.batch_mate_wait_ms) / 1000.0,
+                    expected=lambda: expected_submitters(self.redis),
+                    merge=bool(s.micro_batching),
+                )
+                INFLIGHT.listen(self._batcher.wakeup)
+            return self._batcher
 
-        return batcher.run_engine(self, loaded, items, job_type)
+    def engine_call(self, job_type: str, subjects: list[Subject]) -> list[EngineEnrollment]:
+        """Through this process's micro-batcher: with the threads pool, several jobs' subjects run as one engine
+        call; a lone job or a prefork child runs at once; a re-delivered job's subjects run alone."""
+        b = self.batcher()
+        attempt, background = current_delivery()
+        INFLIGHT.submitting()
+        return b.submit(job_type, subjects, alone=attempt > 1, background=background)
+
+    def batch_running_since(self) -> float | None:
+        """When the engine batch now running started (None: none, or no batcher yet): for the watchdog."""
+        b = self._batcher
+        return b.running_since() if b is not None else None
+
+    def close(self) -> None:
+        """Stop the batcher's engine thread once its pending submissions have run."""
+        b = self._batcher
+        if b is not None:
+            INFLIGHT.unlisten(b.wakeup)
+            b.close()
 
     @property
     def engine_loaded(self) -> bool:
         return self._engine is not None
 
 
-_runtime: Runtime | None = None
+_runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
 
 
@@ -104,7 +138,7 @@ def _new_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
-def get_runtime() -> Runtime:
+def get_runtime() -> WorkerRuntime:
     """This process's runtime (created on first use, once even when task threads race; a forked child gets a
     fresh one)."""
     global _runtime
@@ -115,11 +149,19 @@ def get_runtime() -> Runtime:
         if _runtime is None or _runtime.pid != os.getpid():
             from worker.settings import get_settings
 
-            _runtime = Runtime(get_settings())
+            _runtime = WorkerRuntime(get_settings())
         return _runtime
 
 
 def reset_runtime() -> None:
-    """Forget the runtime (tests, and a child right after fork)."""
+    """Forget the runtime (tests, and a child right after fork; a runtime of this process stops its batcher)."""
     global _runtime
-    _runtime = None
+    rt, _runtime = _runtime, None
+    if rt is not None and rt.pid == os.getpid():
+        rt.close()
+
+
+def engine_batch_started() -> float | None:
+    """When the engine batch this process runs now started (None: none): the watchdog's second source."""
+    rt = _runtime
+    return rt.batch_running_since() if rt is not None and rt.pid == os.getpid() else None
