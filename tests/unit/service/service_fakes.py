@@ -91,6 +91,7 @@ class FakeS3:
         self.page_size = page_size
         self.before_put: list[Callable[[str, str], None]] = []
         self.calls: list[tuple[str, str, str]] = []
+        self.ranges: list[tuple[str, str | None]] = []  # (key, Range header) of every GetObject
         self._lock = threading.RLock()
 
     def _bucket(self, name: str, op: str) -> dict[str, _Obj]:
@@ -137,6 +138,7 @@ class FakeS3:
 
     def get_object(self, Bucket: str, Key: str, Range: str | None = None) -> dict[str, Any]:  # noqa: N803
         self.calls.append(("get", Bucket, Key))
+        self.ranges.append((Key, Range))
         with self._lock:
             o = self._bucket(Bucket, "GetObject").get(Key)
             if o is None:
