@@ -9,7 +9,7 @@ functions (enrol, verify, reissue, revoke, bulk, erase):
   ``JobBook``;
 - ``PixelEngine``: the real ``worker.algorithm.pipeline.Engine`` on the tiny seeded models of ``tiny_models.py``,
   with ``prepare`` resizing instead of detecting (tiny faces are not faces);
-- ``FakeRuntime`` and ``FakeDispatch``. The runtime's engine hook is the one function ``engine_call``.
+- ``FakeRuntime`` and ``FakeDispatch``. The runtime's engine hook is the one function ``engine_hook``.
 """
 
 from __future__ import annotations
@@ -474,7 +474,18 @@ def tiny_loaded_engine(steps: int = 2, policy: Any = None, matcher: str = "") ->
     config = EngineConfig(steps=steps, max_batch_images=8)
     engine = PixelEngine(tiny_bundle(linear_identity=True), config, torch.device("cpu"))
     fp = engine.fingerprint
-    return LoadedEngine(engine, "tiny-test", {}, {"fingerprint": fp}, "cpu", 0.0, fp, 0.5, policy, matcher)
+    return LoadedEngine(
+        engine=engine,
+        bundle_id="tiny-test",
+        bundle_hashes={},
+        algorithm={"fingerprint": fp},
+        device="cpu",
+        load_seconds=0.0,
+        fingerprint=fp,
+        verify_threshold=0.5,
+        policy=policy,
+        matcher=matcher,
+    )
 
 
 def face_png(person: int, capture: int = 0, size: int = 32) -> bytes:
@@ -488,20 +499,25 @@ def face_png(person: int, capture: int = 0, size: int = 32) -> bytes:
 
 # --- runtime ----------------------------------------------------------------------------------------------------
 @dataclass
-class EngineCall:
+class EngineRun:
+    """One engine call the service made: its job type and how many subjects and images it carried."""
+
     job_type: str
     subjects: int
     images: int
 
 
-def engine_call(rt: FakeRuntime, loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> Any:
-    """The runtime's one engine hook: the service's own engine call (no micro-batcher), recorded."""
+def engine_hook(rt: FakeRuntime, job_type: str, subjects: list[tuple[torch.Tensor, bytes]]) -> list[Any]:
+    """The fake runtime's ONE engine hook (both spellings of the runtime's engine method go through it): the
+    service's own engine call on ``rt.loaded``, without a micro-batcher, recorded in ``rt.engine_calls``; raises
+    ``rt.engine_fault`` when set. Where the service's engine call is an ``EngineCall`` object, the last line becomes
+    ``return EngineCall(rt.loaded)(job_type, subjects)``."""
     from worker.service.enrol import run_engine
 
-    rt.engine_calls.append(EngineCall(job_type, len(items), sum(int(f.shape[0]) for f, _ in items)))
+    rt.engine_calls.append(EngineRun(job_type, len(subjects), sum(int(f.shape[0]) for f, _ in subjects)))
     if rt.engine_fault is not None:
         raise rt.engine_fault
-    return run_engine(loaded, items, job_type)
+    return list(run_engine(rt.loaded, subjects, job_type))
 
 
 @dataclass
@@ -515,14 +531,18 @@ class FakeRuntime:
     book: JobBook
     keys: LocalKeyring
     loaded: LoadedEngine
-    engine_calls: list[EngineCall] = field(default_factory=list)
+    engine_calls: list[EngineRun] = field(default_factory=list)
     engine_fault: BaseException | None = None
 
     def engine(self) -> LoadedEngine:
         return self.loaded
 
     def run_engine(self, loaded: LoadedEngine, items: list[tuple[torch.Tensor, bytes]], job_type: str) -> list[Any]:
-        return list(engine_call(self, loaded, items, job_type))
+        assert loaded is self.loaded
+        return engine_hook(self, job_type, items)
+
+    def engine_call(self, job_type: str, subjects: list[tuple[torch.Tensor, bytes]]) -> list[Any]:
+        return engine_hook(self, job_type, subjects)
 
     # --- helpers --------------------------------------------------------------------------------------------------
     def put_input(self, tenant: str, name: str, body: bytes) -> str:

@@ -131,6 +131,32 @@ def test_a_revocation_between_engine_run_and_commit_is_fenced_and_re_derived(rt:
     assert len(rt.engine_calls) == 2 and len(_gets(rt)) == 1
 
 
+def test_a_concurrent_commit_of_another_job_takes_the_slot_and_ours_commits_the_next(rt: FakeRuntime) -> None:
+    mine, theirs = enroll_job(rt, "ann"), enroll_job(rt, "ann")
+    other: list[int] = []
+    rt.s3.put_once_before(
+        lambda k: "/subjects/ann/versions/" in k, lambda: other.append(run_enroll(rt, theirs).version)
+    )
+    res = run_enroll(rt, mine)
+    assert other == [1] and (res.version, res.created) == (2, True)
+    ts = TemplateStore(rt.store)
+    assert ts.list_versions("acme", "ann") == [1, 2] and ts.current("acme", "ann").version == 2
+    assert ts.get_manifest("acme", "ann", 1).job_id == theirs.job_id
+
+
+def test_a_twin_delivery_committing_first_leaves_one_version_and_no_orphans(rt: FakeRuntime) -> None:
+    job = enroll_job(rt, "ann")
+    twin: list[int] = []
+    rt.s3.put_once_before(lambda k: "/subjects/ann/versions/" in k, lambda: twin.append(run_enroll(rt, job).version))
+    res = run_enroll(rt, job)
+    assert twin == [1] and (res.version, res.created) == (1, False)
+    ts = TemplateStore(rt.store)
+    assert ts.list_versions("acme", "ann") == [1]
+    m = ts.get_manifest("acme", "ann", 1)
+    kept = {a.key for a in m.images} | {m.template.key}
+    assert set(subject_keys(rt, "acme", "ann", "staging/")) == kept  # the loser's artefacts were deleted
+
+
 def test_fence_loop_gives_up_after_its_retries(rt: FakeRuntime) -> None:
     from worker.service.enrol import FENCE_RETRIES
 
