@@ -1,7 +1,7 @@
 # The two commands a new user runs (see README.md):
 #   make demo   -- the main job end to end on the embedded keymap bundle (starts venv, Redis, SeaweedFS, a worker)
 #   make test   -- the test suite
-# Developers: make test-fast -- unit tests only, without the slow (real-data, minutes-long) ones; about a minute
+# Developers: make test-fast -- unit tests only, without those marked slow (real data from ../shared, minutes)
 .PHONY: demo test test-fast venv lint stack-up stack-down bench
 
 venv:

@@ -128,9 +128,7 @@ class FakeS3:
             cur = b.get(Key)
             if IfNoneMatch == "*" and cur is not None:
                 raise _error("PreconditionFailed", 412, "PutObject")
-            if IfMatch is not None and cur is None:
-                raise _error("NoSuchKey", 404, "PutObject")
-            if IfMatch is not None and cur is not None and cur.etag != IfMatch:
+            if IfMatch is not None and (cur is None or cur.etag != IfMatch):
                 raise _error("PreconditionFailed", 412, "PutObject")
             etag = f'"{hashlib.md5(data).hexdigest()}"'  # noqa: S324 - S3's ETag, not security
             b[Key] = _Obj(data, etag, datetime.now(UTC), ContentType)
