@@ -92,6 +92,7 @@ class FakeS3:
         self.before_put: list[Callable[[str, str], None]] = []
         self.calls: list[tuple[str, str, str]] = []
         self.ranges: list[tuple[str, str | None]] = []  # (key, Range header) of every GetObject
+        self.start_afters: list[tuple[str, str | None]] = []  # (prefix, StartAfter) of every listing
         self._lock = threading.RLock()
 
     def _bucket(self, name: str, op: str) -> dict[str, _Obj]:
@@ -183,6 +184,7 @@ class FakeS3:
         StartAfter: str | None = None,  # noqa: N803
     ) -> Iterator[dict[str, Any]]:
         self.calls.append(("list", Bucket, Prefix))
+        self.start_afters.append((Prefix, StartAfter))
         with self._lock:
             items = sorted(self._bucket(Bucket, "ListObjectsV2").items())
         entries: list[tuple[str, Any]] = []  # ("c", object) or ("p", common prefix), in key order

@@ -196,3 +196,43 @@ def test_children_reporting_finish_the_job_with_a_report_of_failed_rows(
         "line,subject,code,message,job_id"
     )
     assert run_enroll(rt, enroll_job(rt, "ann", person=0)).version == 2  # the children's versions are real
+
+
+def test_a_prefix_manifest_hands_over_and_lists_after_its_last_key(
+    rt: FakeRuntime, dispatch: FakeDispatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix listing that matches little stops at its time budget between matches; the continuation lists after
+    the last key seen (``StartAfter``): the same children and line numbers as one pass."""
+    from worker.contracts import manifest as manifest_rows
+
+    monkeypatch.setattr(manifest_rows, "HEARTBEAT_KEYS", 5)
+    for k in range(3):  # per subject: 8 keys the rule skips, then its 2 photos
+        for n in range(8):
+            rt.put_input("acme", f"pre/g{k}/n{n}.txt", b"x")
+        for m in range(2):
+            rt.put_input("acme", f"pre/g{k}/z/s{k}-{m}.jpg", b"x")
+    rule = r"^g\d/z/(?P<subject>s\d)-\d\.jpg$"
+    manifest = {"format": "prefix", "uri": f"s3://{INPUTS}/tenants/acme/pre/", "naming_rule": rule}
+
+    def children(j: BulkJob, d: FakeDispatch) -> list[tuple[int, str, list[str]]]:
+        out = []
+        for (_, w), n in zip(d.enrolls, lines_of(j, [c for c, _ in d.enrolls]), strict=True):
+            child = job_from_wire(w)
+            out.append((n, child.subject, [i.key.rsplit("/", 1)[1] for i in child.images]))
+        return out
+
+    one: BulkJob = job(kind="bulk", tenant="acme", key_id="k1", chunk_size=1, manifest=manifest)
+    once = FakeDispatch()
+    run_to_end(rt, one, once)
+    expect = [(f"s{k}", [f"s{k}-0.jpg", f"s{k}-1.jpg"]) for k in range(3)]
+    assert [(s, imgs) for _, s, imgs in children(one, once)] == expect
+
+    rt.settings.worker.fanout_time_budget = 0.0
+    j: BulkJob = job(kind="bulk", tenant="acme", key_id="k1", chunk_size=1, manifest=manifest)
+    rt.s3.start_afters.clear()
+    run_to_end(rt, j, dispatch)
+    assert len(dispatch.continued) >= 3
+    assert children(j, dispatch) == children(one, once)
+    starts = [after for prefix, after in rt.s3.start_afters if prefix == "tenants/acme/pre/"]
+    assert len(starts) == len(dispatch.continued) + 1 and starts[0] is None
+    assert all(a is not None for a in starts[1:]) and starts[1:] == sorted(starts[1:])  # never from the start again

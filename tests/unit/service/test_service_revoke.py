@@ -244,3 +244,25 @@ def test_the_time_budget_hands_over_to_a_continuation_at_the_cursor(rt: FakeRunt
     assert sent == subjects  # each subject exactly once, in listing order, across hand-overs
     ids = [ch["job_id"] for ch in dispatch.chunks]
     assert len(set(ids)) == len(ids)
+
+
+def test_a_subject_erased_while_reissued_counts_failed_under_a_placeholder(
+    rt: FakeRuntime, dispatch: FakeDispatch
+) -> None:
+    from worker.service.erase import placeholder
+    from worker.storage.erasure import Erasures
+
+    enrol_many(rt, ["ann", "bob"])
+    j = revoke_job(key_id="k1", new_key_id="k2")
+    run_revoke(rt, j, dispatch)
+    rt.s3.put_once_before(
+        lambda k: "/subjects/ann/versions/" in k, lambda: Erasures(rt.store).begin("acme", "ann", "er-1", "request")
+    )
+    res = run_chunk(rt, dispatch.chunks[0])
+    assert (res.succeeded, res.failed) == (1, 1)
+    assert TemplateStore(rt.store).list_versions("acme", "ann") == []  # its writes were deleted again
+    failures = rt.book.failures(j.ref)
+    assert failures == {placeholder("acme", "ann"): "erased"}  # the subject ID itself is not kept
+    final = RevokeResult.model_validate(rt.book.get_result(j.ref))
+    assert (final.subjects_done, final.subjects_failed) == (1, 1)
+    assert TemplateStore(rt.store).current("acme", "bob").manifest.key_id == "k2"
