@@ -1,7 +1,8 @@
 # The two commands a new user runs (see README.md):
 #   make demo   -- the main job end to end on the embedded keymap bundle (starts venv, Redis, SeaweedFS, a worker)
 #   make test   -- the test suite
-.PHONY: demo test venv lint stack-up stack-down bench
+# Developers: make test-fast -- unit tests only, without those marked slow (real data from ../shared, minutes)
+.PHONY: demo test test-fast venv lint stack-up stack-down bench
 
 venv:
 	@scripts/bootstrap.sh
@@ -12,6 +13,9 @@ demo: venv
 
 test: venv
 	.venv/bin/python -m pytest -q -ra tests
+
+test-fast: venv
+	.venv/bin/python -m pytest -q -ra -m "not slow" tests/unit
 
 lint: venv
 	.venv/bin/ruff check .

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -361,7 +361,7 @@ def prefix_items(
 
 
 # --- whole-manifest helpers -----------------------------------------------------------------------------------------
-def first_lines() -> Any:
+def first_lines() -> Callable[[Item], Item]:
     """A checker of non-consecutive subjects for one pass held in memory (the CLI): ``check(item)`` returns the
     item, or a ``ManifestRowError`` when its subject already had an enrolment earlier in the manifest."""
     seen: dict[str, int] = {}

@@ -28,11 +28,13 @@ def _text(data: str | bytes | dict[str, Any]) -> str | bytes:
 
 def to_wire(model: Any) -> dict[str, Any]:
     """A job or result as a JSON-compatible dict (what Celery's JSON serializer sends)."""
-    return model.model_dump(mode="json")
+    out: dict[str, Any] = model.model_dump(mode="json")
+    return out
 
 
 def to_json(model: Any) -> str:
-    return model.model_dump_json()
+    out: str = model.model_dump_json()
+    return out
 
 
 def job_from_wire(data: str | bytes | dict[str, Any]) -> Any:

@@ -326,7 +326,7 @@ class KmsHmacProvider(KeyProvider):
             raise err from None
         if meta.get("KeyState") not in (None, "Enabled"):
             raise RevokedKeyError(f"KMS key {key_id} is {meta.get('KeyState')}")
-        ok = meta.get("KeySpec") == "HMAC_256" and meta.get("KeyUsage") == "GENERATE_VERIFY_MAC"
+        ok: bool = meta.get("KeySpec") == "HMAC_256" and meta.get("KeyUsage") == "GENERATE_VERIFY_MAC"
         self._known[key_id] = (ok, time.monotonic())
         return ok
 
