@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", default=str(REPO / "worker" / "bundles" / "keymap"))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lfw-dev"))
-    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--with-originals", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
