@@ -99,6 +99,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
 
     from worker import metrics
     from worker.algorithm.keymap_engine import build_engine
+    from worker.bundle_config import check_matcher
     from worker.models.bundle import load_bundle, read_manifest
 
     torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
@@ -110,6 +111,7 @@ def load_engine_from_settings(settings: Any, store: Any = None) -> LoadedEngine:
         bundle = load_bundle(directory, device)
         config = engine_config_from(settings, manifest)
         engine = build_engine(bundle, config, device, directory)  # the bundle's generator family picks the engine class
+        check_matcher(verify_policy_from(settings, manifest).matcher, engine.matcher_kind)
     seconds = time.perf_counter() - start
     # what a template records about how it was made; ``fingerprint`` must match at verify time
     algorithm = dict(config.result_fields())
