@@ -322,7 +322,7 @@ class Client:
             kw["Range"] = f"bytes=0-{max_bytes - 1}"
         try:
             return bytes(self.store.client.get_object(**kw)["Body"].read())
-        except Exception as e:  # noqa: BLE001 - mapped to StorageError / ObjectNotFoundError
+        except Exception as e:  # mapped to StorageError / ObjectNotFoundError
             self.store._raise(e, "get", ref.bucket, ref.key)
             raise
 

@@ -210,7 +210,7 @@ def _print_report_head(client: Any, ref: str, d: dict[str, Any], n: int = 5) -> 
     if d.get("failed"):
         try:
             head = client.report_head(ref, n)
-        except Exception:  # noqa: BLE001 - the URI below still says where the report is
+        except Exception:  # the URI below still says where the report is
             head = []
         for r in head:
             print(f"  line {r.get('line') or '?'}: {r.get('subject') or '-'}: {r.get('code')}: {r.get('message')}")
@@ -310,7 +310,7 @@ def redrive_jobs(client: Any, args: argparse.Namespace) -> int:
         try:
             client.redrive(job_id)
             print(f"{job_id}: queued again")
-        except Exception as e:  # noqa: BLE001 - one bad ID must not stop the others
+        except Exception as e:  # one bad ID must not stop the others
             failed += 1
             print(f"{job_id}: not re-driven ({e})")
     return EXIT_FAILED if failed else EXIT_OK

@@ -47,7 +47,7 @@ def _entries(client: Any) -> list[dict[str, str]]:
 
 def _tenant_state(client: Any, tenant: str, key_id: str) -> dict[str, Any]:
     from worker.contracts import check_name
-    from worker.keys.providers import KeyRegistry
+    from worker.keys.registry import KeyRegistry
 
     try:
         check_name(tenant, "tenant")

@@ -8,8 +8,8 @@ speed (default)
     engine call's CPU seconds per image-step (encode, key latents, optimise, decode, templates) against one step's
     unavoidable work alone (generator synthesis and identity model, plus the attribute model when the bundle has one,
     forward and backward to the trainable latents; no loss terms, optimiser or schedule). Target: <= 1.10x.
-    Uses the lite bundle (worker/bundles/lite) when present, else a randomly initialised lite-sized generator and
-    encoder with the real dlib ResNet identity model (labelled as such: same cost, meaningless faces).
+    Uses the lite bundle (tests/fixtures/bundles/lite) when present, else a randomly initialised lite-sized generator
+    and encoder with the real dlib ResNet identity model (labelled as such: same cost, meaningless faces).
 
 quality
     On a few lfw-dev identities (needs ../shared, a trained bundle and the independent evaluator): for each split
@@ -28,7 +28,7 @@ speed on CUDA (``--device cuda``, or ``CANCELABLE_ENGINE__DEVICE=cuda`` / ``cuda
 
 Run: .venv/bin/python scripts/bench_engine.py speed [--steps 10] [--threads 1] [--device cpu|cuda|cuda:N]
      .venv/bin/python scripts/bench_engine.py speed --device cuda [--gpu-batches 1 8 32] [--dry-run]
-     .venv/bin/python scripts/bench_engine.py quality [--bundle worker/bundles/lite] [--ids 12]
+     .venv/bin/python scripts/bench_engine.py quality [--bundle tests/fixtures/bundles/lite] [--ids 12]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from worker.algorithm.losses import anon_loss, attr_loss  # noqa: E402
 from worker.algorithm.mix import assemble, mix  # noqa: E402
 from worker.algorithm.pipeline import Engine  # noqa: E402
 
-LITE_DIR = ROOT / "worker" / "bundles" / "lite"
+LITE_DIR = ROOT / "tests" / "fixtures" / "bundles" / "lite"
 SHARED = Path(os.environ.get("CANCELABLE_SHARED_DIR", ROOT.parent / "shared"))
 
 
@@ -312,7 +312,7 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 def cmd_quality(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from worker.evaluation import metrics
+    from worker.evaluation import scores as metrics
     from worker.evaluation.evaluator import Evaluator
 
     torch.set_num_threads(args.threads)
@@ -332,7 +332,7 @@ def cmd_quality(args: argparse.Namespace) -> None:
             paths = sorted(person.glob("*.jpg"))[:3]
             rgbs = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
             faces = torch.stack([prep.prepare(x) for x in rgbs])
-        except Exception:  # noqa: BLE001 - a face dlib cannot find is skipped here
+        except Exception:  # a face dlib cannot find is skipped here
             continue
         emb = [evaluator.embed(_to_uint8(f)) for f in faces]  # originals judged on the same crops
         if any(e is None for e in emb):

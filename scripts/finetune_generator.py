@@ -3,7 +3,7 @@
 Why: the package generator's faces share one look, so different people's cancelable faces match each other far more
 often than real photos do. Adversarial fine-tuning toward real faces widens the face space.
 
-Data: every photo of the lfw-dev identities the project trains on (``worker.models.lite.lite_split(name) ==
+Data: every photo of the lfw-dev identities the project trains on (``worker.evaluation.splits.identity_split(name) ==
 "train"``: neither VALIDATION, sha256 % 10 == 0, nor the evaluation holdout, % 10 == 3), aligned like the generator's
 faces: dlib HOG detection (no upsampling; one upsampling retry) + dlib's 5 landmarks -> the "arcface-112" crop at
 64 px (``worker.models.dlib_face.align_face``). Cached once as ``<out>/lfw_train_arcface64.npz`` (uint8 (N, 64, 64,
@@ -53,11 +53,11 @@ CACHE_NAME = "lfw_train_arcface64.npz"
 # --- data -------------------------------------------------------------------------------------------------------
 def train_photos(data: Path) -> list[tuple[str, Path]]:
     """(identity, photo) of every lfw-dev TRAIN identity (never VALIDATION or the evaluation holdout)."""
-    from worker.models.lite import lite_split
+    from worker.evaluation.splits import identity_split
 
     out = []
     for d in sorted(p for p in data.iterdir() if p.is_dir()):
-        if lite_split(d.name) == "train":
+        if identity_split(d.name) == "train":
             out.extend((d.name, p) for p in sorted(d.glob("*.jpg")))
     return out
 
@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--export-delta", default=None, help="snapshot to export as a float16 delta (no training)")
-    ap.add_argument("--delta-out", default=str(REPO / "worker" / "bundles" / "keymap" / "dcgan_finetune_delta.pt"))
+    ap.add_argument("--delta-out", default=str(REPO / "research" / "generator-finetune" / "dcgan_finetune_delta.pt"))
     args = ap.parse_args()
     if args.export_delta:
         torch.set_num_threads(1)

@@ -1,7 +1,7 @@
 """dlib identity embeddings of lfw-dev TRAIN identities (the data the keymap bundle's key transform is fit on).
 
 Identities the project holds out are skipped: validation (sha256 % 10 == 0) and the holdout the keymap bundle is
-evaluated on (sha256 % 10 == 3, ``worker.models.lite.is_lite_holdout_identity``). Faces are aligned and embedded
+evaluated on (sha256 % 10 == 3, ``worker.evaluation.splits.is_holdout_identity``). Faces are aligned and embedded
 exactly as the engine does (``prepare_face`` -> 150 px dlib chip -> the torch port of dlib's ResNet).
 
     PYTHONPATH=. .venv/bin/python scripts/keymap_embed_lfw.py --max-per-id 2 --out data-cache/keymap_lfw_dlib.npz
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from worker.evaluation.evaluator import load_rgb
+from worker.evaluation.splits import is_holdout_identity, is_validation_identity
 from worker.models.dlib_face import prepare_face
 from worker.models.dlib_resnet import load_dlib_resnet
-from worker.models.lite import is_lite_holdout_identity, is_validation_identity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def main() -> None:
     names, embs = [], []
     paths = []
     for d in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
-        if is_validation_identity(d.name) or is_lite_holdout_identity(d.name):
+        if is_validation_identity(d.name) or is_holdout_identity(d.name):
             continue
         paths += [(d.name, p) for p in sorted(d.glob("*.jpg"))[: args.max_per_id]]
     paths = paths[: args.limit] if args.limit else paths
@@ -56,7 +56,7 @@ def main() -> None:
         try:
             batch.append(prepare_face(load_rgb(p), 150, "dlib-chip"))
             bnames.append(name)
-        except Exception:  # noqa: BLE001 - no face / several faces: skip
+        except Exception:  # no face / several faces: skip
             pass
         if len(batch) == 32:
             flush()

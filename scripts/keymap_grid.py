@@ -2,7 +2,7 @@
 
 Rows: [originals: only with --with-originals, never committed], cancelable face of photo A under key 1, of photo B
 (another photo) under key 1, of photo A under key 2 (after reissue), then a row of plain key samples G(z), z ~ N(0, I)
-from a seed. Writes ``worker/bundles/keymap/grid.png`` by default.
+from a seed. Writes ``docs/img/keymap-grid.png`` (the model card's sheet) by default.
 
     PYTHONPATH=. .venv/bin/python scripts/keymap_grid.py [--with-originals --out /tmp/grid.png]
 """
@@ -44,7 +44,7 @@ def main() -> None:
             continue
         try:
             a, b = engine.prepare(load_rgb(photos[0])), engine.prepare(load_rgb(photos[1]))
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
         k1 = hashlib.sha256(f"grid:{name}:1".encode()).digest()
         k2 = hashlib.sha256(f"grid:{name}:2".encode()).digest()
@@ -63,7 +63,7 @@ def main() -> None:
     if args.with_originals:
         rows.insert(0, origs)
     sheet = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
-    out = Path(args.out) if args.out else bundle / "grid.png"
+    out = Path(args.out) if args.out else REPO / "docs" / "img" / "keymap-grid.png"
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out)
     print(f"wrote {out} ({len(rows)} rows x {n})")
 

@@ -7,7 +7,7 @@ When several faces are found the largest detection is kept. Images with no detec
 Output in ``--out`` (default ``data-cache/``):
 - ``lfw_chips_<R>.npy``: uint8 (N, R, R, 3) RGB;
 - ``lfw_chips_<R>.tsv``: one line per row of the array: ``index<TAB>identity<TAB>relative path<TAB>split``
-  where split is ``train``, ``val`` or ``holdout`` by ``worker.models.lite.lite_split`` (only ``train`` is
+  where split is ``train``, ``val`` or ``holdout`` by ``worker.evaluation.splits.identity_split`` (only ``train`` is
   trained on).
 
 Run: ``.venv/bin/python scripts/prepare_lfw.py --size 64``
@@ -25,7 +25,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from worker.models.lite import lite_split  # noqa: E402
+from worker.evaluation.splits import identity_split  # noqa: E402
 
 
 def load_dlib():
@@ -78,7 +78,7 @@ def main() -> None:
             missed += 1
             continue
         name = p.parent.name
-        split = lite_split(name)
+        split = identity_split(name)
         rows.append(f"{len(chips)}\t{name}\t{p.relative_to(args.data)}\t{split}")
         chips.append(chip)
         if (i + 1) % 500 == 0:

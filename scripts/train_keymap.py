@@ -12,9 +12,9 @@ or ``--stop-at`` (UTC HH:MM), then writes ``<out>/keymap.pt``. The evaluation ju
     PYTHONPATH=. nohup .venv/bin/python scripts/train_keymap.py --stop-at 06:20 > runs/keymap.log 2>&1 &
 
 Against the fine-tuned generator (``scripts/finetune_generator.py``):
-``--generator-delta <bundle>/dcgan_finetune_delta.pt`` (the generator statistics are refitted on its samples and
-the written manifest enables the delta), optionally ``--init <keymap.pt>`` to start from an existing key map's MLP
-instead of from scratch.
+``--generator-delta research/generator-finetune/dcgan_finetune_delta.pt`` (the generator statistics are refitted on
+its samples and the written manifest enables the delta), optionally ``--init <keymap.pt>`` to start from an existing
+key map's MLP instead of from scratch.
 """
 
 from __future__ import annotations

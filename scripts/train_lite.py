@@ -23,7 +23,7 @@ resuming); the LR is not stored (give the same ``--lr`` when resuming). At the e
 ``--finalize-only`` refits the mapping on the checkpoint and writes the bundle without training (``--out`` picks
 the directory, e.g. a temporary one to inspect a checkpoint).
 
-Run (as the committed bundle was trained, see worker/bundles/lite/MODEL_CARD.md)::
+Run (as the committed bundle was trained, see tests/fixtures/bundles/lite/MODEL_CARD.md)::
 
     nohup setsid .venv/bin/python scripts/train_lite.py --steps 3000 --id-weight 1.0 --lr 1e-3 --stop-at 15:00 \
         >> runs/lite64.out 2>&1 &
@@ -48,16 +48,16 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from worker.evaluation.splits import identity_split  # noqa: E402
 from worker.models.lite import (  # noqa: E402
     LiteEncoder,
     LiteGenerator,
     fit_gaussian_mapping,
     full_config,
-    lite_split,
     n_latent_for,
 )
 
-BUNDLE_DIR = ROOT / "worker" / "bundles" / "lite"
+BUNDLE_DIR = ROOT / "tests" / "fixtures" / "bundles" / "lite"
 DLIB_RESNET_PATH = "pkg://face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat"
 
 
@@ -68,7 +68,7 @@ def load_chips(cache: Path, size: int) -> tuple[np.ndarray, list[tuple[str, str,
     rows = []
     for line in (cache / f"lfw_chips_{size}.tsv").read_text().splitlines():
         _, name, rel, _ = line.split("\t")
-        rows.append((name, rel, lite_split(name)))  # recomputed: the split rule lives in lite.py
+        rows.append((name, rel, identity_split(name)))  # recomputed: the rule lives in worker/evaluation/splits.py
     assert len(rows) == len(arr)
     return arr, rows
 

@@ -132,8 +132,9 @@ class KeysSettings(_Group):
 
 class EngineSettings(_Group):
     bundle: str = "keymap"
-    """``keymap`` (the embedded default: DCGAN + learned key map), ``lite`` (the first embedded bundle, kept for
-    comparison and tests), a local directory, or ``s3://bucket/prefix/`` (synced into the cache dir)."""
+    """``keymap`` (the embedded default: DCGAN + learned key map), ``lite`` (the first bundle, a test fixture of a
+    source checkout: ``tests/fixtures/bundles/lite``), a local directory, or ``s3://bucket/prefix/`` (synced into the
+    cache dir)."""
     bundle_cache_dir: Path = REPO / ".stack" / "bundles"
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""

@@ -136,7 +136,7 @@ def _wait(check: Callable[[], bool], proc: Proc, what: str, timeout: float = STA
             if check():
                 return
             last = "check returned False"
-        except Exception as e:  # noqa: BLE001 - not up yet
+        except Exception as e:  # not up yet
             last = f"{type(e).__name__}: {e}"
         time.sleep(0.2)
     proc.stop()

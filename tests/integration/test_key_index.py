@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
-from worker.keys.providers import KeyRegistry
+from worker.keys.registry import KeyRegistry
 from worker.storage import ObjectStore, TemplateStore, layout
 from worker.storage.keyindex import COMMITTED_UNDER, UNCOMMITTED_UNDER, KeyIndex, backfill_key_index, subjects_under_key
 from worker.storage.records import CurrentPointer, SourceImage, SubjectKeyRecord, TemplateRecord, encode_embedding
@@ -77,7 +77,7 @@ class _CountingStore(ObjectStore):
         self._note(key)
         return super().get(key)
 
-    def head(self, key: str):  # noqa: ANN201
+    def head(self, key: str):
         self._note(key)
         return super().head(key)
 

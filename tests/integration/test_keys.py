@@ -16,7 +16,8 @@ import pytest
 
 from worker.errors import KeyError_, KeyProviderUnavailable, RevokedKeyError, UnknownKeyError
 from worker.keys.derive import derivation_message, derive_seed
-from worker.keys.providers import KeyRegistry, KmsHmacProvider, LocalKeyring, make_key_provider, write_keyring
+from worker.keys.providers import KmsHmacProvider, LocalKeyring, make_key_provider, write_keyring
+from worker.keys.registry import KeyRegistry
 from worker.storage import ObjectStore, TemplateStore
 
 
@@ -321,7 +322,7 @@ def test_key_material_and_seeds_never_leak(
     ):
         try:
             bad()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             texts += [str(e), repr(e)]
     assert len(texts) == 6
     texts += [rec.getMessage() for rec in caplog.records] + [caplog.text, repr(local), repr(kms)]

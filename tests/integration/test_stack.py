@@ -245,7 +245,7 @@ class Stack:
     def all_secrets(self) -> list[str]:
         return [self.secrets()[1], self.redis_password(), *self.jwt_keys()]
 
-    def s3(self, access: str | None = None, secret: str | None = None, unsigned: bool = False):  # noqa: ANN201
+    def s3(self, access: str | None = None, secret: str | None = None, unsigned: bool = False):
         import boto3
         from botocore import UNSIGNED
         from botocore.config import Config
@@ -564,7 +564,7 @@ OPEN_STATUS = {
 }
 
 
-def http_probe(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):  # noqa: ANN201
+def http_probe(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
     """``(status, body)`` of one plain HTTP request, or ``("refused"|<error name>, b"")``."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:

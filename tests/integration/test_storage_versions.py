@@ -176,7 +176,7 @@ def test_same_job_delivered_concurrently_makes_one_version(make_settings, s3_buc
                     "t", "bob", job, template=_template("t", "bob", job, seed=i), images=[f"img-{i}".encode()]
                 )
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
@@ -289,7 +289,7 @@ def test_readers_never_see_half_written_versions(make_settings, s3_bucket):
                 for a in cur.manifest.images:
                     ts.load_image(a)
                 seen.add(cur.version)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 problems.append(repr(e))
 
     r = threading.Thread(target=reader)

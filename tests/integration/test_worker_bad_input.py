@@ -91,7 +91,8 @@ def test_bad_inputs_each_get_their_code_and_the_worker_keeps_serving(dep: Deploy
         c.submit(c.enroll_job("acme", "bad-unknown-key", [dep.faces["obama"]], "nokey")),
         "unknown_key",
     )
-    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.keys.providers import write_keyring
+    from worker.keys.registry import KeyRegistry
     from worker.storage.client import ObjectStore
 
     write_keyring(dep.keyring, ["kr"])

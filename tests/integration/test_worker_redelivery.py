@@ -197,10 +197,10 @@ def _envelope_task(handler, ident):
         job_type = "enroll"
         request = None  # shadows Celery's property: set per instance below
 
-        def handle(self, rt_, job, attempt, started, delivery):  # noqa: ANN001, ANN202
+        def handle(self, rt_, job, attempt, started, delivery):
             return handler(rt_, job, attempt, started)
 
-        def ident(self, job):  # noqa: ANN001, ANN202
+        def ident(self, job):
             return ident(job)
 
         def retry(self, exc: BaseException, countdown: float, max_retries: object = None) -> _Retry:
@@ -350,7 +350,8 @@ def test_key_revocation_pauses_while_its_chunks_are_unfinished(rt, monkeypatch: 
     from worker_harness import job_id as new_id
 
     from worker.contracts import job_from_wire
-    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.keys.providers import write_keyring
+    from worker.keys.registry import KeyRegistry
     from worker.service.revoke import REVOKE_MAX_QUEUED_CHUNKS, REVOKE_PAUSE_S
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
@@ -392,7 +393,8 @@ def test_key_revocation_listing_hands_over_and_resumes_from_its_cursor(rt, monke
     from worker_harness import job_id as new_id
 
     from worker.contracts import job_from_wire
-    from worker.keys.providers import KeyRegistry, write_keyring
+    from worker.keys.providers import write_keyring
+    from worker.keys.registry import KeyRegistry
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
 
@@ -435,7 +437,7 @@ def test_tasks_retry_without_celerys_default_limit(make_settings) -> None:
     app = make_celery(make_settings())
 
     @app.task(name="t.probe", bind=True)
-    def probe(self):  # noqa: ANN001, ANN202
+    def probe(self):
         return None
 
     assert probe.max_retries is None

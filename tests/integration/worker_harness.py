@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-LITE_MANIFEST = REPO / "worker" / "bundles" / "lite" / "manifest.json"
+LITE_MANIFEST = REPO / "tests" / "fixtures" / "bundles" / "lite" / "manifest.json"
 CELERY = [sys.executable, "-m", "celery"]
 
 
@@ -157,7 +157,7 @@ def wait_ready(client: Any, worker: WorkerProc, timeout: float = 90.0, engine: b
             r = client.ping(timeout=5, engine=True)
             if r.get("engine_loaded"):
                 return
-        except Exception as e:  # noqa: BLE001 - not up yet
+        except Exception as e:  # not up yet
             last = e
         time.sleep(0.5)
     raise RuntimeError(f"worker not ready after {timeout:.0f}s ({last!r}):\n{worker.tail()}")

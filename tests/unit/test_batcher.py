@@ -60,7 +60,7 @@ class Submitter(threading.Thread):
         t = time.monotonic()
         try:
             self.result = self.b.submit(self.lane, self.items, alone=self.alone, background=self.background)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             self.error = e
         self.elapsed = time.monotonic() - t
 

@@ -1,5 +1,5 @@
 """scripts/finetune_generator.py: the differentiable augmentation and the delta export, round trip through the
-bundle's DCGAN loader (the export is what the keymap bundle ships)."""
+bundle's DCGAN loader (a generator component's ``config.delta``)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale_and_downscaled():
     calls = []
     orig = JpegImagePlugin.JpegImageFile.draft
 
-    def spy(self, mode, size):  # noqa: ANN001, ANN202
+    def spy(self, mode, size):
         out = orig(self, mode, size)
         calls.append((size, self.size))
         return out

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from worker.algorithm.config import EngineConfig
 from worker.algorithm.keymap import KeyMapModel, key_nuisance, key_rotation, load_keymap, save_keymap
 from worker.algorithm.keymap_engine import KeymapEngine, build_engine
-from worker.errors import CheckpointLayoutError, InvalidTensorError, KeyError_
+from worker.errors import BundleError, CheckpointLayoutError, InvalidTensorError, KeyError_
+from worker.evaluation.keymap_attack import keymap_reinversion_attack
 from worker.models.bundle import ModelBundle, load_bundle
 from worker.models.dcgan import DCGANGenerator, load_dcgan
 
@@ -204,7 +205,7 @@ def test_shipped_keymap_bundle_loads_with_pinned_hashes() -> None:
 def test_engine_reinversion_attack_shapes() -> None:
     eng = tiny_engine()
     c = eng.enroll(faces(2), SEED_A).images
-    nokey, keyknown = eng.reinversion_attack(c, [SEED_A, SEED_A], steps=2)
+    nokey, keyknown = keymap_reinversion_attack(eng, c, [SEED_A, SEED_A], steps=2)
     assert nokey.shape == keyknown.shape == (2, 3, 64, 64)
 
 
@@ -212,7 +213,15 @@ def test_keymap_is_an_embedded_bundle_name() -> None:
     from worker.service.engine import resolve_bundle_dir
 
     assert resolve_bundle_dir("keymap") == REPO / "worker" / "bundles" / "keymap"
-    assert resolve_bundle_dir("lite") == REPO / "worker" / "bundles" / "lite"
+    assert resolve_bundle_dir("lite") == REPO / "tests" / "fixtures" / "bundles" / "lite"
+
+
+def test_lite_outside_a_source_checkout_fails_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:
+    from worker.service import engine as service_engine
+
+    monkeypatch.setitem(service_engine.EMBEDDED_BUNDLES, "lite", tmp_path / "absent")  # as in an installed wheel
+    with pytest.raises(BundleError, match="test fixture of a source checkout.*CANCELABLE_ENGINE__BUNDLE=keymap"):
+        service_engine.check_bundle_present("lite")
 
 
 def test_score_is_cosine_in_whitened_generator_coordinates() -> None:

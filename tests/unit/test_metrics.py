@@ -13,6 +13,7 @@ import textwrap
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -64,6 +65,24 @@ def test_alerted_counters_start_at_zero():
     dead_lettered, fanout_failed = json.loads(out.stdout)
     assert dead_lettered == [0.0] * len(m.JOB_TYPES)
     assert fanout_failed == [0.0] * len(m.PROGRESS_KINDS)
+
+
+def test_the_package_re_exports_each_submodule_name_once():
+    """``worker.metrics.X`` is the object its submodule defines, for every public name; no two submodules export one
+    name (the package would silently serve the first)."""
+    import importlib
+
+    seen: dict[str, str] = {}
+    for sub in m.SUBMODULES:
+        module = importlib.import_module(f"worker.metrics.{sub}")
+        for name in module.__all__:
+            assert name not in seen, f"{name} exported by {seen.get(name)} and {sub}"
+            seen[name] = sub
+            assert getattr(m, name) is getattr(module, name)
+    assert {"track_job", "REGISTRY", "QueueCollector", "build_registry", "install_celery_hooks"} <= set(seen)
+    assert set(seen) <= set(dir(m))
+    with pytest.raises(AttributeError):
+        m.no_such_metric  # noqa: B018
 
 
 def test_error_codes_are_the_error_hierarchy():
@@ -245,6 +264,9 @@ def test_metrics_server_serves_the_registry():
 CHILD_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time, json, multiprocessing as mp
+    from worker.metrics.multiproc import prepare_multiproc_dir
+    prepare_multiproc_dir()  # the entry point's set-up, before prometheus_client is imported
+    from prometheus_client import multiprocess
     from worker import metrics as m
 
     def work(i, hold):
@@ -256,7 +278,7 @@ CHILD_SCRIPT = textwrap.dedent(
             if hold:
                 time.sleep(60)  # killed with SIGKILL while "in flight"
         m.IN_FLIGHT.labels("enroll")  # touch
-        m.multiprocess.mark_process_dead(os.getpid())  # what worker_process_shutdown does
+        multiprocess.mark_process_dead(os.getpid())  # what worker_process_shutdown does
 
     if __name__ == "__main__":
         stale = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "counter_999999.db")
@@ -286,6 +308,69 @@ CHILD_SCRIPT = textwrap.dedent(
         }))
     """
 )
+
+
+def _run(code: str, env: dict[str, str]) -> Any:
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _env_without_dirs(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PROMETHEUS_MULTIPROC_DIR", "CANCELABLE_METRICS__MULTIPROC_DIR")
+    }
+    return {**env, "PYTHONPATH": str(REPO), **extra}
+
+
+def test_importing_the_metrics_edits_no_environment(tmp_path):
+    """The package and its definitions only read the environment: the multiprocess directory is the entry point's
+    explicit set-up (``prepare_multiproc_dir``), not a side effect of an import."""
+    configured = tmp_path / "configured"
+    code = (
+        "import json, os, sys\n"
+        "import worker.metrics as m\n"
+        "lazy = 'prometheus_client' not in sys.modules\n"
+        "m.JOBS\n"
+        "print(json.dumps([lazy, os.environ.get('PROMETHEUS_MULTIPROC_DIR'), m.MULTIPROCESS]))\n"
+    )
+    lazy, env_dir, multiprocess = _run(code, _env_without_dirs(CANCELABLE_METRICS__MULTIPROC_DIR=str(configured)))
+    assert lazy is True  # importing the package alone loads no prometheus_client
+    assert env_dir is None and multiprocess is False
+    assert not configured.exists()
+
+
+def test_prepare_multiproc_dir_sets_up_the_directory_before_prometheus_client(tmp_path):
+    configured = tmp_path / "configured"
+    code = (
+        "import json, os\n"
+        "from worker.metrics.multiproc import prepare_multiproc_dir\n"
+        f"path = prepare_multiproc_dir({str(configured)!r})\n"
+        "import worker.metrics as m\n"
+        "m.job_finished('enroll', 'succeeded')\n"
+        "print(json.dumps([path, os.environ['PROMETHEUS_MULTIPROC_DIR'], m.MULTIPROCESS, sorted(os.listdir(path))]))\n"
+    )
+    path, env_dir, multiprocess, files = _run(code, _env_without_dirs())
+    assert path == env_dir == str(configured)
+    assert multiprocess is True
+    assert any(f.startswith("counter_") for f in files)  # the count went to the directory's files
+
+    # the launcher's PROMETHEUS_MULTIPROC_DIR wins over the configured one
+    launcher = tmp_path / "launcher"
+    path, env_dir, multiprocess, _ = _run(code, _env_without_dirs(PROMETHEUS_MULTIPROC_DIR=str(launcher)))
+    assert path == env_dir == str(launcher) and launcher.is_dir()
+
+    # neither: a private temporary directory, removed when the process exits
+    code = (
+        "import json\n"
+        "from worker.metrics.multiproc import prepare_multiproc_dir\n"
+        "print(json.dumps(prepare_multiproc_dir()))\n"
+    )
+    private = _run(code, _env_without_dirs())
+    assert "cancelable-metrics-" in private
+    assert not os.path.exists(private)
 
 
 def test_multiprocess_children_are_merged_and_dead_children_drop_out(tmp_path):

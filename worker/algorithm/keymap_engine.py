@@ -12,7 +12,7 @@ Per image (each image runs alone, as a batch of one: results never depend on bat
 A probe is transformed toward its own key target, never toward a stored template. Seeds are never logged.
 ``generator``, ``encoder`` (image -> z through the key map with the identity rotation: the bundle's best
 reconstruction of a face without a key), ``split`` and ``config`` exist so the evaluation harness can treat it like
-the layer-mixing engine (its re-inversion attack then optimises z, the single "layer").
+the layer-mixing engine; its re-inversion attack is ``worker.evaluation.keymap_attack``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from worker.algorithm.config import EngineConfig
 from worker.algorithm.engine_base import EngineBase, EnrollResult, per_subject
 from worker.algorithm.keymap import KeyMapModel, identity_loss, key_nuisance, key_rotation, prior_penalty
-from worker.algorithm.keymap_mfn import MfnTerm
 from worker.algorithm.mix import LayerSplit
 from worker.errors import BundleError
 
@@ -62,7 +61,6 @@ class KeymapEngine(EngineBase):
         config: EngineConfig | None = None,
         device: torch.device | str | None = None,
         prior_weight: float | None = None,
-        mfn: MfnTerm | None = None,
     ):
         for role in ("generator", "encoder", "identity"):
             if getattr(bundle, role, None) is None:
@@ -82,7 +80,6 @@ class KeymapEngine(EngineBase):
         if int(self.identity.embedding_dim) != self.keymap.emb_dim:
             raise BundleError("key map and identity model disagree on the embedding size")
         self.prior_weight = float(prior_weight if prior_weight is not None else self.keymap.prior_weight)
-        self.mfn = mfn.to(self.device) if mfn is not None else None
         self.encoder = KeyMapEncoder(self.identity, self.keymap)
         self.split = LayerSplit(n_latent=1, from_key=(), trainable=(0,), name="keymap")
         self.input_size = int(self.keymap.input_size)
@@ -96,8 +93,6 @@ class KeymapEngine(EngineBase):
             "keymap": self.keymap.config(),
             "prior": self.prior_weight,
         }
-        if self.mfn is not None:  # absent when off: fingerprints of engines without the term are unchanged
-            knobs["mfn"] = self.mfn.config()
         digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"{getattr(self.bundle, 'bundle_id', 'unknown')}:{digest}"
 
@@ -123,17 +118,8 @@ class KeymapEngine(EngineBase):
             t = km.targets(e, rots)
             return km(t, nu), t
 
-    def mfn_targets(self, faces: torch.Tensor, seeds: Sequence[bytes], t: torch.Tensor) -> torch.Tensor | None:
-        """The optional MFN term's unit targets (B, k2) for input crops and their dlib targets ``t``; None when off."""
-        if self.mfn is None:
-            return None
-        return self.mfn.targets(faces.to(self.device), self.keymap.alignment, list(seeds), t)
-
-    def refine(
-        self, z0: torch.Tensor, t: torch.Tensor, steps: int | None = None, t_mfn: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Step 4: per-sample Adam on z (the loss is a sum of per-sample terms: batch-independent). With ``t_mfn``
-        (and the engine's MFN term) the loss adds w_mfn (1 - cos(c_g2(G(z)), t_mfn))."""
+    def refine(self, z0: torch.Tensor, t: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Step 4: per-sample Adam on z (the loss is a sum of per-sample terms: batch-independent)."""
         steps = self.config.steps if steps is None else steps
         z = z0.detach().clone().requires_grad_(True)
         if steps <= 0:
@@ -148,40 +134,11 @@ class KeymapEngine(EngineBase):
             img = self.generator(z)
             e = self.identity.embed(img, self.generator.alignment)
             per = identity_loss(self.keymap, e, t) + self.prior_weight * prior_penalty(z)
-            if t_mfn is not None and self.mfn is not None:
-                per = per + self.mfn.loss(img, self.generator.alignment, t_mfn)
             loss = per.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return z.detach()
-
-    def reinversion_attack(
-        self, cancel_images: torch.Tensor, seeds: Sequence[bytes], steps: int = 50
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The strongest re-inversion this bundle allows, for the evaluation (``protocols.reinversion_attack`` is
-        built for layer mixing). Returns (no_key, key_known), images (B, 3, 64, 64) on the CPU.
-
-        - no key: read the cancelable face's identity with the in-loss recognizer and decode it through the key map
-          without a key (``encoder``): ``G(E(x_c))``.
-        - key known: the attacker holds the seed, hence the rotation: the cancelable face's generator coordinates
-          ``c_g(x_c)`` (~ the key target) are rotated back, ``Q^T c_g``, which estimates the ORIGINAL identity's
-          direction; decode it through the key map without a key, then refine ``steps`` steps toward it.
-        """
-        km = self.keymap
-        x = cancel_images.to(self.device).float()
-        with torch.no_grad():
-            e = self.identity.embed(x, self.generator.alignment).float()
-            zero = torch.zeros(len(x), km.nuisance_dim, device=self.device)
-            no_key = self.generator(km(km.targets(e, None), zero))
-            rots = torch.stack([key_rotation(s, km.k) for s in seeds]).to(self.device, torch.float64)
-            c = km.gen_coords(e).to(torch.float64)
-            back = F.normalize((rots.transpose(1, 2) * c[:, None, :]).sum(-1), dim=-1).float()
-            z0 = km(back, zero)
-        z = self.refine(z0, back, steps)
-        with torch.no_grad():
-            key_known = self.generator(z)
-        return no_key.float().clamp(-1, 1).cpu(), key_known.float().clamp(-1, 1).cpu()
 
     def _run(self, subjects: list[tuple[torch.Tensor, bytes]]) -> list[EnrollResult]:
         """Every image of every subject runs on its own, as a batch of one (``anonymise_one``): its output depends
@@ -204,7 +161,7 @@ class KeymapEngine(EngineBase):
         results whatever else the worker runs in the same call."""
         seeds = [seed]
         z0, t = self.start_latents(face, seeds)
-        z = self.refine(z0, t, t_mfn=self.mfn_targets(face, seeds, t))
+        z = self.refine(z0, t)
         with torch.no_grad():
             image = self.generator(z).float().clamp(-1.0, 1.0)
             emb = F.normalize(self.identity.embed(image, self.generator.alignment).float(), dim=-1)
@@ -218,18 +175,9 @@ def build_engine(
     bundle_dir: Path | str | None = None,
 ) -> Any:
     """The engine for a loaded bundle: ``KeymapEngine`` when its encoder is a key map, else ``pipeline.Engine``.
-
-    With ``bundle_dir``, a keymap bundle's optional MobileFaceNet term (manifest ``engine.mfn``, off unless its
-    weight is > 0) is loaded too (``keymap_mfn.mfn_term_from_manifest``)."""
+    ``bundle_dir`` is accepted for callers that pass the bundle folder; nothing in it is read."""
     if isinstance(getattr(bundle, "encoder", None), KeyMapModel):
-        mfn = None
-        if bundle_dir is not None:
-            from worker.algorithm.keymap_mfn import mfn_term_from_manifest
-            from worker.models.bundle import read_manifest
-
-            manifest = read_manifest(Path(bundle_dir))
-            mfn = mfn_term_from_manifest(Path(bundle_dir), manifest, device or "cpu")
-        return KeymapEngine(bundle, config, device, mfn=mfn)
+        return KeymapEngine(bundle, config, device)
     from worker.algorithm.pipeline import Engine
 
     return Engine(bundle, config, device)

@@ -2,7 +2,7 @@
 chips (the engine rotates key targets about it; docs/decisions.md). ``train_lite.py`` finalize does the same for
 a new bundle; this script adds it to an existing one without touching its weights (the manifest is not hashed).
 
-Run: ``cancelable-bundle fit-key-center worker/bundles/lite`` (about 3 min on one core; needs the chips from
+Run: ``cancelable-bundle fit-key-center tests/fixtures/bundles/lite`` (about 3 min on one core; needs the chips from
 ``scripts/prepare_lfw.py``).
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from worker.evaluation.splits import identity_split
 from worker.models.dlib_resnet import load_dlib_resnet
-from worker.models.lite import lite_split
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     chips = np.load(args.cache / f"lfw_chips_{args.resolution}.npy")
     names = [ln.split("\t")[1] for ln in (args.cache / f"lfw_chips_{args.resolution}.tsv").read_text().splitlines()]
-    train = np.array([i for i, n in enumerate(names) if lite_split(n) == "train"])
+    train = np.array([i for i, n in enumerate(names) if identity_split(n) == "train"])
     ident = load_dlib_resnet()
     total = torch.zeros(128, dtype=torch.float64)
     with torch.no_grad():

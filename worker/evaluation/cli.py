@@ -5,6 +5,7 @@
     cancelable-eval run ... --shard 0/4 --out reports/eval     # worker 0 of 4 writes reports/eval/shards/0-of-4
     cancelable-eval merge reports/eval/shards/* --out reports/eval   # combine shard score files -> report
     cancelable-eval merge ... --out s3://bucket/prefix              # or write it to S3
+    cancelable-eval acceptance reports/eval                         # the acceptance rows of a local report
 
 Every shard draws its own random key material (never stored); keys only need to be consistent within an identity,
 and every identity lives in exactly one shard.
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("shards", nargs="+", help="shard directories")
     merge.add_argument("--out", required=True, help="report directory or s3://bucket/prefix")
     merge.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples")
+    acc = sub.add_parser("acceptance", help="print the acceptance rows of a report directory (with its shards/)")
+    acc.add_argument("report", help="report directory: report.json and shards/*/records.npz")
     return ap
 
 
@@ -188,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "acceptance":
+        from worker.evaluation.acceptance import print_acceptance
+
+        return print_acceptance(Path(args.report))
     return _merge([Path(s) for s in args.shards], args.out, args.n_boot)
 
 

@@ -37,7 +37,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from worker.evaluation.evaluator import load_rgb
-from worker.models.lite import is_lite_holdout_identity, is_validation_identity  # the project's identity split rules
+from worker.evaluation.splits import is_holdout_identity, is_validation_identity  # the project's identity split
 
 TENANT = "eval"
 RECORDS = "records.npz"
@@ -87,7 +87,7 @@ class Judge(Protocol):
 class RunConfig:
     data_dir: str
     pairs_file: str | None = None
-    split: str = "val"  # "val", "train", "all" or "holdout" (worker.models.lite: sha256 % 10 == 0 / != 0 / 3)
+    split: str = "val"  # "val", "train", "all" or "holdout" (worker.evaluation.splits: sha256 % 10 == 0 / != 0 / 3)
     identities: int = 50
     keys: int = 3
     steps: int | None = None  # None: the engine config's default
@@ -122,7 +122,7 @@ def list_identities(data_dir: str | Path, split: str = "val", limit: int | None 
         val = is_validation_identity(d.name)
         if (split == "val" and not val) or (split == "train" and val):
             continue
-        if split == "holdout" and not is_lite_holdout_identity(d.name):  # never trained on; many have 2+ photos
+        if split == "holdout" and not is_holdout_identity(d.name):  # never trained on; many have 2+ photos
             continue
         photos = sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if photos:
@@ -370,9 +370,11 @@ def run_shard(
             faces_a = torch.stack([p[3] for p in part]).to(engine.device)
             recon = engine.generator.synthesis(engine.encoder(faces_a).float()).float().clamp(-1, 1).cpu()
         c1 = torch.stack([enrolled[i * cfg.keys].images[0] for i in range(n)])
-        attack = getattr(engine, "reinversion_attack", None)  # an engine family may bring its own strongest attack
-        if attack is not None:
-            nokey, keyknown = attack(c1, [s[0] for s in seeds], cfg.attack_steps)
+        from worker.algorithm.keymap_engine import KeymapEngine
+        from worker.evaluation.keymap_attack import keymap_reinversion_attack
+
+        if isinstance(engine, KeymapEngine):  # the keymap family's own, stronger attack
+            nokey, keyknown = keymap_reinversion_attack(engine, c1, [s[0] for s in seeds], cfg.attack_steps)
         else:
             nokey, keyknown = reinversion_attack(engine, c1, [s[0] for s in seeds], cfg.attack_steps)
         t_engine += time.time() - te

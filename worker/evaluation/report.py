@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.evaluation import metrics as m
 from worker.evaluation import plots
+from worker.evaluation import scores as m
 
 SCHEMA_VERSION = 1
 

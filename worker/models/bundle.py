@@ -89,7 +89,7 @@ def read_checkpoint(path: Path, config: Mapping[str, Any] | None = None) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except FileNotFoundError:
         raise BundleError(f"checkpoint file not found: {path}") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a layout error
+    except Exception as exc:  # any unreadable file is a layout error
         hint = "" if allow_pickle else ' (if it pickles Python objects, set "allow_pickle": true in its config)'
         raise CheckpointLayoutError(f"cannot read checkpoint {path.name}: {type(exc).__name__}{hint}") from exc
 

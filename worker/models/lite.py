@@ -24,7 +24,6 @@ that generalise to people it never saw, the recognizer already has them.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import TypeVar
@@ -51,27 +50,6 @@ DEFAULT_CONFIG: dict = {
     # LiteEncoder), loaded from the installed face_recognition_models package, never stored in the lite checkpoint
     "e_identity": 0,
 }
-
-
-def is_validation_identity(name: str) -> bool:
-    """The project's identity split of LFW: VALIDATION iff sha256(folder name) % 10 == 0, else TRAIN."""
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 0
-
-
-def is_lite_holdout_identity(name: str) -> bool:
-    """Extra identities the lite model never trains on: sha256(name) % 10 == 3.
-
-    In lfw-dev every VALIDATION identity (residue 0) has a single photo, so reconstruction-vs-another-photo cannot
-    be measured on them; residue 3 holds 164 identities with 2+ photos, kept out of training for that test.
-    """
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10 == 3
-
-
-def lite_split(name: str) -> str:
-    """ "val" (the project's validation rule), "holdout" (lite-only extra exclusion) or "train"."""
-    if is_validation_identity(name):
-        return "val"
-    return "holdout" if is_lite_holdout_identity(name) else "train"
 
 
 def full_config(config: dict | None) -> dict:
@@ -294,7 +272,7 @@ def _strict_load(module: nn.Module, state: dict, what: str) -> None:
 def _read_checkpoint(path: Path, key: str) -> dict:
     try:
         ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a layout error for the bundle
+    except Exception as exc:  # any unreadable file is a layout error for the bundle
         raise CheckpointLayoutError(f"cannot read lite checkpoint {Path(path).name}: {type(exc).__name__}") from exc
     if not isinstance(ckpt, dict) or key not in ckpt or not isinstance(ckpt[key], dict):
         raise CheckpointLayoutError(f"lite checkpoint {Path(path).name} has no '{key}' state dict")

@@ -91,7 +91,7 @@ def _get_body(rt: Runtime, bucket: str, key: str, first: int = 0, last: int | No
         kw["Range"] = f"bytes={first}-{'' if last is None else last}"
     try:
         return rt.store.client.get_object(**kw)["Body"]
-    except Exception as e:  # noqa: BLE001 - mapped to ObjectNotFoundError / StorageError
+    except Exception as e:  # mapped to ObjectNotFoundError / StorageError
         code = getattr(e, "response", {}).get("Error", {}).get("Code")
         if first and code == "InvalidRange":  # the previous task stopped at the very end
             return None

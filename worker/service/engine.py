@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-LITE_BUNDLE_DIR = REPO / "worker" / "bundles" / "lite"
+LITE_BUNDLE_DIR = REPO / "tests" / "fixtures" / "bundles" / "lite"  # a source checkout's test fixture, not in the wheel
 EMBEDDED_BUNDLES = {"lite": LITE_BUNDLE_DIR, "keymap": REPO / "worker" / "bundles" / "keymap"}
 
 
@@ -69,8 +69,8 @@ def check_bundle_present(spec: str, cache_dir: Path | None = None, store: Any = 
     d = resolve_bundle_dir(spec, cache_dir, store)
     if not (d / "manifest.json").is_file():
         hint = (
-            " (the embedded lite bundle is not in this checkout; train it with scripts/train_lite.py or set "
-            "CANCELABLE_ENGINE__BUNDLE to a bundle directory)"
+            " (the lite bundle is a test fixture of a source checkout, not part of an installed package; use "
+            "CANCELABLE_ENGINE__BUNDLE=keymap or a bundle directory)"
             if spec == "lite"
             else ""
         )

@@ -20,7 +20,7 @@ import numpy as np
 from worker import metrics
 from worker.contracts import EnrollJob, EnrollResult, JobStatus, S3Ref
 from worker.errors import CancelableError, ErasedError, StaleKeyError
-from worker.keys.providers import KeyRegistry
+from worker.keys.registry import KeyRegistry
 from worker.service.clock import now
 from worker.service.images import decode_image
 from worker.storage.erasure import ErasureWatch, watch

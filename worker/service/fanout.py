@@ -122,7 +122,7 @@ def maybe_finalize_bulk(rt: Runtime, tenant: str, parent_job_id: str) -> dict[st
         from worker.service.bulk_report import write_report
 
         report_uri = write_report(rt, parent_job_id, f["tenant"])
-    except Exception as e:  # noqa: BLE001 - the job's counts are final either way; the report is best effort
+    except Exception as e:  # the job's counts are final either way; the report is best effort
         log.warning("bulk job %s: report not written (%s)", parent_job_id, type(e).__name__)
     res = BulkResult(
         job_id=parent_job_id,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from worker.contracts import JobStatus, ReenrollChunk, RevokeJob, RevokeResult, child_job_id
 from worker.errors import RevokedKeyError, UnknownKeyError
-from worker.keys.providers import KeyRegistry
+from worker.keys.registry import KeyRegistry
 from worker.service.fanout import maybe_finalize_revoke
 from worker.storage import layout
 from worker.storage.keyindex import COMMITTED_UNDER, UNCOMMITTED_UNDER, KeyIndex, subjects_under_key

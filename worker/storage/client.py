@@ -186,14 +186,14 @@ class ObjectStore:
             kw["Metadata"] = metadata
         try:
             return str(self.client.put_object(**kw)["ETag"])
-        except Exception as e:  # noqa: BLE001 - mapped
+        except Exception as e:  # mapped
             self._raise(e, "put", self.bucket, kw["Key"])
             raise  # unreachable
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.full_key(key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._raise(e, "delete", self.bucket, self.full_key(key))
 
     def delete_many(self, bucket: str, keys: Sequence[str]) -> None:
@@ -202,7 +202,7 @@ class ObjectStore:
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             try:
                 r = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self._raise(e, "delete", bucket, batch[0]["Key"])
             errors = r.get("Errors") or []
             if errors:
@@ -218,7 +218,7 @@ class ObjectStore:
         (raises ``worker.errors.ImageTooLargeError``)."""
         try:
             r = self.client.get_object(Bucket=bucket, Key=key)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._raise(e, "get", bucket, key)
             raise
         size = int(r.get("ContentLength") or 0)
@@ -229,7 +229,7 @@ class ObjectStore:
             raise ImageTooLargeError(f"s3://{bucket}/{key}: {size} bytes over the limit of {max_bytes}")
         try:
             body = r["Body"].read() if max_bytes is None else r["Body"].read(max_bytes + 1)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._raise(e, "read", bucket, key)
             raise
         if max_bytes is not None and len(body) > max_bytes:
@@ -243,7 +243,7 @@ class ObjectStore:
         fk = self.full_key(key)
         try:
             r = self.client.head_object(Bucket=self.bucket, Key=fk)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             try:
                 self._raise(e, "head", self.bucket, fk)
             except ObjectNotFoundError:
@@ -277,7 +277,7 @@ class ObjectStore:
                         size=o["Size"],
                         last_modified=o.get("LastModified"),
                     )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._raise(e, "list", b, full)
 
     def list_dirs(self, prefix: str, *, start_after: str | None = None) -> Iterator[str]:
@@ -292,7 +292,7 @@ class ObjectStore:
             for page in pages:
                 for cp in page.get("CommonPrefixes", []) or []:
                     yield cp["Prefix"][len(full) :].rstrip("/")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._raise(e, "list", self.bucket, full)
 
     def ensure_bucket(self) -> None:
@@ -300,11 +300,11 @@ class ObjectStore:
         try:
             self.client.head_bucket(Bucket=self.bucket)
             return
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         try:
             self.client.create_bucket(Bucket=self.bucket)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             code, _ = _code(e)
             if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 self._raise(e, "create_bucket", self.bucket, "")

@@ -7,7 +7,7 @@ first enrolment may be in flight; ``worker.service.revoke``). Reading two object
 take ~50 s; the index answers the same question from LIST pages (1,000 markers each) for the common case.
 
 S3 stays the source of truth: the index is a set of empty marker objects, written by the code that changes
-``key.json`` (``worker.keys.providers.KeyRegistry``) and ``current.json`` (``TemplateStore``), in an order such that
+``key.json`` (``worker.keys.registry.KeyRegistry``) and ``current.json`` (``TemplateStore``), in an order such that
 every crash window leaves the index *undecided*, never wrong, and an undecided subject is read from its records
 exactly as before. Markers are never deleted, except by an erasure (``worker.storage.erasure``), which deletes
 every record of the subject: markers, key.json and pointer alike.

@@ -17,12 +17,8 @@ not. With ``--pool solo`` the models load lazily on the first engine task.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 from celery import signals
@@ -49,31 +45,14 @@ def _launched_as_worker() -> bool:
 
 
 def _set_metrics_dir(s: Any) -> None:
-    """The one place that gives a worker its Prometheus multiprocess directory, whatever started it (local stack,
-    Procfile, compose, k8s, by hand): ``PROMETHEUS_MULTIPROC_DIR`` if the launcher set it, else
-    ``metrics.multiproc_dir``, else a private temporary directory removed when the main process exits. It must be
-    set before ``prometheus_client`` is first imported (it picks its value class then), i.e. before
-    ``worker.metrics``; pool children inherit it. Without it a prefork pool's children count into files nobody
-    serves and every counter on ``/metrics`` stays 0."""
+    """A worker's Prometheus multiprocess directory, whatever started it (local stack, Procfile, compose, k8s, by
+    hand): ``worker.metrics.multiproc.prepare_multiproc_dir``, before ``prometheus_client`` is first imported (it
+    picks its value class then); pool children inherit it."""
     if not (s.metrics.enabled and _launched_as_worker()):
         return
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or (str(s.metrics.multiproc_dir or "") or None)
-    if path is None:
-        path = tempfile.mkdtemp(prefix="cancelable-metrics-")
-        owner, made = os.getpid(), path
+    from worker.metrics.multiproc import prepare_multiproc_dir
 
-        def _remove() -> None:  # forked pool children inherit atexit handlers: only the maker removes it
-            if os.getpid() == owner:
-                shutil.rmtree(made, ignore_errors=True)
-
-        atexit.register(_remove)
-    os.makedirs(path, exist_ok=True)
-    if "prometheus_client" in sys.modules and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != path:
-        print(
-            "cancelable worker: prometheus_client was imported before the worker app; metrics stay per-process",
-            file=sys.stderr,
-        )
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    prepare_multiproc_dir(str(s.metrics.multiproc_dir or "") or None)
 
 
 try:
@@ -128,7 +107,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     configure_pil(settings.worker.max_pixels)
     try:
         queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - older/odd consumers: assume everything
+    except Exception:  # older/odd consumers: assume everything
         queues = set(ENGINE_QUEUES)
     _consumes.clear()
     _consumes.update(queues)
@@ -167,7 +146,7 @@ def _pool_name(worker: Any) -> str:
 
     try:
         cls = get_implementation(worker.pool_cls)
-    except Exception:  # noqa: BLE001 - unknown: behave as before
+    except Exception:  # unknown: behave as before
         return "?"
     target = f"{cls.__module__}:{cls.__qualname__}"
     return next((alias for alias, path in ALIASES.items() if path == target), target)
@@ -188,7 +167,7 @@ def _start_threads_pool(s: Any, threads: int) -> None:
     if consumes_engine(_consumes):
         try:
             get_runtime().engine()
-        except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the worker stays up
+        except Exception as e:  # tasks report it as bundle_error; the worker stays up
             log.error("model load failed in the engine worker: %s", type(e).__name__)
 
 
@@ -220,5 +199,5 @@ def _on_worker_process_init(**_: Any) -> None:
     if consumes_engine(_consumes):
         try:
             get_runtime().engine()
-        except Exception as e:  # noqa: BLE001 - tasks report it as bundle_error; the child stays up
+        except Exception as e:  # tasks report it as bundle_error; the child stays up
             log.error("model load failed in worker child: %s", type(e).__name__)

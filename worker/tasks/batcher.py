@@ -368,7 +368,7 @@ class MicroBatcher:
         lane = batch[0].lane
         try:
             results = self._call(lane, [it for sub in batch for it in sub.items])
-        except BaseException as e:  # noqa: BLE001 - delivered to the submitters; this thread must live on
+        except BaseException as e:  # delivered to the submitters; this thread must live on
             if len(batch) == 1:
                 self._deliver(batch[0], error=e)
                 return
@@ -376,7 +376,7 @@ class MicroBatcher:
             for sub in batch:
                 try:
                     self._deliver(sub, result=self._call(lane, sub.items))
-                except BaseException as e1:  # noqa: BLE001
+                except BaseException as e1:
                     self._deliver(sub, error=e1)
             return
         start = 0
@@ -507,7 +507,7 @@ def expected_submitters(rt: Runtime) -> Coming:
     if free > 0 and INFLIGHT.capacity > 1:
         try:
             queued = min(free, sum(int(rt.redis.llen(q)) for q in ENGINE_QUEUES))
-        except Exception:  # noqa: BLE001 - broker unreachable: the fill timeout still bounds the wait
+        except Exception:  # broker unreachable: the fill timeout still bounds the wait
             pass
     return Coming(INFLIGHT.preparing(), queued)
 

@@ -133,7 +133,7 @@ class CeleryDispatch:
     def engine_queue_depth(self) -> int:
         try:
             return int(self.redis.llen(ENGINE_BULK_QUEUE))
-        except Exception:  # noqa: BLE001 - backpressure is best effort
+        except Exception:  # backpressure is best effort
             return 0
 
     def continue_job(

@@ -320,7 +320,7 @@ class JobTask(GuardedTask, Generic[JobT, ResultT]):  # type: ignore[misc]
                     # a re-delivered job's engine work runs in a batch of its own; background work yields
                     with delivery_attempt(attempt, background=self.is_background(delivery)):
                         res = self.handle(rt, job, attempt, started, delivery)
-                except Exception as e:  # noqa: BLE001 - every error becomes a result, a retry or a dead letter
+                except Exception as e:  # every error becomes a result, a retry or a dead letter
                     code = metrics.error_code_of(e)
                     if _is_transient(e):
                         rt.book.set_fields(ref, last_error=code)

@@ -173,7 +173,7 @@ def record_refused(task_id: Any, queue: str, sha: str, size: int, message: str, 
                 "attempts": 0,
             }
             store_refused(book, ident, result)
-    except Exception as e:  # noqa: BLE001 - recording must never take the consumer down
+    except Exception as e:  # recording must never take the consumer down
         log.error("could not record refused message %s: %s", dead_id, type(e).__name__)
 
 
@@ -182,7 +182,7 @@ def _job_argument(message: Any) -> Any:
     is decoded (JSON; a pickle or yaml body raises ``ContentDisallowed`` before any deserialiser runs)."""
     try:
         payload = message.payload
-    except Exception:  # noqa: BLE001 - undecodable: no job to read
+    except Exception:  # undecodable: no job to read
         return None
     if isinstance(payload, list | tuple) and payload and isinstance(payload[0], list | tuple) and len(payload[0]) == 1:
         return payload[0][0]
@@ -221,7 +221,7 @@ def body_problem(message: Any) -> str | None:
         payload = message.payload  # a content type the app does not accept raises before any deserialiser runs
     except ContentDisallowed:
         return "content type refused (JSON only; never deserialised)"
-    except Exception as e:  # noqa: BLE001 - DecodeError and whatever a broken body raises
+    except Exception as e:  # DecodeError and whatever a broken body raises
         return f"task body does not decode ({type(e).__name__})"
     if not isinstance(payload, list | tuple) or len(payload) != 3:
         return "task body is not [args, kwargs, embed]"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from worker.evaluation import metrics as m
+from worker.evaluation import scores as m
 
 
 def phi(x: float) -> float:

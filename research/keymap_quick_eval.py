@@ -8,10 +8,7 @@ so knobs are chosen without looking at the held-out identities; the acceptance n
   C(B_{i+1}, k1_i); different people: C(A_i, k1_i) vs C(A_j, k1_j); protection: C(A_i, k1) vs original A_i.
   Match = judge cosine >= ``--threshold`` (0.3438 = FMR 1e-3 on 499,500 original lfw-dev pairs, lite MODEL_CARD).
 
-    PYTHONPATH=. .venv/bin/python scripts/keymap_quick_eval.py --bundle /tmp/km --ids 40 --steps 0 20 --lr 0.05
-
-The optional MobileFaceNet term (``worker.algorithm.keymap_mfn``): ``--mfn-weight 0 0.5 1 --mfn-mode rotate linked``
-(weight 0 = off) with ``--mfn-space`` (``scripts/keymap_mfn_fit.py`` output; default: the bundle's).
+    PYTHONPATH=. .venv/bin/python research/keymap_quick_eval.py --bundle /tmp/km --ids 40 --steps 0 20 --lr 0.05
 """
 
 from __future__ import annotations
@@ -31,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def identities(data: Path, n: int) -> list[tuple[str, list[Path]]]:
-    from worker.models.lite import is_lite_holdout_identity, is_validation_identity
+    from worker.evaluation.splits import is_holdout_identity, is_validation_identity
 
     out = []
     for d in sorted(p for p in data.iterdir() if p.is_dir()):
-        if is_validation_identity(d.name) or is_lite_holdout_identity(d.name):
+        if is_validation_identity(d.name) or is_holdout_identity(d.name):
             continue
         photos = sorted(d.glob("*.jpg"))
         if len(photos) >= 2:
@@ -54,9 +51,6 @@ def main() -> None:
     ap.add_argument("--prior", type=float, nargs="+", default=[None])
     ap.add_argument("--nuisance", type=float, nargs="+", default=[None])
     ap.add_argument("--threshold", type=float, default=0.3438)
-    ap.add_argument("--mfn-weight", type=float, nargs="+", default=[0.0], help="0 = MFN term off")
-    ap.add_argument("--mfn-mode", nargs="+", default=["rotate"], choices=["rotate", "linked", "raw"])
-    ap.add_argument("--mfn-space", default=None, help="MFN statistics (default: <bundle>/keymap_mfn.pt)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -74,7 +68,7 @@ def main() -> None:
     for name, photos in identities(Path(args.data), args.ids * 2):
         try:
             a, b = base.prepare(load_rgb(photos[0])), base.prepare(load_rgb(photos[1]))
-        except Exception:  # noqa: BLE001
+        except Exception:
             continue
         people.append((name, load_rgb(photos[0]), a, b))
         if len(people) == args.ids:
@@ -90,45 +84,14 @@ def main() -> None:
     fb_next = torch.roll(fb, -1, 0)
     faces = torch.cat([fa, fb, fb, fb_next])
     seeds = k1 + k1 + k2 + k1
-    variants: list[tuple[float, str]] = [(0.0, "off")] if 0.0 in args.mfn_weight else []
-    variants += [(w, m) for w in args.mfn_weight if w > 0 for m in args.mfn_mode]
-    mfn_model = space = None
-    if any(w > 0 for w, _ in variants):
-        from worker.algorithm.keymap_mfn import load_mfn_space
-        from worker.models.mobilefacenet import load_mobilefacenet
-
-        mfn_model = load_mobilefacenet()
-        space = load_mfn_space(Path(args.mfn_space) if args.mfn_space else Path(args.bundle) / "keymap_mfn.pt")
-
-    def mfn_stats(imgs: torch.Tensor) -> dict[str, float]:
-        """White-box view: the in-loss MFN's own cosines (genuine, different people) of the outputs."""
-        if mfn_model is None:
-            return {}
-        with torch.no_grad():
-            m = mfn_model.embed(imgs, bundle.generator.alignment).numpy()
-        g = (m[:n] * m[n : 2 * n]).sum(1)
-        d = (m[:n] @ m[:n].T)[np.triu_indices(n, 1)]
-        return {"mfn_genuine_mean": round(float(g.mean()), 3), "mfn_diff_mean": round(float(d.mean()), 3)}
-
-    for nuis, prior, steps, (w_mfn, mode) in itertools.product(args.nuisance, args.prior, args.steps, variants):
+    for nuis, prior, steps in itertools.product(args.nuisance, args.prior, args.steps):
         if nuis is not None:
             bundle.encoder.nuisance_scale = nuis
-        term = None
-        if w_mfn > 0:
-            from worker.algorithm.keymap_mfn import MfnTerm
-
-            term = MfnTerm(mfn_model, space, w_mfn, mode)
-        eng = KeymapEngine(bundle, EngineConfig(steps=steps, lr=args.lr), prior_weight=prior, mfn=term)
+        eng = KeymapEngine(bundle, EngineConfig(steps=steps, lr=args.lr), prior_weight=prior)
         t = time.time()
         z0, tg = eng.start_latents(faces, seeds)
-        t2 = eng.mfn_targets(faces, seeds, tg)
         # refined in chunks (per-sample loss and Adam: the same result, a quarter of the activation memory)
-        z = torch.cat(
-            [
-                eng.refine(z0[i : i + 40], tg[i : i + 40], t_mfn=None if t2 is None else t2[i : i + 40])
-                for i in range(0, len(z0), 40)
-            ]
-        )
+        z = torch.cat([eng.refine(z0[i : i + 40], tg[i : i + 40]) for i in range(0, len(z0), 40)])
         with torch.no_grad():
             imgs = eng.generator(z).clamp(-1, 1)
         sec = (time.time() - t) / len(faces)
@@ -149,8 +112,6 @@ def main() -> None:
             "lr": args.lr,
             "prior": eng.prior_weight,
             "nuisance": bundle.encoder.nuisance_scale,
-            "mfn_weight": w_mfn,
-            "mfn_mode": mode,
             "n": n,
             "genuine": round(float((gen >= thr).mean()), 3),
             "cross_key": round(float((cross >= thr).mean()), 3),
@@ -160,7 +121,6 @@ def main() -> None:
             "genuine_mean": round(float(gen.mean()), 3),
             "diff_mean": round(float(diff.mean()), 3),
             "detected": round(float(found.mean()), 3),
-            **mfn_stats(imgs),
             "sec_per_image": round(sec, 3),
             "threads": 1,
             "pid": os.getpid(),

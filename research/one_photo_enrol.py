@@ -9,7 +9,7 @@ Identities: the ``test`` half of the held-out identities of ``cancelable-bundle 
 the last photo probes); impostors: every other identity's probe under the victim's key. Reports TAR at same-key FAR
 1 % and 5 % within the sample, so variants are compared at equal false-accept rates.
 
-PYTHONPATH=. nice -n 5 .venv/bin/python scripts/one_photo_enrol.py --ids 30 --out runs/one_photo.json
+PYTHONPATH=. nice -n 5 .venv/bin/python research/one_photo_enrol.py --ids 30 --out runs/one_photo.json
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Failure to enrol = images that end in ``no_face`` or ``multiple_faces``. LFW pho
 person, so a chosen face whose centre lies more than 20 % of the half-diagonal from the image centre is counted as
 "off-centre" (a likely wrong person). Run from the repository root:
 
-    PYTHONPATH=. .venv/bin/python scripts/measure_face_selection.py [--every N] [--json out.json]
+    PYTHONPATH=. .venv/bin/python research/measure_face_selection.py [--every N] [--json out.json]
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Measured (identities the lite model never trained on):
    plus every cross-identity pair among ``--pool`` further images (one per identity, seeded choice);
 2. reconstruction: photo A -> dlib-chip -> encoder -> synthesis vs a different original photo B of the same
    person, TAR at both thresholds; original A vs original B on the same pairs is the ceiling. In lfw-dev every
-   VALIDATION identity (``is_validation_identity``) has a single photo, so these mated pairs come from the lite
-   HOLDOUT identities (``is_lite_holdout_identity``, also never trained on);
+   VALIDATION identity (``worker.evaluation.splits``) has a single photo, so these mated pairs come from the lite
+   HOLDOUT identities (``is_holdout_identity``, also never trained on);
 3. ``--samples`` key-derived faces (32-byte seeds -> ``worker.algorithm.keylatent.key_latent``, psi 0.7, repeated
    over layers -> synthesis): share where YuNet finds exactly one face, and share of pairs of different keys that
    match at the FAR 1e-3 threshold;
@@ -16,7 +16,7 @@ Writes ``eval.json`` and the measured section of ``MODEL_CARD.md`` in the bundle
 (rows: originals, reconstructions, cancelable faces under key A, under key B, key-derived synthetic faces,
 layer-mixed faces: coarse layers from a key, the rest from the real face).
 
-Run: ``.venv/bin/python scripts/eval_lite.py`` (about 5-15 min on a busy 2-core CPU).
+Run: ``.venv/bin/python research/eval_lite.py`` (about 5-15 min on a busy 2-core CPU).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 from worker.evaluation.evaluator import DETECTOR_FILE, Evaluator, default_model_dir, load_rgb  # noqa: E402
-from worker.evaluation.metrics import far_at, threshold_at_far  # noqa: E402
+from worker.evaluation.scores import far_at, threshold_at_far  # noqa: E402
+from worker.evaluation.splits import identity_split  # noqa: E402
 from worker.models.bundle import load_bundle  # noqa: E402
-from worker.models.lite import lite_split  # noqa: E402
 
 FARS = (1e-2, 1e-3)
 CARD_BEGIN, CARD_END = "<!-- measured:begin -->", "<!-- measured:end -->"
@@ -144,7 +144,7 @@ def tar_block(genuine: np.ndarray, thresholds: dict[float, float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, default=ROOT / "worker" / "bundles" / "lite")
+    ap.add_argument("--bundle", type=Path, default=ROOT / "tests" / "fixtures" / "bundles" / "lite")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--eval-models", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=ROOT / "data-cache")
@@ -210,7 +210,7 @@ def main() -> None:
     rows = [ln.split("\t") for ln in (args.cache / f"lfw_chips_{res}.tsv").read_text().splitlines()]
     by_id: dict[str, list[int]] = {}
     for i, (_, name, _, _) in enumerate(rows):
-        split = lite_split(name)
+        split = identity_split(name)
         if split != "train":
             by_id.setdefault(name, []).append(i)
     rec_pairs = []  # (row index of A, relpath of B)
@@ -316,7 +316,7 @@ def main() -> None:
                 outs = engine.enroll_many([(x[i : i + 1], key_seed("key" + key, 0)) for i in range(len(x))])
                 rows_img.append(to_uint8(torch.cat([o.images for o in outs])))
             torch.set_num_threads(1)
-        except Exception as exc:  # noqa: BLE001 - the engine is another module; report and continue
+        except Exception as exc:  # the engine is another module; report and continue
             results["engine"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             log(f"engine unavailable: {results['engine']['error']}")
     rows_img += [to_uint8(synth), to_uint8(mixed)]
@@ -350,7 +350,7 @@ def write_card(path: Path, r: dict) -> None:
     o = r["original_listed_mated_pairs"]
     lines = [
         CARD_BEGIN,
-        f"Measured by `scripts/eval_lite.py` on bundle `{r['bundle_id']}` ({time.strftime('%Y-%m-%d')}). "
+        f"Measured by `research/eval_lite.py` on bundle `{r['bundle_id']}` ({time.strftime('%Y-%m-%d')}). "
         "Judge: YuNet + "
         "ArcFace-template alignment + MobileFaceNet (../shared/models/eval), cosine; never used in training.",
         "",

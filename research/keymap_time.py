@@ -1,6 +1,6 @@
 """Time one anonymisation with the keymap bundle as a worker deploys it (1 torch thread, CPU).
 
-PYTHONPATH=. .venv/bin/python scripts/keymap_time.py [--bundle worker/bundles/keymap] [--repeats 5]
+PYTHONPATH=. .venv/bin/python research/keymap_time.py [--bundle worker/bundles/keymap] [--repeats 5]
 """
 
 from __future__ import annotations

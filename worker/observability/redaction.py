@@ -1,8 +1,8 @@
-"""Sentry and logging for the worker, both behind one scrubber that keeps secrets out of every event and log line.
+"""Redaction: the one scrubber that keeps secrets out of every Sentry event and log line, and the logging filter
+that applies it (``RedactionFilter``, also put on botocore's loggers by ``worker.keys.providers``).
 
-``init_sentry(settings)`` is called by the worker at start (never at import); ``setup_logging(settings)`` installs a
-redacting root handler. The ``Scrubber`` removes, wherever they appear (exception messages, frame locals, extra,
-contexts, breadcrumbs, log messages):
+The ``Scrubber`` removes, wherever they appear (exception messages, frame locals, extra, contexts, breadcrumbs, log
+messages):
 
 - values under sensitive names (key, seed, secret, embedding, latent, image, template, password, token, ...);
 - every secret from settings (``SecretStr`` fields, passwords in URLs) and secrets registered at run time;
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import contextvars
 import logging
 import math
 import re
-import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
+
+from worker.observability.context import current_job
 
 FILTERED = "[Filtered]"
 
@@ -256,86 +256,7 @@ def settings_secrets(settings: Any) -> list[str]:
 SCRUBBER = Scrubber()
 
 
-# --- Sentry -------------------------------------------------------------------------------------------------------
-def init_sentry(settings: Any, transport: Any = None, **options: Any) -> bool:
-    """Initialise Sentry from ``settings.sentry`` (dsn, environment, release, traces_sample_rate).
-
-    Returns False (and does nothing) without a DSN. ``transport`` replaces the HTTP transport (tests). Call it from
-    the worker's start hook (``worker_init`` / ``worker_process_init``), never at import.
-    """
-    conf = getattr(settings, "sentry", None)
-    secret = getattr(conf, "dsn", None)
-    dsn = secret.get_secret_value() if secret is not None and hasattr(secret, "get_secret_value") else secret
-    if not dsn:
-        return False
-    import sentry_sdk
-    from sentry_sdk.integrations.celery import CeleryIntegration
-    from sentry_sdk.integrations.logging import LoggingIntegration
-
-    SCRUBBER.add_secrets(settings_secrets(settings))
-    release = getattr(conf, "release", None) or _package_version()
-    kwargs: dict[str, Any] = {
-        "dsn": dsn,
-        "environment": getattr(conf, "environment", None) or "development",
-        "release": release,
-        "traces_sample_rate": float(getattr(conf, "traces_sample_rate", 0.0) or 0.0),
-        "include_local_variables": True,
-        "max_request_body_size": "never",
-        "before_send": SCRUBBER.scrub_event,
-        "before_breadcrumb": SCRUBBER.scrub_breadcrumb,
-        "integrations": [
-            CeleryIntegration(monitor_beat_tasks=False, propagate_traces=False),
-            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
-        ],
-        "default_integrations": True,
-    }
-    if transport is not None:
-        kwargs["transport"] = transport
-    kwargs.update(options)
-    sentry_sdk.init(**kwargs)
-    sentry_sdk.set_tag("service", "cancelable-worker")
-    return True
-
-
-def _package_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return f"cancelable-faces@{version('cancelable-faces')}"
-    except Exception:
-        return None
-
-
-_JOB: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar("cancelable_job", default=None)
-
-
-@contextlib.contextmanager
-def job_scope(job_id: str, job_type: str, tenant: str | None = None) -> Iterator[None]:
-    """Inside: every log line carries the job ID, job type and tenant, and every Sentry event is tagged with them.
-    (A tenant ID names a customer, not a person; subjects, keys and seeds are never put here.)"""
-    token = _JOB.set((str(job_id), str(job_type), str(tenant) if tenant else "-"))
-    try:
-        sentry_sdk = sys.modules.get("sentry_sdk")
-        if sentry_sdk is None:
-            yield
-            return
-        with sentry_sdk.isolation_scope() as scope:
-            scope.set_tag("job_id", str(job_id))
-            scope.set_tag("job_type", str(job_type))
-            if tenant:
-                scope.set_tag("tenant", str(tenant))
-            yield
-    finally:
-        _JOB.reset(token)
-
-
-def current_job() -> tuple[str, str, str] | None:
-    """(job ID, job type, tenant) of the ``job_scope`` this thread is in, or None (e.g. for a worker thread that
-    runs work on a job's behalf: it re-enters the scope with ``job_scope(*current_job())``)."""
-    return _JOB.get()
-
-
-# --- logging ------------------------------------------------------------------------------------------------------
+# --- logging filter -----------------------------------------------------------------------------------------------
 class RedactionFilter(logging.Filter):
     """Formats each record's message (and traceback) once and scrubs it, so no handler can print a secret."""
 
@@ -355,7 +276,7 @@ class RedactionFilter(logging.Filter):
             message = "Response body: <redacted: KMS secret output>"
         if record.name == "celery.app.trace" and " succeeded in " in message:
             message = message.split(": ", 1)[0]  # "Task ...[id] succeeded in 1.2s": the return value is the result
-        job = _JOB.get()
+        job = current_job()
         job_id, job_type, tenant = job if job is not None else ("-", "-", "-")
         record.job_id, record.job_type = job_id, job_type
         record.tenant = tenant if tenant != "-" else str(getattr(record, "tenant", "-"))  # or the line's extra=
@@ -372,127 +293,3 @@ class RedactionFilter(logging.Filter):
 
 _BODY_DUMPS = ("The full contents of the message", "The message body was", "The full contents of the body")
 _SECRET_OUTPUTS = ('"Mac"', '"Plaintext"')  # KMS response fields that carry secret output
-
-LOG_FORMAT = (
-    "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s [job %(job_id)s %(job_type)s tenant %(tenant)s]: "
-    "%(message)s"
-)
-
-
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    """The ``extra={...}`` fields of a record (scrubbed like the message)."""
-    return {
-        k: SCRUBBER.scrub(v, k)
-        for k, v in vars(record).items()
-        if k not in _RECORD_FIELDS and k not in ("job_id", "job_type", "tenant") and not k.startswith("_")
-    }
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line (``CANCELABLE_LOG_FORMAT=json``): time, level, logger, process, job ID, job type,
-    tenant, message and, for errors, the (scrubbed) traceback."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        out = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "process": f"{record.processName}[{record.process}]",
-            "job_id": getattr(record, "job_id", "-"),
-            "job_type": getattr(record, "job_type", "-"),
-            "tenant": getattr(record, "tenant", "-"),
-            "message": record.getMessage(),
-        }
-        out.update({k: v for k, v in _extras(record).items() if k not in out})
-        if record.exc_text:
-            out["traceback"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False, default=str)
-
-
-def _formatter() -> logging.Formatter:
-    import os
-
-    return JsonFormatter() if os.environ.get("CANCELABLE_LOG_FORMAT", "text") == "json" else _TextFormatter(LOG_FORMAT)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        for name in ("job_id", "job_type", "tenant"):  # records that did not pass the filter (another handler's)
-            if not hasattr(record, name):
-                setattr(record, name, "-")
-        text = super().format(record)
-        extras = _extras(record)
-        if extras:  # extra={...} fields would otherwise be lost in plain text
-            head, nl, rest = text.partition("\n")
-            text = head + " (" + ", ".join(f"{k}={v}" for k, v in sorted(extras.items())) + ")" + nl + rest
-        return text
-
-
-def setup_logging(settings: Any = None, level: str | int = "INFO", stream: Any = None) -> logging.Handler:
-    """Replace the root handlers with one stream handler carrying the ``RedactionFilter``; returns the handler.
-
-    Secrets from ``settings`` are registered with the scrubber first.
-    """
-    if settings is not None:
-        SCRUBBER.add_secrets(settings_secrets(settings))
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_formatter())
-    handler.addFilter(RedactionFilter(SCRUBBER))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_cancelable", False):
-            root.removeHandler(h)
-    handler._cancelable = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
-    quiet_celery_task_lines()
-    _connect_celery_logging()
-    return handler
-
-
-# Celery's own per-task INFO lines carry no job scope (they are written outside the task) and repeat what the job's
-# own lines say: "Task ... received" (the job logs "started"), "Task ... succeeded in ...: <return value>" (the job
-# logs its outcome, a failed job at WARNING: Celery would call that task "succeeded") and "Task ... retry" (the job
-# logs "transient ...: retrying"). Celery's WARNING and ERROR lines (a task that raised, a lost worker) stay.
-CELERY_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
-
-
-def quiet_celery_task_lines() -> None:
-    """Raise Celery's per-task loggers to WARNING (before the worker builds its tracers, which read the level once)."""
-    for name in CELERY_TASK_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-_celery_logging_connected: list[bool] = []
-
-
-def _connect_celery_logging() -> None:
-    """Celery's worker replaces the root handlers AFTER ``worker_init`` (``worker_hijack_root_logger``): put the
-    redaction filter on the handlers it installs, for the root and the task loggers."""
-    if _celery_logging_connected:
-        return
-    try:
-        from celery import signals
-    except ImportError:  # pragma: no cover - producers without celery
-        return
-
-    def _on_logger(logger: logging.Logger | None = None, **_: Any) -> None:
-        install_redaction(logger)
-        install_redaction(logging.getLogger())
-
-    signals.after_setup_logger.connect(_on_logger, weak=False)
-    signals.after_setup_task_logger.connect(_on_logger, weak=False)
-    _celery_logging_connected.append(True)
-
-
-def install_redaction(logger: logging.Logger | None = None) -> None:
-    """Add the redaction filter to every handler of ``logger`` (default root), e.g. after Celery set up its own."""
-    for h in (logger or logging.getLogger()).handlers:
-        if not any(isinstance(f, RedactionFilter) for f in h.filters):
-            h.addFilter(RedactionFilter(SCRUBBER))
-            h.setFormatter(_formatter())  # Celery's own handlers: the same line format, job ID included

@@ -1,0 +1,1 @@
+"""Research tools outside the product (research/README.md)."""
