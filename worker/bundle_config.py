@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.algorithm.config import EngineConfig
-from worker.errors import UncalibratedFarError
+from worker.errors import BundleError, UncalibratedFarError
 from worker.models.bundle import read_manifest
 from worker.settings import EngineSettings
 
@@ -60,15 +60,36 @@ def deployed_config(bundle_dir: Path, steps: int | None = None, key_target: bool
 
 def matcher_of(manifest: dict[str, Any]) -> str:
     """How verify scores are computed: the calibrated ``verify.matcher`` when the manifest has one, else
-    ``<identity component format>:<its sha256, 12 hex>:cosine``. A template records it; verify refuses a template
-    whose matcher differs from the bundle's."""
+    ``default_matcher``. A template records it; verify refuses a template whose matcher differs from the bundle's."""
     verify = manifest.get("verify")
     if isinstance(verify, dict) and isinstance(verify.get("matcher"), str):
         return str(verify["matcher"])
-    components = manifest.get("components")
-    identity = components.get("identity") if isinstance(components, dict) else None
-    identity = identity if isinstance(identity, dict) else {}
-    return f"{identity.get('format', 'unknown')}:{str(identity.get('sha256', ''))[:12]}:cosine"
+    return default_matcher(manifest)
+
+
+def default_matcher(manifest: dict[str, Any]) -> str:
+    """The matcher a bundle's engine scores with: ``<identity component format>:<its sha256, 12 hex>:<kind>``, kind
+    ``keymap-whitened`` (cosine in the key map's whitened generator coordinates) for a ``keymap-mlp`` encoder,
+    else ``cosine`` (of the raw embeddings). What ``calibrate-threshold`` writes."""
+
+    def component(role: str) -> dict[str, Any]:
+        components = manifest.get("components")
+        found = components.get(role) if isinstance(components, dict) else None
+        return found if isinstance(found, dict) else {}
+
+    identity, encoder = component("identity"), component("encoder")
+    kind = "keymap-whitened" if encoder.get("format") == "keymap-mlp" else "cosine"
+    return f"{identity.get('format', 'unknown')}:{str(identity.get('sha256', ''))[:12]}:{kind}"
+
+
+def check_matcher(matcher: str, engine_kind: str) -> None:
+    """Refuse a manifest whose verify calibration was made for another way of scoring than the engine's (its
+    thresholds would mean nothing): BundleError."""
+    if matcher.rsplit(":", 1)[-1] != engine_kind:
+        raise BundleError(
+            f"the bundle's verify section is calibrated for matcher {matcher}, but its engine scores with "
+            f"{engine_kind}: recalibrate (cancelable-bundle calibrate-threshold --write)"
+        )
 
 
 def size_key(enrolment_size: int | None) -> str | None:

@@ -223,3 +223,22 @@ def test_lite_outside_a_source_checkout_fails_with_a_clear_message(tmp_path: Pat
     monkeypatch.setitem(service_engine.EMBEDDED_BUNDLES, "lite", tmp_path / "absent")  # as in an installed wheel
     with pytest.raises(BundleError, match="test fixture of a source checkout.*CANCELABLE_ENGINE__BUNDLE=keymap"):
         service_engine.check_bundle_present("lite")
+
+
+def test_score_is_cosine_in_whitened_generator_coordinates() -> None:
+    """The keymap matcher compares faces where the key map aims them: unit whitened generator coordinates. Scores do
+    not depend on which rows are projected together, and a template's coordinates are its photos' mean."""
+    engine = tiny_engine()
+    km = engine.keymap
+    with torch.no_grad():
+        km.mean_dir.copy_(F.normalize(torch.randn(km.emb_dim), dim=0))
+        km.gen_std.copy_(torch.linspace(0.5, 2.0, km.k))
+    a, b, c = F.normalize(torch.randn(3, engine.embedding_dim, generator=torch.Generator().manual_seed(5)), dim=-1)
+    want = float(F.cosine_similarity(km.gen_coords(a[None]), km.gen_coords(b[None]))[0])
+    assert engine.score(a, b) == pytest.approx(want, abs=1e-6)
+    assert engine.score(a, b) != pytest.approx(float(a @ b), abs=1e-3)  # not the raw cosine
+    together = engine.match_space(torch.stack([a, b, c]))
+    assert torch.equal(together[1], engine.match_space(b[None])[0])
+    mean = engine.match_coords(F.normalize(a + c, dim=0)[None])[0]
+    assert F.cosine_similarity(mean, engine.match_coords(torch.stack([a, c])).sum(0), dim=0) > 1 - 1e-6
+    assert engine.matcher_kind == "keymap-whitened"

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from worker.bundle_config import VerifyPolicy, matcher_of, size_key, verify_policy
+from worker.bundle_config import VerifyPolicy, check_matcher, default_matcher, matcher_of, size_key, verify_policy
 from worker.bundletool.calibrate import calibrate_sizes, decision_rates, trials, verify_section
 from worker.bundletool.operating_points import clopper_pearson, operating_point, rounded_threshold_at_far
-from worker.errors import UncalibratedFarError
+from worker.errors import BundleError, UncalibratedFarError
 from worker.settings import EngineSettings
 
 
@@ -110,3 +110,15 @@ def test_uncalibrated_bundle_and_matcher_names() -> None:
         policy.decide(1, far=1e-3)
     assert VerifyPolicy("m", 0.9, True, {}, {}).decide(None).threshold == 0.9
     assert [size_key(n) for n in (None, 0, 1, 2, 3, 7)] == [None, None, "1", "2", "3+", "3+"]
+
+
+def test_default_matcher_follows_the_engine_family_and_a_stale_calibration_is_refused() -> None:
+    identity = {"format": "dlib-resnet", "sha256": "55533b28a95800a551ba"}
+    keymap = {"components": {"identity": identity, "encoder": {"format": "keymap-mlp"}}}
+    assert default_matcher(keymap) == "dlib-resnet:55533b28a958:keymap-whitened"
+    assert matcher_of(keymap) == default_matcher(keymap)
+    stale = {**keymap, "verify": {"matcher": "dlib-resnet:55533b28a958:cosine"}}
+    assert matcher_of(stale) == "dlib-resnet:55533b28a958:cosine"
+    check_matcher(matcher_of(keymap), "keymap-whitened")
+    with pytest.raises(BundleError, match="recalibrate"):
+        check_matcher(matcher_of(stale), "keymap-whitened")

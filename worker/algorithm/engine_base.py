@@ -52,6 +52,8 @@ class EngineBase:
     input_size: int
     embedding_dim: int
     dtype: torch.dtype = torch.float32
+    matcher_kind: str = "cosine"
+    """How ``score`` compares embeddings (the last part of a template's matcher name): cosine of the raw embeddings."""
     images_independent: bool = False
     """True when each image's output depends only on that image and its seed (not on the subject's other photos nor
     on batch mates): an n-photo template is then the normalised mean of n single-photo embeddings."""
@@ -95,12 +97,23 @@ class EngineBase:
             results.extend(self._run(chunk))
         return results
 
+    def match_coords(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The matcher's linear map, (N, D) -> (N, D') float32 on the CPU: here the embeddings themselves."""
+        return embeddings.detach().float().cpu()
+
+    def match_space(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings or templates (N, D) -> the unit vectors (N, D') whose dot product is ``score``: the normalised
+        ``match_coords`` of the normalised embeddings (cosine of the raw embeddings here)."""
+        unit = F.normalize(embeddings.detach().float().cpu(), dim=-1)
+        return F.normalize(self.match_coords(unit), dim=-1)
+
     def score(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """Cosine similarity of two embeddings or templates (D,)."""
+        """Similarity of two embeddings or templates (D,): the dot product of their ``match_space`` vectors."""
         for t in (a, b):
             if not isinstance(t, torch.Tensor) or t.shape != (self.embedding_dim,) or not t.is_floating_point():
                 raise InvalidTensorError(f"score expects two float ({self.embedding_dim},) tensors")
-        return float(F.cosine_similarity(a.detach().float().cpu(), b.detach().float().cpu(), dim=0))
+        u = self.match_space(torch.stack([a.detach().float().cpu(), b.detach().float().cpu()]))
+        return float(u[0] @ u[1])
 
     def __call__(self, subjects: Sequence[Subject]) -> list[EngineEnrollment]:
         """ONE batch of subjects (no packing; see ``enroll_many``)."""

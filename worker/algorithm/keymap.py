@@ -140,6 +140,14 @@ class KeyMapModel(nn.Module):
         """(B, D) embeddings of generated faces -> whitened top-k generator coordinates (B, k)."""
         return (self.identity_component(e) @ self.gen_basis) / self.gen_std
 
+    def cpu_gen_coords(self, e: torch.Tensor) -> torch.Tensor:
+        """Linear ``gen_coords`` (no normalisation of ``e``) on the CPU in float64: (B, D) -> (B, k) float32. For unit
+        ``e`` it equals ``gen_coords``; being linear, the coordinates of a mean of embeddings are the mean of theirs."""
+        mean_dir, basis, std = (t.detach().cpu().double() for t in (self.mean_dir, self.gen_basis, self.gen_std))
+        e = e.detach().cpu().double()
+        u = e - (e @ mean_dir)[:, None] * mean_dir[None, :]
+        return ((u @ basis) / std).float()
+
     def targets(self, e_real: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:
         """Key transform: real embeddings (B, D), rotations (B, k, k) or None (identity) -> unit targets (B, k)."""
         c = self.real_coords(e_real).to(torch.float64)

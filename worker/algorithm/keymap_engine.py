@@ -52,6 +52,7 @@ class KeymapEngine(EngineBase):
 
     family = "keymap"
     images_independent = True  # every image runs alone (``anonymise_one``)
+    matcher_kind = "keymap-whitened"
 
     def __init__(
         self,
@@ -93,6 +94,17 @@ class KeymapEngine(EngineBase):
         }
         digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"{getattr(self.bundle, 'bundle_id', 'unknown')}:{digest}"
+
+    def match_coords(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings or templates (N, D) -> whitened generator coordinates (N, k): ``score`` is their cosine.
+
+        dlib puts every face in a narrow cone (raw cosine ~0.9 between different people) and the generator's faces
+        share more still, so raw cosines between cancelable faces are dominated by what all of them have in common.
+        The key map aims each face at a target in the generator's whitened coordinates ``c_g``; comparing there
+        discards the shared mean direction and weighs each identity direction by how much generated faces vary
+        along it (one enrolment photo, same-key impostors at FAR 0.1 %: see docs/evaluation.md)."""
+        with torch.no_grad():
+            return self.keymap.cpu_gen_coords(embeddings)
 
     # --- steps ----------------------------------------------------------------------------------------------------
     def start_latents(self, faces: torch.Tensor, seeds: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:

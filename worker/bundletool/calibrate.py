@@ -16,7 +16,8 @@ Protocol (all in-process, CPU, the engine configuration a default deployment get
     victim's subject, and the worker uses the victim's key); every person against every other, per key;
   - other-key impostor: another person's probe under another key;
   - old key: the same person's probe under another key (a probe under a revoked key against the reissue).
-  Scores are ``engine.score`` (cosine in the bundle's recognizer), as ``cancelable verify`` computes them.
+  Scores are ``engine.score`` (the dot product in the engine's ``match_space``), as ``cancelable verify`` computes
+  them.
 
 Thresholds are set on same-key impostors (the attack verify faces) at each FAR in
 ``operating_points.FAR_TARGETS``, with the FAR's exact 95 % interval. Impostor trials share probes and templates (an
@@ -39,6 +40,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +151,15 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def trials(emb: list[np.ndarray], size: str) -> dict[str, list[float]]:
+Project = Callable[[np.ndarray], np.ndarray]
+"""The engine's ``match_space`` on numpy: (N, D) embeddings or templates -> (N, D') unit vectors."""
+
+
+def trials(emb: list[np.ndarray], size: str, project: Project | None = None) -> dict[str, list[float]]:
     """Scores of the four trial kinds for enrolment ``size`` ("1", "2", "3+": 3 photos). ``emb``: per identity
-    (keys, photos, D) unit embeddings; identities with fewer than size + 1 photos take no part."""
+    (keys, photos, D) unit embeddings; identities with fewer than size + 1 photos take no part. A template is the
+    normalised mean of its photos' embeddings (as the worker stores it); ``project`` (default: none, cosine) maps
+    templates and probes into the matcher's space before the dot product."""
     s = 3 if size == "3+" else int(size)
     used = [e for e in emb if e.shape[1] >= s + 1]
     out: dict[str, list[float]] = {"genuine": [], "impostor": [], "other_key": [], "old_key": []}
@@ -159,6 +167,8 @@ def trials(emb: list[np.ndarray], size: str) -> dict[str, list[float]]:
         return out
     tmpl = np.stack([_unit(e[:, :s].mean(1)) for e in used])  # (I, K, D)
     probe = np.stack([_unit(e[:, -1]) for e in used])  # (I, K, D)
+    if project is not None:
+        tmpl, probe = (project(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:2], -1) for x in (tmpl, probe))
     n_id, n_keys = tmpl.shape[:2]
     for j in range(n_keys):
         for jp in range(n_keys):
@@ -178,11 +188,13 @@ def decision_rates(scores: dict[str, list[float]], threshold: float) -> dict[str
     return {k: {"accepted": rate_at(v, threshold), "n": len(v)} for k, v in scores.items() if v}
 
 
-def calibrate_sizes(emb: list[np.ndarray], targets: tuple[float, ...] = FAR_TARGETS) -> dict[str, Any]:
+def calibrate_sizes(
+    emb: list[np.ndarray], targets: tuple[float, ...] = FAR_TARGETS, project: Project | None = None
+) -> dict[str, Any]:
     """Per enrolment size: operating points on same-key impostors, EER, trial counts."""
     out: dict[str, Any] = {}
     for size in SIZES:
-        sc = trials(emb, size)
+        sc = trials(emb, size, project)
         if len(sc["impostor"]) < 2:
             continue
         e, e_t = observed_eer(sc["genuine"], sc["impostor"])
@@ -275,7 +287,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``cancelable-bundle calibrate-threshold``: calibrate, print the summary, optionally write the manifest."""
-    from worker.bundle_config import matcher_of
+    from worker.bundle_config import default_matcher
 
     if args.ids < 2 or args.keys < 1 or args.photos < 2 or args.far not in FAR_TARGETS:
         raise SystemExit(f"need --ids >= 2, --keys >= 1, --photos >= 2 and --far in {FAR_TARGETS}")
@@ -307,11 +319,17 @@ def main(args: argparse.Namespace) -> int:
             save_scores(scores_path, t, meta)
 
     table = anonymise_all(engine, args, log, table, save)
-    result = calibrate_sizes(table["emb"])
+
+    def project(x: np.ndarray) -> np.ndarray:
+        return engine.match_space(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    result = calibrate_sizes(table["emb"], project=project)
     if not result:
         raise SystemExit("too few identities to calibrate")
     compare = sorted(set(args.compare))
-    decisions = {size: {f"{t:.4f}": decision_rates(trials(table["emb"], size), t) for t in compare} for size in result}
+    decisions = {
+        size: {f"{t:.4f}": decision_rates(trials(table["emb"], size, project), t) for t in compare} for size in result
+    }
     for size, r in result.items():
         print(f"\nenrolment {size} photo(s): {r['identities']} identities, EER {r['eer']:.4f}")
         for p in r["operating_points"]:
@@ -336,7 +354,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"result": result, "decisions": decisions, **provenance}, indent=2) + "\n")
     if args.write:
-        section = verify_section(result, args.far, matcher_of(manifest))
+        section = verify_section(result, args.far, default_matcher(manifest))
         write_calibration(args.bundle, manifest, engine, section, provenance)
         print(f"wrote verify thresholds {section['thresholds']} to {args.bundle / 'manifest.json'}")
     return 0

@@ -294,6 +294,7 @@ def run_shard(
 ) -> Path:
     """Run every protocol on this shard's identities and write ``records.npz`` + ``meta.json`` to ``out_dir``."""
     import torch
+    import torch.nn.functional as F
 
     from worker.keys.derive import derive_seed
 
@@ -345,17 +346,21 @@ def run_shard(
         # template; with a third photo, A + A2 under key 1 is the two-photo template (each image runs alone)
         second = [i for i, p in enumerate(part) if p[6] is not None]
         extra = engine.enroll_many([(part[i][6][None], seeds[i][0]) for i in second]) if second else []
-        eng_a2 = np.full((n, engine.embedding_dim), np.nan, dtype=np.float32)
+
+        def coords(res: Any) -> np.ndarray:  # the matcher's coordinates (linear: a template's are its photos' mean)
+            return engine.match_coords(F.normalize(res.embeddings[:1].float(), dim=-1))[0].numpy()
+
+        dim = int(engine.match_coords(torch.zeros(1, engine.embedding_dim)).shape[1])
+        eng_a2 = np.full((n, dim), np.nan, dtype=np.float32)
         for i, r in zip(second, extra, strict=True):
-            eng_a2[i] = r.embeddings[0].numpy()
+            eng_a2[i] = coords(r)
         eng_rows = {
-            "eng_cancel_k1": [enrolled[i * cfg.keys].embeddings[0].numpy() for i in range(n)],
-            "eng_cancel_k2": [enrolled[i * cfg.keys + 1].embeddings[0].numpy() for i in range(n)],
-            "eng_probe_k1": [probed[2 * i].embeddings[0].numpy() for i in range(n)],
-            "eng_probe_k2": [probed[2 * i + 1].embeddings[0].numpy() for i in range(n)],
+            "eng_cancel_k1": [coords(enrolled[i * cfg.keys]) for i in range(n)],
+            "eng_cancel_k2": [coords(enrolled[i * cfg.keys + 1]) for i in range(n)],
+            "eng_probe_k1": [coords(probed[2 * i]) for i in range(n)],
+            "eng_probe_k2": [coords(probed[2 * i + 1]) for i in range(n)],
             "eng_impostor_k1": [
-                probed[2 * n + i].embeddings[0].numpy() if n > 1 else np.full(engine.embedding_dim, np.nan)
-                for i in range(n)
+                coords(probed[2 * n + i]) if n > 1 else np.full(dim, np.nan, dtype=np.float32) for i in range(n)
             ],
         }
         for role, rows in eng_rows.items():
@@ -495,6 +500,7 @@ def _engine_info(engine: Any) -> dict:
         "input_size": getattr(engine, "input_size", None),
         "output_size": getattr(engine, "output_size", None),
         "device": str(getattr(engine, "device", "")),
+        "matcher_kind": getattr(engine, "matcher_kind", "cosine"),
     }
 
 
@@ -619,11 +625,11 @@ def compute_scores(rec: dict[str, np.ndarray], keys: int, limit: int = 500_000, 
 
 
 def product_scores(rec: dict[str, np.ndarray], limit: int = 500_000, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """The product's own verify scores (engine embeddings, cosine), per enrolment size ("1": photo A; "2": photos A
-    and A2, identities with a third photo only): genuine (probe B under the same key, key 1 and after reissue key
-    2), same-key impostor (another identity's photo under the victim's key 1), other-key impostors (other
-    identities' probes under their own key 1), old-key probe against the reissued template (probe under key 1 vs
-    the key-2 template)."""
+    """The product's own verify scores (cosine of engine embeddings in the matcher's coordinates), per enrolment
+    size ("1": photo A; "2": photos A and A2, identities with a third photo only): genuine (probe B under the same
+    key, key 1 and after reissue key 2), same-key impostor (another identity's photo under the victim's key 1),
+    other-key impostors (other identities' probes under their own key 1), old-key probe against the reissued
+    template (probe under key 1 vs the key-2 template)."""
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -640,7 +646,8 @@ def product_scores(rec: dict[str, np.ndarray], limit: int = 500_000, seed: int =
     }
     has2 = np.isfinite(rec["eng_cancel2_k1"]).all(axis=1)
     if has2.sum() >= 2:
-        two = unit(one_k1[has2] + unit(rec["eng_cancel2_k1"][has2]))
+        # the worker's template is the normalised mean of the photos' unit embeddings; the coordinates are linear
+        two = unit(rec["eng_cancel_k1"][has2] + rec["eng_cancel2_k1"][has2])
         out["2"] = {
             "genuine": _cos(two, p1[has2]),
             "impostor_same_key": _cos(two, imp[has2]),
