@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from base64 import b64encode as _b64
-from collections.abc import Iterator, Sequence
+from binascii import hexlify
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from json.encoder import encode_basestring_ascii as _escape  # type: ignore[attr-defined]
+from operator import itemgetter
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -166,15 +169,24 @@ class MessageTemplate:
         pp = {**p, "correlation_id": hole("id"), "delivery_tag": hole("tag")}
         if "argsrepr" in p:  # send_task copies its options into the properties as well
             pp["argsrepr"] = hole("argsrepr")
-        fmt = str(kdumps({**message, "body": hole("body"), "headers": hh, "properties": pp}))
-        fmt = fmt.replace("{", "{{").replace("}", "}}")
+        text = str(kdumps({**message, "body": hole("body"), "headers": hh, "properties": pp}))
+        tokens = {}  # what each hole is replaced by; body and tag keep their quotes (base64 and a UUID: no escapes)
         for s, field in holes.items():
-            if fmt.count(_escape(s)) != 1:
+            token = s if field in ("body", "tag") else _escape(s)
+            if text.count(token) != 1:
                 raise TemplateMismatch(f"field {field} not found once")
-            fmt = fmt.replace(_escape(s), _SLOTS[field])
-        if sample_id in fmt:
+            tokens[token] = field
+        split = re.compile("|".join(re.escape(t) for t in tokens))
+        parts = split.split(text)
+        if sample_id in "".join(parts):
             raise TemplateMismatch("task ID in an unexpected field")
-        self._format = fmt.format
+        try:
+            self._format = "%s".join(part.replace("%", "%%") for part in parts).encode("ascii")
+        except UnicodeEncodeError:
+            raise TemplateMismatch("kombu's JSON is not ASCII") from None
+        order = [_FIELDS.index(tokens[t]) for t in split.findall(text)]
+        self._pick = itemgetter(*order)  # the per-message values in the order of the holes (always several)
+        self._body_head, self._body_tail = self._body_head.encode("ascii"), self._body_tail.encode("ascii")
         again = self.render(sample_id, sample_args, argsrepr, h.get("sent_at"), p["delivery_tag"])
         if again != kdumps(message):
             raise TemplateMismatch("re-rendering differs from Celery's message")
@@ -184,18 +196,18 @@ class MessageTemplate:
     ) -> str:
         """The raw list item ``app.send_task`` would push for this task (``tag``: kombu's delivery tag, a UUID4
         string; a new one by default)."""
-        when = repr(float(time.time() if sent_at is None else sent_at))
-        return self.item(task_id, _dumps(args), argsrepr, when, tag or delivery_tags(1)[0]).decode("ascii")
+        when = repr(float(time.time() if sent_at is None else sent_at)).encode()
+        delivery_tag = tag.encode() if tag else delivery_tags(1)[0]
+        return self.item(task_id, _dumps(args), argsrepr, when, delivery_tag).decode("ascii")
 
-    def item(self, task_id: str, args_json: str, argsrepr: str, sent_at: str, tag: str) -> bytes:
-        """``render`` given the arguments' JSON (``json.dumps(args)``), the send time (``repr`` of the float) and the
-        delivery tag (a UUID string), as the bytes pushed."""
-        body = _b64((self._body_head + args_json + self._body_tail).encode())
-        return self._format(body.decode("ascii"), _escape(task_id), _escape(argsrepr), sent_at, tag).encode("ascii")
+    def item(self, task_id: str, args_json: str, argsrepr: str, sent_at: bytes, tag: bytes) -> bytes:
+        """``render`` as the bytes pushed, given the arguments' JSON (``json.dumps(args)``), the send time (``repr``
+        of the float) and the delivery tag."""
+        body = _b64(self._body_head + args_json.encode() + self._body_tail)
+        return self._format % self._pick((body, _escape(task_id).encode(), _escape(argsrepr).encode(), sent_at, tag))
 
 
-_SLOTS = {"body": '"{0}"', "id": "{1}", "argsrepr": "{2}", "sent_at": "{3}", "tag": '"{4}"'}
-"""Where each per-message field goes in a template's format string (body and tag need no JSON escapes)."""
+_FIELDS = ("body", "id", "argsrepr", "sent_at", "tag")  # the per-message values, in the order ``item`` passes them
 
 
 class BatchSender:
@@ -234,7 +246,7 @@ class BatchSender:
             return
         pushes = self._pushes
         templates = self._templates
-        now = repr(time.time())
+        now = repr(time.time()).encode()
         dumps = _dumps
         for msg, tag in zip(messages, delivery_tags(len(messages)), strict=True):
             name, queue, task_id, arg, argsrepr = msg
@@ -311,14 +323,16 @@ class BatchSender:
 _MISSING: Any = object()
 
 
-def delivery_tags(n: int) -> list[str]:
-    """``n`` random UUID4 strings (kombu's delivery tags: ``str(uuid.uuid4())``, made a batch at a time)."""
+def delivery_tags(n: int) -> list[bytes]:
+    """``n`` random UUID4 strings, ASCII-encoded (kombu's delivery tags: ``str(uuid.uuid4())``, made a batch at a
+    time)."""
     raw = bytearray(os.urandom(16 * n))
     raw[6::16] = raw[6::16].translate(_VERSION_4)
     raw[8::16] = raw[8::16].translate(_VARIANT)
-    h = raw.hex()
+    h = hexlify(raw)
     return [
-        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-{h[i + 20 : i + 32]}"
+        b"%s-%s-%s-%s-%s"
+        % (h[i : i + 8], h[i + 8 : i + 12], h[i + 12 : i + 16], h[i + 16 : i + 20], h[i + 20 : i + 32])
         for i in range(0, 32 * n, 32)
     ]
 
@@ -327,10 +341,36 @@ _VERSION_4 = bytes(b & 0x0F | 0x40 for b in range(256))
 _VARIANT = bytes(b & 0x3F | 0x80 for b in range(256))  # RFC 4122
 
 
+def _not_json(obj: Any) -> Any:
+    raise TypeError(f"{type(obj).__name__} is not JSON")
+
+
+def _json_encoder() -> Any:
+    """``json.dumps`` with its defaults, without building an encoder per call: the C encoder made once (no circular
+    check: the arguments are trees), when the interpreter has it and it gives the same text."""
+    from json.encoder import c_make_encoder  # type: ignore[attr-defined]
+
+    if c_make_encoder is None:  # pragma: no cover - interpreters without the C accelerator
+        return json.dumps
+    encode = c_make_encoder(None, _not_json, _escape, None, ": ", ", ", False, False, True)
+
+    def dumps(obj: Any) -> str:
+        return "".join(encode(obj, 0))
+
+    probe = [{"a": [1, 2.5, -0.0, 1e-07, None, True, 'é"\\\n/'], "b": {}, "c": []}, "x"]
+    try:
+        return dumps if dumps(probe) == json.dumps(probe) else json.dumps
+    except Exception:  # noqa: BLE001 - an interpreter whose encoder differs: the standard path
+        return json.dumps
+
+
+_encode_json: Callable[[Any], str] = _json_encoder()
+
+
 def _dumps(obj: Any) -> str:
     """kombu's JSON of a JSON-compatible value (the standard library's C encoder; kombu's for anything else)."""
     try:
-        return json.dumps(obj)
+        return _encode_json(obj)
     except TypeError:
         from kombu.utils.json import dumps
 
