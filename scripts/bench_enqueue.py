@@ -1,17 +1,18 @@
 """Benchmark (not a test) of the enqueue rate of ``Client.submit_many``; needs only a Redis.
 
 Starts a private ``redis-server`` on a free port (no persistence; or ``--redis-url`` to use one you have: its database
-is flushed), then, each in a fresh producer process:
+is flushed), then, each in a fresh process:
 
 submit_many
     ``--runs`` (3) times: ``Client.submit_many`` of ``--jobs`` (100,000) one-image enrol jobs, given as a generator of
-    wire dicts (validated, rendered and pushed by the client; the submit markers written). Prints the median jobs/s
-    and the producer process's peak RSS (the largest of the runs).
+    wire dicts (validated, rendered and pushed by the client, the submit markers written). Prints the median jobs/s
+    (wall clock), the median jobs per second of the producer's own CPU time (what the producer costs whatever else
+    runs on the machine: wall-clock figures also depend on the load average, printed before and after, and on the
+    Redis server's CPU) and the producer's peak RSS (the largest of the runs).
 
-lpush (reference)
-    The same number of pre-built byte strings of the mean size of the queued messages, pushed with pipelined ``LPUSH``
-    (batches of ``--batch``): what Redis and redis-py allow with no job building at all. The payloads are
-    generated in the loop (as the jobs are), so the figure includes making one string per job.
+LPUSH (reference)
+    As many strings of the mean size of the queued messages, made in the loop (one per job) and pushed with redis-py's
+    pipelined ``LPUSH`` in batches of ``--batch``: what Redis and the client library allow with no job to build.
 
 Run: .venv/bin/python scripts/bench_enqueue.py [--jobs 100000] [--runs 3] [--batch 500] [--redis-url URL]
 """
@@ -100,9 +101,9 @@ def child_submit(url: str, n: int, batch: int) -> dict[str, Any]:
     r = client.redis
     r.flushdb()
     client.app.connection_for_write().ensure_connection()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ids = client.submit_many(_jobs(n), batch=batch)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     queued = int(r.llen(QUEUE))
     sample = r.lrange(QUEUE, 0, 99)
     out = {
@@ -111,6 +112,7 @@ def child_submit(url: str, n: int, batch: int) -> dict[str, Any]:
         "queued": queued,
         "seconds": dt,
         "jobs_per_s": n / dt,
+        "jobs_per_cpu_s": n / cpu,
         "rss_mb": _peak_rss_mb(),
         "item_bytes": sum(map(len, sample)) / max(len(sample), 1),
     }
@@ -155,14 +157,15 @@ def bench(url: str, n: int, runs: int, batch: int) -> None:
             raise SystemExit(f"run {i + 1}: {r['queued']} queued, {r['returned']} returned, {n} expected")
         results.append(r)
         print(
-            f"  submit_many run {i + 1}: {r['jobs_per_s']:>8.0f} jobs/s ({r['seconds']:.2f} s), "
-            f"peak RSS {r['rss_mb']:.0f} MB"
+            f"  submit_many run {i + 1}: {r['jobs_per_s']:>8.0f} jobs/s ({r['seconds']:.2f} s; producer CPU "
+            f"{r['jobs_per_cpu_s']:.0f} jobs per CPU second), peak RSS {r['rss_mb']:.0f} MB"
         )
     size = round(statistics.mean(r["item_bytes"] for r in results))
     ref = [_run_child("lpush", url, str(n), str(batch), str(size)) for _ in range(runs)]
     med = statistics.median(r["jobs_per_s"] for r in results)
     print(
-        f"submit_many  {n} enrol jobs, batch {batch}: {med:.0f} jobs/s (median of {runs}), "
+        f"submit_many  {n} enrol jobs, batch {batch}: {med:.0f} jobs/s (median of {runs}; producer CPU "
+        f"{statistics.median(r['jobs_per_cpu_s'] for r in results):.0f} jobs per CPU second), "
         f"peak RSS {max(r['rss_mb'] for r in results):.0f} MB, {size} B per message"
     )
     print(

@@ -147,7 +147,7 @@ class MessageTemplate:
 
         # the body: "[" + the arguments' JSON + the rest (kwargs and Celery's embed, fixed per template)
         mark = _hole("args")
-        self._body_head, self._body_tail = _split_once(str(kdumps([mark, *body[1:]])), _escape(mark))
+        head, tail = _split_once(str(kdumps([mark, *body[1:]])), _escape(mark))
 
         # the envelope: kombu's JSON of the message with a hole in every per-message field
         holes: dict[str, str] = {}
@@ -186,7 +186,10 @@ class MessageTemplate:
             raise TemplateMismatch("kombu's JSON is not ASCII") from None
         order = [_FIELDS.index(tokens[t]) for t in split.findall(text)]
         self._pick = itemgetter(*order)  # the per-message values in the order of the holes (always several)
-        self._body_head, self._body_tail = self._body_head.encode("ascii"), self._body_tail.encode("ascii")
+        try:
+            self._body_head, self._body_tail = head.encode("ascii"), tail.encode("ascii")
+        except UnicodeEncodeError:
+            raise TemplateMismatch("kombu's JSON is not ASCII") from None
         again = self.render(sample_id, sample_args, argsrepr, h.get("sent_at"), p["delivery_tag"])
         if again != kdumps(message):
             raise TemplateMismatch("re-rendering differs from Celery's message")
@@ -274,6 +277,11 @@ class BatchSender:
                 resp.execute(client, cmds)
         if slow:
             self._send_task(slow)
+
+    @property
+    def refused(self) -> list[tuple[str, str]]:
+        """(task name, queue) pairs whose messages go through ``send_task`` (their template was refused)."""
+        return [k for k, tpl in self._templates.items() if tpl is None]
 
     def discard(self) -> None:
         """Drop what ``add`` rendered since the last ``flush``."""
