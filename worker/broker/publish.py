@@ -332,19 +332,20 @@ _MISSING: Any = object()
 
 
 def delivery_tags(n: int) -> list[bytes]:
-    """``n`` random UUID4 strings, ASCII-encoded (kombu's delivery tags: ``str(uuid.uuid4())``, made a batch at a
-    time)."""
+    """``n`` random UUID4 strings, ASCII-encoded (kombu's delivery tags: ``str(uuid.uuid4())``), made a batch at a
+    time: one ``urandom``, then each of the 36 columns of the strings filled for all ``n`` at once."""
     raw = bytearray(os.urandom(16 * n))
     raw[6::16] = raw[6::16].translate(_VERSION_4)
     raw[8::16] = raw[8::16].translate(_VARIANT)
     h = hexlify(raw)
-    return [
-        b"%s-%s-%s-%s-%s"
-        % (h[i : i + 8], h[i + 8 : i + 12], h[i + 12 : i + 16], h[i + 16 : i + 20], h[i + 20 : i + 32])
-        for i in range(0, 32 * n, 32)
-    ]
+    out = bytearray(b"-" * (36 * n))
+    for column, digit in _TAG_COLUMNS:
+        out[column::36] = h[digit::32]
+    tags = bytes(out)
+    return [tags[i : i + 36] for i in range(0, 36 * n, 36)]
 
 
+_TAG_COLUMNS = [(d + (d >= 8) + (d >= 12) + (d >= 16) + (d >= 20), d) for d in range(32)]  # 8-4-4-4-12 hex digits
 _VERSION_4 = bytes(b & 0x0F | 0x40 for b in range(256))
 _VARIANT = bytes(b & 0x3F | 0x80 for b in range(256))  # RFC 4122
 

@@ -35,7 +35,10 @@ def execute(client: Any, commands: Sequence[bytes]) -> list[Any]:
     from redis.exceptions import ResponseError
 
     pool = client.connection_pool
-    conn = pool.get_connection()
+    try:
+        conn = pool.get_connection()
+    except TypeError:  # pragma: no cover - redis-py 5.0 wants a command name
+        conn = pool.get_connection("PIPELINE")
     try:
         conn.send_packed_command(list(commands))
         replies: list[Any] = []
