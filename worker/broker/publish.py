@@ -1,4 +1,11 @@
-"""Pipelined publishing: many ``send_task`` calls, one Redis round trip per batch (imports neither torch nor boto3).
+"""Publishing many task messages, one Redis round trip per batch (imports neither torch nor boto3).
+
+``BatchSender`` is the one way the project sends many messages (``producers.Client.submit_many``, a bulk job's enrol
+children in ``worker.tasks.control_tasks``): per (task name, queue) a ``MessageTemplate`` made from one message Celery
+itself built renders every further message as bytes (one JSON encode of the task's argument, a base64 and a bytes
+format per message), and the items go out as one hand-packed ``LPUSH`` per queue (``worker.storage.resp``). Where a
+template is refused (``send_task`` wrapped, publish hooks, an envelope it cannot reproduce) the messages go through
+``send_task`` inside ``pipelined``.
 
 ``with pipelined(app) as producer:`` then ``app.send_task(..., producer=producer)`` as usual. Every message is built
 by Celery exactly as without the batch (same protocol-2 envelope, headers, properties, routing); only the final
@@ -6,7 +13,6 @@ by Celery exactly as without the batch (same protocol-2 envelope, headers, prope
 ``batch`` messages and when the block ends). kombu's Redis channel also reads the exchange's binding table
 (``SMEMBERS _kombu.binding.<exchange>``) for every message it routes; inside the block that table is read once per
 exchange (bindings do not change while a batch is built), so a batch costs one round trip, not one per message.
-
 An exception inside the block discards the messages not yet flushed (kombu's semantics): the caller re-sends them,
 which is harmless for jobs with deterministic IDs. A failed flush raises ``kombu.exceptions.BatchPublishError``
 (delivery of that batch is uncertain: re-send it).
@@ -128,6 +134,8 @@ class MessageTemplate:
             ((qname, message),) = captured
             if getattr(channel, "_expires", None) and qname in channel._expires:
                 raise TemplateMismatch("queue with an expiry: kombu sends PEXPIRE with each message")
+            if getattr(channel, "global_keyprefix", ""):
+                raise TemplateMismatch("a global key prefix: kombu's client prefixes every key")
             self.key: str = channel._q_for_pri(qname, channel._get_message_priority(message, reverse=False))
         h, p = message["headers"], message["properties"]
         if p.get("body_encoding") != "base64" or message.get("content-type") != "application/json":
@@ -220,7 +228,7 @@ class BatchSender:
     A message is ``(task name, queue, task ID, argument, argsrepr)``: the task gets ``argument`` (a JSON-compatible
     dict) as its one positional argument, plus this sender's ``kwargs``, with Celery's result ignored. Each (task
     name, queue) gets a ``MessageTemplate``, built from the first message sent to it; the list items are pushed with
-    one ``LPUSH`` per queue, in order, all in one pipeline. When Celery's envelope is not what a template reproduces
+    one ``LPUSH`` per queue, in order, all in one write. When Celery's envelope is not what a template reproduces
     (``send_task`` wrapped, signal receivers, an upgrade), those messages go through ``send_task`` inside one
     publish batch instead. ``sent_at``: set the ``sent_at`` header (the send time; the queue-age metrics read it)."""
 
