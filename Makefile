@@ -30,3 +30,4 @@ stack-down:
 bench: venv
 	.venv/bin/python scripts/bench_engine.py
 	.venv/bin/python scripts/bench_system.py
+	.venv/bin/python scripts/bench_enqueue.py

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from worker.broker.config import (
     connect_store,
     make_celery,
 )
-from worker.broker.publish import PUBLISH_BATCH, MessageTemplate, TemplateMismatch, pipelined, short_argsrepr
+from worker.broker.publish import PUBLISH_BATCH, BatchSender, short_argsrepr
 from worker.contracts import (
     BulkJob,
     BulkManifest,
@@ -44,9 +44,11 @@ from worker.contracts import (
     RevokeJob,
     VerifyJob,
     job_from_wire,
+    jobs_from_wire,
     parse_job_ref,
     result_from_wire,
     to_wire,
+    to_wire_many,
 )
 from worker.errors import MalformedJobError
 from worker.storage.jobbook import JobBook, JobProgress
@@ -62,6 +64,10 @@ TASK_FOR_KIND = {
     "bulk": (TASK_BULK, CONTROL_QUEUE),
     "erase": (TASK_ERASE, CONTROL_QUEUE),
 }
+
+
+_JOB_MODELS = (EnrollJob, VerifyJob, RevokeJob, BulkJob, EraseJob)
+_VALIDATE_STEP = 32  # jobs validated and rendered at a time inside a batch
 
 
 def _route(kind: str, background: bool) -> tuple[str, str]:
@@ -160,7 +166,7 @@ class Client:
     @staticmethod
     def validate(job: Any) -> Any:
         """A job model or its wire dict -> validated job model (``MalformedJobError`` otherwise)."""
-        if isinstance(job, EnrollJob | VerifyJob | RevokeJob | BulkJob | EraseJob):
+        if isinstance(job, _JOB_MODELS):
             return job_from_wire(to_wire(job))
         if isinstance(job, dict):
             return job_from_wire(job)
@@ -350,67 +356,58 @@ class Client:
     def submit_many(self, jobs: Iterable[Any], batch: int = PUBLISH_BATCH, *, background: bool = False) -> list[str]:
         """``submit`` for many jobs, ``batch`` at a time: each batch is validated, then published in one Redis round
         trip (plus one for the submit markers). The list items are the ones ``submit`` pushes (same envelope, queue,
-        headers, task IDs; see ``worker.broker.publish.MessageTemplate``). Returns the job references in order.
+        headers, task IDs; see ``worker.broker.publish.BatchSender``). Returns the job references in order.
         ``background=True`` sends enrol and verify jobs to the bulk engine queue, behind every user's interactive
         work (for back-office batches; ``cancelable bulk`` does this by itself).
 
-        Constant memory in the number of jobs (``jobs`` may be a generator). A malformed job raises
-        ``MalformedJobError`` before anything of its batch is queued; the batches before it are queued."""
+        Constant memory in the number of jobs (``jobs`` may be a generator; the returned references aside). A
+        malformed job raises ``MalformedJobError`` before anything of its batch is queued; the batches before it are
+        queued."""
         if batch < 1:
             raise ValueError("batch must be >= 1")
         ids: list[str] = []
-        templates: dict[str, MessageTemplate | None] = {}
+        route = {kind: _route(kind, background) for kind in TASK_FOR_KIND}
+        sender = BatchSender(self.app, sent_at=True)  # exact queue age in the metrics (worker.metrics.SENT_AT_HEADER)
         it = iter(jobs)
-        with self.app.producer_or_acquire() as producer, producer.channel.conn_or_acquire() as broker:
-            while chunk := [self.validate(j) for j in islice(it, batch)]:
-                pushes: dict[str, list[str]] = {}
-                slow = []
-                for job in chunk:
-                    tpl = self._template(templates, job, background)
-                    if tpl is None:
-                        slow.append(job)
-                        continue
-                    name, _ = TASK_FOR_KIND[job.kind]
-                    item = tpl.render(job.ref, [to_wire(job)], short_argsrepr(job.kind, str(job.job_id)), time.time())
-                    pushes.setdefault(tpl.key, []).append(item)
-                if pushes:
-                    pipe = broker.pipeline(transaction=False)
-                    for key, items in pushes.items():
-                        pipe.lpush(key, *items)
-                    pipe.execute()
-                if slow:  # Celery's envelope changed under the template: the generic path, still pipelined
-                    with pipelined(self.app, batch) as p:
-                        for job in slow:
-                            self._send(job, p, background)
-                chunk_ids = [str(job.ref) for job in chunk]
-                self.book.mark_submitted_many(chunk_ids)
-                ids.extend(chunk_ids)
-        return ids
+        step = min(batch, _VALIDATE_STEP)
+        while True:
+            refs: list[str] = []
+            try:  # validated and rendered a few jobs at a time (few live objects: see BatchSender.add), sent at once
+                while len(refs) < batch and (chunk := list(islice(it, min(step, batch - len(refs))))):
+                    wires = to_wire_many(self.validate_many(chunk))
+                    chunk_refs = [f"{w['tenant']}/{w['job_id']}" for w in wires]  # job.ref: both parts are validated
+                    sender.add(
+                        [
+                            (*route[w["kind"]], ref, w, short_argsrepr(w["kind"], w["job_id"]))
+                            for w, ref in zip(wires, chunk_refs, strict=True)
+                        ]
+                    )
+                    refs += chunk_refs
+            except BaseException:
+                sender.discard()  # nothing of a batch with a malformed job is queued
+                raise
+            if not refs:
+                return ids
+            sender.flush()
+            self.book.mark_submitted_many(refs)
+            ids.extend(refs)
 
-    def _template(
-        self, templates: dict[str, MessageTemplate | None], job: Any, background: bool = False
-    ) -> MessageTemplate | None:
-        if job.kind not in templates:
-            name, queue = _route(job.kind, background)
-            try:
-                templates[job.kind] = MessageTemplate(
-                    self.app,
-                    name,
-                    queue,
-                    job.ref,
-                    [to_wire(job)],
-                    short_argsrepr(job.kind, str(job.job_id)),
-                    headers={"sent_at": 0.0},
-                )
-            except TemplateMismatch as e:
-                import logging
+    @classmethod
+    def validate_many(cls, jobs: Sequence[Any]) -> list[Any]:
+        """``validate`` for many jobs at once (one validator call for the lot); the first malformed job raises the
+        ``MalformedJobError`` that ``validate`` gives it."""
+        wire = []
+        for job in jobs:
+            if isinstance(job, dict):
+                wire.append(job)
+            elif isinstance(job, _JOB_MODELS):
+                wire.append(to_wire(job))
+            else:  # not a job at all: one by one, so that an earlier bad job still raises first
+                return [cls.validate(j) for j in jobs]
+        return jobs_from_wire(wire)
 
-                logging.getLogger(__name__).warning("submit_many: message template refused (%s); using send_task", e)
-                templates[job.kind] = None
-        return templates[job.kind]
-
-    def _send(self, job: Any, producer: Any = None, background: bool = False) -> None:
-        name, queue = _route(job.kind, background)
+    def _send(self, job: Any) -> None:
+        name, queue = _route(job.kind, background=False)
         # results are read from the workers' own Redis records (see ``result``), not Celery's result backend
         self.app.send_task(
             name,
@@ -420,7 +417,6 @@ class Client:
             ignore_result=True,
             headers={"sent_at": time.time()},  # exact queue age in the metrics (worker.metrics.SENT_AT_HEADER)
             argsrepr=short_argsrepr(job.kind, str(job.job_id)),  # not Celery's repr of the whole job
-            producer=producer,
         )
 
     def result(self, job: Any) -> Any | None:

@@ -224,15 +224,15 @@ def test_children_from_the_template_are_what_send_task_pushes(rt, monkeypatch) -
         return out
 
     r.delete("engine.bulk")
-    fast = control_tasks._ChildSender(parent)
-    fast.send(pending)
-    assert fast.template is not None
+    fast = control_tasks.CeleryDispatch(None, parent, r)
+    fast.send_enrolls(pending)
+    assert fast.children.refused == []
     by_template = pushed()
     real = control_tasks.app.send_task
     monkeypatch.setattr(control_tasks.app, "send_task", lambda *a, **kw: real(*a, **kw))  # wrapped: no template
-    slow = control_tasks._ChildSender(parent)
-    slow.send(pending)
-    assert slow.template is None
+    slow = control_tasks.CeleryDispatch(None, parent, r)
+    slow.send_enrolls(pending)
+    assert slow.children.refused == [(control_tasks.TASK_ENROLL, "engine.bulk")]
     by_send_task = pushed()
     assert len(by_template) == 3
     for a, b in zip(by_template, by_send_task, strict=True):

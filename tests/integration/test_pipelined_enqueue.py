@@ -91,6 +91,36 @@ def test_submit_many_refuses_a_malformed_batch_before_queueing_it(make_settings)
         client.close()
 
 
+def test_a_malformed_job_late_in_a_batch_queues_nothing_of_that_batch(make_settings) -> None:
+    """Jobs are validated and rendered a few at a time, but a batch is sent only once all of it is valid."""
+    from producers.client import Client
+    from worker.errors import MalformedJobError
+
+    client = Client(make_settings())
+    try:
+        _drain(client.redis)
+        jobs = [
+            {
+                "kind": "enroll",
+                "job_id": job_id(f"late{i}"),
+                "tenant": "acme",
+                "subject": f"s{i}",
+                "images": [f"s3://bkt/in/{i}.jpg"],
+                "key_id": "k1",
+            }
+            for i in range(150)
+        ]
+        bad = {**jobs[0], "job_id": job_id("late-bad"), "subject": "no/slash"}
+        with pytest.raises(MalformedJobError, match="subject"):
+            client.submit_many([*jobs[:140], bad, *jobs[140:]], batch=100)  # the bad job is the 41st of batch 2
+        queued = _drain(client.redis)["engine.interactive"]
+        assert [x["headers"]["id"] for x in queued] == [f"acme/{j['job_id']}" for j in jobs[:100]]
+        assert client.book.submitted_at(f"acme/{jobs[99]['job_id']}") is not None
+        assert all(client.book.submitted_at(f"acme/{j['job_id']}") is None for j in jobs[100:])
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def dep(service_env, seaweed, tmp_path: Path):
     yield from running(service_env, seaweed, tmp_path)

@@ -30,7 +30,7 @@ from worker.contracts.jobs import (
 from worker.contracts.manifest import ManifestRow, ManifestRowError, iter_csv, iter_jsonl, iter_prefix
 from worker.contracts.refs import S3Prefix, S3Ref, parse_s3_uri
 from worker.contracts.results import BulkResult, EnrollResult, EraseResult, JobError, Result, RevokeResult, VerifyResult
-from worker.contracts.wire import job_from_wire, result_from_wire, to_json, to_wire
+from worker.contracts.wire import job_from_wire, jobs_from_wire, result_from_wire, to_json, to_wire, to_wire_many
 
 __all__ = [
     "DEFAULT_NAMING_RULE",
@@ -71,10 +71,12 @@ __all__ = [
     "iter_prefix",
     "job_ref",
     "job_from_wire",
+    "jobs_from_wire",
     "key_id_path",
     "parse_job_ref",
     "parse_s3_uri",
     "result_from_wire",
     "to_json",
     "to_wire",
+    "to_wire_many",
 ]

@@ -56,7 +56,7 @@ class EnrollJob(_Job):
     @field_validator("images")
     @classmethod
     def _distinct(cls, v: list[S3Ref]) -> list[S3Ref]:
-        if len({r.uri for r in v}) != len(v):
+        if len(v) > 1 and len({r.uri for r in v}) != len(v):
             raise ValueError("images contains duplicate refs")
         return v
 

@@ -31,7 +31,7 @@ def _check_key(k: str, *, prefix: bool = False) -> str:
         raise ValueError("S3 key contains control characters")
     if "\\" in k:
         raise ValueError("S3 key must not contain a backslash (some S3 servers read it as '/')")
-    if any(seg in (".", "..") for seg in k.split("/")):
+    if "/./" in f"/{k}/" or "/../" in f"/{k}/":  # a "." or ".." segment
         raise ValueError("S3 key must not contain '.' or '..' segments")
     return k
 

@@ -4,6 +4,7 @@ decoded; dicts are re-encoded so validation always runs in strict JSON mode (the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -12,6 +13,7 @@ from worker.contracts.jobs import Job
 from worker.contracts.results import Result
 
 _JOB: TypeAdapter[Any] = TypeAdapter(Job)
+_JOBS: TypeAdapter[list[Any]] = TypeAdapter(list[Job])
 _RESULT: TypeAdapter[Any] = TypeAdapter(Result)
 MAX_WIRE_BYTES = 1_000_000
 
@@ -45,6 +47,21 @@ def job_from_wire(data: str | bytes | dict[str, Any]) -> Any:
         return _JOB.validate_json(_text(data))
     except (ValidationError, ValueError, TypeError) as e:
         raise MalformedJobError(_describe(e)) from None
+
+
+def jobs_from_wire(items: Sequence[dict[str, Any]]) -> list[Any]:
+    """``job_from_wire`` for many job dicts: one JSON encode and one validator call for the lot (the same strict JSON
+    rules). When any item is bad, every item is parsed on its own, in order, so the first bad one raises exactly the
+    ``MalformedJobError`` that ``job_from_wire`` gives it."""
+    try:
+        return list(_JOBS.validate_json(json.dumps(list(items))))
+    except (ValidationError, ValueError, TypeError, RecursionError):
+        return [job_from_wire(d) for d in items]
+
+
+def to_wire_many(models: Sequence[Any]) -> list[dict[str, Any]]:
+    """``to_wire`` of many jobs (validated job models), in one serializer call."""
+    return list(_JOBS.dump_python(list(models), mode="json"))
 
 
 def result_from_wire(data: str | bytes | dict[str, Any]) -> Any:

@@ -123,15 +123,29 @@ class JobBook:
         """A producer queued ``job_id`` (kept as long as results are)."""
         self.r.set(self._k("submitted", job_id), f"{time.time():.3f}", ex=self.ttl)
 
+    _MARK_SUBMITTED = b"""
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+end
+return #KEYS
+"""
+    _MARK_BATCH = 1000  # keys per script call
+
     def mark_submitted_many(self, job_ids: list[str]) -> None:
-        """``mark_submitted`` for many jobs in one round trip."""
+        """``mark_submitted`` for many jobs in one round trip: one script call per 1,000 jobs (one reply each, not
+        one per job), packed by hand (``worker.storage.resp``)."""
+        from worker.storage import resp
+
         if not job_ids:
             return
-        now = f"{time.time():.3f}"
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.set(self._k("submitted", job_id), now, ex=self.ttl)
-        pipe.execute()
+        tail = (f"{time.time():.3f}".encode(), str(self.ttl).encode())
+        prefix = self._k("submitted", "")
+        cmds = []
+        for i in range(0, len(job_ids), self._MARK_BATCH):
+            part = job_ids[i : i + self._MARK_BATCH]
+            head = (b"EVAL", self._MARK_SUBMITTED, str(len(part)).encode())
+            cmds.append(resp.pack_with(head, [(prefix + j).encode() for j in part], len(part), tail))
+        resp.execute(self.r, cmds)
 
     def submitted_at(self, job_id: str) -> float | None:
         v = self.r.get(self._k("submitted", job_id))

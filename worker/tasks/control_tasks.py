@@ -26,7 +26,7 @@ from worker.broker.config import (
     TASK_SWEEP_STAGING,
     TASK_SWEEP_UPLOADS,
 )
-from worker.broker.publish import MessageTemplate, TemplateMismatch, is_celery_send_task, pipelined, short_argsrepr
+from worker.broker.publish import BatchSender, short_argsrepr
 from worker.contracts import (
     BulkJob,
     BulkResult,
@@ -54,69 +54,16 @@ log = logging.getLogger(__name__)
 
 
 # --- sending: the Celery side of the service's Dispatch ----------------------------------------------------------
-class _ChildSender:
-    """Sends a bulk job's enrol children, one Redis round trip per chunk: pre-rendered list items
-    (``MessageTemplate``, built once per task from a message Celery itself produced) in one ``LPUSH``, or, when that is
-    refused (``send_task`` wrapped, envelope changed), ``send_task`` per child inside one publish batch."""
-
-    def __init__(self, parent_id: str) -> None:
-        self.parent_id = parent_id
-        self.template: MessageTemplate | None = None
-        self.refused = False
-
-    def send(self, pending: list[tuple[str, dict[str, Any]]]) -> None:
-        if not pending:
-            return
-        if self.template is None and not self.refused:
-            cid, payload = pending[0]
-            try:
-                self.template = MessageTemplate(
-                    app,
-                    TASK_ENROLL,
-                    ENGINE_BULK_QUEUE,
-                    job_ref(payload["tenant"], cid),
-                    [payload],
-                    short_argsrepr("enroll", cid),
-                    kwargs={"parent": self.parent_id},
-                )
-            except TemplateMismatch as e:
-                self.refused = True
-                if is_celery_send_task(app):
-                    log.warning("bulk: message template refused (%s); sending with send_task", e)
-        tpl = self.template
-        if tpl is not None:
-            items = [
-                tpl.render(job_ref(payload["tenant"], cid), [payload], short_argsrepr("enroll", cid))
-                for cid, payload in pending
-            ]
-            with app.producer_or_acquire() as producer, producer.channel.conn_or_acquire() as client:
-                client.lpush(tpl.key, *items)
-            return
-        with pipelined(app, max(len(pending), 1)) as producer:
-            for i, (cid, payload) in enumerate(pending):
-                app.send_task(
-                    TASK_ENROLL,
-                    args=[payload],
-                    kwargs={"parent": self.parent_id},
-                    task_id=job_ref(payload["tenant"], cid),
-                    queue=ENGINE_BULK_QUEUE,
-                    ignore_result=True,
-                    argsrepr=short_argsrepr("enroll", cid),
-                    producer=producer,
-                    retry=False,
-                    **({} if i == 0 else {"declare": []}),  # the engine queue is declared (bound) once per chunk
-                )
-
-
 class CeleryDispatch:
     """The service's ``Dispatch`` on Celery: re-enrolment chunks and enrol children go to the bulk engine queue
     (behind interactive work), a continuation is the sending task again under ``<job_id>-c<n>``. One per run of a
-    fan-out task (the enrol children's message template is built once per run)."""
+    fan-out task. Enrol children go out one Redis round trip per call (``worker.broker.publish.BatchSender``: their
+    message template is built once per run)."""
 
     def __init__(self, task: Any, parent_id: str, redis: Any) -> None:
         self.task = task
         self.redis = redis
-        self.children = _ChildSender(parent_id)
+        self.children = BatchSender(app, kwargs={"parent": parent_id}, retry=False)
 
     def send_chunk(self, payload: dict[str, Any]) -> None:
         app.send_task(
@@ -128,7 +75,18 @@ class CeleryDispatch:
         )
 
     def send_enrolls(self, pending: list[tuple[str, dict[str, Any]]]) -> None:
-        self.children.send(pending)
+        self.children.send(
+            [
+                (
+                    TASK_ENROLL,
+                    ENGINE_BULK_QUEUE,
+                    job_ref(payload["tenant"], cid),
+                    payload,
+                    short_argsrepr("enroll", cid),
+                )
+                for cid, payload in pending
+            ]
+        )
 
     def engine_queue_depth(self) -> int:
         try:
