@@ -1,7 +1,7 @@
 """Seed -> synthetic key latent, and seed -> key-derived random orthogonal matrix.
 
 Everything random is drawn on the CPU by ``torch.Generator`` objects seeded from the 32-byte seed, so the draw is
-bit-identical on every machine and device (for a given torch version; tests/unit/test_keylatent.py pins a
+bit-identical on every machine and device (for a given torch version; tests/unit/algorithm/test_keylatent.py pins a
 regression vector so an upgrade that changes the CPU generator is caught before templates become unverifiable).
 
 A torch generator takes a 64-bit seed. To keep all 256 bits of the seed in play, every draw uses four generators

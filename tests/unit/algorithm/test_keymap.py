@@ -19,7 +19,7 @@ from worker.evaluation.keymap_attack import keymap_reinversion_attack
 from worker.models.bundle import ModelBundle, load_bundle
 from worker.models.dcgan import DCGANGenerator, load_dcgan
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SEED_A, SEED_B = bytes(range(32)), bytes(range(1, 33))
 
 

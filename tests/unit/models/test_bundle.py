@@ -31,7 +31,7 @@ from worker.models.e4e import E4EEncoder
 from worker.models.farl import FaRLVisual
 from worker.models.stylegan2 import StyleGAN2Generator
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 torch.set_num_threads(1)
 CHANS = {4: 8, 8: 8, 16: 8, 32: 8}
 

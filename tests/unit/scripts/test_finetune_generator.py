@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "finetune_generator.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "finetune_generator.py"
 torch.set_num_threads(1)
 
 

@@ -22,7 +22,7 @@ from worker.models.stylegan2 import (
     upfirdn2d,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden"
 torch.set_num_threads(1)
 
 

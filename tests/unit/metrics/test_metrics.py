@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker import metrics as m
 from worker.errors import NoFaceError, StorageError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def value(name: str, **labels: str) -> float:

@@ -27,7 +27,7 @@ from worker.broker.config import (
     check_queue_settings,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _q(**kw: int | bool) -> QueueSettings:

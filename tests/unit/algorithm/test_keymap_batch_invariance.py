@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BUNDLE = REPO / "worker" / "bundles" / "keymap"
 
 pytestmark = pytest.mark.skipif(

@@ -13,7 +13,7 @@ from worker.errors import CheckpointLayoutError
 from worker.models.base import Encoder
 from worker.models.e4e import E4EEncoder, load_e4e
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden"
 NARROW = (16, 32, 64, 128)
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import tiny_bundle
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_engine.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "bench_engine.py"
 
 
 @pytest.fixture(scope="module")

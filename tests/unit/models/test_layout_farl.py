@@ -12,7 +12,7 @@ from worker.errors import CheckpointLayoutError
 from worker.models.base import AttributeModel
 from worker.models.farl import CLIP_MEAN, CLIP_STD, FaRLVisual, load_farl
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden"
 torch.set_num_threads(1)
 
 

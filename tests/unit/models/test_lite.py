@@ -30,7 +30,7 @@ TINY = {
     "e_channels": [8, 16, 16],
     "e_hidden": 32,
 }
-BUNDLE = Path(__file__).resolve().parent.parent / "fixtures" / "bundles" / "lite"
+BUNDLE = Path(__file__).resolve().parents[2] / "fixtures" / "bundles" / "lite"
 
 
 def _tiny(seed: int = 0) -> tuple[LiteGenerator, LiteEncoder]:

@@ -232,7 +232,7 @@ def test_lite_bundle_end_to_end_on_real_faces(smoke_faces: dict) -> None:
 
     from PIL import Image
 
-    lite = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "bundles" / "lite"
+    lite = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "bundles" / "lite"
     if not (lite / "manifest.json").is_file():
         pytest.skip("lite bundle not present (tests/fixtures/bundles/lite/manifest.json)")
     from worker.models.bundle import load_bundle

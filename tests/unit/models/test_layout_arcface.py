@@ -12,7 +12,7 @@ from worker.models.arcface import ArcFaceIRSE50, load_arcface
 from worker.models.base import IdentityModel
 from worker.models.irse import unit_plan
 
-GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden"
 NARROW = (16, 32, 64, 128)
 torch.set_num_threads(1)
 
