@@ -176,10 +176,12 @@ def _bulk(f: Fleet, job: Job) -> Prediction:
     par = min(first, f.prep_parallel)
     fill = first * f.enrol_prep_s / par
     t += fill + first * f.enrol_commit_s / par
-    if per_worker < f.images_per_s / job.photos:
+    if job.subjects / rate < 0.8 * t:
+        bottleneck = "fan-out (backpressure pauses)"
+    elif per_worker < f.images_per_s / job.photos:
         bottleneck = "host CPU preparing and committing jobs"
     else:
-        bottleneck = "engine" if job.subjects / rate >= 0.8 * t else "fan-out (backpressure pauses)"
+        bottleneck = "engine"
     if pauses == 0 and fanout_end >= 0.8 * t:
         bottleneck = "manifest streaming"
     redis = maxq * f.message_bytes + job.subjects * f.book_bytes_per_subject
