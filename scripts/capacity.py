@@ -88,9 +88,10 @@ class Fleet:
     fanout_budget_s: float = 81.0  # worker.fanout_time_budget: a continuation after this long
     bulk_chunk: int = 64  # BulkJob.chunk_size default
     revoke_chunk: int = 50  # worker.revoke_chunk_size
-    message_bytes: float = 1_600.0  # Redis memory per queued enrol message (validate measures it)
-    chunk_message_bytes: float = 3_000.0  # Redis memory per queued re-enrolment chunk message
-    book_bytes_per_subject: float = 1_500.0  # Redis memory kept per finished subject (30-day job book TTL)
+    message_bytes: float = 1_300.0  # Redis memory per queued enrol message on the bulk queue (validate)
+    chunk_message_bytes: float = 2_000.0  # per queued re-enrolment chunk message (50 subject names more)
+    book_bytes_per_subject: float = 1_350.0  # Redis memory kept per enrolled subject (30-day job book TTL; validate)
+    revoke_book_bytes_per_subject: float = 600.0  # Redis memory kept per re-enrolled subject (validate)
 
 
 @dataclass
@@ -229,9 +230,9 @@ def _revoke(f: Fleet, job: Job) -> Prediction:
     elif job.subjects / f.list_subjects_per_s >= 0.8 * last:
         bottleneck = "listing"
     else:
-        bottleneck = f"chunk window ({REVOKE_MAX_QUEUED_CHUNKS} x {c} subjects unfinished; serial chunk work)"
+        bottleneck = f"re-enrolment chunks (serial work per chunk; at most {REVOKE_MAX_QUEUED_CHUNKS + 1} in flight)"
     maxq = min(max_inflight, math.ceil(job.subjects / c))
-    redis = maxq * f.chunk_message_bytes + job.subjects * f.book_bytes_per_subject
+    redis = maxq * f.chunk_message_bytes + job.subjects * f.revoke_book_bytes_per_subject
     return Prediction(last, bottleneck, maxq, redis, {}, 0.0, pauses, 0, [f"{max_inflight} chunks in flight at most"])
 
 

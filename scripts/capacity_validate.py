@@ -343,6 +343,7 @@ def validate(a: argparse.Namespace) -> int:
             commit_s_per_subject=cal["commit"],
             message_bytes=msg_b,
             book_bytes_per_subject=bulk["mem_growth"] / n,
+            revoke_book_bytes_per_subject=rev["mem_growth"] / n,
         )
         print(
             f"model inputs: images/s {ips:.3f} (mean of both), prep {cal['prep']:.3f} s and commit "

@@ -66,7 +66,7 @@ def test_revoke_is_capped_by_the_chunk_window(cap: ModuleType) -> None:
     p100 = cap.predict(cap.Fleet(workers=100, images_per_s=100.0), job)
     assert p100.seconds == pytest.approx(p10.seconds, rel=0.01)
     assert p100.max_queue_messages <= cap.REVOKE_MAX_QUEUED_CHUNKS + 1
-    assert p100.bottleneck.startswith("chunk window")
+    assert p100.bottleneck.startswith("re-enrolment chunks")
 
 
 def test_one_revoke_chunk_is_serial_prep_engine_commit(cap: ModuleType) -> None:
