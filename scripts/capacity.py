@@ -112,6 +112,7 @@ class Prediction:
     pauses: int = 0
     continuations: int = 0
     notes: list[str] = field(default_factory=list)
+    fanout_seconds: float = 0.0  # when the control task has sent the last message
 
     @property
     def s3_mean_rps(self) -> float:
@@ -186,7 +187,7 @@ def _bulk(f: Fleet, job: Job) -> Prediction:
     if pauses == 0 and fanout_end >= 0.8 * t:
         bottleneck = "manifest streaming"
     redis = maxq * f.message_bytes + job.subjects * f.book_bytes_per_subject
-    return Prediction(t, bottleneck, maxq, redis, {}, 0.0, pauses, conts)
+    return Prediction(t, bottleneck, maxq, redis, {}, 0.0, pauses, conts, [], fanout_end)
 
 
 def _revoke(f: Fleet, job: Job) -> Prediction:
@@ -198,6 +199,7 @@ def _revoke(f: Fleet, job: Job) -> Prediction:
     finishing: list[tuple[float, int]] = []  # heap: (finish time, subjects) of chunks in flight
     t = f.continuation_s
     listed = unfinished = pauses = 0
+    fanout_end = 0.0
     max_inflight = 0
     last = 0.0
 
@@ -220,6 +222,7 @@ def _revoke(f: Fleet, job: Job) -> Prediction:
         unfinished += n
         listed += n
         max_inflight = max(max_inflight, len(finishing))
+        fanout_end = t
         while listed < job.subjects and unfinished > window:  # paused; the continuation checks again
             t += REVOKE_PAUSE_S + f.continuation_s
             pauses += 1
@@ -233,7 +236,8 @@ def _revoke(f: Fleet, job: Job) -> Prediction:
         bottleneck = f"re-enrolment chunks (serial work per chunk; at most {REVOKE_MAX_QUEUED_CHUNKS + 1} in flight)"
     maxq = min(max_inflight, math.ceil(job.subjects / c))
     redis = maxq * f.chunk_message_bytes + job.subjects * f.revoke_book_bytes_per_subject
-    return Prediction(last, bottleneck, maxq, redis, {}, 0.0, pauses, 0, [f"{max_inflight} chunks in flight at most"])
+    notes = [f"{max_inflight} chunks in flight at most"]
+    return Prediction(last, bottleneck, maxq, redis, {}, 0.0, pauses, 0, notes, fanout_end)
 
 
 # --- output -----------------------------------------------------------------------------------------------------------

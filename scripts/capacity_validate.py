@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_system as bs  # noqa: E402
 from capacity import ENROLL_S3, REENROLL_S3, Fleet, Job, describe, predict  # noqa: E402
 
+from worker.service.bulk import BULK_PAUSE_S  # noqa: E402
+
 INPUTS = "bench-inputs"
 SCAN_LIST_PER_S = 200.0  # the record-scan listing on this machine (bench_system.py): these subjects have no index
 
@@ -227,6 +229,33 @@ def run_job(client: Any, r: Any, job: Any, timeout: float = 3600) -> dict[str, A
     return {"seconds": dt, "max_queue": sampler.max_len, "mem_growth": dataset_bytes(r) - m0, "result": res}
 
 
+def fanout_check(client: Any, r: Any, s3: Any, refs: list[str], rows: int = 64, chunk: int = 4) -> dict[str, Any]:
+    """A bulk job with no engine worker running: the control task fills the window (8 chunks), then each
+    continuation, ``BULK_PAUSE_S`` apart, sends one more chunk. Returns when all ``rows`` children are queued (seconds
+    from submit) and the queue's length over time; the children are deleted afterwards."""
+    from worker.broker.config import ENGINE_BULK_QUEUE
+
+    manifest = b"".join(
+        (json.dumps({"subject": f"f{i:04d}", "images": [refs[i % len(refs)]]}) + "\n").encode() for i in range(rows)
+    )
+    key = "tenants/acme/manifests/fanout.jsonl"
+    s3.put_object(Bucket=INPUTS, Key=key, Body=manifest)
+    r.delete(ENGINE_BULK_QUEUE)
+    job = client.bulk_job("acme", "k1", f"s3://{INPUTS}/{key}", chunk_size=chunk)
+    t0 = time.perf_counter()
+    client.submit(job)
+    seen: list[tuple[float, int]] = []
+    while time.perf_counter() - t0 < 300:
+        n = int(r.llen(ENGINE_BULK_QUEUE))
+        if not seen or n != seen[-1][1]:
+            seen.append((time.perf_counter() - t0, n))
+        if n >= rows:
+            break
+        time.sleep(0.05)
+    r.delete(ENGINE_BULK_QUEUE)
+    return {"seconds": seen[-1][0], "queued": seen[-1][1], "steps": seen}
+
+
 def validate(a: argparse.Namespace) -> int:
     from worker_harness import _faces_dir, jpeg_bytes, start_worker
 
@@ -299,6 +328,12 @@ def validate(a: argparse.Namespace) -> int:
         print(f"  Redis per queued enrol message on the bulk queue: {msg_b:.0f} B ({msg_len} B of message)")
 
         workers.append(start_worker(e, work / "control.log", queues="control", concurrency=1, pool="prefork"))
+        fan_client = Client()
+        fan_client.ping(timeout=120)
+        fan = fanout_check(fan_client, r, s3, refs["acme"])
+        fan_client.close()
+        steps = ", ".join(f"{n} at {t:.1f} s" for t, n in fan["steps"])
+        print(f"  bulk fan-out with no engine worker, 64 rows in chunks of 4: queue length {steps}", flush=True)
         worker, client = bs.start_engine(e, work, "cap", "threads", bs.ENGINE_THREADS)
         workers.append(worker)
         client.run(client.enroll_job("calib", "warm", [refs["calib"][0]], "k1"), timeout=600)  # lazy loads
@@ -367,6 +402,14 @@ def validate(a: argparse.Namespace) -> int:
                     f"(rate from {source}); queue predicted {p.max_queue_messages}, measured {got['max_queue']}"
                 )
             print(f"         {describe(f, job, p)}")
+        fan_fleet = Fleet(workers=1, images_per_s=1e-9, concurrency=0, bulk_chunk=4)
+        fan_p = predict(fan_fleet, Job(64)).fanout_seconds
+        err = (fan_p - fan["seconds"]) / fan["seconds"]
+        ok &= abs(err) <= 0.20
+        print(
+            f"  fan-out: all 64 children queued, predicted {fan_p:.1f} s, measured {fan['seconds']:.1f} s: {err:+.0%} "
+            f"(the window of 8 chunks, then one chunk per {BULK_PAUSE_S:g} s pause while the queue stays deep)"
+        )
         print(
             f"within 20 % with the rate of the worker's own engine calls: {ok}; load average after "
             f"{os.getloadavg()[0]:.1f}"
