@@ -10,10 +10,12 @@ table
 validate
     A real small run on this machine: private Redis and SeaweedFS (the integration tests' helpers), the lite bundle
     on the CPU, one engine worker (threads pool, 16 task threads) and one control worker. Measures the engine's
-    images/s in-process (before and after), the serial per-subject cost of a re-enrolment chunk, Redis bytes per
-    queued message and per finished subject, and the S3 requests of one enrolment and one re-enrolment (counted on
-    the boto3 client's events); then a bulk enrolment of ``--subjects`` one-photo subjects and a key revocation of
-    them, each timed from submit to its final result, and prints predicted vs measured.
+    images/s in-process (before and after), the wall time of an enrol job and the serial per-subject time of a
+    re-enrolment chunk before and after their engine calls, Redis bytes per queued message and per finished subject,
+    and the S3 requests of one enrolment and one re-enrolment (counted on the boto3 client's events); then a bulk job
+    with no engine worker (the backpressure window, then one chunk per pause), a bulk enrolment of ``--subjects``
+    one-photo subjects and a key revocation of them, each timed from submit; prints predicted vs measured, with the
+    engine rate taken in-process and from the worker's own engine calls (its batch log lines).
 
 How the model works (the mechanisms it follows are in ``worker/service/bulk.py`` and ``worker/service/revoke.py``):
 
@@ -34,7 +36,8 @@ How the model works (the mechanisms it follows are in ``worker/service/bulk.py``
   results, attempts and per-subject records for 30 days). S3: per-subject request counts (per photo where it
   scales with photos) * subjects / time to finish; the peak rate is at the engine-bound rate.
 
-The default per-request costs are what ``validate`` measured on this machine (see docs/performance.md); pass your own.
+The defaults describe a GPU host (20 images/s is an assumption, not a measurement); the per-subject counts and bytes
+are what ``validate`` measured. Pass the figures measured on the deployment.
 
 Run: PYTHONPATH=. .venv/bin/python scripts/capacity.py model --workers 10 --images-per-s 40 --subjects 100000
      PYTHONPATH=. .venv/bin/python scripts/capacity.py table [--images-per-s 40]
@@ -74,7 +77,7 @@ class Fleet:
     """Engine workers and the control side. Rates are per engine worker process (one per GPU)."""
 
     workers: int = 1
-    images_per_s: float = 40.0  # one worker at full batches (scripts/bench_engine.py)
+    images_per_s: float = 20.0  # one worker at full batches (scripts/bench_engine.py); 20: an assumed GPU figure
     batch_images: int = 8  # engine.batch_size (max_batch_images)
     concurrency: int = 16  # task threads per engine worker = messages it holds besides the queue
     enrol_prep_s: float = 0.1  # one enrol job before its engine call: key record, download, decode, detect, align
