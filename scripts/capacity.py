@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "table":
         print(table(fleet_from_args(a), a.photos))
     else:
-        from capacity_validate import validate  # noqa: PLC0415 - heavy (services, torch): only for this command
+        from capacity_validate import validate  # heavy (services, torch): only for this command
 
         return validate(a)
     return 0

@@ -99,15 +99,15 @@ def calibrate(env: dict[str, str], refs: list[str], photos_per: list[int]) -> di
     counter = S3Counter(rt.store.client)
     rt.engine()  # load before counting
     marks: dict[str, float] = {}
-    real_run = rt.run_engine
+    real_call = rt.engine_call
 
-    def timed_run(loaded: Any, items: Any, job_type: str) -> Any:
+    def timed_call(job_type: str, subjects: Any) -> Any:
         marks["engine_start"] = time.perf_counter()
-        out = real_run(loaded, items, job_type)
+        out = real_call(job_type, subjects)
         marks["engine_end"] = time.perf_counter()
         return out
 
-    rt.run_engine = timed_run  # type: ignore[method-assign]
+    rt.engine_call = timed_call  # type: ignore[method-assign]
     enrol_counts: list[tuple[int, Counter[str]]] = []
     enrol_prep, enrol_commit = [], []
     for i, n in enumerate(photos_per):
@@ -157,7 +157,7 @@ def calibrate(env: dict[str, str], refs: list[str], photos_per: list[int]) -> di
         before = counter.snapshot()
         reissue.reenroll(rt, c, 1, now())
         reenrol_counts.append((n, counter.snapshot() - before))
-    rt.run_engine = real_run  # type: ignore[method-assign]
+    rt.engine_call = real_call  # type: ignore[method-assign]
     runtime.reset_runtime()
     return {
         "enroll": enrol_counts,
