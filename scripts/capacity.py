@@ -182,7 +182,7 @@ def _bulk(f: Fleet, job: Job) -> Prediction:
     fill = first * f.enrol_prep_s / par
     t += fill + first * f.enrol_commit_s / par
     if job.subjects / rate < 0.8 * t:
-        bottleneck = "fan-out (backpressure pauses)"
+        bottleneck = "fan-out (backpressure pauses)" if pauses else "pipeline fill and drain (a small job)"
     elif per_worker < f.images_per_s / job.photos:
         bottleneck = "host CPU preparing and committing jobs"
     else:
