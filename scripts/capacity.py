@@ -13,9 +13,9 @@ validate
     images/s in-process (before and after), the wall time of an enrol job and the serial per-subject time of a
     re-enrolment chunk before and after their engine calls, Redis bytes per queued message and per finished subject,
     and the S3 requests of one enrolment and one re-enrolment (counted on the boto3 client's events); then a bulk job
-    with no engine worker (the backpressure window, then one chunk per pause), a bulk enrolment of ``--subjects``
-    one-photo subjects and a key revocation of them, each timed from submit; prints predicted vs measured, with the
-    engine rate taken in-process and from the worker's own engine calls (its batch log lines).
+    with no engine worker (the backpressure window: nothing more is sent while it is full), a bulk enrolment of
+    ``--subjects`` one-photo subjects and a key revocation of them, each timed from submit; prints predicted vs
+    measured, with the engine rate taken in-process and from the worker's own engine calls (its batch log lines).
 
 How the model works (the mechanisms it follows are in ``worker/service/bulk.py`` and ``worker/service/revoke.py``):
 
@@ -24,7 +24,8 @@ How the model works (the mechanisms it follows are in ``worker/service/bulk.py``
 - Bulk: the control task streams the manifest at ``stream_rows_per_s`` and sends ``chunk_size`` children per Redis
   round trip. After each chunk it pauses ``BULK_PAUSE_S`` (a continuation with a countdown) while the bulk engine
   queue (``LLEN``: messages not yet taken by a worker; each worker holds up to ``concurrency`` more) is deeper than
-  ``BULK_MAX_QUEUE_DEPTH_CHUNKS * chunk_size``. Simulated as a fluid, one event per chunk sent or pause.
+  ``BULK_MAX_QUEUE_DEPTH_CHUNKS * chunk_size``; a continuation looks at the queue before it sends and pauses again
+  while it is still deep. Simulated as a fluid, one event per chunk sent or pause.
 - Revoke: the control task lists the key's subjects at ``list_subjects_per_s`` and sends ``revoke_chunk_size``
   subjects per message; it pauses ``REVOKE_PAUSE_S`` while more than ``REVOKE_MAX_QUEUED_CHUNKS * chunk`` of its
   subjects are unfinished, so at most 9 chunks are ever in flight. One chunk is one task: it prepares its subjects
@@ -166,9 +167,11 @@ def _bulk(f: Fleet, job: Job) -> Prediction:
         maxq = max(maxq, depth)
         if sent >= job.subjects:
             break
-        if depth > window:  # backpressure: a continuation after the pause
-            advance(BULK_PAUSE_S + f.continuation_s)
-            pauses += 1
+        if depth > window:  # backpressure: continuations wait (and send nothing) until the queue is back in the window
+            excess = sent - held - window - done  # what the workers must take before a continuation sends again
+            n_pauses = max(1, math.ceil(excess / (rate * (BULK_PAUSE_S + f.continuation_s)))) if rate > 0 else 1
+            advance(n_pauses * (BULK_PAUSE_S + f.continuation_s))
+            pauses += n_pauses
             task_start = t
         elif t - task_start > f.fanout_budget_s:
             advance(f.continuation_s)

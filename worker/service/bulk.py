@@ -151,6 +151,10 @@ def bulk(
     if fields.get("listing") == "done":
         final = maybe_finalize_bulk(rt, job.tenant, job.job_id)
         return _bulk_status(rt, job, attempt, started, final)
+    if continuation > 0 and dispatch.engine_queue_depth() > BULK_MAX_QUEUE_DEPTH_CHUNKS * job.chunk_size:
+        # a continuation after a pause sends nothing while the queue is still deep: it waits again
+        dispatch.continue_job(job, continuation + 1, countdown=BULK_PAUSE_S)
+        return _bulk_status(rt, job, attempt, started, None)
     cursor = int(fields.get("cursor", "0"))
     resume = _Resume.from_fields(fields)
     if resume is not None and resume.index > cursor:

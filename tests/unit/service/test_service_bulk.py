@@ -128,6 +128,10 @@ def test_a_deep_engine_queue_pauses_the_stream(rt: FakeRuntime) -> None:
     res = run_bulk(rt, j, dispatch)
     assert res.status == JobStatus.RUNNING and res.total is None
     assert len(dispatch.enrolls) == 2 and dispatch.continued == [(1, bulk_mod.BULK_PAUSE_S)]
+    for c in (1, 2, 3):  # continuations while the queue stays deep send nothing more: they wait again
+        res = run_bulk(rt, j, dispatch, c)
+        assert res.status == JobStatus.RUNNING and len(dispatch.enrolls) == 2
+        assert dispatch.continued[-1] == (c + 1, bulk_mod.BULK_PAUSE_S)
     dispatch.queue_depth = 0
     run_to_end(rt, j, dispatch)
     assert len(dispatch.enrolls) == 6
