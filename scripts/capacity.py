@@ -27,7 +27,8 @@ How the model works (the mechanisms it follows are in ``worker/service/bulk.py``
   ``BULK_MAX_QUEUE_DEPTH_CHUNKS * chunk_size``; a continuation looks at the queue before it sends and pauses again
   while it is still deep. Simulated as a fluid, one event per chunk sent or pause.
 - Revoke: the control task lists the key's subjects at ``list_subjects_per_s`` and sends ``revoke_chunk_size``
-  subjects per message; it pauses ``REVOKE_PAUSE_S`` while more than ``REVOKE_MAX_QUEUED_CHUNKS * chunk`` of its
+  subjects per message; it pauses ``REVOKE_PAUSE_S`` while more than ``revoke_window * chunk``
+  (``worker.revoke_max_queued_chunks``) of its
   subjects are unfinished, so at most 9 chunks are ever in flight. One chunk is one task: it prepares its subjects
   one after the other (``prep_s_per_subject``: key bump, fence, download, decode, detect, align), runs them as one
   engine call (queued behind other chunks on the same worker's engine), then commits and marks old versions revoked
@@ -58,7 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from worker.service.bulk import BULK_MAX_QUEUE_DEPTH_CHUNKS, BULK_PAUSE_S  # noqa: E402
-from worker.service.revoke import REVOKE_MAX_QUEUED_CHUNKS, REVOKE_PAUSE_S  # noqa: E402
+from worker.service.revoke import REVOKE_PAUSE_S  # noqa: E402
+from worker.settings import WorkerSettings  # noqa: E402
+
+REVOKE_MAX_QUEUED_CHUNKS = WorkerSettings.model_fields["revoke_max_queued_chunks"].default
 
 # S3 API calls per subject, counted by ``validate`` on the boto3 client's events (one enrolment of a subject with
 # ``photos`` photos; one re-enrolment of such a subject inside a chunk): {operation: (fixed, per photo)}
@@ -92,6 +96,7 @@ class Fleet:
     fanout_budget_s: float = 81.0  # worker.fanout_time_budget: a continuation after this long
     bulk_chunk: int = 64  # BulkJob.chunk_size default
     revoke_chunk: int = 50  # worker.revoke_chunk_size
+    revoke_window: int = REVOKE_MAX_QUEUED_CHUNKS  # worker.revoke_max_queued_chunks
     message_bytes: float = 1_300.0  # Redis memory per queued enrol message on the bulk queue (validate)
     chunk_message_bytes: float = 2_000.0  # per queued re-enrolment chunk message (50 subject names more)
     book_bytes_per_subject: float = 1_350.0  # Redis memory kept per enrolled subject (30-day job book TTL; validate)
@@ -199,7 +204,7 @@ def _bulk(f: Fleet, job: Job) -> Prediction:
 def _revoke(f: Fleet, job: Job) -> Prediction:
     """Discrete simulation, chunk by chunk (see the module docstring)."""
     c = f.revoke_chunk
-    window = REVOKE_MAX_QUEUED_CHUNKS * c
+    window = f.revoke_window * c
     engine_free = [(0.0, w) for w in range(f.workers)]  # heap: (time the worker's engine is free, worker)
     heapq.heapify(engine_free)
     finishing: list[tuple[float, int]] = []  # heap: (finish time, subjects) of chunks in flight
@@ -239,7 +244,7 @@ def _revoke(f: Fleet, job: Job) -> Prediction:
     elif job.subjects / f.list_subjects_per_s >= 0.8 * last:
         bottleneck = "listing"
     else:
-        bottleneck = f"re-enrolment chunks (serial work per chunk; at most {REVOKE_MAX_QUEUED_CHUNKS + 1} in flight)"
+        bottleneck = f"re-enrolment chunks (serial work per chunk; at most {f.revoke_window + 1} in flight)"
     maxq = min(max_inflight, math.ceil(job.subjects / c))
     redis = maxq * f.chunk_message_bytes + job.subjects * f.revoke_book_bytes_per_subject
     notes = [f"{max_inflight} chunks in flight at most"]

@@ -195,6 +195,11 @@ class WorkerSettings(_Group):
     """Decoded photos are downscaled to at most this many pixels on their longer side before detection (detection
     itself runs at 1280; the aligned crop is taken from this image)."""
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
+    revoke_max_queued_chunks: int = Field(default=8, ge=1, le=100_000)
+    """Backpressure of a key revocation: its listing pauses while more than this many of its re-enrolment chunks are
+    unfinished, so at most this many + 1 are in flight. A chunk prepares and commits its subjects one after another,
+    so this, not the fleet, caps a large revocation's rate beyond this many engine workers: raise it to about twice
+    the engine workers (``scripts/capacity.py``, docs/performance.md)."""
     sweep_staging_interval: int = Field(default=3600, ge=0)
     """Seconds between Celery beat's ``sweep_staging`` and ``sweep_uploads`` runs (0: no periodic sweep). Objects a
     crashed commit left in staging are deleted once older than the visibility timeout."""

@@ -352,7 +352,7 @@ def test_key_revocation_pauses_while_its_chunks_are_unfinished(rt, monkeypatch: 
     from worker.contracts import job_from_wire
     from worker.keys.providers import write_keyring
     from worker.keys.registry import KeyRegistry
-    from worker.service.revoke import REVOKE_MAX_QUEUED_CHUNKS, REVOKE_PAUSE_S
+    from worker.service.revoke import REVOKE_PAUSE_S
     from worker.storage.records import CurrentPointer
     from worker.tasks import control_tasks
 
@@ -370,16 +370,17 @@ def test_key_revocation_pauses_while_its_chunks_are_unfinished(rt, monkeypatch: 
     sent: list[dict] = []
     monkeypatch.setattr(control_tasks.app, "send_task", lambda name, **kw: sent.append(kw["args"][0]))
     monkeypatch.setattr(rt.settings.worker, "revoke_chunk_size", 1)
+    window = rt.settings.worker.revoke_max_queued_chunks
     monkeypatch.setattr(rt.settings.worker, "fanout_time_budget", 3600.0)  # only backpressure hands over
     task = _FakeTask()
     _revoke(rt, job, task, 0)
-    assert len(sent) == REVOKE_MAX_QUEUED_CHUNKS + 1
+    assert len(sent) == window + 1
     assert task.continued[-1]["countdown"] == REVOKE_PAUSE_S and task.continued[-1]["kwargs"] == {"continuation": 1}
     _revoke(rt, job, task, 1)  # nothing finished meanwhile: still paused, nothing more listed
-    assert len(sent) == REVOKE_MAX_QUEUED_CHUNKS + 1 and task.continued[-1]["kwargs"] == {"continuation": 2}
+    assert len(sent) == window + 1 and task.continued[-1]["kwargs"] == {"continuation": 2}
     rt.book.mark_succeeded(job.ref, [c["subjects"][0] for c in sent[:5]])  # five chunks done
     _revoke(rt, job, task, 2)
-    assert len(sent) == REVOKE_MAX_QUEUED_CHUNKS + 1 + 5
+    assert len(sent) == window + 1 + 5
     rt.book.mark_succeeded(job.ref, [c["subjects"][0] for c in sent])
     _revoke(rt, job, task, 3)
     assert sorted(c["subjects"][0] for c in sent) == subjects  # each once, none skipped

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REVOKE_READ_THREADS = 16  # concurrent per-subject S3 reads while listing a revoked key's subjects
-REVOKE_MAX_QUEUED_CHUNKS = 8  # backpressure: pause while more than this many of the revocation's chunks are unfinished
 REVOKE_PAUSE_S = 5.0
 
 
@@ -104,7 +103,7 @@ def revoke(
 
 def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continuation: int) -> bool:
     """Send the subjects under the revoked key in chunks, from the saved cursor (the last subject listed). After a
-    time budget, or while more than ``REVOKE_MAX_QUEUED_CHUNKS`` of its chunks are still unfinished (backpressure:
+    time budget, or while more than ``worker.revoke_max_queued_chunks`` of its chunks are unfinished (backpressure:
     a large revocation never floods the engine queues), save the cursor and re-queue the task as a continuation
     (returns False; after ``REVOKE_PAUSE_S`` when paused); True when the listing is complete. A re-delivered
     continuation re-sends at most one chunk, under the same chunk ID (idempotent)."""
@@ -120,7 +119,8 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
     fenced = int(fields.get("subjects_fenced", "0"))
     size = rt.settings.worker.revoke_chunk_size
     budget = rt.settings.worker.fanout_budget
-    if _unfinished(rt, job, total) > REVOKE_MAX_QUEUED_CHUNKS * size:  # still paused: list nothing more yet
+    window = rt.settings.worker.revoke_max_queued_chunks * size
+    if _unfinished(rt, job, total) > window:  # still paused: list nothing more yet
         dispatch.continue_job(job, continuation + 1, countdown=REVOKE_PAUSE_S)
         return False
     t0 = time.monotonic()
@@ -140,7 +140,7 @@ def _list_key_subjects(rt: Runtime, job: RevokeJob, dispatch: Dispatch, continua
                 job.ref, listing_cursor=last or "", chunks_sent=index, subjects_listed=total, subjects_fenced=fenced
             )
             out_of_time = time.monotonic() - t0 > budget
-            deep = _unfinished(rt, job, total) > REVOKE_MAX_QUEUED_CHUNKS * size
+            deep = _unfinished(rt, job, total) > window
             if out_of_time or deep:
                 dispatch.continue_job(job, continuation + 1, countdown=REVOKE_PAUSE_S if deep else None)
                 log.info(

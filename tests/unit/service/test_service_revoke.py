@@ -206,7 +206,7 @@ def test_a_first_enrolment_in_flight_is_fenced_not_reissued(rt: FakeRuntime, dis
 def test_backpressure_pauses_the_listing_until_chunks_finish(
     rt: FakeRuntime, dispatch: FakeDispatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(revoke_mod, "REVOKE_MAX_QUEUED_CHUNKS", 1)  # pause once more than 1 chunk (2 subjects) waits
+    monkeypatch.setattr(rt.settings.worker, "revoke_max_queued_chunks", 1)  # pause once more than 1 chunk (2) waits
     subjects = [f"s{i}" for i in range(1, 8)]
     enrol_many(rt, subjects)
     j = revoke_job(key_id="k1", new_key_id="k2")
