@@ -55,6 +55,7 @@ from worker.storage.jobbook import JobBook, JobProgress
 
 if TYPE_CHECKING:
     from producers.uploads import LocalImage
+    from worker.settings import Settings
     from worker.storage.subjects import SubjectState
 
 TASK_FOR_KIND = {
@@ -91,7 +92,7 @@ def new_job_id() -> str:
 class Client:
     """Producer side of the queue. ``settings`` defaults to ``worker.settings.get_settings()``."""
 
-    def __init__(self, settings: Any = None) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         if settings is None:
             from worker.settings import get_settings
 

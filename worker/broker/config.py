@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from worker.settings import Settings
     from worker.storage.client import ObjectStore
 
 # GPU work is split by who waits for it. An engine worker consumes ENGINE_QUEUES in this order and always takes from
@@ -172,7 +173,7 @@ def celery_config(q: QueueSettings) -> dict[str, Any]:
     }
 
 
-def queue_settings(settings: Any) -> QueueSettings:
+def queue_settings(settings: Settings) -> QueueSettings:
     """``worker.settings.Settings`` -> the queue knobs (one Redis URL serves as broker and result backend)."""
     url = settings.redis.require_url()  # SettingsError when not configured: never a guessed default
     w = settings.worker
@@ -189,7 +190,7 @@ def queue_settings(settings: Any) -> QueueSettings:
     )
 
 
-def make_celery(settings: Any, *, name: str = "cancelable", include: list[str] | None = None) -> Any:
+def make_celery(settings: Settings, *, name: str = "cancelable", include: list[str] | None = None) -> Any:
     """A configured Celery app. Workers pass ``include`` (their task modules); producers pass nothing and send
     tasks by name only."""
     from celery import Celery
@@ -204,14 +205,14 @@ def consumes_engine(queues: set[str] | frozenset[str]) -> bool:
     return any(q in queues for q in ENGINE_QUEUES)
 
 
-def connect_redis(settings: Any) -> Any:
+def connect_redis(settings: Settings) -> Any:
     """A Redis client for the job bookkeeping (``settings.redis.url``), with bounded socket timeouts."""
     import redis
 
     return redis.Redis.from_url(settings.redis.require_url(), socket_timeout=10.0, socket_connect_timeout=5.0)
 
 
-def connect_store(settings: Any) -> ObjectStore:
+def connect_store(settings: Settings) -> ObjectStore:
     """The S3 ``ObjectStore`` from ``settings.s3`` (imports boto3 only when called)."""
     from worker.storage.client import ObjectStore
 
