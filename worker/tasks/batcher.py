@@ -11,11 +11,15 @@ the submitting side; the engine call itself is whatever callable the batcher is 
 Interactive work goes first: submissions of background work (bulk enrolment children, re-enrolment chunks; see
 ``worker.tasks.inflight.delivery_attempt``) are considered only after every interactive submission, both when
 choosing which lane runs next and when filling a batch, so a verify that arrives while bulk work is pending runs in
-the next batch.
+the next batch. A batch of background work only is held back (at most ``mate_wait_s``) while a task of this process
+is still preparing interactive work (a verify being downloaded and aligned), so that it does not start just before
+the verify arrives. A job's submission of more than ``max_images`` images (a re-enrolment chunk of 50 subjects) is
+split into packs of whole subjects, queued together: interactive work runs between its packs, and no engine call
+is longer than one batch.
 
 A batch (per lane, i.e. per job type) is run when one of these holds:
 
-- it holds ``max_images`` images (whole submissions, oldest first: a submission is never split);
+- it holds ``max_images`` images (whole packs, oldest first);
 - nothing more can arrive for its lane: no engine task of this process is still preparing work for the lane
   (download, decode, align) and no message waits on the broker for a free task slot. A lone job on an idle worker, or
   a prefork child, is never delayed;
@@ -59,6 +63,8 @@ class Coming(NamedTuple):
 
     preparing: dict[str, int]
     queued: int = 0
+    interactive: int = 0
+    """Tasks of this process still preparing interactive work (enrol, verify): a background batch waits for them."""
 
 
 def _batch_scope(batch: list[_Submission]) -> Any:
@@ -126,6 +132,7 @@ class MicroBatcher:
         self._running_since: float | None = None
         self._closed = False
         self._changes = 0  # bumped (under the lock) by every submission and wake-up
+        self._held_since: float | None = None  # background work held back for interactive work being prepared
         self._thread: threading.Thread | None = None
 
     # --- task-thread side -------------------------------------------------------------------------------------------
@@ -136,20 +143,37 @@ class MicroBatcher:
             return []
         from worker.observability import current_job
 
-        size = sum(self._size_of(it) for it in items)
-        sub = _Submission(lane, list(items), size, alone, self._clock(), background, job=current_job())
+        now, job = self._clock(), current_job()
+        packs = self._packs(list(items)) if self._merge else [list(items)]
+        subs = [
+            _Submission(lane, p, sum(self._size_of(it) for it in p), alone, now, background, job=job) for p in packs
+        ]
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine batcher is closed")
             self._ensure_thread()
-            self._pending.append(sub)
+            self._pending.extend(subs)
             self._changes += 1
             self._cond.notify_all()
-        sub.done.wait()
-        if sub.error is not None:
-            raise sub.error
-        assert sub.result is not None
-        return sub.result
+        for sub in subs:
+            sub.done.wait()
+        for sub in subs:
+            if sub.error is not None:
+                raise sub.error
+        return [r for sub in subs for r in (sub.result or [])]
+
+    def _packs(self, items: list[Any]) -> list[list[Any]]:
+        """Whole items, in order, in packs of at most ``max_images`` images (an item over the cap alone)."""
+        packs: list[list[Any]] = [[]]
+        size = 0
+        for it in items:
+            n = self._size_of(it)
+            if packs[-1] and size + n > self.max_images:
+                packs.append([])
+                size = 0
+            packs[-1].append(it)
+            size += n
+        return packs
 
     def wakeup(self) -> None:
         """Re-check whether a batch can start (the number of tasks in flight changed)."""
@@ -189,9 +213,22 @@ class MicroBatcher:
             batch, full = self._collect(first, order)
             w = self._wait_s(batch, full, coming)
             if w <= 0:
+                w = self._hold_s(batch, coming)
+            if w <= 0:
+                self._held_since = None
                 return batch, 0.0
             wait = min(wait, w)
         return None, wait
+
+    def _hold_s(self, batch: list[_Submission], coming: Coming | None) -> float:
+        """How long a ready batch of background work only is held back for interactive work still being prepared
+        in this process (0: run it). Bounded by ``mate_wait_s`` from the start of the hold."""
+        if self._closed or coming is None or coming.interactive <= 0 or not all(s.background for s in batch):
+            return 0.0
+        now = self._clock()
+        if self._held_since is None:
+            self._held_since = now
+        return max(0.0, self._held_since + self.mate_wait_s - now)
 
     def _collect(self, first: _Submission, order: list[_Submission]) -> tuple[list[_Submission], bool]:
         """The batch of ``first``'s lane (``first``: its first submission in ``order``, interactive before

@@ -10,34 +10,55 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from worker.tasks.batcher import Coming
 
 
-class InFlight:
-    """Tasks running in this process (keyed by thread): which of them will still submit engine work, to which lane,
-    and when the oldest started (for the watchdog). Fed by Celery's ``task_prerun`` / ``task_postrun`` signals and
-    by ``WorkerRuntime.engine_call`` (a task stops preparing when it submits)."""
+@dataclass
+class _Task:
+    start: float
+    lane: str | None  # the job type it will still submit engine work for (None: none, or already submitted)
+    background: bool
+    waiting_since: float | None = None  # waiting for the engine thread since (None: not waiting)
+    waited: float = 0.0  # seconds spent waiting for the engine thread so far
 
-    def __init__(self) -> None:
+
+class InFlight:
+    """Tasks running in this process (keyed by thread): which of them will still submit engine work, to which lane
+    (and whether it is interactive), and how long the longest has run outside its waits for the engine thread (for
+    the watchdog). Fed by Celery's ``task_prerun`` / ``task_postrun`` signals and by ``WorkerRuntime.engine_call``
+    (a task stops preparing when it submits, and waits until its results come back)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
-        self._tasks: dict[int, tuple[float, str | None]] = {}  # thread -> (start, lane it will submit to, or None)
+        self._clock = clock
+        self._tasks: dict[int, _Task] = {}  # by thread
         self._listeners: list[Callable[[], None]] = []
         self.capacity = 1  # task slots of this process (the threads pool's concurrency; 1: prefork child, solo)
 
-    def started(self, lane: str | None, clock: Callable[[], float] = time.monotonic) -> None:
-        """The task on this thread started; ``lane``: the job type it will submit engine work for (None: none)."""
+    def started(self, lane: str | None, background: bool = False) -> None:
+        """The task on this thread started; ``lane``: the job type it will submit engine work for (None: none);
+        ``background``: that work yields to interactive work."""
         with self._lock:
-            self._tasks[threading.get_ident()] = (clock(), lane)
+            self._tasks[threading.get_ident()] = _Task(self._clock(), lane, background)
         self._notify()
 
     def submitting(self) -> None:
-        """The task on this thread hands its engine work over now (it is no longer preparing any)."""
+        """The task on this thread hands its engine work over now: it is no longer preparing any, and waits."""
         with self._lock:
-            start = self._tasks.get(threading.get_ident())
-            if start is not None:
-                self._tasks[threading.get_ident()] = (start[0], None)
+            task = self._tasks.get(threading.get_ident())
+            if task is not None:
+                task.lane, task.waiting_since = None, self._clock()
+
+    def resumed(self) -> None:
+        """The task on this thread has its engine results (or error) back and runs on."""
+        with self._lock:
+            task = self._tasks.get(threading.get_ident())
+            if task is not None and task.waiting_since is not None:
+                task.waited += self._clock() - task.waiting_since
+                task.waiting_since = None
 
     def finished(self) -> None:
         with self._lock:
@@ -48,18 +69,25 @@ class InFlight:
         """Lane -> tasks that will still submit to it."""
         out: dict[str, int] = {}
         with self._lock:
-            for _, lane in self._tasks.values():
-                if lane is not None:
-                    out[lane] = out.get(lane, 0) + 1
+            for t in self._tasks.values():
+                if t.lane is not None:
+                    out[t.lane] = out.get(t.lane, 0) + 1
         return out
+
+    def preparing_interactive(self) -> int:
+        """Tasks that will still submit interactive engine work (an enrol or a verify being downloaded, aligned)."""
+        with self._lock:
+            return sum(1 for t in self._tasks.values() if t.lane is not None and not t.background)
 
     def free_slots(self) -> int:
         with self._lock:
             return max(0, self.capacity - len(self._tasks))
 
     def oldest_start(self) -> float | None:
+        """The watchdog's clock: the earliest start of a task not waiting for the engine thread, moved on by the time
+        it has waited (queued behind other batches is not stuck; an engine batch has its own clock)."""
         with self._lock:
-            return min((t for t, _ in self._tasks.values()), default=None)
+            return min((t.start + t.waited for t in self._tasks.values() if t.waiting_since is None), default=None)
 
     def listen(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -115,4 +143,4 @@ def expected_submitters(redis: Any) -> Coming:
             queued = min(free, sum(int(redis.llen(q)) for q in ENGINE_QUEUES))
         except Exception:  # broker unreachable: the fill timeout still bounds the wait
             pass
-    return Coming(INFLIGHT.preparing(), queued)
+    return Coming(INFLIGHT.preparing(), queued, INFLIGHT.preparing_interactive())

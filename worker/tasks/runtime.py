@@ -106,7 +106,10 @@ class WorkerRuntime:
         b = self.batcher()
         attempt, background = current_delivery()
         INFLIGHT.submitting()
-        return b.submit(job_type, subjects, alone=attempt > 1, background=background)
+        try:
+            return b.submit(job_type, subjects, alone=attempt > 1, background=background)
+        finally:
+            INFLIGHT.resumed()
 
     def batch_running_since(self) -> float | None:
         """When the engine batch now running started (None: none, or no batcher yet): for the watchdog."""

@@ -263,6 +263,51 @@ def test_interactive_work_runs_before_background_work_queued_earlier_and_fills_b
     assert eng.batches() == [["a0"], ["v1"], ["e1", "b0"], ["b1", "b2"], ["b3"]]
 
 
+def test_a_large_background_job_runs_in_packs_and_a_verify_runs_between_them() -> None:
+    """A re-enrolment chunk of many subjects is split into packs of at most ``max_images``: no engine call is longer
+    than one batch, and a verify that arrives while the chunk runs goes before its next pack."""
+    gate = threading.Event()
+    eng = FakeEngine(gate=gate)
+    b = MicroBatcher(eng, max_images=4, fill_timeout_s=30.0, expected=lambda: NOTHING)
+    chunk = Submitter(b, "reenroll", [item(f"c{i}") for i in range(10)], background=True)
+    chunk.start()
+    wait_until(lambda: b.running_since() is not None)  # its first pack runs (held at the gate)
+    user = Submitter(b, "verify", [item("v1")])
+    user.start()
+    wait_until(lambda: pending(b) == 3)  # two more packs of the chunk and the verify
+    gate.set()
+    for t in (chunk, user):
+        t.join(20)
+        assert t.error is None and not t.is_alive()
+    assert chunk.result == [("reenroll", f"c{i}") for i in range(10)]  # one result per subject, in order
+    assert eng.batches() == [["c0", "c1", "c2", "c3"], ["v1"], ["c4", "c5", "c6", "c7"], ["c8", "c9"]]
+
+
+def test_background_work_waits_for_interactive_work_being_prepared_but_not_beyond_mate_wait() -> None:
+    coming = {"now": Coming({"verify": 1}, 0, 1)}  # a verify is being downloaded and aligned in this process
+    eng = FakeEngine()
+    b = MicroBatcher(eng, max_images=4, fill_timeout_s=0.0, mate_wait_s=30.0, expected=lambda: coming["now"])
+    bulk = Submitter(b, "enroll", [item(f"b{i}") for i in range(4)], background=True)  # a full batch, ready
+    bulk.start()
+    wait_until(lambda: pending(b) == 1)
+    time.sleep(0.2)
+    assert eng.batches() == []  # held back for the verify
+    user = Submitter(b, "verify", [item("v1")])
+    coming["now"] = Coming({}, 0, 0)
+    user.start()
+    for t in (bulk, user):
+        t.join(20)
+        assert t.error is None and not t.is_alive()
+    assert eng.batches() == [["v1"], ["b0", "b1", "b2", "b3"]]
+
+    held = MicroBatcher(
+        FakeEngine(), max_images=4, fill_timeout_s=0.0, mate_wait_s=0.3, expected=lambda: Coming({"verify": 1}, 0, 1)
+    )  # the verify never comes
+    t0 = time.monotonic()
+    assert held.submit("enroll", [item("b")], background=True) == [("enroll", "b")]
+    assert 0.25 <= time.monotonic() - t0 < 10  # held at most mate_wait_s
+
+
 def test_background_flag_is_scoped_with_the_delivery() -> None:
     assert current_delivery() == (1, False)
     with delivery_attempt(1, background=True):
@@ -345,17 +390,19 @@ def test_delivery_attempt_is_scoped() -> None:
 
 
 def test_in_flight_counts_tasks_preparing_per_lane_and_notifies() -> None:
-    f = InFlight()
+    now = [5.0]
+    f = InFlight(clock=lambda: now[0])
     woken: list[int] = []
     f.listen(lambda: woken.append(1))
-    f.started(lane="enroll", clock=lambda: 5.0)
+    f.started(lane="enroll")
     release = threading.Event()
     others = []
-    for lane, t in (("enroll", 4.0), (None, 3.0), ("verify", 6.0)):
+    for lane, t, bg in (("enroll", 4.0, True), (None, 3.0, False), ("verify", 6.0, False)):
         ready = threading.Event()
 
-        def task(lane: str | None = lane, t: float = t, ready: threading.Event = ready) -> None:
-            f.started(lane=lane, clock=lambda: t)
+        def task(lane: str | None = lane, t: float = t, bg: bool = bg, ready: threading.Event = ready) -> None:
+            now[0] = t
+            f.started(lane=lane, background=bg)
             ready.set()
             release.wait(10)  # alive until the end: a finished thread's ident may be reused
 
@@ -363,13 +410,30 @@ def test_in_flight_counts_tasks_preparing_per_lane_and_notifies() -> None:
         others[-1].start()
         ready.wait(10)
     assert f.preparing() == {"enroll": 2, "verify": 1} and f.oldest_start() == 3.0
-    f.submitting()  # this thread hands its work over: no longer preparing, still running
-    assert f.preparing() == {"enroll": 1, "verify": 1} and f.oldest_start() == 3.0
+    assert f.preparing_interactive() == 2  # this thread's enrol and the verify; the background enrol is not
+    f.submitting()  # this thread hands its work over: no longer preparing, waiting for the engine thread
+    assert f.preparing() == {"enroll": 1, "verify": 1} and f.preparing_interactive() == 1
     f.finished()
     assert f.preparing() == {"enroll": 1, "verify": 1} and len(woken) == 5
     release.set()
     for o in others:
         o.join(10)
+
+
+def test_the_watchdog_clock_stops_while_a_task_waits_for_the_engine() -> None:
+    """A task queued behind other engine batches is not stuck: its wait does not count toward the hard limit (the
+    batch that runs has its own clock); its own work before and after does."""
+    now = [100.0]
+    f = InFlight(clock=lambda: now[0])
+    f.started(lane="reenroll", background=True)
+    now[0] = 110.0
+    f.submitting()
+    assert f.oldest_start() is None  # only waiting tasks: nothing of this process can be stuck but a batch
+    now[0] = 500.0
+    f.resumed()  # 390 s in the queue
+    assert f.oldest_start() == 100.0 + 390.0
+    f.finished()
+    assert f.oldest_start() is None
 
 
 def test_watchdog_fires_only_past_the_limit() -> None:
@@ -438,13 +502,13 @@ def test_expected_submitters_counts_queued_messages_for_free_task_slots(monkeypa
 
     r = FakeRedis()
     tasks.started(lane="enroll")  # this thread: one engine task in flight, preparing
-    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 0) and asked == []  # capacity 1: no broker
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 0, 1) and asked == []  # capacity 1: no broker
     tasks.capacity = 4
     # 3 free slots; every engine queue counts
-    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 3) and asked == list(ENGINE_QUEUES)
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 3, 1) and asked == list(ENGINE_QUEUES)
     r.depth = {ENGINE_BULK_QUEUE: 1, LEGACY_ENGINE_QUEUE: 1}
-    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 2)
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 2, 1)
     r.depth = ConnectionError("broker away")
-    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 0)
+    assert inflight.expected_submitters(r) == Coming({"enroll": 1}, 0, 1)
     tasks.submitting()
     assert inflight.expected_submitters(r) == Coming({}, 0)
