@@ -1,7 +1,7 @@
 # The two commands a new user runs (see README.md):
 #   make demo   -- the main job end to end on the embedded keymap bundle (starts venv, Redis, SeaweedFS, a worker)
 #   make test   -- the test suite
-.PHONY: demo test venv lint stack-up stack-down bench
+.PHONY: demo test venv lint stack-up stack-down bench bench-quick bench-lite
 
 venv:
 	@scripts/bootstrap.sh
@@ -23,6 +23,15 @@ stack-up: venv
 stack-down:
 	infra/stack.sh down
 
+# the default bundle (keymap) on the CPU: engine vs compute floor, system vs in-process, verify latency under bulk load
 bench: venv
+	CANCELABLE_TORCH_THREADS=1 OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_keymap.py
+
+bench-quick: venv
+	CANCELABLE_TORCH_THREADS=1 OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_keymap.py --images 2 --repeats 1 \
+		--deep-jobs 8 --verifies 5 --window-s 180 --bulk-rows 200 --revoke-subjects 100
+
+# the lite bundle's engine benchmark and the queueing side (enqueue, bulk streaming, revocation scheduling, batching)
+bench-lite: venv
 	.venv/bin/python scripts/bench_engine.py
 	.venv/bin/python scripts/bench_system.py

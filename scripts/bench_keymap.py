@@ -504,8 +504,9 @@ def main() -> None:
     args.batch = loaded.engine.config.max_batch_images
     bodies = photos()
     faces = aligned(loaded.engine, bodies)
+    family = getattr(loaded.engine, "family", "?")
     say(
-        f"bench_keymap: bundle {loaded.bundle_id} ({getattr(loaded.engine, "family", "?")}), {loaded.engine.config.steps} steps, "
+        f"bench_keymap: bundle {loaded.bundle_id} ({family}), {loaded.engine.config.steps} steps, "
         f"batch {args.batch}, {os.cpu_count()} CPUs, 1 torch thread"
     )
     eng_s = inprocess_cpu_per_image(loaded, faces, 1)
