@@ -524,6 +524,7 @@ def main() -> None:
         f"bench_keymap: bundle {loaded.bundle_id} ({family}), {loaded.engine.config.steps} steps, "
         f"batch {args.batch}, {os.cpu_count()} CPUs, 1 torch thread"
     )
+    inprocess_cpu_per_image(loaded, faces, 1)  # warm-up
     eng_s = inprocess_cpu_per_image(loaded, faces, 1)
     if not args.skip_engine:
         say("engine vs compute floor (in-process):")
