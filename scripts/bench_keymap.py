@@ -383,8 +383,15 @@ def seed_revocable(rt: Any, version: Any, tenant: str, subjects: list[str]) -> f
     return time.perf_counter() - t
 
 
-def verify_latencies(client: Any, probe: str, n: int, tag: str, window_s: float = float("inf")) -> list[float]:
-    """Latencies of ``n`` verifies one after another (fewer when ``window_s`` runs out first)."""
+class WorkerDied(RuntimeError):
+    pass
+
+
+def verify_latencies(
+    client: Any, engine: Worker, probe: str, n: int, tag: str, window_s: float = float("inf")
+) -> list[float]:
+    """Latencies of ``n`` verifies one after another (fewer when ``window_s`` runs out first). ``WorkerDied`` when
+    the engine worker exits meanwhile (its watchdog ends it when a task or a batch runs past the hard time limit)."""
     out: list[float] = []
     t0 = time.perf_counter()
     for i in range(n):
@@ -392,7 +399,14 @@ def verify_latencies(client: Any, probe: str, n: int, tag: str, window_s: float 
             break
         job = client.verify_job("acme", "ann", probe, job_id=f"v-{tag}-{i:03d}")
         t = time.perf_counter()
-        ok(client.wait(client.submit(job), timeout=900, poll=0.005), "verify")
+        ref = client.submit(job)
+        while (res := client.result(ref)) is None:
+            if engine.popen.poll() is not None:
+                raise WorkerDied(f"the engine worker exited (status {engine.popen.returncode}) during verify {i}")
+            if time.perf_counter() - t > 900:
+                raise RuntimeError(f"verify {i} not answered in 900 s")
+            time.sleep(0.005)
+        ok(res, "verify")
         out.append(time.perf_counter() - t)
         time.sleep(0.2)
     return out
@@ -419,7 +433,7 @@ def bench_latency(client: Any, engine: Worker, refs: list[str], rv_ref: str, eng
 
     ok(client.run(client.enroll_job("acme", "ann", [refs[1 % len(refs)]], KEY), timeout=900), "verify subject")
     probe = refs[2 % len(refs)]
-    idle = verify_latencies(client, probe, args.verifies, "idle")
+    idle = verify_latencies(client, engine, probe, args.verifies, "idle")
     say(
         f"  idle worker: verify latency p50 {statistics.median(idle):.2f} s, p95 {p95(idle):.2f} s "
         f"({len(idle)} verifies, submit to stored result)"
@@ -447,7 +461,17 @@ def bench_latency(client: Any, engine: Worker, refs: list[str], rv_ref: str, eng
             raise RuntimeError("no background batch after 10 minutes")
         time.sleep(0.5)
     log0, t0 = engine.size(), time.perf_counter()
-    loaded_lat = verify_latencies(client, probe, args.verifies, "load", args.window_s)
+    try:
+        loaded_lat = verify_latencies(client, engine, probe, args.verifies, "load", args.window_s)
+    except WorkerDied as e:
+        batches = engine.batches(log0)
+        last = [ln for ln in engine.log.read_text(errors="replace").splitlines() if "CRITICAL" in ln][-1:]
+        say(
+            f"  FAIL: {e} after {time.perf_counter() - t0:.0f} s under load; background batches in the window "
+            f"(lane, images, wall s): {[(b[0], b[1], round(b[2], 1)) for b in batches if b[0] != 'verify']}; "
+            f"its last critical log line: {last[0].split(': ', 1)[-1] if last else '-'}"
+        )
+        return
     window = time.perf_counter() - t0
     batches = engine.batches(log0)
     bg = [b for b in batches if b[0] in ("enroll", "reenroll")]
