@@ -428,7 +428,7 @@ def bench_latency(client: Any, engine: Worker, refs: list[str], rv_ref: str, eng
     batch = int(args.batch)
     # the revocable tenant: one real enrolment, replicated through the storage layer
     ok(client.run(client.enroll_job("rv", "seed0", [rv_ref], KEY), timeout=900), "seed enrolment")
-    rt = runtime.Runtime(get_settings())
+    rt = runtime.WorkerRuntime(get_settings())
     ts = TemplateStore(rt.store)
     names = [f"r{i:06d}" for i in range(args.revoke_subjects)]
     dt = seed_revocable(rt, ts.current("rv", "seed0").manifest, "rv", names)

@@ -195,6 +195,10 @@ class WorkerSettings(_Group):
     """Decoded photos are downscaled to at most this many pixels on their longer side before detection (detection
     itself runs at 1280; the aligned crop is taken from this image)."""
     revoke_chunk_size: int = Field(default=50, ge=1, le=10_000)
+    interactive_slots: int = Field(default=4, ge=0, le=1_000)
+    """Task slots of a threads-pool engine worker that background work (bulk enrolment children, re-enrolment
+    chunks) never takes: while the others are all busy with it, the worker stops taking messages from the bulk queue,
+    so an enrol or verify starts at once and waits at most for the engine batch that runs."""
     revoke_max_queued_chunks: int = Field(default=8, ge=1, le=100_000)
     """Backpressure of a key revocation: its listing pauses while more than this many of its re-enrolment chunks are
     unfinished, so at most this many + 1 are in flight. A chunk prepares and commits its subjects one after another,

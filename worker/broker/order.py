@@ -7,19 +7,30 @@ job's backlog. ``QueueOrder`` (the ``queue_order_strategy`` broker transport opt
 one fixed order, ``WORKER_QUEUE_ORDER``, whatever order ``-Q`` lists the queues in; queues it does not know keep
 their ``-Q`` order, after the known ones.
 
-A worker still holds the messages it has reserved (one per task slot with prefetch 1): a verify waits at most for a
-slot to free up, i.e. about one engine batch, not for the queue's backlog.
+A worker holds the messages it has reserved (one per task slot with prefetch 1), and a background task holds its
+slot while its engine work waits behind other batches. So an engine worker keeps slots for interactive work: while
+``gate_background``'s check says no (the threads pool's engine worker: ``worker.interactive_slots`` of its slots are
+left to interactive work), the bulk queue is left out of the ``BRPOP`` and its messages stay in Redis. A verify then
+finds a free slot at once and waits at most for the engine batch that runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kombu.utils.scheduling import priority_cycle
 
-from worker.broker.config import WORKER_QUEUE_ORDER
+from worker.broker.config import ENGINE_BULK_QUEUE, WORKER_QUEUE_ORDER
 
 _RANK = {q: i for i, q in enumerate(WORKER_QUEUE_ORDER)}
+_admit_background: Callable[[], bool] | None = None
+
+
+def gate_background(admit: Callable[[], bool] | None) -> None:
+    """Install (None: remove) this process's check of whether it may take one more message from the bulk engine
+    queue now; asked before every ``BRPOP`` (at least once a second)."""
+    global _admit_background
+    _admit_background = admit
 
 
 def ordered(queues: Iterable[str]) -> list[str]:
@@ -33,3 +44,12 @@ class QueueOrder(priority_cycle):  # type: ignore[misc]
 
     def update(self, it: Iterable[str]) -> None:
         self.items[:] = ordered(it)
+
+    def consume(self, n: int) -> list[str]:
+        """The first ``n`` queues in polling order, without the bulk engine queue while the gate is closed (never an
+        empty list: a worker of the bulk queue alone always polls it)."""
+        queues: list[str] = self.items[:n]
+        admit = _admit_background
+        if admit is not None and ENGINE_BULK_QUEUE in queues and not admit():
+            return [q for q in queues if q != ENGINE_BULK_QUEUE] or queues
+        return queues

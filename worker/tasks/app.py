@@ -155,12 +155,16 @@ def _pool_name(worker: Any) -> str:
 
 def _start_threads_pool(s: Any, threads: int) -> None:
     """No fork: load the models now (the engine ping reports them loaded), and enforce the hard time limit."""
+    from worker.broker.order import gate_background
     from worker.tasks.inflight import INFLIGHT
     from worker.tasks.runtime import engine_batch_started, get_runtime
     from worker.tasks.watchdog import Watchdog
 
     INFLIGHT.capacity = threads
     Watchdog(float(s.worker.task_time_limit), [INFLIGHT.oldest_start, engine_batch_started]).start()
+    # background work never takes the last ``interactive_slots`` task slots: a verify finds one free at once
+    most = max(1, threads - int(s.worker.interactive_slots))
+    gate_background(lambda: INFLIGHT.background_running() < most)
     if consumes_engine(_consumes):
         try:
             get_runtime().engine()

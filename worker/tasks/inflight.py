@@ -74,6 +74,11 @@ class InFlight:
                     out[t.lane] = out.get(t.lane, 0) + 1
         return out
 
+    def background_running(self) -> int:
+        """Tasks of background work (bulk enrolment children, re-enrolment chunks) running in this process."""
+        with self._lock:
+            return sum(1 for t in self._tasks.values() if t.background)
+
     def preparing_interactive(self) -> int:
         """Tasks that will still submit interactive engine work (an enrol or a verify being downloaded, aligned)."""
         with self._lock:

@@ -160,3 +160,26 @@ def test_workers_poll_interactive_work_first_whatever_the_q_order() -> None:
     assert cycle.consume(5) == expected
     cycle.rotate(ENGINE_INTERACTIVE_QUEUE)  # kombu calls this after each message: the order must not change
     assert cycle.consume(5) == expected
+
+
+def test_the_bulk_queue_is_left_out_of_the_poll_while_the_background_gate_is_closed() -> None:
+    from kombu.utils.scheduling import cycle_by_name
+
+    from worker.broker import order
+
+    cycle = cycle_by_name(celery_config(_q())["broker_transport_options"]["queue_order_strategy"])()
+    cycle.update([ENGINE_BULK_QUEUE, LEGACY_ENGINE_QUEUE, ENGINE_INTERACTIVE_QUEUE])
+    everything = [ENGINE_INTERACTIVE_QUEUE, LEGACY_ENGINE_QUEUE, ENGINE_BULK_QUEUE]
+    room = [True]
+    order.gate_background(lambda: room[0])
+    try:
+        assert cycle.consume(3) == everything
+        room[0] = False  # the slots background work may take are all busy
+        assert cycle.consume(3) == [ENGINE_INTERACTIVE_QUEUE, LEGACY_ENGINE_QUEUE]
+        bulk_only = cycle_by_name(celery_config(_q())["broker_transport_options"]["queue_order_strategy"])()
+        bulk_only.update([ENGINE_BULK_QUEUE])
+        assert bulk_only.consume(1) == [ENGINE_BULK_QUEUE]  # a bulk-only worker never polls nothing
+        room[0] = True
+        assert cycle.consume(3) == everything
+    finally:
+        order.gate_background(None)
