@@ -66,7 +66,16 @@ def test_keymap_worker_verifies_and_reissue_is_unlinkable(service_env, seaweed, 
         t2 = ts.load_template(ts.get_manifest("acme", "obama", 2)).vector()
         again = dep.client.run(dep.client.verify_job("acme", "obama", f["obama3"]), timeout=600)
         assert again.version == 2 and again.decision == "accept", again
-        assert again.threshold is not None and float(t1 @ t2) < again.threshold, (float(t1 @ t2), again.threshold)
+        # scored as the worker scores (the bundle's matcher: cosine in the key map's whitened generator coordinates)
+        import numpy as np
+        import torch
+
+        from worker.algorithm.keymap import load_keymap
+
+        km = load_keymap(KEYMAP_MANIFEST.parent / "keymap.pt")
+        c1, c2 = torch.nn.functional.normalize(km.cpu_gen_coords(torch.from_numpy(np.stack([t1, t2]))), dim=-1)
+        linked = float(c1 @ c2)
+        assert again.threshold is not None and linked < again.threshold, (linked, again.threshold)
         impostor2 = dep.client.run(dep.client.verify_job("acme", "obama", f["biden"]), timeout=600)
         assert impostor2.version == 2 and impostor2.decision == "reject", impostor2
     finally:

@@ -21,15 +21,23 @@ ENROLL = "cancelable.enroll"
 @pytest.fixture
 def app(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The producer's Celery app on kombu's in-memory transport (the Redis transport's list-key naming added)."""
+    from celery import signals
+
     from worker.broker.config import make_celery
+    from worker.metrics.collectors import stamp_sent_at
     from worker.settings import load_settings
 
     monkeypatch.setattr(memory.Channel, "_q_for_pri", lambda self, q, pri: q, raising=False)
+    # a worker process's metrics hook stamps ``sent_at`` on every message; an earlier test in this process may have
+    # installed it: these tests compare messages built without it (the hook's own case is covered with headers)
+    stamped = signals.before_task_publish.disconnect(stamp_sent_at)
     a = make_celery(load_settings(redis={"url": "redis://127.0.0.1:1/0"}, metrics={"enabled": False}), name="t")
     a.conf.broker_url = "memory://"
     a.conf.broker_transport = "memory"  # not the project's Redis transport: nothing leaves the process
     yield a
     a.close()
+    if stamped:
+        signals.before_task_publish.connect(stamp_sent_at, weak=False)
 
 
 def celery_item(app: Any, task_id: str, payload: Any, argsrepr: str, **options: Any) -> tuple[str, dict[str, Any]]:
