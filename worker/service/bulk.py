@@ -139,6 +139,11 @@ def _error_info(e: ManifestRowError) -> dict[str, Any]:
     return {"line": e.line, "subject": e.subject, "code": e.code, "message": e.reason[:MESSAGE_CHARS]}
 
 
+def _queue_deep(dispatch: Dispatch, job: BulkJob) -> bool:
+    """Backpressure: the engine queue holds more than ``BULK_MAX_QUEUE_DEPTH_CHUNKS`` of this job's chunks."""
+    return dispatch.engine_queue_depth() > BULK_MAX_QUEUE_DEPTH_CHUNKS * job.chunk_size
+
+
 def bulk(
     rt: Runtime, job: BulkJob, attempt: int, started: datetime, dispatch: Dispatch, continuation: int
 ) -> BulkResult:
@@ -151,7 +156,7 @@ def bulk(
     if fields.get("listing") == "done":
         final = maybe_finalize_bulk(rt, job.tenant, job.job_id)
         return _bulk_status(rt, job, attempt, started, final)
-    if continuation > 0 and dispatch.engine_queue_depth() > BULK_MAX_QUEUE_DEPTH_CHUNKS * job.chunk_size:
+    if continuation > 0 and _queue_deep(dispatch, job):
         # a continuation after a pause sends nothing while the queue is still deep: it waits again
         dispatch.continue_job(job, continuation + 1, countdown=BULK_PAUSE_S)
         return _bulk_status(rt, job, attempt, started, None)
@@ -225,7 +230,7 @@ def bulk(
             if len(pending) + len(bad) >= job.chunk_size:
                 flush(row_index)
                 out_of_time = time.monotonic() - t0 > budget
-                deep = dispatch.engine_queue_depth() > BULK_MAX_QUEUE_DEPTH_CHUNKS * job.chunk_size
+                deep = _queue_deep(dispatch, job)
                 if out_of_time or deep:
                     dispatch.continue_job(job, continuation + 1, countdown=BULK_PAUSE_S if deep else 0)
                     log.info(
