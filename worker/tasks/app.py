@@ -24,6 +24,7 @@ from typing import Any
 from celery import signals
 
 from worker.broker.config import (
+    ENGINE_BULK_QUEUE,
     ENGINE_QUEUES,
     TASK_ENROLL,
     TASK_REENROLL_CHUNK,
@@ -172,12 +173,18 @@ def _start_threads_pool(s: Any, threads: int) -> None:
 
 
 @signals.task_prerun.connect
-def _on_task_prerun(sender: Any = None, **_: Any) -> None:
+def _on_task_prerun(sender: Any = None, **kwargs: Any) -> None:
     from worker.tasks.inflight import INFLIGHT
 
-    submits = getattr(sender, "name", None) in _ENGINE_SUBMITTERS
-    # interactive until the task has parsed its message (``delivery_attempt`` marks background work then)
-    INFLIGHT.started(lane=getattr(sender, "job_type", None) if submits else None)
+    name = getattr(sender, "name", None)
+    submits = name in _ENGINE_SUBMITTERS
+    info = getattr(getattr(sender, "request", None), "delivery_info", None) or {}
+    background = (
+        name == TASK_REENROLL_CHUNK
+        or info.get("routing_key") == ENGINE_BULK_QUEUE
+        or bool((kwargs.get("kwargs") or {}).get("parent"))
+    )
+    INFLIGHT.started(lane=getattr(sender, "job_type", None) if submits else None, background=background)
 
 
 @signals.task_postrun.connect

@@ -45,14 +45,6 @@ class InFlight:
             self._tasks[threading.get_ident()] = _Task(self._clock(), lane, background)
         self._notify()
 
-    def mark_background(self, background: bool) -> None:
-        """Whether the task on this thread does background work (``JobTask.is_background``, known once its message
-        is parsed: ``delivery_attempt``)."""
-        with self._lock:
-            task = self._tasks.get(threading.get_ident())
-            if task is not None:
-                task.background = background
-
     def submitting(self) -> None:
         """The task on this thread hands its engine work over now: it is no longer preparing any, and waits."""
         with self._lock:
@@ -129,7 +121,6 @@ _BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("cancelable_b
 def delivery_attempt(attempt: int, background: bool = False) -> Iterator[None]:
     """Mark the code inside as running delivery number ``attempt`` of its job (> 1: its engine work runs alone);
     ``background``: its engine work yields to interactive work."""
-    INFLIGHT.mark_background(background)
     token = _ATTEMPT.set(attempt)
     token_bg = _BACKGROUND.set(background)
     try:

@@ -318,17 +318,6 @@ def test_background_flag_is_scoped_with_the_delivery() -> None:
     assert current_delivery() == (1, False)
 
 
-def test_a_delivery_marks_its_task_background_for_the_slot_gate(monkeypatch: pytest.MonkeyPatch) -> None:
-    tasks = InFlight()
-    monkeypatch.setattr(inflight, "INFLIGHT", tasks)
-    tasks.started(lane="enroll")  # a task starts as interactive: its message is not parsed yet
-    assert (tasks.background_running(), tasks.preparing_interactive()) == (0, 1)
-    with delivery_attempt(1, background=True):  # a bulk child, once parsed
-        assert (tasks.background_running(), tasks.preparing_interactive()) == (1, 0)
-    tasks.finished()
-    assert tasks.background_running() == 0
-
-
 def test_work_preparing_for_another_lane_is_not_waited_for() -> None:
     eng = FakeEngine()
     b = MicroBatcher(eng, max_images=8, fill_timeout_s=30.0, mate_wait_s=30.0, expected=lambda: Coming({"enroll": 5}))
