@@ -15,7 +15,10 @@ the next batch. A batch of background work only is held back (at most ``mate_wai
 is still preparing interactive work (a verify being downloaded and aligned), so that it does not start just before
 the verify arrives. A job's submission of more than ``max_images`` images (a re-enrolment chunk of 50 subjects) is
 split into packs of whole subjects, queued together: interactive work runs between its packs, and no engine call
-is longer than one batch.
+is longer than one batch. ``background_max_images`` caps background work tighter: an engine whose images run one by
+one anyway (``images_independent``: batching buys no speed) takes background work one subject at a time, so a verify
+that arrives waits for at most one subject's images, never a whole batch of them; background work never joins a
+batch beyond that cap, interactive batches included.
 
 A batch (per lane, i.e. per job type) is run when one of these holds:
 
@@ -99,7 +102,8 @@ class MicroBatcher:
 
     ``size_of(item)``: images in an item (default ``len(item[0])``); ``expected()``: the work that may still come
     (None: unknown, wait for the cap or the fill timeout); ``mate_wait_s``: how long the oldest submission waits for
-    batch mates still being prepared in this process (default: ``fill_timeout_s``); ``merge=False``: one submission
+    batch mates still being prepared in this process (default: ``fill_timeout_s``); ``background_max_images``: the
+    most images of a batch that holds background work (default ``max_images``); ``merge=False``: one submission
     per call (batching off, the old behaviour, still on the one engine thread).
     """
 
@@ -112,14 +116,18 @@ class MicroBatcher:
         size_of: Callable[[Any], int] | None = None,
         expected: Callable[[], Coming] | None = None,
         mate_wait_s: float | None = None,
+        background_max_images: int | None = None,
         merge: bool = True,
         clock: Callable[[], float] = time.monotonic,
         name: str = "engine-batcher",
     ) -> None:
         if max_images < 1 or fill_timeout_s < 0 or (mate_wait_s is not None and mate_wait_s < 0):
             raise ValueError("max_images must be >= 1, fill_timeout_s and mate_wait_s >= 0")
+        if background_max_images is not None and background_max_images < 1:
+            raise ValueError("background_max_images must be >= 1")
         self._run_batch = run_batch
         self.max_images = max_images
+        self.background_max_images = min(max_images, background_max_images or max_images)
         self.fill_timeout_s = fill_timeout_s
         self.mate_wait_s = fill_timeout_s if mate_wait_s is None else mate_wait_s
         self._size_of = size_of or (lambda item: len(item[0]))
@@ -144,7 +152,8 @@ class MicroBatcher:
         from worker.observability import current_job
 
         now, job = self._clock(), current_job()
-        packs = self._packs(list(items)) if self._merge else [list(items)]
+        cap = self.background_max_images if background else self.max_images
+        packs = self._packs(list(items), cap) if self._merge else [list(items)]
         subs = [
             _Submission(lane, p, sum(self._size_of(it) for it in p), alone, now, background, job=job) for p in packs
         ]
@@ -162,13 +171,13 @@ class MicroBatcher:
                 raise sub.error
         return [r for sub in subs for r in (sub.result or [])]
 
-    def _packs(self, items: list[Any]) -> list[list[Any]]:
-        """Whole items, in order, in packs of at most ``max_images`` images (an item over the cap alone)."""
+    def _packs(self, items: list[Any], cap: int) -> list[list[Any]]:
+        """Whole items, in order, in packs of at most ``cap`` images (an item over the cap alone)."""
         packs: list[list[Any]] = [[]]
         size = 0
         for it in items:
             n = self._size_of(it)
-            if packs[-1] and size + n > self.max_images:
+            if packs[-1] and size + n > cap:
                 packs.append([])
                 size = 0
             packs[-1].append(it)
@@ -233,16 +242,20 @@ class MicroBatcher:
     def _collect(self, first: _Submission, order: list[_Submission]) -> tuple[list[_Submission], bool]:
         """The batch of ``first``'s lane (``first``: its first submission in ``order``, interactive before
         background): whole submissions in that order up to ``max_images``; and whether it is as full as it can get
-        (cap reached, or the next submission of the lane does not fit)."""
+        (cap reached, or the next submission of the lane does not fit). Background work joins only while the batch
+        stays within ``background_max_images``."""
         batch, size = [first], first.size
+        cap = self.background_max_images if first.background else self.max_images
         for sub in order[order.index(first) + 1 :]:
             if sub.lane != first.lane or sub.alone:
                 continue
-            if size + sub.size > self.max_images:
+            if sub.background:
+                cap = min(cap, self.background_max_images)
+            if size + sub.size > cap:
                 return batch, True
             batch.append(sub)
             size += sub.size
-        return batch, size >= self.max_images
+        return batch, size >= cap
 
     def _wait_s(self, batch: list[_Submission], full: bool, coming: Coming | None) -> float:
         """0 when ``batch`` should run now, else how long to wait at most before checking again."""

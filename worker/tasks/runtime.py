@@ -94,6 +94,8 @@ class WorkerRuntime:
                     max_images=call.max_images,
                     fill_timeout_s=float(s.batch_fill_timeout_ms) / 1000.0,
                     mate_wait_s=float(s.batch_mate_wait_ms) / 1000.0,
+                    # images that run one by one gain nothing from a batch: background work goes a subject at a time
+                    background_max_images=1 if loaded.engine.images_independent else None,
                     expected=lambda: expected_submitters(self.redis),
                     merge=bool(s.micro_batching),
                 )

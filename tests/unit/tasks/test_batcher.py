@@ -283,6 +283,30 @@ def test_a_large_background_job_runs_in_packs_and_a_verify_runs_between_them() -
     assert eng.batches() == [["c0", "c1", "c2", "c3"], ["v1"], ["c4", "c5", "c6", "c7"], ["c8", "c9"]]
 
 
+def test_background_work_goes_one_subject_at_a_time_under_its_own_cap() -> None:
+    """``background_max_images=1`` (an engine that runs images one by one): a background chunk runs a subject per
+    call, never joins an interactive batch, and a verify that arrives waits for at most one subject."""
+    gate = threading.Event()
+    eng = FakeEngine(gate=gate)
+    b = MicroBatcher(eng, max_images=4, fill_timeout_s=30.0, background_max_images=1, expected=lambda: NOTHING)
+    chunk = Submitter(b, "enroll", [item(f"c{i}") for i in range(3)] + [item("two", 2)], background=True)
+    chunk.start()
+    wait_until(lambda: b.running_since() is not None)  # c0 runs, held at the gate
+    users = [Submitter(b, "enroll", [item("e1")]), Submitter(b, "enroll", [item("e2")])]
+    for i, t in enumerate(users):
+        t.start()
+        wait_until(lambda i=i: pending(b) == 3 + i + 1)  # c1, c2, two, then the users
+    gate.set()
+    for t in (chunk, *users):
+        t.join(20)
+        assert t.error is None and not t.is_alive()
+    assert chunk.result == [("enroll", t) for t in ("c0", "c1", "c2", "two")]
+    # interactive work batches together; background never joins it; a 2-image subject runs whole, alone
+    assert eng.batches() == [["c0"], ["e1", "e2"], ["c1"], ["c2"], ["two"]]
+    with pytest.raises(ValueError):
+        MicroBatcher(eng, max_images=4, fill_timeout_s=0.0, background_max_images=0)
+
+
 def test_background_work_waits_for_interactive_work_being_prepared_but_not_beyond_mate_wait() -> None:
     coming = {"now": Coming({"verify": 1}, 0, 1)}  # a verify is being downloaded and aligned in this process
     eng = FakeEngine()

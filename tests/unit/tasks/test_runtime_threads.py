@@ -80,6 +80,7 @@ def test_engine_call_runs_the_jobs_subjects_through_the_batcher_and_a_redelivery
 
     class FakeEngine:
         config = SimpleNamespace(max_batch_images=8, steps=1)
+        images_independent = False  # batched: background work could share a batch
 
         def __call__(self, batch: list[Any]) -> list[Any]:
             gate.wait(10)
@@ -122,3 +123,9 @@ def test_engine_call_runs_the_jobs_subjects_through_the_batcher_and_a_redelivery
         t.join(20)
     assert sorted(batches) == [["d"], ["e"]]  # re-deliveries run alone
     rt.close()
+    assert rt.batcher().background_max_images == 8
+
+    FakeEngine.images_independent = True  # images run one by one: background work goes a subject at a time
+    rt1 = runtime.WorkerRuntime(settings)
+    assert rt1.batcher().background_max_images == 1
+    rt1.close()
