@@ -132,6 +132,7 @@ def load_engine_from_settings(settings: Settings, store: ObjectStore | None = No
     from worker.algorithm.factory import build_engine
     from worker.bundle_config import check_matcher, engine_config, verify_policy
     from worker.models.bundle import load_bundle, read_manifest
+    from worker.models.dlib_face import warm_detection
 
     torch.set_num_threads(max(1, int(os.environ.get("CANCELABLE_TORCH_THREADS", "1"))))
     directory = check_bundle_present(settings.engine.bundle, settings.engine.bundle_cache_dir, store)
@@ -143,6 +144,7 @@ def load_engine_from_settings(settings: Settings, store: ObjectStore | None = No
         config = engine_config(manifest, settings.engine)
         engine = build_engine(bundle, config, device)  # the bundle's encoder picks the engine class
         check_matcher(verify_policy(manifest, settings.engine).matcher, engine.matcher_kind)
+        warm_detection()  # the face detectors too: the first jobs would otherwise pay for them
     seconds = time.perf_counter() - start
     # what a template records about how it was made; ``fingerprint`` must match at verify time
     algorithm = dict(config.result_fields())

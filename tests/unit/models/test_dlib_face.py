@@ -262,3 +262,13 @@ def test_detector_pool_lends_each_detector_to_one_thread_and_creates_at_most_lim
         list(ex.map(use, range(64)))
     assert peak["same_detector"] == 1 and peak["at_once"] <= 3
     assert 1 <= pool.created <= 3  # 16 threads, 64 detections: never more detectors than the limit
+
+
+def test_detector_pool_fill_creates_the_limit_up_front_and_detection_then_creates_none() -> None:
+    pool = dlib_face.DetectorPool(2)
+    pool.fill()
+    pool.fill()  # idempotent
+    assert pool.created == 2
+    with pool.detector() as a, pool.detector() as b:
+        assert a is not b
+    assert pool.created == 2
