@@ -92,6 +92,21 @@ def check_matcher(matcher: str, engine_kind: str) -> None:
         )
 
 
+def calibration_mismatch(manifest: dict[str, Any], fingerprint: str) -> str | None:
+    """A warning when the manifest's verify thresholds were calibrated for another engine configuration than the one
+    built (``CANCELABLE_ENGINE__STEPS`` overridden, say): the false-accept rates they state do not hold for it.
+    None when they match or the calibration does not record its engine."""
+    calibration = manifest.get("calibration")
+    verify = calibration.get("verify") if isinstance(calibration, dict) else None
+    made_for = verify.get("engine_fingerprint") if isinstance(verify, dict) else None
+    if not isinstance(made_for, str) or made_for == fingerprint:
+        return None
+    return (
+        f"verify thresholds were calibrated for engine {made_for}, this worker runs {fingerprint}: the false-accept "
+        "rates they state are not measured for it (recalibrate: cancelable-bundle calibrate-threshold --write)"
+    )
+
+
 def size_key(enrolment_size: int | None) -> str | None:
     """Enrolment size -> the calibration's key: "1", "2" or "3+" (None when unknown)."""
     if enrolment_size is None or enrolment_size < 1:

@@ -156,7 +156,7 @@ class KeymapEngine(EngineBase):
 
         Always a batch of exactly one, with its own Adam state and schedule: float32 CPU kernels (GEMM blocking in
         the key map's linear layers and the recognizer's convolutions) round differently with the batch size, and
-        20 Adam steps amplify a 1e-7 difference into tens of grey levels. Fixed shape, fixed kernels: bit-identical
+        the Adam steps amplify a 1e-7 difference into tens of grey levels. Fixed shape, fixed kernels: bit-identical
         results whatever else the worker runs in the same call."""
         seeds = [seed]
         z0, t = self.start_latents(face, seeds)

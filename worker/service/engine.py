@@ -130,7 +130,7 @@ def load_engine_from_settings(settings: Settings, store: ObjectStore | None = No
 
     from worker import metrics
     from worker.algorithm.factory import build_engine
-    from worker.bundle_config import check_matcher, engine_config, verify_policy
+    from worker.bundle_config import calibration_mismatch, check_matcher, engine_config, verify_policy
     from worker.models.bundle import load_bundle, read_manifest
     from worker.models.dlib_face import warm_detection
 
@@ -150,6 +150,9 @@ def load_engine_from_settings(settings: Settings, store: ObjectStore | None = No
     algorithm = dict(config.result_fields())
     algorithm["fingerprint"] = engine.fingerprint
     log.info("engine loaded: %s on %s in %.1f s", engine.fingerprint, device, seconds)
+    mismatch = calibration_mismatch(manifest, engine.fingerprint)
+    if mismatch:
+        log.warning("%s", mismatch)
     policy = verify_policy(manifest, settings.engine)
     return LoadedEngine(
         engine,

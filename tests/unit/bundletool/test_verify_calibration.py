@@ -8,7 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from worker.bundle_config import VerifyPolicy, check_matcher, default_matcher, matcher_of, size_key, verify_policy
+from worker.bundle_config import (
+    VerifyPolicy,
+    calibration_mismatch,
+    check_matcher,
+    default_matcher,
+    matcher_of,
+    size_key,
+    verify_policy,
+)
 from worker.bundletool.calibrate import calibrate_sizes, decision_rates, trials, verify_section
 from worker.bundletool.operating_points import clopper_pearson, operating_point, rounded_threshold_at_far
 from worker.errors import BundleError, UncalibratedFarError
@@ -122,3 +130,12 @@ def test_default_matcher_follows_the_engine_family_and_a_stale_calibration_is_re
     check_matcher(matcher_of(keymap), "keymap-whitened")
     with pytest.raises(BundleError, match="recalibrate"):
         check_matcher(matcher_of(stale), "keymap-whitened")
+
+
+def test_calibration_mismatch_warns_only_when_the_recorded_engine_differs() -> None:
+    manifest = {"calibration": {"verify": {"engine_fingerprint": "km:aaaa"}}}
+    assert calibration_mismatch(manifest, "km:aaaa") is None
+    warning = calibration_mismatch(manifest, "km:bbbb")
+    assert warning is not None and "km:aaaa" in warning and "km:bbbb" in warning
+    assert calibration_mismatch({}, "km:bbbb") is None  # nothing recorded: nothing to compare
+    assert calibration_mismatch({"calibration": {"verify": {}}}, "km:bbbb") is None
