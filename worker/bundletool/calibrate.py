@@ -216,7 +216,7 @@ def deployed_engine(bundle_dir: Path, steps: int | None, log: Any) -> tuple[Any,
     from worker.models.bundle import load_bundle
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    config = deployed_config(bundle_dir, steps or None, None)
+    config = deployed_config(bundle_dir, steps, None)
     engine = build_engine(load_bundle(bundle_dir, "cpu"), config, "cpu")
     log(f"bundle {manifest['bundle_id']} at {bundle_dir}; engine {engine.fingerprint}, {config.steps} steps")
     return engine, manifest
@@ -291,6 +291,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.ids < 2 or args.keys < 1 or args.photos < 2 or args.far not in FAR_TARGETS:
         raise SystemExit(f"need --ids >= 2, --keys >= 1, --photos >= 2 and --far in {FAR_TARGETS}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("--steps must be >= 1 (a worker runs at least one refinement step)")
     if args.write and args.part == "test":
         raise SystemExit("--write calibrates on --part calibration (or all), never on the test half")
     torch.set_num_threads(args.threads)

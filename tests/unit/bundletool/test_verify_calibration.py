@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,15 @@ def test_calibration_mismatch_warns_only_when_the_recorded_engine_differs() -> N
     assert warning is not None and "km:aaaa" in warning and "km:bbbb" in warning
     assert calibration_mismatch({}, "km:bbbb") is None  # nothing recorded: nothing to compare
     assert calibration_mismatch({"calibration": {"verify": {}}}, "km:bbbb") is None
+
+
+def test_calibrate_threshold_refuses_zero_steps_before_loading_anything(tmp_path: Path) -> None:
+    import argparse
+
+    from worker.bundletool import calibrate
+
+    ap = argparse.ArgumentParser()
+    calibrate.add_arguments(ap)
+    args = ap.parse_args([str(tmp_path), "--steps", "0"])  # no bundle there: the check must come first
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        calibrate.main(args)
