@@ -95,16 +95,11 @@ class DetectorPool:
         self.created = 0
 
     def fill(self) -> None:
-        """Create the ``limit`` detectors now (a worker at start-up), so no job pays for one."""
-        import dlib
-
-        with self._lock:
-            missing = self.limit - self.created
-        for _ in range(max(0, missing)):
-            det = dlib.get_frontal_face_detector()
-            with self._lock:
-                self._free.append(det)
-                self.created += 1
+        """Create the ``limit`` detectors now (a worker at start-up), so no job pays for one: borrows every slot at
+        once, which creates the detectors missing and returns them all to the pool."""
+        with contextlib.ExitStack() as borrowed:
+            for _ in range(self.limit):
+                borrowed.enter_context(self.detector())
 
     @contextlib.contextmanager
     def detector(self) -> Iterator[Any]:
