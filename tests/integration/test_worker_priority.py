@@ -4,6 +4,7 @@ and an old producer's message on the single ``engine`` queue of earlier releases
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,12 @@ def test_a_verify_queued_after_50_bulk_jobs_starts_before_them(dep) -> None:
     c = dep.client
     enrolled = c.submit(c.enroll_job("acme", "ann", [dep.faces["obama"]], "k1", job_id=job_id("enr")))
     assert c.wait(enrolled, timeout=120).status == JobStatus.SUCCEEDED
+    # a result is stored before its message is acknowledged: stopping the worker in between re-queues the enrolment
+    # (its pool child dies with the stop), so wait for the acknowledgement (kombu's ``unacked`` hash empties)
+    deadline = time.monotonic() + 30
+    while c.redis.hlen("unacked"):
+        assert time.monotonic() < deadline, "the enrolment was never acknowledged"
+        time.sleep(0.05)
 
     # nothing consumes while the queues fill: the worker is stopped, then started on the full queues
     dep.worker.stop()
